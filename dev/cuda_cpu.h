@@ -59,6 +59,7 @@ Environment (read at every launch):
 #include <map>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -822,7 +823,7 @@ struct Grid {
     uint64_t seed;
     bool fast_path;
     int device;
-    std::vector<uint32_t> block_order;  // random schedule only
+    uint64_t order_mul = 1, order_add = 0;  // random schedule: block (mul * i + add) mod blocks
     std::atomic<uint64_t> next{0};
     std::atomic<bool> failed{false};
     std::mutex mu;
@@ -972,7 +973,7 @@ static void install_fault_handler(Worker& w) {
         sa.sa_sigaction = fault_handler;
         sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
         sigemptyset(&sa.sa_mask);
-        for (int sig : {SIGSEGV, SIGBUS, SIGFPE}) sigaction(sig, &sa, &previous_action[sig]);
+        for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL}) sigaction(sig, &sa, &previous_action[sig]);
     });
     stack_t current;
     if (sigaltstack(nullptr, &current) == 0 && (current.ss_flags & SS_DISABLE)) {  // keep one the host set up
@@ -993,7 +994,8 @@ static std::string fault_message(const Worker& w) {
     for (const Stack& st : w.stacks)
         if (a >= (uintptr_t)st.base - page && a < (uintptr_t)st.base)
             return thread_name(w, w.cur) + ": stack overflow (a CUDA thread's stack is 256 KB here)";
-    snprintf(buf, sizeof(buf), ": %s at address %p", w.fault_signal == SIGFPE ? "arithmetic exception" : "invalid memory access", w.fault_address);
+    const char* what = w.fault_signal == SIGFPE ? "arithmetic exception" : w.fault_signal == SIGILL ? "illegal instruction" : "invalid memory access";
+    snprintf(buf, sizeof(buf), ": %s at address %p", what, w.fault_address);
     return thread_name(w, w.cur) + buf;
 }
 
@@ -1001,7 +1003,8 @@ static void run_blocks(Grid& g) {
     Worker& w = this_worker();
     if (!w.fault_handler_ready) install_fault_handler(w);
     if (sigsetjmp(w.fault_jump, 1)) {
-        block_fail(w, w.fault_signal == SIGFPE ? cudaErrorLaunchFailure : cudaErrorIllegalAddress, fault_message(w));
+        bool memory = w.fault_signal == SIGSEGV || w.fault_signal == SIGBUS;
+        block_fail(w, memory ? cudaErrorIllegalAddress : cudaErrorLaunchFailure, fault_message(w));
         end_block(w, g);
         return;
     }
@@ -1009,7 +1012,9 @@ static void run_blocks(Grid& g) {
     while (!g.failed.load(std::memory_order_relaxed)) {
         uint64_t i = g.next.fetch_add(1);
         if (i >= g.blocks) break;
-        uint64_t b = g.schedule == kForward ? i : g.schedule == kReverse ? g.blocks - 1 - i : g.block_order[i];
+        uint64_t b = g.schedule == kForward   ? i
+                     : g.schedule == kReverse ? g.blocks - 1 - i
+                                              : (uint64_t)(((__uint128_t)g.order_mul * i + g.order_add) % g.blocks);
         run_block(w, g, b);
     }
     w.fault_armed = false;
@@ -1206,12 +1211,13 @@ static void launch_grid(std::shared_ptr<Grid> g) {
     g->schedule = env_schedule();
     g->seed = mix64((uint64_t)env_long("CUDA_CPU_SEED", 0) ^ mix64(launch_counter()));
     g->fast_path = env_long("CUDA_CPU_FASTPATH", 1) != 0;
-    if (g->schedule == kRandom) {
-        g->block_order.resize(g->blocks);
-        std::vector<int> idx(g->blocks);
-        for (uint64_t i = 0; i < g->blocks; i++) idx[i] = (int)i;
-        shuffle(idx.data(), (int)g->blocks, g->seed);
-        for (uint64_t i = 0; i < g->blocks; i++) g->block_order[i] = (uint32_t)idx[i];
+    if (g->schedule == kRandom) {  // a permutation of the blocks without a table: a multiplier coprime to their count
+        uint64_t r = g->seed;
+        do {
+            r = mix64(r);
+            g->order_mul = r % g->blocks;
+        } while (std::gcd(g->order_mul, g->blocks) != 1);
+        g->order_add = mix64(r) % g->blocks;
     }
     run_grid(*g);
     if (g->failed) set_sticky(g->device, g->error, g->message);
@@ -1359,6 +1365,14 @@ static inline unsigned mask_or_full(unsigned m) { return m; }
 }  // namespace
 }  // namespace cuda_cpu
 
+// __trap(): the kernel stops with a launch failure, as on the GPU.
+static inline void __trap() {
+    ::cuda_cpu::Worker* w = ::cuda_cpu::tls_worker;
+    if (!w || w->cur < 0) abort();
+    ::cuda_cpu::block_fail(*w, cudaErrorLaunchFailure, ::cuda_cpu::thread_name(*w, w->cur) + " called __trap()");
+    ::cuda_cpu::fiber_abandon(*w);
+}
+
 static inline unsigned __activemask() {
     ::cuda_cpu::Worker* w = ::cuda_cpu::tls_worker;
     if (!w || w->cur < 0) return 0xFFFFFFFFu;
@@ -1500,6 +1514,13 @@ static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int devi
     prop->minor = 0;
     return cudaSuccess;
 }
+static inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
+    if (!free_bytes || !total_bytes) return ::cuda_cpu::set_error(cudaErrorInvalidValue, "cudaMemGetInfo: null pointer");
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    *total_bytes = (size_t)sysconf(_SC_PHYS_PAGES) * page;
+    *free_bytes = (size_t)sysconf(_SC_AVPHYS_PAGES) * page;
+    return ::cuda_cpu::api_enter();
+}
 static inline cudaError_t cudaDeviceSynchronize() {
     if (::cuda_cpu::tls_device < ::cuda_cpu::device_count()) ::cuda_cpu::run_all(::cuda_cpu::tls_device);
     return ::cuda_cpu::api_enter();
@@ -1624,7 +1645,7 @@ static inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t byt
     if (bytes == 0) return cudaSuccess;
     Allocation a{};
     CUstream_st* s = resolve(stream);
-    if (!find_allocation(src, &a) && find_allocation(dst, &a) && a.device >= 0) {
+    if (deferred() && !find_allocation(src, &a) && find_allocation(dst, &a) && a.device >= 0) {
         // from pageable host memory: CUDA stages the source before returning
         auto staged = std::make_shared<std::vector<char>>((const char*)src, (const char*)src + bytes);
         stream_run(s, [=] { memcpy(dst, staged->data(), bytes); });
@@ -1695,6 +1716,26 @@ static inline cudaError_t cudaMemcpyPeer(void* dst, int dst_device, const void* 
     cudaError_t e = cudaMemcpyPeerAsync(dst, dst_device, src, src_device, bytes, 0);
     ::cuda_cpu::run_all(-1);
     return e;
+}
+
+// __constant__ and __device__ variables are ordinary globals here.
+template <typename T>
+static inline cudaError_t cudaMemcpyToSymbol(T& symbol, const void* src, size_t bytes, size_t offset = 0, cudaMemcpyKind kind = cudaMemcpyHostToDevice) {
+    if (cudaError_t e = ::cuda_cpu::api_enter()) return e;
+    if (offset + bytes > sizeof(T)) return ::cuda_cpu::set_error(cudaErrorInvalidValue, "cudaMemcpyToSymbol: %zu bytes at offset %zu into a %zu-byte symbol", bytes, offset, sizeof(T));
+    ::cuda_cpu::run_all(-1);
+    memcpy((char*)&symbol + offset, src, bytes);
+    (void)kind;
+    return cudaSuccess;
+}
+template <typename T>
+static inline cudaError_t cudaMemcpyFromSymbol(void* dst, const T& symbol, size_t bytes, size_t offset = 0, cudaMemcpyKind kind = cudaMemcpyDeviceToHost) {
+    if (cudaError_t e = ::cuda_cpu::api_enter()) return e;
+    if (offset + bytes > sizeof(T)) return ::cuda_cpu::set_error(cudaErrorInvalidValue, "cudaMemcpyFromSymbol: %zu bytes at offset %zu from a %zu-byte symbol", bytes, offset, sizeof(T));
+    ::cuda_cpu::run_all(-1);
+    memcpy(dst, (const char*)&symbol + offset, bytes);
+    (void)kind;
+    return cudaSuccess;
 }
 
 template <typename T>

@@ -322,6 +322,11 @@ def test_kernel_faults_become_errors_not_crashes(rt, kind, code, fragment):
     assert block_sum(rt, x, True)[0] == 256.0  # and the process goes on
 
 
+def test_trap_is_a_launch_failure(rt):
+    code, message = call(rt, "fault", 2)
+    assert code == LAUNCH_FAILURE and "thread (7,0,0) of block (1,0,0) called __trap()" in message
+
+
 # --- launch configuration -------------------------------------------------------------------
 
 
