@@ -699,21 +699,28 @@ def _ptr(array, ctype="float"):
 # Inputs are converted to contiguous float32; array shapes are checked here, the
 # sizes passed on are checked again by the library.
 
-_CONV_DIMS = "int N, int C, int H, int W, int K, int R, int S, int stride, int pad, int groups, int OH, int OW"
+_CONV_DIMS = ("int N, int C, int H, int W, int K, int R, int S, int stride, int pad, int groups, "
+              "int OH, int OW")
 _CDEFS += [
-    f"int alexnet_conv_forward(float* out, const float* inp, const float* weight, const float* bias, {_CONV_DIMS}, int relu);",
-    f"int alexnet_conv_backward_data(float* dinp, const float* dout, const float* weight, {_CONV_DIMS});",
-    f"int alexnet_conv_backward_weights(float* dweight, float* dbias, const float* dout, const float* inp, {_CONV_DIMS});",
-    "int alexnet_fc_forward(float* out, const float* inp, const float* weight, const float* bias, int N, int in, int out_features, int relu);",
-    "int alexnet_fc_backward_data(float* dinp, const float* dout, const float* weight, int N, int in, int out_features);",
-    "int alexnet_fc_backward_weights(float* dweight, float* dbias, const float* dout, const float* inp, int N, int in, int out_features);",
+    "int alexnet_conv_forward(float* out, const float* inp, const float* weight, "
+    f"const float* bias, {_CONV_DIMS}, int relu);",
+    "int alexnet_conv_backward_data(float* dinp, const float* dout, const float* weight, "
+    f"{_CONV_DIMS});",
+    "int alexnet_conv_backward_weights(float* dweight, float* dbias, const float* dout, "
+    f"const float* inp, {_CONV_DIMS});",
+    "int alexnet_fc_forward(float* out, const float* inp, const float* weight, const float* bias, "
+    "int N, int in, int out_features, int relu);",
+    "int alexnet_fc_backward_data(float* dinp, const float* dout, const float* weight, int N, "
+    "int in, int out_features);",
+    "int alexnet_fc_backward_weights(float* dweight, float* dbias, const float* dout, "
+    "const float* inp, int N, int in, int out_features);",
 ]
 
 
 def _f32(array, shape, what):
     """array as contiguous float32, after checking its shape (-1 matches any size)."""
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if array.ndim != len(shape) or any(want not in (-1, got) for want, got in zip(shape, array.shape)):
+    if array.ndim != len(shape) or any(w not in (-1, g) for w, g in zip(shape, array.shape)):
         raise AlexNetError(f"{what} has shape {array.shape}, expected {tuple(shape)} (-1: any)")
     return array
 

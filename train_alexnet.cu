@@ -258,11 +258,11 @@ struct TileWalk {
 
 // A Problem provides: GemmDims dims; the flags a_k_contiguous, b_k_contiguous and
 // row_sums; a(batch, m, k) and b(batch, k, n) for in-range indices; store(batch, split,
-// m, n, value); and store_row_sum(batch, split, m, value), called when row_sums is set
-// with sum_k A[m][k] over the split's range (the bias gradient: when A is the output
+// m, n, value); and, when row_sums is set, store_row_sum(batch, split, m, value), which
+// receives sum_k A[m][k] over the split's range (the bias gradient: when A is the output
 // gradient, the bias is a weight whose input is always 1).
 template <int TILE_M, typename Problem>
-__global__ void gemm_tile_kernel(Problem p) {
+__global__ void __launch_bounds__(GEMM_THREADS, 2) gemm_tile_kernel(Problem p) {
     constexpr int TILE_N = GEMM_TILE_AREA / TILE_M;
     constexpr int STEP_M = TILE_M / GEMM_MICRO, STEP_N = TILE_N / GEMM_MICRO;
     using WalkA = TileWalk<TILE_M, Problem::a_k_contiguous>;
@@ -295,8 +295,10 @@ __global__ void gemm_tile_kernel(Problem p) {
     float row_sum[GEMM_MICRO] = {};
     fetch(k_begin);
     for (int k0 = k_begin; k0 < k_end; k0 += GEMM_TILE_K) {
-        for (int i = 0; i < WalkA::loads; i++) a_tile[WalkA::k(tid, i)][WalkA::mn(tid, i)] = a_next[i];
-        for (int i = 0; i < WalkB::loads; i++) b_tile[WalkB::k(tid, i)][WalkB::mn(tid, i)] = b_next[i];
+        for (int i = 0; i < WalkA::loads; i++)
+            a_tile[WalkA::k(tid, i)][WalkA::mn(tid, i)] = a_next[i];
+        for (int i = 0; i < WalkB::loads; i++)
+            b_tile[WalkB::k(tid, i)][WalkB::mn(tid, i)] = b_next[i];
         __syncthreads();
         if (k0 + GEMM_TILE_K < k_end) fetch(k0 + GEMM_TILE_K);
         for (int kk = 0; kk < GEMM_TILE_K; kk++) {
@@ -320,7 +322,8 @@ __global__ void gemm_tile_kernel(Problem p) {
             int n = n0 + tx + j * STEP_N;
             if (n < d.cols) p.store(batch, split, m, n, acc[i][j]);
         }
-        if (sums_rows) p.store_row_sum(batch, split, m, row_sum[i]);
+        if constexpr (Problem::row_sums)
+            if (sums_rows) p.store_row_sum(batch, split, m, row_sum[i]);
     }
 }
 
@@ -330,6 +333,8 @@ static int gemm_tile_rows(int rows) { return rows <= 16 ? 16 : 64; }
 template <int TILE_M, typename Problem>
 static void gemm_launch_tiles(const Problem& p, cudaStream_t stream) {
     const GemmDims& d = p.dims;
+    require(ceil_div(d.rows, TILE_M) <= 65535 && (long)d.batches * d.splits <= 65535,
+            "gemm: grid too large (%d rows, %d batches x splits)", d.rows, d.batches * d.splits);
     dim3 grid(ceil_div(d.cols, GEMM_TILE_AREA / TILE_M), ceil_div(d.rows, TILE_M),
               d.batches * d.splits);
     LAUNCH((gemm_tile_kernel<TILE_M, Problem>), grid, GEMM_THREADS, 0, stream, p);
@@ -385,17 +390,21 @@ static void conv_check_shape(const ConvShape& s) {
             s.stride, s.pad);
     require(s.groups > 0 && s.C % s.groups == 0 && s.K % s.groups == 0,
             "conv: groups=%d must divide C=%d and K=%d", s.groups, s.C, s.K);
+    require(s.pad < s.R && s.pad < s.S, "conv: pad=%d must be smaller than the %dx%d filter",
+            s.pad, s.R, s.S);
     require(s.R <= s.H + 2 * s.pad && s.S <= s.W + 2 * s.pad,
             "conv: %dx%d filter larger than the padded %dx%d input", s.R, s.S, s.H, s.W);
     auto fits = [&](int out, int in, int k) {
-        int span = in + 2 * s.pad - k;
+        long span = (long)in + 2 * s.pad - k;
         return out == 1 + span / s.stride || out == 1 + ceil_div(span, s.stride);
     };
     require(fits(s.OH, s.H, s.R) && fits(s.OW, s.W, s.S),
             "conv: output %dx%d inconsistent with input %dx%d, filter %dx%d, stride %d, pad %d",
             s.OH, s.OW, s.H, s.W, s.R, s.S, s.stride, s.pad);
-    require((long)s.N * s.C * s.H * s.W <= INT32_MAX && (long)s.N * s.K * s.OH * s.OW <= INT32_MAX
-            && (long)s.K * s.cg() * s.R * s.S <= INT32_MAX,
+    // products in double: exact below 2^53, and no overflow above
+    require((double)s.N * s.C * s.H * s.W <= INT32_MAX
+            && (double)s.N * s.K * s.OH * s.OW <= INT32_MAX
+            && (double)s.K * s.cg() * s.R * s.S <= INT32_MAX,
             "conv: tensors over 2^31 elements are not supported");
 }
 
@@ -421,7 +430,6 @@ struct ConvForward {
         v += bias[k];
         out[((long)image * s.K + k) * s.OH * s.OW + opix] = relu ? fmaxf(v, 0.0f) : v;
     }
-    __device__ void store_row_sum(int, int, int, float) const {}
 };
 
 void conv_forward(float* out, const float* inp, const float* weight, const float* bias,
@@ -466,7 +474,8 @@ struct ConvBackwardData {
         return weight[(((long)g * s.kg() + filter) * s.cg() + m) * s.R * s.S + r * s.S + c];
     }
     __device__ float b(int batch, int k, int n) const {
-        int g = batch % s.groups, phase = batch / s.groups, py = phase / s.stride, px = phase % s.stride;
+        int g = batch % s.groups, phase = batch / s.groups;
+        int py = phase / s.stride, px = phase % s.stride;
         int filter = k / (taps_r * taps_s), tap = k % (taps_r * taps_s);
         int image = n / (phase_h * phase_w), pix = n % (phase_h * phase_w);
         int oy = (first_pixel(py) + s.pad - py) / s.stride + pix / phase_w - tap / taps_s;
@@ -479,9 +488,9 @@ struct ConvBackwardData {
         int image = n / (phase_h * phase_w), pix = n % (phase_h * phase_w);
         int y = first_pixel(phase / s.stride) + pix / phase_w * s.stride;
         int x = first_pixel(phase % s.stride) + pix % phase_w * s.stride;
-        if (y < s.H && x < s.W) dinp[(((long)image * s.C + g * s.cg() + m) * s.H + y) * s.W + x] = v;
+        if (y < s.H && x < s.W)
+            dinp[(((long)image * s.C + g * s.cg() + m) * s.H + y) * s.W + x] = v;
     }
-    __device__ void store_row_sum(int, int, int, float) const {}
 };
 
 void conv_backward_data(float* dinp, const float* dout, const float* weight,
@@ -491,6 +500,8 @@ void conv_backward_data(float* dinp, const float* dout, const float* weight,
     conv_check_shape(s);
     int phase_h = ceil_div(H, stride), phase_w = ceil_div(W, stride);
     int taps_r = ceil_div(R, stride), taps_s = ceil_div(S, stride);
+    require((long)groups * stride * stride <= 65535, "conv_backward_data: stride %d too large",
+            stride);
     GemmDims d = gemm_dims(s.cg(), N * phase_h * phase_w, s.kg() * taps_r * taps_s,
                            groups * stride * stride, 1);
     gemm_launch(ConvBackwardData{d, s, dinp, dout, weight, phase_h, phase_w, taps_r, taps_s},
@@ -826,14 +837,13 @@ struct FcForward {
         v += bias[n];
         out[(long)m * dims.cols + n] = relu ? fmaxf(v, 0.0f) : v;
     }
-    __device__ void store_row_sum(int, int, int, float) const {}
 };
 
 static void fc_check_shape(int N, int in, int out_features) {
     require(N > 0 && in > 0 && out_features > 0,
             "fc: sizes must be positive (N=%d in=%d out=%d)", N, in, out_features);
-    require((long)N * in <= INT32_MAX && (long)N * out_features <= INT32_MAX
-            && (long)in * out_features <= INT32_MAX,
+    require((double)N * in <= INT32_MAX && (double)N * out_features <= INT32_MAX
+            && (double)in * out_features <= INT32_MAX,
             "fc: tensors over 2^31 elements are not supported");
 }
 
@@ -858,7 +868,6 @@ struct FcBackwardData {
     __device__ void store(int, int, int m, int n, float v) const {
         dinp[(long)m * dims.cols + n] = v;
     }
-    __device__ void store_row_sum(int, int, int, float) const {}
 };
 
 void fc_backward_data(float* dinp, const float* dout, const float* weight, int N, int in,

@@ -85,17 +85,20 @@ def test_conv1_geometry_overhangs_by_three_zero_pixels():
     appended on the bottom/right (REFERENCE.md)."""
     assert conv_output_size(224, 11, 4, 0) == 55
     rng = np.random.default_rng(2)
-    inp, weight, bias = rng.standard_normal((1, 3, 224, 224)), rng.standard_normal((2, 3, 11, 11)), np.zeros(2)
+    inp, weight = rng.standard_normal((1, 3, 224, 224)), rng.standard_normal((2, 3, 11, 11))
+    bias = np.zeros(2)
     padded = np.zeros((1, 3, 227, 227))
     padded[:, :, :224, :224] = inp
     out = conv_forward(inp, weight, bias, stride=4)
     assert out.shape == (1, 2, 55, 55)
-    np.testing.assert_allclose(out, conv_forward(padded, weight, bias, stride=4), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out, conv_forward(padded, weight, bias, stride=4),
+                               rtol=1e-12, atol=1e-12)
 
 
 def numeric_gradient(loss, array, h=1e-3):
     """Centred differences of loss() w.r.t. every element of array (float64, in place).
-    The losses here are linear in array, so the only error is rounding: ~1e-16 * |loss| / h."""
+    The losses here are linear in array, so the only error is rounding, ~1e-16 * |loss| / h
+    ~ 1e-12 for these O(10) losses: rtol 1e-8 is safe, and a wrong gradient is off by O(1)."""
     grad = np.empty_like(array)
     for i in np.ndindex(array.shape):
         saved = array[i]
@@ -124,15 +127,17 @@ def test_numpy_conv_backward_matches_finite_differences(shape):
 
 def test_numpy_fc_matches_definition_and_finite_differences():
     rng = np.random.default_rng(4)
-    inp, weight, bias = rng.standard_normal((3, 5)), rng.standard_normal((4, 5)), rng.standard_normal(4)
+    inp, weight, bias = (rng.standard_normal(s) for s in [(3, 5), (4, 5), 4])
     definition = np.array([[bias[o] + sum(inp[n, i] * weight[o, i] for i in range(5))
                             for o in range(4)] for n in range(3)])
     np.testing.assert_allclose(fc_forward(inp, weight, bias), definition, rtol=1e-12, atol=1e-12)
-    np.testing.assert_array_equal(fc_forward(inp, weight, bias, relu=True), np.maximum(definition, 0))
+    np.testing.assert_array_equal(fc_forward(inp, weight, bias, relu=True),
+                                  np.maximum(definition, 0))
     dout = rng.standard_normal((3, 4))
     loss = lambda: np.sum(dout * fc_forward(inp, weight, bias))
     dweight, dbias = fc_backward_weights(dout, inp)
-    np.testing.assert_allclose(fc_backward_data(dout, weight), numeric_gradient(loss, inp), rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(fc_backward_data(dout, weight), numeric_gradient(loss, inp),
+                               rtol=1e-8, atol=1e-9)
     np.testing.assert_allclose(dweight, numeric_gradient(loss, weight), rtol=1e-8, atol=1e-9)
     np.testing.assert_allclose(dbias, numeric_gradient(loss, bias), rtol=1e-8, atol=1e-9)
 
@@ -262,6 +267,7 @@ GOOD_CONV = dict(N=1, C=4, H=5, W=5, K=2, R=3, S=3, stride=1, pad=1, groups=2, O
     (dict(R=0), "positive"),
     (dict(stride=0), "stride"),
     (dict(pad=-1), "pad"),
+    (dict(pad=3), "pad"),                 # a window of padding only
     (dict(groups=0), "groups"),
     (dict(groups=3), "groups"),           # divides neither C=4 nor K=2
     (dict(K=3), "groups"),                # groups=2 does not divide K
@@ -302,8 +308,10 @@ def test_c_api_rejects_null_pointers():
         assert "null pointer" in ffi.string(lib.alexnet_last_error()).decode()
 
 
-@pytest.mark.parametrize("dims, message", [((0, 3, 4), "positive"), ((2, -3, 4), "positive"),
-                                           ((2, 3, 0), "positive"), ((1 << 16, 1 << 16, 1), "2^31")])
+@pytest.mark.parametrize("dims, message", [
+    ((0, 3, 4), "positive"), ((2, -3, 4), "positive"), ((2, 3, 0), "positive"),
+    ((1 << 16, 1 << 16, 1), "2^31"),
+])
 def test_fc_c_api_rejects_bad_shapes(dims, message):
     ffi, lib = alexnet.library()
     buffer = ffi.new("float[]", 4096)
@@ -321,7 +329,8 @@ def test_python_wrappers_reject_mismatched_arrays():
     with pytest.raises(AlexNetError, match="bias"):
         alexnet.cuda_conv_forward(f32(rng, 1, 4, 5, 5), f32(rng, 2, 4, 3, 3), f32(rng, 3))
     with pytest.raises(AlexNetError, match="inconsistent"):
-        alexnet.cuda_conv_forward(f32(rng, 1, 4, 5, 5), f32(rng, 2, 4, 3, 3), f32(rng, 2), out_hw=(4, 4))
+        alexnet.cuda_conv_forward(f32(rng, 1, 4, 5, 5), f32(rng, 2, 4, 3, 3), f32(rng, 2),
+                                  out_hw=(4, 4))
     with pytest.raises(AlexNetError, match="weight"):
         alexnet.cuda_conv_backward_data(f32(rng, 1, 2, 5, 5), f32(rng, 3, 4, 3, 3), (5, 5), pad=1)
     with pytest.raises(AlexNetError, match="weight"):
