@@ -470,7 +470,7 @@ void dropout_backward(float* dinp, const float* dout, long n, float p, uint64_t 
 // ----------------------------------------------------------------------------
 // 9. Softmax and cross-entropy
 //
-// One block per row of logits x[0..K-1] (K = 1000 classes: 4 per thread). With m = max x,
+// One block of 128 threads per row of logits x[0..K-1] (K = 1000 classes: ~8 per thread). With m = max x,
 //   prob[j] = exp(x[j] - m) / sum_i exp(x[i] - m)
 //   loss    = log(sum_i exp(x[i] - m)) + m - x[label]      (no overflow for any logits)
 //   dlogits = (prob - onehot(label)) / N                   (gradient of the batch-mean loss)
@@ -479,7 +479,7 @@ void dropout_backward(float* dinp, const float* dout, long n, float p, uint64_t 
 // top-1 correct iff rank < 1, top-5 iff rank < 5. Reductions: warp shuffles, then one
 // partial per warp in shared memory, combined in a fixed order (deterministic).
 
-static const int SOFTMAX_THREADS = 256;
+static const int SOFTMAX_THREADS = 128;
 
 struct SumOp {
     template <typename T>
