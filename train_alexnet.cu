@@ -209,8 +209,9 @@ static int elementwise_blocks(long n) { return ceil_div(ceil_div(n, 4), ELEMENTW
 
 // relu_forward: out = max(inp, 0). relu_backward: dinp = out > 0 ? dout : 0, from the
 // forward's output (conv and fc fuse the forward into their epilogue; the model calls
-// relu_backward before their backward). dinp may alias dout, so no __restrict__ there.
-__global__ void relu_forward_kernel(float* __restrict__ out, const float* __restrict__ inp, long n) {
+// relu_backward before their backward). Each thread reads its elements before writing
+// them, so both may run in place (out == inp, dinp == dout): no __restrict__.
+__global__ void relu_forward_kernel(float* out, const float* inp, long n) {
     long i = 4 * ((long)blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= n) return;
     float v[4];
@@ -429,9 +430,10 @@ void maxpool_backward(float* dinp, const float* dout, const float* inp, int N, i
 //   word = philox4x32(counter = (i / 4, L, t mod 2^32, t / 2^32),
 //                     key = (s mod 2^32, s / 2^32)).word[i % 4]
 // so one Philox call serves 4 consecutive elements: one thread each. The backward pass
-// regenerates the mask from the same (s, L, t) instead of storing it.
+// regenerates the mask from the same (s, L, t) instead of storing it. Both passes may run
+// in place (out == inp), as the elementwise kernels of section 4.
 
-__global__ void dropout_kernel(float* __restrict__ out, const float* __restrict__ inp, long n, float p,
+__global__ void dropout_kernel(float* out, const float* inp, long n, float p,
                                uint32_t key0, uint32_t key1, uint32_t layer, uint32_t step0,
                                uint32_t step1, bool train) {
     long group = (long)blockIdx.x * blockDim.x + threadIdx.x;
