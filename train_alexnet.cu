@@ -430,7 +430,8 @@ void maxpool_backward(float* dinp, const float* dout, const float* inp, int N, i
 //   word = philox4x32(counter = (i / 4, L, t mod 2^32, t / 2^32),
 //                     key = (s mod 2^32, s / 2^32)).word[i % 4]
 // so one Philox call serves 4 consecutive elements: one thread each. The backward pass
-// regenerates the mask from the same (s, L, t) instead of storing it. Both passes may run
+// regenerates the mask from the same (s, L, t) instead of storing it; every dropout layer
+// of every tower needs its own L, or their masks coincide. Both passes may run
 // in place (out == inp), as the elementwise kernels of section 4.
 
 __global__ void dropout_kernel(float* out, const float* inp, long n, float p,
