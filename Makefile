@@ -18,7 +18,11 @@ PY       := $(VENV)/bin/python
 # -Wno-unknown-pragmas: g++ ignores CUDA's `#pragma unroll`
 CPU_FLAGS  := -std=c++17 -O2 -g -pthread -fPIC -Wall -Wextra -Wno-unused-parameter -Wno-unused-function -Wno-unknown-pragmas
 ASAN_FLAGS := -std=c++17 -O1 -g -pthread -fPIC -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -Wno-unknown-pragmas
-NVCC_FLAGS := -std=c++17 -O3 -lineinfo -Xptxas -v -Xcompiler -fPIC $(foreach a,$(GPU_ARCH),-gencode arch=compute_$(a),code=sm_$(a))
+# Architectures this nvcc can build (nvcc 13 dropped sm_70); the others are skipped, loudly.
+NVCC_ARCHS := $(if $(NVCC),$(shell $(NVCC) --list-gpu-arch 2>/dev/null | sed -n 's/^compute_//p'))
+GPU_BUILT  := $(filter $(NVCC_ARCHS),$(GPU_ARCH))
+GPU_SKIP   := $(filter-out $(NVCC_ARCHS),$(GPU_ARCH))
+NVCC_FLAGS := -std=c++17 -O3 -lineinfo -Xptxas -v -Xcompiler -fPIC $(foreach a,$(GPU_BUILT),-gencode arch=compute_$(a),code=sm_$(a))
 SOURCES    := train_alexnet.cu dev/cuda_cpu.h
 
 .PHONY: all cpu gpu demo test test-slow test-asan venv bench clean
@@ -60,9 +64,10 @@ bench: build/bench_sgemm
 	./build/bench_sgemm
 
 # --- GPU build: nvcc, sm_70/80/90 by default (make GPU_ARCH=90 for one) -------
-ifneq ($(NVCC),)
+ifneq ($(GPU_BUILT),)
 gpu: train_alexnet libalexnet.so
-	@echo "built GPU build with $(NVCC) for sm_$(GPU_ARCH): train_alexnet libalexnet.so (ptxas report: build/gpu/ptxas.log)"
+	@echo "built GPU build with $(NVCC) for $(foreach a,$(GPU_BUILT),sm_$(a)): train_alexnet libalexnet.so (ptxas report: build/gpu/ptxas.log)"
+	$(if $(GPU_SKIP),@echo "skipped $(foreach a,$(GPU_SKIP),sm_$(a)): not supported by this nvcc")
 
 build/gpu/train_alexnet.o: train_alexnet.cu
 	@mkdir -p $(@D)
@@ -75,7 +80,7 @@ libalexnet.so: build/gpu/train_alexnet.o
 	$(NVCC) $(NVCC_FLAGS) -shared $< -o $@
 else
 gpu:
-	@echo "nvcc not found: skipped the GPU build (train_alexnet, libalexnet.so)"
+	@echo "$(if $(NVCC),nvcc supports none of sm_$(GPU_ARCH),nvcc not found): skipped the GPU build (train_alexnet, libalexnet.so)"
 endif
 
 # --- Python environment and tests ---------------------------------------------

@@ -450,7 +450,9 @@ struct Worker {
     std::vector<ThreadSlot> t = std::vector<ThreadSlot>(kMaxThreads);
     std::vector<int> order = std::vector<int>(kMaxThreads);
     std::vector<int> ready = std::vector<int>(kMaxThreads);
-    int ready_head = 0, ready_tail = 0;
+    uint32_t ready_head = 0, ready_tail = 0;
+    int bar_count[2] = {0, 0};  // __syncthreads_count of the current and the previous barrier
+    int bar_phase = 0;
     uint32_t warp_waiting[kMaxThreads / 32] = {};
     uint32_t warp_exited[kMaxThreads / 32] = {};
     // failure of the block
@@ -552,8 +554,8 @@ static void runner_main(intptr_t stack);
 // else could run (only from the main loop).
 static bool switch_next(Worker& w, void** save, bool from_main) {
     if (!w.failed) {
-        if (w.ready_head < w.ready_tail) {
-            int t = w.ready[w.ready_head++];
+        if (w.ready_head != w.ready_tail) {
+            int t = w.ready[w.ready_head++ % kMaxThreads];
             ThreadSlot& s = w.t[t];
             s.state = kRunning;
             set_current(w, t);
@@ -637,12 +639,15 @@ static void runner_main(intptr_t stack) {
 // Appends threads to the ready queue in schedule order.
 static void make_ready(Worker& w, int t) {
     w.t[t].state = kReady;
-    w.ready[w.ready_tail++] = t;
+    w.ready[w.ready_tail++ % kMaxThreads] = t;  // a ring: a thread is in it at most once
 }
 
-static void syncthreads(const char* file, int line) {
+// __syncthreads(); returns how many threads passed a non-zero predicate (for
+// __syncthreads_count/_and/_or). The count of a barrier lives in one of two slots, so
+// it stays readable until everyone has left it.
+static int syncthreads(const char* file, int line, int predicate = 0) {
     Worker* wp = tls_worker;
-    if (!wp || wp->cur < 0) return;  // host code: nothing to wait for
+    if (!wp || wp->cur < 0) return 0;  // host code: nothing to wait for
     Worker& w = *wp;
     int t = w.cur;
     ThreadSlot& s = w.t[t];
@@ -665,15 +670,19 @@ static void syncthreads(const char* file, int line) {
     s.state = kWaitBlock;
     s.file = file;
     s.line = line;
+    int phase = w.bar_phase;
+    w.bar_count[phase] += predicate != 0;
     if (++w.waiting == w.live) {  // everyone has arrived: release in schedule order
         w.waiting = 0;
-        w.ready_head = w.ready_tail = 0;
+        w.bar_phase ^= 1;
+        w.bar_count[w.bar_phase] = 0;
         if (w.schedule == kRandom) shuffle(w.order.data(), w.n, w.seed ^ mix64(++w.epoch));
         for (int i = 0; i < w.n; i++)
             if (w.t[w.order[i]].state == kWaitBlock) make_ready(w, w.order[i]);
     }
     switch_next(w, &s.sp, false);
     if (w.failed) fiber_abandon(w);
+    return w.bar_count[phase];
 }
 
 // Result of a warp operation for one lane, by the PTX rules (shfl.sync: the source
@@ -867,6 +876,8 @@ static void run_block(Worker& w, Grid& g, uint64_t b) {
     w.seed = mix64(g.seed ^ mix64(b + 1));
     w.epoch = 0;
     w.ready_head = w.ready_tail = 0;
+    w.bar_count[0] = w.bar_count[1] = 0;
+    w.bar_phase = 0;
     w.failed = false;
     w.dead_stack = -1;
     int nwarps = (w.n + 31) / 32;
@@ -1206,6 +1217,31 @@ static void launch_grid(std::shared_ptr<Grid> g) {
     if (g->failed) set_sticky(g->device, g->error, g->message);
 }
 
+// A kernel can only dereference device memory of its own device, of a peer whose access
+// was enabled, or pinned host memory. Pointer arguments are checked at launch (a pointer
+// one past the end of an allocation is fine; null too).
+template <typename T>
+static void check_pointer_argument(const T& v, int index, int device, std::string& bad) {
+    if constexpr (std::is_pointer<T>::value) {
+        if (v == nullptr || !bad.empty()) return;
+        Allocation a{};
+        const char* p = (const char*)v;
+        if (!find_allocation(p, &a) && !find_allocation(p - 1, &a)) {
+            char buf[160];
+            snprintf(buf, sizeof(buf), "argument %d (%p) is not memory from cudaMalloc or cudaMallocHost", index + 1, (const void*)p);
+            bad = buf;
+        } else if (a.device >= 0 && a.device != device) {
+            std::lock_guard<std::mutex> lock(registry().mu);
+            if (!registry().peer[device][a.device]) {
+                char buf[200];
+                snprintf(buf, sizeof(buf), "argument %d points to memory of device %d, and device %d has no peer access to it (cudaDeviceEnablePeerAccess)",
+                         index + 1, a.device, device);
+                bad = buf;
+            }
+        }
+    }
+}
+
 template <typename... P>
 struct KernelArgs {
     void (*kernel)(P...);
@@ -1254,6 +1290,15 @@ static void launch(const char* name, const char* file, int line, void (*kernel)(
     g->smem = smem;
     g->blocks = blocks;
     g->device = tls_device;
+    std::string bad;
+    std::apply([&](const auto&... v) {
+        int index = 0;
+        (check_pointer_argument(v, index++, tls_device, bad), ...);
+    }, a->args);
+    if (!bad.empty()) {  // the GPU would fault on it: a sticky illegal address
+        set_sticky(tls_device, cudaErrorIllegalAddress, "kernel " + where() + ": " + bad);
+        return;
+    }
     stream_run(s, [g] { launch_grid(g); });
 }
 
@@ -1269,7 +1314,10 @@ static void launch(const char* name, const char* file, int line, void (*kernel)(
 #define gridDim (::cuda_cpu::tls_grid_dim)
 static constexpr int warpSize = 32;
 
-#define __syncthreads() ::cuda_cpu::syncthreads(__FILE__, __LINE__)
+#define __syncthreads() ((void)::cuda_cpu::syncthreads(__FILE__, __LINE__))
+#define __syncthreads_count(pred) ::cuda_cpu::syncthreads(__FILE__, __LINE__, (pred))
+#define __syncthreads_and(pred) (::cuda_cpu::syncthreads(__FILE__, __LINE__, !(pred)) == 0)
+#define __syncthreads_or(pred) (::cuda_cpu::syncthreads(__FILE__, __LINE__, (pred)) != 0)
 #define SHARED(T, name, dims)                                                              \
     static const char cuda_cpu_smem_key_##name = 0;                                        \
     T(&name) dims = *reinterpret_cast<T(*) dims>(                                          \

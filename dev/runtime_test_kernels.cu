@@ -128,6 +128,29 @@ extern "C" int rt_barrier_misuse(int scenario) {
     return finish(cudaSuccess);
 }
 
+// __syncthreads_count/_and/_or of t % k == 0, then __syncthreads_count of t < k.
+__global__ void barrier_votes(int k, int* out) {
+    int t = threadIdx.x;
+    int count = __syncthreads_count(t % k == 0);
+    int all = __syncthreads_and(t % k == 0);
+    int any = __syncthreads_or(t % k == 0);
+    int below = __syncthreads_count(t < k);
+    out[4 * t + 0] = count;
+    out[4 * t + 1] = all;
+    out[4 * t + 2] = any;
+    out[4 * t + 3] = below;
+}
+
+extern "C" int rt_barrier_votes(int k, int threads, int* out) {
+    int* d;
+    TRY(cudaMalloc(&d, 4 * threads * sizeof(int)));
+    KERNEL_LAUNCH(barrier_votes, 1, threads, 0, 0, k, d);
+    TRY(cudaGetLastError());
+    TRY(cudaMemcpy(out, d, 4 * threads * sizeof(int), cudaMemcpyDeviceToHost));
+    cudaFree(d);
+    return finish(cudaSuccess);
+}
+
 // --- warp operations --------------------------------------------------------------------
 
 // One warp operation over a block: op 0-3 = __shfl_sync, _up, _down, _xor with the
@@ -336,6 +359,34 @@ extern "C" int rt_peer_copy(const float* x, int n, float* out) {
     TRY(cudaSetDevice(1));
     cudaFree(d1);
     TRY(cudaSetDevice(0));
+    return finish(cudaSuccess);
+}
+
+// Kernel arguments a GPU could not dereference. kind 0: a host stack array; 1: memory of
+// device 0 in a kernel on device 1; 2: the same after enabling peer access (fine);
+// 3: pinned host memory (fine). result gets x * 2 for the kinds that run.
+extern "C" int rt_kernel_arguments(int kind, float* result) {
+    float host[4] = {1, 2, 3, 4};
+    float* p = host;
+    TRY(cudaSetDevice(0));
+    if (kind == 1 || kind == 2) {
+        TRY(cudaMalloc(&p, sizeof(host)));
+        TRY(cudaMemcpy(p, host, sizeof(host), cudaMemcpyHostToDevice));
+        TRY(cudaSetDevice(1));
+        if (kind == 2) TRY(cudaDeviceEnablePeerAccess(0, 0));
+    } else if (kind == 3) {
+        TRY(cudaMallocHost(&p, sizeof(host)));
+        memcpy(p, host, sizeof(host));
+    }
+    KERNEL_LAUNCH(scale, 1, 4, 0, 0, p, 4, 2.0f);
+    TRY(cudaGetLastError());
+    TRY(cudaDeviceSynchronize());
+    if (kind == 2) {
+        TRY(cudaDeviceDisablePeerAccess(0));
+        TRY(cudaSetDevice(0));
+    }
+    TRY(cudaMemcpy(result, p, sizeof(host), cudaMemcpyDefault));
+    TRY(kind == 3 ? cudaFreeHost(p) : cudaFree(p));
     return finish(cudaSuccess);
 }
 

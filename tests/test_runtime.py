@@ -34,6 +34,8 @@ int rt_peer_copy(const float* x, int n, float* out);
 int rt_bad_copy(int kind);
 int rt_stream_order(int n, int wait_event, int sync, float* result);
 int rt_events(float* elapsed_ms);
+int rt_barrier_votes(int k, int threads, int* out);
+int rt_kernel_arguments(int kind, float* result);
 """
 
 # CUDA error codes (driver_types.h)
@@ -178,6 +180,16 @@ def test_barrier_misuse_is_reported_not_hung():
     assert after == [0, "", 256.0]  # the process lives on; the reset cleared the sticky error
 
 
+@pytest.mark.parametrize("k", [1, 3, 1000])
+def test_syncthreads_count_and_or(rt, schedule, k):
+    threads = 200
+    out = np.zeros((threads, 4), np.int32)
+    assert call(rt, "barrier_votes", k, threads, out) == (0, "")
+    t = np.arange(threads)
+    expected = [(t % k == 0).sum(), int((t % k == 0).all()), int((t % k == 0).any()), (t < k).sum()]
+    assert (out == expected).all()
+
+
 # --- warp operations ----------------------------------------------------------------------
 
 SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, BALLOT, ANY, ALL = range(7)
@@ -256,11 +268,12 @@ def test_invalid_shuffle_width_is_an_error(rt):
 
 
 def test_warp_sum_of_doubles(rt, schedule):
-    x = np.random.default_rng(3).standard_normal(96)
-    out = np.empty(3)
-    assert call(rt, "warp_sum", x, 96, out) == (0, "")
+    # 1024 threads: 6144 warp operations between block barriers (there are none)
+    x = np.random.default_rng(3).standard_normal(1024)
+    out = np.empty(32)
+    assert call(rt, "warp_sum", x, 1024, out) == (0, "")
     # fp64 tree sum of 32 terms: |err| <= 5 * 2^-53 * sum|x| (5 levels of rounding)
-    sums = x.reshape(3, 32)
+    sums = x.reshape(32, 32)
     np.testing.assert_array_less(np.abs(out - sums.sum(axis=1)), 5 * 2.0**-53 * np.abs(sums).sum(axis=1) + 1e-300)
 
 
@@ -356,6 +369,20 @@ def test_peer_copies_between_two_devices(rt):
     out = np.zeros_like(x)
     assert call(rt, "peer_copy", x, x.size, out) == (0, "")
     np.testing.assert_array_equal(out, 2 * x)  # scaling by 2 is exact
+
+
+@pytest.mark.parametrize("kind, fragment", [(0, "argument 1 (0x"), (1, "argument 1 points to memory of device 0, "
+                                                                       "and device 1 has no peer access to it")])
+def test_kernel_arguments_a_gpu_could_not_use(rt, kind, fragment):
+    code, message = call(rt, "kernel_arguments", kind, np.zeros(4, np.float32))
+    assert code == ILLEGAL_ADDRESS and "kernel scale" in message and fragment in message, message
+
+
+@pytest.mark.parametrize("kind", [2, 3])  # peer memory with access enabled; pinned host memory
+def test_kernel_arguments_a_gpu_can_use(rt, kind):
+    out = np.zeros(4, np.float32)
+    assert call(rt, "kernel_arguments", kind, out) == (0, "")
+    np.testing.assert_array_equal(out, [2, 4, 6, 8])
 
 
 def test_one_device_has_no_peer(rt, monkeypatch):
