@@ -837,10 +837,24 @@ def _f32(x):
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _require_shape(op, name, array, shape):
+    """The C API sees bare pointers, so the bindings check that the arrays agree."""
+    shape = tuple(shape)
+    if array.shape != shape:
+        raise AlexNetError(f"{op}: {name} has shape {array.shape}, expected {shape}")
+
+
+def _require_nchw(op, x):
+    if x.ndim != 4:
+        raise AlexNetError(f"{op}: expected an N x C x H x W array, got shape {x.shape}")
+
+
 def cuda_philox4x32(counter, key):
     """One Philox4x32-10 block from the library's host path: uint32 [4], [2] -> uint32 [4]."""
     counter = np.ascontiguousarray(counter, dtype=np.uint32)
     key = np.ascontiguousarray(key, dtype=np.uint32)
+    _require_shape("philox4x32", "counter", counter, (4,))
+    _require_shape("philox4x32", "key", key, (2,))
     out = np.empty(4, dtype=np.uint32)
     _check(library()[1].alexnet_philox4x32(_ptr(out, "uint32_t"), _ptr(counter, "uint32_t"), _ptr(key, "uint32_t")))
     return out
@@ -848,12 +862,19 @@ def cuda_philox4x32(counter, key):
 
 def cuda_augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, crop):
     images = np.ascontiguousarray(images, dtype=np.uint8)
+    if images.ndim != 4 or images.shape[3] != 3:
+        raise AlexNetError(f"augment_images: expected N x H x W x 3 images, got shape {images.shape}")
     N, H, W, _ = images.shape
+    mean, alphas, eigval, eigvec = _f32(mean), _f32(alphas), _f32(eigval), _f32(eigvec)
+    offsets = np.ascontiguousarray(offsets, dtype=np.int32)
+    flips = np.ascontiguousarray(flips, dtype=np.uint8)
+    for name, array, shape in [("mean", mean, (H, W, 3)), ("offsets", offsets, (N, 2)), ("flips", flips, (N,)),
+                               ("alphas", alphas, (N, 3)), ("eigval", eigval, (3,)), ("eigvec", eigvec, (3, 3))]:
+        _require_shape("augment_images", name, array, shape)
     out = np.empty((N, 3, crop, crop), dtype=np.float32)
     _check(library()[1].alexnet_augment_images(
-        _ptr(out), _ptr(images, "uint8_t"), _ptr(_f32(mean)), _ptr(np.ascontiguousarray(offsets, dtype=np.int32), "int"),
-        _ptr(np.ascontiguousarray(flips, dtype=np.uint8), "uint8_t"), _ptr(_f32(alphas)), _ptr(_f32(eigval)),
-        _ptr(_f32(eigvec)), N, H, W, crop))
+        _ptr(out), _ptr(images, "uint8_t"), _ptr(mean), _ptr(offsets, "int"), _ptr(flips, "uint8_t"),
+        _ptr(alphas), _ptr(eigval), _ptr(eigvec), N, H, W, crop))
     return out
 
 
@@ -866,6 +887,7 @@ def cuda_relu_forward(x):
 
 def cuda_relu_backward(dout, out):
     dout, out = _f32(dout), _f32(out)
+    _require_shape("relu_backward", "out", out, dout.shape)
     dinp = np.empty_like(dout)
     _check(library()[1].alexnet_relu_backward(_ptr(dinp), _ptr(dout), _ptr(out), dout.size))
     return dinp
@@ -874,6 +896,7 @@ def cuda_relu_backward(dout, out):
 def cuda_lrn_forward(x, size, alpha, beta, k):
     """Returns (out, scale) like lrn_forward."""
     x = _f32(x)
+    _require_nchw("lrn_forward", x)
     out, scale = np.empty_like(x), np.empty_like(x)
     _check(library()[1].alexnet_lrn_forward(_ptr(out), _ptr(scale), _ptr(x), *x.shape, size, alpha, beta, k))
     return out, scale
@@ -881,6 +904,9 @@ def cuda_lrn_forward(x, size, alpha, beta, k):
 
 def cuda_lrn_backward(dout, x, out, scale, size, alpha, beta, k):
     dout, x, out, scale = _f32(dout), _f32(x), _f32(out), _f32(scale)
+    _require_nchw("lrn_backward", x)
+    for name, array in [("dout", dout), ("out", out), ("scale", scale)]:
+        _require_shape("lrn_backward", name, array, x.shape)
     dinp = np.empty_like(x)
     _check(library()[1].alexnet_lrn_backward(_ptr(dinp), _ptr(dout), _ptr(x), _ptr(out), _ptr(scale),
                                              *x.shape, size, alpha, beta, k))
@@ -889,6 +915,7 @@ def cuda_lrn_backward(dout, x, out, scale, size, alpha, beta, k):
 
 def cuda_maxpool_forward(x, size, stride, OH=None, OW=None):
     x = _f32(x)
+    _require_nchw("maxpool_forward", x)
     N, C, H, W = x.shape
     OH = OH or pool_output_size(H, size, stride)
     OW = OW or pool_output_size(W, size, stride)
@@ -899,6 +926,9 @@ def cuda_maxpool_forward(x, size, stride, OH=None, OW=None):
 
 def cuda_maxpool_backward(dout, x, size, stride):
     dout, x = _f32(dout), _f32(x)
+    _require_nchw("maxpool_backward", x)
+    _require_nchw("maxpool_backward", dout)
+    _require_shape("maxpool_backward", "dout", dout, x.shape[:2] + dout.shape[2:])
     dinp = np.empty_like(x)
     _check(library()[1].alexnet_maxpool_backward(_ptr(dinp), _ptr(dout), _ptr(x), *x.shape, size, stride,
                                                  *dout.shape[2:]))
@@ -923,7 +953,10 @@ def cuda_softmax_cross_entropy(logits, labels):
     """Returns (losses [N], dlogits [N][K], correct [2]) like softmax_cross_entropy."""
     logits = _f32(logits)
     labels = np.ascontiguousarray(labels, dtype=np.int32)
+    if logits.ndim != 2:
+        raise AlexNetError(f"softmax_cross_entropy: expected N x K logits, got shape {logits.shape}")
     N, K = logits.shape
+    _require_shape("softmax_cross_entropy", "labels", labels, (N,))
     losses, dlogits, correct = np.empty(N, np.float32), np.empty_like(logits), np.empty(2, np.int32)
     _check(library()[1].alexnet_softmax_cross_entropy(_ptr(losses), _ptr(dlogits), _ptr(correct, "int"),
                                                       _ptr(logits), _ptr(labels, "int"), N, K))
@@ -932,6 +965,8 @@ def cuda_softmax_cross_entropy(logits, labels):
 
 def cuda_softmax_forward(logits):
     logits = _f32(logits)
+    if logits.ndim != 2:
+        raise AlexNetError(f"softmax_forward: expected N x K logits, got shape {logits.shape}")
     probs = np.empty_like(logits)
     _check(library()[1].alexnet_softmax_forward(_ptr(probs), _ptr(logits), *logits.shape))
     return probs
@@ -940,6 +975,8 @@ def cuda_softmax_forward(logits):
 def cuda_sgd_update(w, v, g, lr, momentum, weight_decay):
     """Returns the updated (w, v); the inputs are left unchanged."""
     w, v, g = np.array(w, dtype=np.float32), np.array(v, dtype=np.float32), _f32(g)
+    _require_shape("sgd_update", "v", v, w.shape)
+    _require_shape("sgd_update", "g", g, w.shape)
     _check(library()[1].alexnet_sgd_update(_ptr(w), _ptr(v), _ptr(g), w.size, lr, momentum, weight_decay))
     return w, v
 

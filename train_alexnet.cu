@@ -608,8 +608,9 @@ static int elementwise_blocks(long n) { return ceil_div(ceil_div(n, 4), ELEMENTW
 
 // relu_forward: out = max(inp, 0). relu_backward: dinp = out > 0 ? dout : 0, from the
 // forward's output (conv and fc fuse the forward into their epilogue; the model calls
-// relu_backward before their backward). dinp may alias dout, so no __restrict__ there.
-__global__ void relu_forward_kernel(float* __restrict__ out, const float* __restrict__ inp, long n) {
+// relu_backward before their backward). Each thread reads its elements before writing
+// them, so both may run in place (out == inp, dinp == dout): no __restrict__.
+__global__ void relu_forward_kernel(float* out, const float* inp, long n) {
     long i = 4 * ((long)blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= n) return;
     float v[4];
@@ -912,9 +913,11 @@ void fc_backward_weights(float* dweight, float* dbias, const float* dout, const 
 //   word = philox4x32(counter = (i / 4, L, t mod 2^32, t / 2^32),
 //                     key = (s mod 2^32, s / 2^32)).word[i % 4]
 // so one Philox call serves 4 consecutive elements: one thread each. The backward pass
-// regenerates the mask from the same (s, L, t) instead of storing it.
+// regenerates the mask from the same (s, L, t) instead of storing it; every dropout layer
+// of every tower needs its own L, or their masks coincide. Both passes may run
+// in place (out == inp), as the elementwise kernels of section 4.
 
-__global__ void dropout_kernel(float* __restrict__ out, const float* __restrict__ inp, long n, float p,
+__global__ void dropout_kernel(float* out, const float* inp, long n, float p,
                                uint32_t key0, uint32_t key1, uint32_t layer, uint32_t step0,
                                uint32_t step1, bool train) {
     long group = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -953,7 +956,7 @@ void dropout_backward(float* dinp, const float* dout, long n, float p, uint64_t 
 // ----------------------------------------------------------------------------
 // 9. Softmax and cross-entropy
 //
-// One block per row of logits x[0..K-1] (K = 1000 classes: 4 per thread). With m = max x,
+// One block of 128 threads per row of logits x[0..K-1] (K = 1000 classes: ~8 per thread). With m = max x,
 //   prob[j] = exp(x[j] - m) / sum_i exp(x[i] - m)
 //   loss    = log(sum_i exp(x[i] - m)) + m - x[label]      (no overflow for any logits)
 //   dlogits = (prob - onehot(label)) / N                   (gradient of the batch-mean loss)
@@ -962,7 +965,7 @@ void dropout_backward(float* dinp, const float* dout, long n, float p, uint64_t 
 // top-1 correct iff rank < 1, top-5 iff rank < 5. Reductions: warp shuffles, then one
 // partial per warp in shared memory, combined in a fixed order (deterministic).
 
-static const int SOFTMAX_THREADS = 256;
+static const int SOFTMAX_THREADS = 128;
 
 struct SumOp {
     template <typename T>
