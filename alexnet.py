@@ -670,6 +670,9 @@ def _open_output(out, fingerprint, force):
         with open(os.path.join(out, MANIFEST)) as f:
             manifest = json.load(f)
     ours = manifest is not None and manifest.get("fingerprint") == fingerprint
+    for f in _dataset_files(out):
+        if f.endswith(".tmp"):   # left by a run that was killed mid-shard
+            os.remove(os.path.join(out, f))
     if not ours and _dataset_files(out):
         if not force:
             raise AlexNetError(f"{out} holds a dataset prepared from other inputs or settings: "
