@@ -263,44 +263,43 @@ SKIPPED_LOG = "skipped.txt"
 
 
 class PixelSums:
-    """Exact integer sums over the training pixels: per-pixel sums for the mean image and
-    the first and second moments of RGB for the covariance. Chunk sums are computed in
-    float64, which is exact here (each product <= 255^2, and a chunk has far fewer than
-    2^53 / 255^2 ~ 1.4e11 pixels), then kept as Python integers, so the totals do not
-    depend on the order of the chunks or the number of workers."""
+    """Exact integer sums over the training pixels, in one streaming pass: per-pixel sums
+    for the mean image, and the sums of R, G, B and of their six pairwise products for
+    the covariance. Integers, so the totals do not depend on the order of the chunks or
+    the number of workers; only the final mean and covariance are float64."""
 
     def __init__(self, height, width):
         self.images, self.pixels = 0, 0
         self.image_sum = np.zeros((height, width, 3), dtype=np.int64)
-        self.rgb_sum = [0] * 3
         self.rgb_products = [[0] * 3 for _ in range(3)]
 
     def add(self, pixels):
         """Add a chunk of images, uint8 [n][H][W][3]."""
         self.images += len(pixels)
-        self.image_sum += pixels.sum(axis=0, dtype=np.int64)
-        rgb = pixels.reshape(-1, 3).astype(np.float64)
-        self.pixels += len(rgb)
-        self._add_moments(rgb.sum(axis=0), rgb.T @ rgb)
-        return self
-
-    def _add_moments(self, rgb_sum, rgb_products):
+        self.image_sum += pixels.sum(axis=0, dtype=np.uint32)   # exact below 2^32 / 255 images
+        planes = np.ascontiguousarray(pixels.reshape(-1, 3).T)   # [3][pixels]
+        self.pixels += planes.shape[1]
+        product = np.empty(planes.shape[1], dtype=np.uint16)      # each product <= 255^2 < 2^16
         for i in range(3):
-            self.rgb_sum[i] += int(rgb_sum[i])
-            for j in range(3):
-                self.rgb_products[i][j] += int(rgb_products[i][j])
+            for j in range(i, 3):
+                np.multiply(planes[i], planes[j], out=product, dtype=np.uint16)
+                self.rgb_products[i][j] += int(product.sum(dtype=np.uint64))
+                self.rgb_products[j][i] = self.rgb_products[i][j]
+        return self
 
     def merge(self, other):
         self.images += other.images
         self.pixels += other.pixels
         self.image_sum += other.image_sum
-        self._add_moments(other.rgb_sum, other.rgb_products)
+        for i in range(3):
+            for j in range(3):
+                self.rgb_products[i][j] += other.rgb_products[i][j]
         return self
 
     def statistics(self):
         """(mean image float64 [H][W][3], eigval [3] descending, eigvec [3][3], column i
         the eigenvector of eigval[i] with its largest-magnitude component positive)."""
-        n, s, q = self.pixels, self.rgb_sum, self.rgb_products
+        n, s, q = self.pixels, [int(v) for v in self.image_sum.sum(axis=(0, 1))], self.rgb_products
         # cov = E[xx^T] - E[x]E[x]^T = (n q - s s^T) / n^2, the numerator in exact integers
         cov = np.array([[(n * q[i][j] - s[i] * s[j]) / n**2 for j in range(3)] for i in range(3)])
         eigval, eigvec = np.linalg.eigh(cov)
@@ -669,15 +668,12 @@ def _open_output(out, fingerprint, force):
     if os.path.exists(os.path.join(out, MANIFEST)):
         with open(os.path.join(out, MANIFEST)) as f:
             manifest = json.load(f)
-    ours = manifest is not None and manifest.get("fingerprint") == fingerprint
+    ours = manifest is not None and manifest.get("fingerprint") == fingerprint and not force
+    if not ours and _dataset_files(out) and not force:
+        raise AlexNetError(f"{out} holds a dataset prepared from other inputs or settings: "
+                           "choose another --out or pass --force to replace it")
     for f in _dataset_files(out):
-        if f.endswith(".tmp"):   # left by a run that was killed mid-shard
-            os.remove(os.path.join(out, f))
-    if not ours and _dataset_files(out):
-        if not force:
-            raise AlexNetError(f"{out} holds a dataset prepared from other inputs or settings: "
-                               "choose another --out or pass --force to replace it")
-        for f in _dataset_files(out):
+        if not ours or f.endswith(".tmp"):   # replaced, or left by a run killed mid-shard
             os.remove(os.path.join(out, f))
     return manifest if ours else {"fingerprint": fingerprint, "shards": {}, "complete": False}
 
