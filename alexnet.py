@@ -1905,21 +1905,11 @@ def _use_gpu_library():
 
 def _dataset(data, split="val"):
     """(uint8 images [N][H][W][3], labels [N], mean [H][W][3], class names) of a dataset folder."""
-    images, labels = read_split(data, split)
-    if len(images) == 0:
-        raise AlexNetError(f"{data} holds no {split} shards ({split}_000.bin)")
-    stats = read_stats(os.path.join(data, "stats.bin"))
-    return images, labels, stats["mean"], _class_names(data, int(labels.max()) + 1)
-
-
-def _class_names(data, classes):
-    """Line i of DATA/classes.txt names class i ("class i" where the file has no line)."""
-    try:
-        with open(os.path.join(data, "classes.txt")) as f:
-            names = f.read().splitlines()
-    except OSError:
-        names = []
-    return names + [f"class {i}" for i in range(len(names), classes)]
+    labels, images = read_split(data, split)
+    mean = np.array(read_stats(os.path.join(data, "stats.bin")).mean)
+    if images.shape[1:] != mean.shape:
+        raise AlexNetError(f"{data}: stats.bin is for {mean.shape} images, the {split} shards hold {images.shape[1:]}")
+    return images, labels, mean, read_classes(data)
 
 
 def _format_scores(name, s):
@@ -1936,10 +1926,10 @@ def _eval_arguments(p):
 
 
 def _eval(args):
-    _use_gpu_library()
-    images, labels, mean, _ = _dataset(args.data)
     if args.batch < 1:
         raise AlexNetError("--batch must be at least 1")
+    _use_gpu_library()
+    images, labels, mean, _ = _dataset(args.data)
     with LibraryModel(args.checkpoint, mean, args.batch) as model:
         scores = evaluate(model, images, labels, args.views, args.batch, progress=True)
     print(f"{args.checkpoint} on {args.data}")
@@ -1948,14 +1938,14 @@ def _eval(args):
     return scores
 
 
-def load_image(path, H, W):
-    """An image file (any size, JPEG or PNG) preprocessed as the validation images:
-    shorter side to the dataset's size, central H x W crop, RGB uint8 [H][W][3]."""
-    from PIL import Image
+def _read_image(path, shape):
+    """An image file preprocessed as the validation images were (load_image: shorter side
+    to the dataset's size, central square); the crop and mean subtraction come later."""
+    if shape[0] != shape[1]:
+        raise AlexNetError(f"predict needs a dataset of square images, not {shape[0]}x{shape[1]}")
     try:
-        with Image.open(path) as image:
-            return resize_center_crop(image, H, W)
-    except OSError as e:
+        return load_image(path, shape[0])
+    except (OSError, ValueError, SyntaxError) as e:
         raise AlexNetError(f"cannot read {path}: {e}")
 
 
@@ -1974,18 +1964,18 @@ def _predict_arguments(p):
     p.add_argument("checkpoint")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files of any size")
     p.add_argument("--data", required=True, help="the training dataset folder (its stats.bin and classes.txt)")
-    p.add_argument("--views", type=int, choices=(1, 10), default=10, help="1: centre crop only (default: 10)")
+    p.add_argument("--views", type=int, choices=(1, 10), default=1,
+                   help="1: the centre crop (default), 10: the average of the ten views")
     p.add_argument("--top", type=int, default=5, help="classes to show per image (default: 5)")
 
 
 def _predict(args):
     _use_gpu_library()
-    stats = read_stats(os.path.join(args.data, "stats.bin"))
-    mean = stats["mean"]
-    images = np.stack([load_image(path, *mean.shape[:2]) for path in args.images])
+    mean = np.array(read_stats(os.path.join(args.data, "stats.bin")).mean)
+    names = read_classes(args.data)
+    images = np.stack([_read_image(path, mean.shape) for path in args.images])
     with LibraryModel(args.checkpoint, mean, min(len(images), 128)) as model:
         probs = predict(model, images, args.views)
-        names = _class_names(args.data, model.classes)
     for path, p in zip(args.images, probs):
         print(path)
         for k in np.argsort(-p, kind="stable")[:args.top]:
