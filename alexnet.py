@@ -1876,20 +1876,20 @@ class Scores:
 
 def evaluate(model, images, labels, views=10, batch=128, progress=False):
     """Centre-crop and (views=10) ten-view scores of model on uint8 images [N][H][W][3]:
-    {"centre": summary, "ten views": summary}."""
+    {"centre crop": summary, "10 views": summary}."""
     from tqdm import tqdm
     H, W = images.shape[1:3]
     all_views = ten_views(H, W, model.crop)
     chosen = all_views if views == 10 else [all_views[CENTRE_VIEW]]
     centre = chosen.index(all_views[CENTRE_VIEW])
-    scores = {"centre": Scores(), "ten views": Scores()} if views == 10 else {"centre": Scores()}
+    scores = {"centre crop": Scores(), "10 views": Scores()} if views == 10 else {"centre crop": Scores()}
     with tqdm(total=len(images), unit="img", disable=not progress, desc=f"{views}-view evaluation") as bar:
         for start in range(0, len(images), batch):
             chunk, truth = images[start:start + batch], np.asarray(labels[start:start + batch])
             per_view, average = view_probabilities(model, chunk, chosen)
-            scores["centre"].add(per_view[centre], truth)
+            scores["centre crop"].add(per_view[centre], truth)
             if views == 10:
-                scores["ten views"].add(average, truth)
+                scores["10 views"].add(average, truth)
             bar.update(len(chunk))
     return {name: s.summary() for name, s in scores.items()}
 
@@ -1935,7 +1935,6 @@ def _eval(args):
     print(f"{args.checkpoint} on {args.data}")
     for name, s in scores.items():
         print(_format_scores(name, s))
-    return scores
 
 
 def _read_image(path, shape):
@@ -1980,7 +1979,6 @@ def _predict(args):
         print(path)
         for k in np.argsort(-p, kind="stable")[:args.top]:
             print(f"  {p[k]:7.2%}  {names[k]}")
-    return probs
 
 
 COMMANDS["eval"] = (_eval_arguments, _eval)
@@ -2348,7 +2346,7 @@ def _demo(args):
     pictures = [draw_filters(checkpoint), draw_curves(args.out), draw_predictions(checkpoint, args.data)]
 
     total = time.time() - start
-    centre, ten = scores["centre"], scores["ten views"]
+    centre, ten = scores["centre crop"], scores["10 views"]
     print(f"\ndemo done in {_elapsed(total)} (training {_elapsed(train_seconds)}, "
           f"on the {'GPU' if gpu else 'CPU build'})")
     print(f"  data        {args.data}: {len(images)} validation images of {images.shape[1]}x{images.shape[2]}, "
@@ -2359,7 +2357,6 @@ def _demo(args):
     print(_format_scores("centre crop", centre))
     print(_format_scores("10 views", ten))
     print(f"validation accuracy: {1 - ten['top1_error']:.1%} (10 views), {1 - centre['top1_error']:.1%} (centre crop)")
-    return scores
 
 
 COMMANDS["demo"] = (_demo_arguments, _demo)

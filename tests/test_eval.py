@@ -1,0 +1,171 @@
+"""Evaluation (centre crop and ten views), prediction, the pictures and the demo.
+
+The model under test is a small-preset checkpoint with random weights drawn here with a
+He-style scale, so that its softmax outputs are far from uniform and a wrong crop, mirror,
+view order or averaging changes the numbers. The reference is the NumPy model of
+alexnet.py (sections 3 and 4) in float64.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import alexnet as A
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_EXECUTABLE = os.path.join(ROOT, "train_alexnet_cpu")
+
+# Probabilities from the library against the float64 reference. Each fp32 dot product of
+# L <= 1,600 terms (conv3: 64 x 3 x 3 x ... ; fc6: 256) has a relative error of about
+# sqrt(L) * 2^-24 ~ 2.4e-6 (random-walk bound); over 8 layers the logits (|logit| < 30
+# here) are off by < 8 * 2.4e-6 * 30 ~ 6e-4 in the worst case seen by a softmax whose
+# derivative is at most 1/2 per logit difference: 2e-4 for a probability, with margin.
+PROB_ATOL = 2e-4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("data") / "synthetic")
+    assert A.main(["prepare", "synthetic", "--out", folder, "--train-images", "40", "--val-images", "20",
+                   "--workers", "1"]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    arch = A.architecture("small", 10)
+    rng = np.random.default_rng(2012)
+    params = {}
+    for name, shape in A.parameter_shapes(arch).items():
+        if name.endswith("weight"):
+            fan_in = int(np.prod(shape[1:]))
+            params[name] = rng.normal(0, np.sqrt(2.0 / fan_in), shape).astype(np.float32)
+        else:
+            params[name] = rng.normal(0, 0.1, shape).astype(np.float32)
+    params["fc8.weight"] *= 0.2  # logits of a few units: confident, but no probability underflows
+    path = str(tmp_path_factory.mktemp("ckpt") / "random.bin")
+    A.save_checkpoint(path, dict(arch, dropout=0.5, step=7), params)
+    return path
+
+
+@pytest.fixture(scope="module")
+def val(dataset):
+    images, labels, mean, names = A._dataset(dataset)
+    return np.array(images), np.array(labels), mean, names
+
+
+def test_ten_views_are_the_corners_and_the_centre_then_mirrored():
+    views = A.ten_views(32, 36, 28)
+    corners = [(0, 0), (0, 8), (4, 0), (4, 8), (2, 4)]
+    assert views == [(y, x, 0) for y, x in corners] + [(y, x, 1) for y, x in corners]
+    assert views[A.CENTRE_VIEW] == (2, 4, 0)
+
+
+def test_library_probabilities_match_the_numpy_reference(checkpoint, val):
+    images, labels, mean, _ = val
+    chunk = images[:6]
+    views = A.ten_views(32, 32, 28)
+    with A.LibraryModel(checkpoint, mean, 8) as model:
+        assert (model.crop, model.classes) == (28, 10)
+        lib_views, lib_average = A.view_probabilities(model, chunk, views)
+    reference = A.NumpyModel(checkpoint, mean)
+    ref_views, ref_average = A.view_probabilities(reference, chunk, views)
+    for v in range(10):
+        np.testing.assert_allclose(lib_views[v], ref_views[v], rtol=0, atol=PROB_ATOL)
+    np.testing.assert_allclose(lib_average, ref_average, rtol=0, atol=PROB_ATOL)
+    # the average is the mean of the ten views, which do differ from each other
+    np.testing.assert_allclose(lib_average, np.mean(np.float64(lib_views), axis=0), rtol=1e-12)
+    assert np.abs(lib_views[0] - lib_views[5]).max() > 100 * PROB_ATOL  # a mirror changes the output
+    assert np.abs(lib_views[0] - lib_views[3]).max() > 100 * PROB_ATOL  # so does the corner
+    assert ref_average.max() > 0.5  # a confident model: the comparison is not between near-uniform outputs
+
+
+def test_evaluation_scores_match_the_numpy_reference(checkpoint, val):
+    images, labels, mean, _ = val
+    with A.LibraryModel(checkpoint, mean, 8) as model:
+        got = A.evaluate(model, images, labels, views=10, batch=8)
+    reference = A.NumpyModel(checkpoint, mean)
+    per_view, average = A.view_probabilities(reference, images, A.ten_views(32, 32, 28))
+    for name, probs in (("centre crop", per_view[A.CENTRE_VIEW]), ("10 views", average)):
+        rows = np.arange(len(labels))
+        target = probs[rows, labels][:, None]
+        rank = (probs > target).sum(axis=1)
+        # the top-k counts must agree exactly unless moving probabilities by the tolerance
+        # could move a label across rank 1 or 5: check that this checkpoint has no such case
+        for k in (1, 5):
+            assert np.array_equal((probs > target + 2 * PROB_ATOL).sum(axis=1) < k,
+                                  (probs > target - 2 * PROB_ATOL).sum(axis=1) - 1 < k)
+        assert got[name]["images"] == len(labels)
+        assert got[name]["top1_error"] == pytest.approx(1 - np.mean(rank < 1), abs=1e-12)
+        assert got[name]["top5_error"] == pytest.approx(1 - np.mean(rank < 5), abs=1e-12)
+        # d(-log p) = dp / p: the smallest label probability bounds the loss difference
+        loss = -np.log(probs[rows, labels]).mean()
+        assert got[name]["loss"] == pytest.approx(loss, abs=PROB_ATOL / probs[rows, labels].min())
+    assert 0 < got["10 views"]["top5_error"] < 1 or 0 < got["centre crop"]["top5_error"] < 1
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "alexnet.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+def _scores(text):
+    """{(label, loss, top1, top5)} from eval lines of the executable or of alexnet.py."""
+    found = re.findall(r"(centre crop|10 views) \| val loss ([0-9.]+) \| top-1 error ([0-9.]+) \| "
+                       r"top-5 error ([0-9.]+) \| (\d+) images", text)
+    return {name: tuple(float(v) for v in values) for name, *values in found}
+
+
+def test_executable_eval_and_python_eval_agree(checkpoint, dataset):
+    run = subprocess.run([CPU_EXECUTABLE, "--data", dataset, "--resume", checkpoint, "--eval", "--batch", "8"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    executable = _scores(run.stdout)
+    python = _run("eval", checkpoint, "--data", dataset, "--batch", "8")
+    assert python.returncode == 0, python.stderr
+    ours = _scores(python.stdout)
+    assert set(executable) == set(ours) == {"centre crop", "10 views"}
+    for name in ours:  # the same probabilities added in the same order: equal to the last digit printed
+        assert executable[name] == pytest.approx(ours[name], abs=1.5e-4)
+        assert executable[name][1:] == ours[name][1:]
+    assert ours["10 views"] != ours["centre crop"]
+
+
+def _predictions(text):
+    """{path: [(probability, class name)]} from the output of `alexnet.py predict`."""
+    result, path = {}, None
+    for line in text.splitlines():
+        if m := re.match(r"^ +([0-9.]+)%  (.+)$", line):
+            result[path].append((float(m.group(1)) / 100, m.group(2)))
+        elif line:
+            path = line
+            result[path] = []
+    return result
+
+
+def test_predict_preprocesses_as_validation_images(checkpoint, dataset, val, tmp_path):
+    from PIL import Image
+    images, labels, mean, names = val
+    paths = [str(tmp_path / f"val{i}.png") for i in range(3)]
+    for path, image in zip(paths, images):
+        Image.fromarray(image).save(path)
+        np.testing.assert_array_equal(A._read_image(path, mean.shape), image)
+    big = str(tmp_path / "big.jpg")  # 96x128: shorter side to 32, the central square
+    Image.fromarray(np.kron(images[3], np.ones((3, 4, 1), np.uint8))).save(big, quality=95)
+    square = A.load_image(big, 32)
+    with A.LibraryModel(checkpoint, mean, 4) as model:
+        expected = A.predict(model, np.concatenate([images[:3], square[None]]))
+        centre = A.view_probabilities(model, images[:3], [A.ten_views(32, 32, 28)[A.CENTRE_VIEW]])[0][0]
+    np.testing.assert_array_equal(expected[:3], centre)
+
+    result = _run("predict", checkpoint, *paths, big, "--data", dataset)
+    assert result.returncode == 0, result.stderr
+    shown = _predictions(result.stdout)
+    assert list(shown) == paths + [big]
+    for path, probs in zip(shown, expected):
+        top = np.argsort(-probs, kind="stable")[:5]
+        assert [name for _, name in shown[path]] == [names[k] for k in top]
+        np.testing.assert_allclose([p for p, _ in shown[path]], probs[top], atol=5e-5)  # printed to 0.01%
