@@ -1792,7 +1792,7 @@ class LibraryModel:
         handle = ffi.new("void **")
         _check(lib.alexnet_model_open(handle, os.fsencode(checkpoint), batch, H, W,
                                       _ptr(np.ascontiguousarray(mean, np.float32))))
-        self.handle, self.batch = handle[0], batch
+        self.handle, self.batch, self.shape = handle[0], batch, mean.shape
         crop, classes = ffi.new("int *"), ffi.new("int *")
         _check(lib.alexnet_model_shape(self.handle, crop, classes))
         self.crop, self.classes = crop[0], classes[0]
@@ -1800,6 +1800,9 @@ class LibraryModel:
     def probabilities(self, images, offsets, flips):
         """Softmax outputs [n][classes] (float32); offsets [n][2] as (y, x), flips [n]."""
         _, lib = library()
+        if images.shape[1:] != self.shape or len(offsets) != len(images) or len(flips) != len(images):
+            raise AlexNetError(f"model probabilities: expected images [n]{list(self.shape)}, offsets [n][2] "
+                               f"and flips [n]; got {images.shape}, {np.shape(offsets)}, {np.shape(flips)}")
         probs = np.empty((len(images), self.classes), np.float32)
         _check(lib.alexnet_model_probabilities(
             self.handle, _ptr(probs), _ptr(np.ascontiguousarray(images, np.uint8), "uint8_t"),

@@ -169,3 +169,124 @@ def test_predict_preprocesses_as_validation_images(checkpoint, dataset, val, tmp
         top = np.argsort(-probs, kind="stable")[:5]
         assert [name for _, name in shown[path]] == [names[k] for k in top]
         np.testing.assert_allclose([p for p, _ in shown[path]], probs[top], atol=5e-5)  # printed to 0.01%
+
+
+def test_filter_grid_pixels_are_the_normalised_conv1_kernels(checkpoint, tmp_path):
+    from PIL import Image
+    _, params, _ = A.load_checkpoint(checkpoint)
+    weight = params["conv1.weight"]  # [32][3][5][5]: 16 kernels per tower
+    path = A.draw_filters(checkpoint, str(tmp_path / "filters.png"))
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    scale, columns, rows, cell = A.filter_grid_geometry(32, 5)
+    assert (scale, columns, rows) == (10, 16, 1)  # 5x5 kernels enlarged to 50 pixels, one row per tower
+    assert picture.shape == (A.FILTER_PAD + 2 * rows * cell + 3 * A.FILTER_PAD, A.FILTER_PAD + columns * cell, 3)
+    for k in range(32):
+        w = weight[k].astype(np.float64).transpose(1, 2, 0)  # [5][5][RGB]
+        expected = np.round(255 * (w - w.min()) / (w.max() - w.min()))
+        x, y = A.filter_cell(k, 32, 5)
+        assert (y < picture.shape[0] // 2) == (k < 16)  # tower 0 above tower 1
+        block = picture[y:y + 50, x:x + 50].reshape(5, 10, 5, 10, 3)
+        for i in range(10):  # every pixel of the enlarged kernel
+            for j in range(10):
+                np.testing.assert_array_equal(block[:, i, :, j], expected)
+
+
+def test_filter_grid_of_the_paper_preset_has_the_figure_3_layout():
+    weight = np.random.default_rng(0).normal(size=(96, 3, 11, 11)).astype(np.float32)
+    picture = A.filters_image(weight)
+    scale, columns, rows, cell = A.filter_grid_geometry(96, 11)
+    assert (scale, columns, rows) == (5, 16, 3)  # 48 kernels per tower in 3 rows of 16, 55 pixels each
+    assert picture.size == (A.FILTER_PAD + 16 * cell, A.FILTER_PAD + 6 * cell + 3 * A.FILTER_PAD)
+    assert A.filter_cell(47, 96, 11)[1] < A.filter_cell(48, 96, 11)[1] - cell
+
+
+LOG = """\
+small preset: 286922 parameters, crop 28, 10 classes | 400 training images (4 steps of 100 per epoch), 20 validation | towers on devices 0 and 1 | starting at step 0 of 12
+step 1/12 | epoch 0.25 | loss 9.0000 | lr 1.00e-02 | 5.0 img/s | elapsed 0m01s | eta 0m11s
+step 2/12 | epoch 0.50 | loss 2.3000 | top-1 error 0.9000 | top-5 error 0.5000 | lr 1.00e-02 | 5.0 img/s | elapsed 0m01s | eta 0m11s
+small preset: 286922 parameters, crop 28, 10 classes | 400 training images (4 steps of 100 per epoch), 20 validation | towers on devices 0 and 1 | starting at step 0 of 12
+step 2/12 | epoch 0.50 | loss 2.2000 | top-1 error 0.8000 | top-5 error 0.4000 | lr 1.00e-02 | 5.0 img/s | elapsed 0m01s | eta 0m11s
+step 4/12 | epoch 1.00 | loss 2.0000 | top-1 error 0.7000 | top-5 error 0.3000 | lr 1.00e-02 | 5.0 img/s | elapsed 0m01s | eta 0m11s
+eval step 4 | val loss 2.1000 | top-1 error 0.7500 | top-5 error 0.3500 | 20 images
+checkpoint out/ckpt_00000004.bin
+step 6/12 | epoch 1.50 | loss 1.5000 | top-1 error 0.5000 | top-5 error 0.2000 | lr 1.00e-02 | 5.0 img/s | elapsed 0m01s | eta 0m11s
+small preset: 286922 parameters, crop 28, 10 classes | 400 training images (4 steps of 100 per epoch), 20 validation | towers on devices 0 and 1 | resuming at step 4 of 12
+step 6/12 | epoch 1.50 | loss 1.4000 | top-1 error 0.4000 | top-5 error 0.1000 | lr 1.00e-03 | 5.0 img/s | elapsed 0m01s | eta 0m11s
+step 8/12 | epoch 2.00 | loss 1.0000 | top-1 error 0.3000 | top-5 error 0.0500 | lr 1.00e-03 | 5.0 img/s | elapsed 0m01s | eta 0m11s
+eval step 8 | val loss 1.2000 | top-1 error 0.3500 | top-5 error 0.1000 | 20 images
+"""
+
+
+def test_curves_are_read_from_the_log_and_drawn(tmp_path):
+    (tmp_path / "log.txt").write_text(LOG)
+    curves = A.read_training_log(str(tmp_path / "log.txt"))
+    # the run restarted from step 0 (the first two lines are dropped); the resumed step 6 replaces the old one
+    assert curves["train"] == [(0.5, 2.2, 0.8, 0.4), (1.0, 2.0, 0.7, 0.3), (1.5, 1.4, 0.4, 0.1), (2.0, 1.0, 0.3, 0.05)]
+    assert curves["val"] == [(1.0, 2.1, 0.75, 0.35), (2.0, 1.2, 0.35, 0.1)]
+    assert [rate for _, rate in curves["lr"]] == [1e-2, 1e-2, 1e-3, 1e-3]
+    path = A.draw_curves(str(tmp_path))
+    assert path == str(tmp_path / "curves.png")
+    from PIL import Image
+    picture = Image.open(path)
+    assert picture.size == A.CURVES_SIZE
+    pixels = np.asarray(picture.convert("RGB")).reshape(-1, 3)
+    for colour in [(31, 119, 180), (214, 39, 40), (255, 127, 14)]:  # train, validation, top-5 lines
+        assert (pixels == colour).all(axis=1).sum() > 50
+
+
+def test_curves_of_a_log_without_steps_is_a_clear_error(tmp_path):
+    (tmp_path / "log.txt").write_text("nothing here\n")
+    with pytest.raises(A.AlexNetError, match="no training steps"):
+        A.read_training_log(str(tmp_path / "log.txt"))
+    result = _run("show", "curves", str(tmp_path / "missing"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "cannot read" in result.stderr
+
+
+def test_predictions_picture(checkpoint, dataset, tmp_path):
+    from PIL import Image
+    result = _run("show", "predictions", checkpoint, "--data", dataset, "--count", "5", "--views", "1",
+                  "--out", str(tmp_path / "p.png"))
+    assert result.returncode == 0, result.stderr
+    picture = Image.open(tmp_path / "p.png")
+    assert picture.size == (4 * A.PREDICTION_CELL[0], 2 * A.PREDICTION_CELL[1])  # 5 images: 2 rows of 4
+
+
+def test_bad_checkpoint_is_a_one_line_error(dataset, tmp_path):
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(b"\0" * 100)
+    for args in (["eval", str(tmp_path / "missing.bin"), "--data", dataset],
+                 ["eval", str(truncated), "--data", dataset],
+                 ["show", "filters", str(truncated)],
+                 ["predict", str(truncated), str(tmp_path / "none.png"), "--data", dataset]):
+        result = _run(*args)
+        assert result.returncode == 1, args
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_library_model_rejects_bad_views(checkpoint, val):
+    images, _, mean, _ = val
+    with A.LibraryModel(checkpoint, mean, 2) as model:
+        with pytest.raises(A.AlexNetError, match="does not fit"):
+            model.probabilities(images[:1], np.int32([[5, 0]]), np.uint8([0]))  # 5 + 28 > 32
+        with pytest.raises(A.AlexNetError, match="opened with batch 2"):
+            model.probabilities(images[:3], np.zeros((3, 2), np.int32), np.zeros(3, np.uint8))
+        with pytest.raises(A.AlexNetError, match="expected images"):
+            model.probabilities(images[:2, :20, :20], np.zeros((2, 2), np.int32), np.zeros(2, np.uint8))
+    with pytest.raises(A.AlexNetError, match="crops 28x28, larger than the 20x20 images"):
+        A.LibraryModel(checkpoint, np.zeros((20, 20, 3), np.float32), 2)
+
+
+def test_demo_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    flags = ["demo", "--data", data, "--out", out, "--steps", "2", "--batch", "8", "--eval-every", "2",
+             "--prepare-flags", "--train-images 24 --val-images 8 --workers 1"]
+    assert A.main(flags) == 0
+    first = capsys.readouterr().out
+    assert "preparing the synthetic dataset" in first
+    for name in ("latest.bin", "log.txt", "filters.png", "curves.png", "predictions.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert re.search(r"validation accuracy: [0-9.]+% \(10 views\)", first)
+    assert A.main(flags) == 0  # again: the dataset is reused, the run starts afresh
+    second = capsys.readouterr().out
+    assert "reusing the synthetic dataset" in second
+    assert A.read_training_log(os.path.join(out, "log.txt"))["train"][-1][0] == pytest.approx(2 / 3, abs=0.01)
