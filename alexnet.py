@@ -64,8 +64,8 @@ PRESETS = {
                     conv_stride=(4, 1, 1, 1, 1), conv_pad=(0, 2, 1, 1, 1), fc_out=(4096, 4096),
                     pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
                     init_std=0.01),
-    "small": dict(preset=1, crop=28, conv_out=(32, 64, 96, 96, 64), conv_kernel=(5, 5, 3, 3, 3),
-                  conv_stride=(1, 1, 1, 1, 1), conv_pad=(2, 2, 1, 1, 1), fc_out=(256, 256),
+    "small": dict(preset=1, crop=28, conv_out=(16, 32, 48, 48, 32), conv_kernel=(5, 5, 3, 3, 3),
+                  conv_stride=(1, 1, 1, 1, 1), conv_pad=(2, 2, 1, 1, 1), fc_out=(128, 128),
                   pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
                   init_std=0.01),
 }
@@ -260,9 +260,9 @@ def _encode_header(fields):
     for name, at, kind, count in _HEADER:
         value = fields[name]
         if kind == "f32":
-            h[at] = np.array(value, dtype="<f4").view("<i4")
+            h[at] = np.array([value], dtype="<f4").view("<i4")[0]
         elif kind == "i64":
-            h[at:at + 2] = np.array(value, dtype="<i8").view("<i4")
+            h[at:at + 2] = np.array([value], dtype="<i8").view("<i4")
         elif kind == "list":
             h[at - 1] = len(value)
             h[at:at + len(value)] = value

@@ -220,8 +220,8 @@ static const char* PRESET_NAMES[] = {"alexnet", "small"};
 static const Arch PRESETS[] = {
     {0, 224, 1000, {96, 256, 384, 384, 256}, {11, 5, 3, 3, 3}, {4, 1, 1, 1, 1}, {0, 2, 1, 1, 1},
      {4096, 4096}, 3, 2, 5, 1e-4f, 0.75f, 2.0f, 0.01f},
-    {1, 28, 10, {32, 64, 96, 96, 64}, {5, 5, 3, 3, 3}, {1, 1, 1, 1, 1}, {2, 2, 1, 1, 1},
-     {256, 256}, 3, 2, 5, 1e-4f, 0.75f, 2.0f, 0.01f},
+    {1, 28, 10, {16, 32, 48, 48, 32}, {5, 5, 3, 3, 3}, {1, 1, 1, 1, 1}, {2, 2, 1, 1, 1},
+     {128, 128}, 3, 2, 5, 1e-4f, 0.75f, 2.0f, 0.01f},
 };
 enum { NUM_PRESETS = sizeof(PRESETS) / sizeof(PRESETS[0]) };
 
@@ -1082,11 +1082,13 @@ struct Loader {
             long image = train ? shuffled(index / steps_per_epoch(), start + i) : start + i;
             b.labels[i] = data.read(image, b.images + i * pixels);
             int* offset = b.offsets + 2 * i;
-            if (train && augment) {  // the paper: random crop, mirror with p = 0.5, alpha ~ N(0, 0.1)
+            if (train && augment) {  // the paper: random crop, mirror with p = 0.5, PCA lighting
                 offset[0] = (int)rng.below(data.H - crop + 1);
                 offset[1] = (int)rng.below(data.W - crop + 1);
                 b.flips[i] = rng.uniform() < 0.5;
-                for (int c = 0; c < 3; c++) b.alphas[3 * i + c] = (float)(0.1 * rng.normal());
+                // alpha ~ N(0, 0.1) on pixels scaled to [0, 1], where the eigenvalues are
+                // 255^2 times smaller: in the 0..255 units of the data that is alpha / 255.
+                for (int c = 0; c < 3; c++) b.alphas[3 * i + c] = (float)(0.1 * rng.normal() / 255.0);
             } else {  // the centre crop, unchanged
                 offset[0] = (data.H - crop) / 2;
                 offset[1] = (data.W - crop) / 2;
