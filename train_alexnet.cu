@@ -1680,9 +1680,7 @@ int main(int argc, char** argv) {
         Options options;
         if (!parse_args(argc, argv, options)) return 0;
         int count = 0;
-        cudaError_t err = cudaGetDeviceCount(&count);
-        require(err == cudaSuccess && count > 0, "no usable CUDA device (%s)",
-                err == cudaSuccess ? "none found" : cudaGetErrorString(err));
+        if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) fail("no CUDA device found; use ./train_alexnet_cpu");
         if (options.devices.empty()) options.devices = count > 1 ? std::vector<int>{0, 1} : std::vector<int>{0};
         for (int d : options.devices)
             require(d < count, "--devices: device %d does not exist (%d device%s)", d, count, count == 1 ? "" : "s");
