@@ -137,8 +137,8 @@ constexpr int GEMM_MICRO = 4;            // 4x4 outputs per thread: 256 * 16 = t
 constexpr int GEMM_SPLIT_ALIGN = 32;     // split ranges are whole slices of either tile shape
 
 template <int TILE_M>
-struct GemmTile {
-    static constexpr int M = TILE_M, N = GEMM_TILE_AREA / TILE_M, K = TILE_M == 16 ? 16 : 32;
+struct GemmTile {  // the tile's columns and slice depth for TILE_M rows
+    static constexpr int N = GEMM_TILE_AREA / TILE_M, K = TILE_M == 16 ? 16 : 32;
 };
 
 // Sizes of one GEMM (of each batch) and how its reduction is split.
@@ -262,7 +262,7 @@ static void gemm_launch_tiles(const Problem& p, cudaStream_t stream) {
     const GemmDims& d = p.dims;
     require(ceil_div(d.rows, TILE_M) <= 65535 && (long)d.batches * d.splits <= 65535,
             "gemm: grid too large (%d rows, %d batches x splits)", d.rows, d.batches * d.splits);
-    dim3 grid(ceil_div(d.cols, GEMM_TILE_AREA / TILE_M), ceil_div(d.rows, TILE_M),
+    dim3 grid(ceil_div(d.cols, GemmTile<TILE_M>::N), ceil_div(d.rows, TILE_M),
               d.batches * d.splits);
     LAUNCH((gemm_tile_kernel<TILE_M, Problem>), grid, GEMM_THREADS, 0, stream, p);
 }
