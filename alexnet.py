@@ -157,8 +157,6 @@ def _replace_atomically(path, write):
     try:
         with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -189,6 +187,14 @@ def write_classes(folder, names):
     _replace_atomically(os.path.join(folder, "classes.txt"), lambda f: f.write(text.encode()))
 
 
+def shard_checksum(shard):
+    """crc32 of a shard's pixels, then its labels: what prepare.json records of a shard."""
+    crc = 0
+    for start in range(0, len(shard.pixels), 256):
+        crc = zlib.crc32(np.ascontiguousarray(shard.pixels[start:start + 256]), crc)
+    return zlib.crc32(np.ascontiguousarray(shard.labels, dtype="<i4"), crc)
+
+
 class ShardWriter:
     """Streams one shard to `path + ".tmp"` and renames it when complete.
     Images arrive in chunks; `expected` images are planned, fewer if some were skipped
@@ -196,17 +202,19 @@ class ShardWriter:
 
     def __init__(self, path, expected, height, width, num_classes):
         self.path, self.expected, self.shape, self.num_classes = path, expected, (height, width, 3), num_classes
-        self.labels = []
+        self.labels, self.crc = [], 0
         self.file = open(path + ".tmp", "w+b")
         self.file.seek(HEADER_BYTES + 4 * expected)
 
     def write(self, labels, pixels):
         assert pixels.shape[1:] == self.shape and len(labels) == len(pixels)
         self.labels.append(np.asarray(labels, dtype="<i4"))
-        self.file.write(np.ascontiguousarray(pixels).tobytes())
+        pixels = np.ascontiguousarray(pixels)
+        self.crc = zlib.crc32(pixels, self.crc)
+        self.file.write(pixels)
 
     def close(self):
-        """Finish the file and rename it; returns (images, crc32 of the file)."""
+        """Finish the file and rename it; returns (images, shard_checksum)."""
         f, labels = self.file, np.concatenate(self.labels or [np.zeros(0, "<i4")])
         n, image_bytes = len(labels), int(np.prod(self.shape))
         if n < self.expected:   # move the pixels down by the unused label slots
@@ -221,24 +229,14 @@ class ShardWriter:
         f.seek(0)
         f.write(_header(SHARD_MAGIC, n, *self.shape, self.num_classes))
         f.write(labels.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-        crc = _file_crc32(f)
         f.close()
         os.replace(self.path + ".tmp", self.path)
-        return n, crc
+        return n, zlib.crc32(labels, self.crc)
 
     def abandon(self):
         self.file.close()
         os.remove(self.path + ".tmp")
 
-
-def _file_crc32(f):
-    f.seek(0)
-    crc = 0
-    while block := f.read(1 << 24):
-        crc = zlib.crc32(block, crc)
-    return crc
 
 
 # -----------------------------------------------------------------------------
@@ -618,16 +616,15 @@ def _run_task(task):
 
 
 def _verify_shard(task):
-    """A shard from an earlier run: (its sums or None) if its size, header, labels and
-    crc32 match what was recorded, else False."""
+    """A shard from an earlier run: its sums (empty unless with_sums) if its size, header
+    and checksum match what was recorded, else False. (Finished shards are not fsync'ed:
+    this check is what keeps a shard damaged by a crash out.)"""
     path, record, height, width, num_classes, with_sums = task
     try:
         shard = read_shard(path)
-        with open(path, "rb") as f:
-            crc = _file_crc32(f)
     except AlexNetError:
         return False
-    if (crc != record["crc32"] or shard.labels.shape[0] != record["images"]
+    if (shard_checksum(shard) != record["crc32"] or shard.labels.shape[0] != record["images"]
             or shard.pixels.shape[1:3] != (height, width) or shard.num_classes != num_classes):
         return False
     sums = PixelSums(height, width)
@@ -669,9 +666,11 @@ def _open_output(out, fingerprint, force):
     """The manifest of an earlier run to resume, after making sure `out` is ours to write."""
     os.makedirs(out, exist_ok=True)
     manifest = None
-    if os.path.exists(os.path.join(out, MANIFEST)):
+    try:
         with open(os.path.join(out, MANIFEST)) as f:
             manifest = json.load(f)
+    except (OSError, ValueError):   # none, or damaged: then the folder is not known to be ours
+        pass
     ours = manifest is not None and manifest.get("fingerprint") == fingerprint and not force
     if not ours and _dataset_files(out) and not force:
         raise AlexNetError(f"{out} holds a dataset prepared from other inputs or settings: "
@@ -1104,8 +1103,8 @@ PRESETS = {
                     conv_stride=(4, 1, 1, 1, 1), conv_pad=(0, 2, 1, 1, 1), fc_out=(4096, 4096),
                     pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
                     init_std=0.01),
-    "small": dict(preset=1, crop=28, conv_out=(32, 64, 96, 96, 64), conv_kernel=(5, 5, 3, 3, 3),
-                  conv_stride=(1, 1, 1, 1, 1), conv_pad=(2, 2, 1, 1, 1), fc_out=(256, 256),
+    "small": dict(preset=1, crop=28, conv_out=(16, 32, 48, 48, 32), conv_kernel=(5, 5, 3, 3, 3),
+                  conv_stride=(1, 1, 1, 1, 1), conv_pad=(2, 2, 1, 1, 1), fc_out=(128, 128),
                   pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
                   init_std=0.01),
 }
@@ -1300,7 +1299,7 @@ def _encode_header(fields):
     for name, at, kind, count in _HEADER:
         value = fields[name]
         if kind == "f32":
-            h[at] = np.array(value, dtype="<f4").view("<i4")
+            h[at] = np.array([value], dtype="<f4").view("<i4")[0]
         elif kind == "i64":
             h[at:at + 2] = np.array([value], dtype="<i8").view("<i4")
         elif kind == "list":

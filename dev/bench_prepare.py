@@ -9,13 +9,14 @@ then times, on the same files in the same run:
          256 (same bilinear filter), crop the centre, one process, nothing written
   ours   the whole `prepare imagenet` (decode, resize, shards, statistics), with 1 worker
          and with all cores
-Each is timed twice after one warm-up pass (files in the page cache); the best time counts.
+After one warm-up pass (files in the page cache), the three are timed in turn for --rounds\nrounds; the best time of each counts.
 """
 import argparse
 import os
 import sys
 import tempfile
 import time
+from functools import partial
 
 import numpy as np
 from PIL import Image
@@ -58,20 +59,12 @@ def naive(path, size=256):
     return np.asarray(im.crop((left, top, left + size, top + size)))
 
 
-def best_of(runs, function):
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=400, help="training images (val: a tenth more)")
+    parser.add_argument("--images", type=int, default=800, help="training images (val: a tenth more)")
     parser.add_argument("--size", default="500x375", help="WxH of the generated JPEGs")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; the best time of each counts")
     args = parser.parse_args()
     width, height = map(int, args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,10 +85,15 @@ def main():
         for path in files:   # warm-up: files in the page cache
             naive(path)
         n = len(files)
-        rows = [("naive, 1 process", 1, n / best_of(2, lambda: [naive(p) for p in files]))]
-        for workers in sorted({1, args.workers}):
-            ours(workers)
-            rows.append((f"ours, {workers} worker{'s' * (workers > 1)}", workers, n / best_of(2, lambda: ours(workers))))
+        runs = [("naive, 1 process", 1, lambda: [naive(p) for p in files])]
+        runs += [(f"ours, {w} worker{'s' * (w > 1)}", w, partial(ours, w)) for w in sorted({1, args.workers})]
+        best = {name: float("inf") for name, _, _ in runs}
+        for _ in range(args.rounds):   # interleaved, so that a change of machine load hits all alike
+            for name, _, function in runs:
+                start = time.perf_counter()
+                function()
+                best[name] = min(best[name], time.perf_counter() - start)
+        rows = [(name, workers, n / best[name]) for name, workers, _ in runs]
     base = rows[0][2]
     print(f"{n} JPEGs of {width}x{height} (and {height}x{width}), quality 90, mean {kb:.0f} KB; "
           f"{os.cpu_count()} cores; Pillow {Image.__version__}")

@@ -508,7 +508,8 @@ static std::string thread_name(const Worker& w, int t) {
 static void set_current(Worker& w, int t) {
     w.cur = t;
     unsigned bx = w.block_dim.x, by = w.block_dim.y;
-    tls_thread_idx = uint3{t % bx, (t / bx) % by, t / (bx * by)};
+    if (bx == (unsigned)w.n) tls_thread_idx = uint3{(unsigned)t, 0, 0};  // 1-D blocks: no division
+    else tls_thread_idx = uint3{t % bx, (t / bx) % by, t / (bx * by)};
 }
 
 // ASan must be told when the stack changes under it.
@@ -570,7 +571,9 @@ static bool switch_next(Worker& w, void** save, bool from_main) {
             } else {
                 Stack& stack = w.stacks[st];
 #if CUDA_CPU_ASAN
-                __asan_unpoison_memory_region(stack.base, stack.size);
+                // the frames that never returned (runner_main and the switch into the main
+                // loop) sit at the top; a failed block unpoisons whole stacks (end_block)
+                __asan_unpoison_memory_region(stack.base + stack.size - 16384, 16384);
 #endif
                 // Stacks are 256 KB apart, so their tops would all fall into the same cache
                 // sets; shifting each top by a few cache lines spreads the hot frames out.
@@ -851,7 +854,12 @@ static Worker& this_worker() {
 static void end_block(Worker& w, Grid& g) {
     if (w.failed) {
         w.free_stacks.clear();
-        for (int i = (int)w.stacks.size() - 1; i >= 0; i--) w.free_stacks.push_back(i);
+        for (int i = (int)w.stacks.size() - 1; i >= 0; i--) {
+            w.free_stacks.push_back(i);
+#if CUDA_CPU_ASAN
+            __asan_unpoison_memory_region(w.stacks[i].base, w.stacks[i].size);
+#endif
+        }
         std::lock_guard<std::mutex> lock(g.mu);
         if (!g.failed.exchange(true)) {
             g.error = w.error;
