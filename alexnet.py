@@ -2107,7 +2107,7 @@ class _Chart:
         self.draw, self.font, self.small = draw, _font(16), _font(13)
         self.xt, self.yt = _nice_ticks(min(xs), max(xs)), _nice_ticks(min(ys), max(ys))
         left, top, right, bottom = box
-        self.box = (left + 60, top + 30, right - 10, bottom - 45)
+        self.box = (left + 60, top + 52, right - 10, bottom - 45)
         l, t, r, b = self.box
         draw.rectangle(self.box, outline=(0, 0, 0))
         draw.text(((l + r) / 2, top + 5), title, fill=(0, 0, 0), font=self.font, anchor="mt")
@@ -2150,15 +2150,12 @@ class _Chart:
         self.draw.text((x + 3, t + 3), text, fill=(90, 90, 90), font=self.small, anchor="lt")
 
     def legend(self):
-        _, t, r, _ = self.box
-        widest = max(self.draw.textlength(label, font=self.small) for label, _, _ in self.legend_items)
-        x0, y0 = r - widest - 45, t + 22
-        self.draw.rectangle([x0 - 6, y0 - 4, r - 6, y0 + 18 * len(self.legend_items)],
-                            fill=(255, 255, 255), outline=(160, 160, 160))
-        for i, (label, colour, width) in enumerate(self.legend_items):
-            y = y0 + 18 * i + 7
-            self.draw.line([(x0, y), (x0 + 24, y)], fill=colour, width=width)
-            self.draw.text((x0 + 30, y), label, fill=(0, 0, 0), font=self.small, anchor="lm")
+        """One row of samples and labels between the title and the frame."""
+        x, (_, t, _, _) = self.box[0], self.box
+        for label, colour, width in self.legend_items:
+            self.draw.line([(x, t - 12), (x + 24, t - 12)], fill=colour, width=width)
+            self.draw.text((x + 30, t - 12), label, fill=(0, 0, 0), font=self.small, anchor="lm")
+            x += 30 + self.draw.textlength(label, font=self.small) + 22
 
 
 CURVES_SIZE = (1400, 520)
