@@ -183,7 +183,6 @@ constexpr size_t kStaticSharedLimit = 48 * 1024;
 constexpr size_t kDynamicSharedOptinLimit = 227 * 1024;
 constexpr size_t kParamLimit = 4096;
 constexpr size_t kStackBytes = 256 * 1024;
-constexpr unsigned kUnsetBits = 0xFFFFFFFFu;
 
 // --- fiber switch --------------------------------------------------------------
 // cuda_cpu_switch(save, to): pushes the callee-saved registers, MXCSR and the x87
@@ -193,7 +192,7 @@ constexpr unsigned kUnsetBits = 0xFFFFFFFFu;
 extern "C" void cuda_cpu_switch(void** save, void* to);
 extern "C" void cuda_cpu_fiber_start();
 asm(R"(
-    .text
+    .pushsection .text
     .p2align 4
     .type cuda_cpu_switch, @function
 cuda_cpu_switch:
@@ -226,6 +225,7 @@ cuda_cpu_fiber_start:
     callq *%r13
     ud2
     .size cuda_cpu_fiber_start, .-cuda_cpu_fiber_start
+    .popsection
 )");
 
 // Builds the first frame of a fiber at the top of [base, base+size): switching to
@@ -253,18 +253,34 @@ static void* fiber_frame(char* base, size_t size, void (*fn)(intptr_t), intptr_t
 // --- environment ------------------------------------------------------------------
 enum Schedule { kForward, kReverse, kRandom };
 
+// A value the runtime cannot use is said once per variable, then the default applies.
+static void env_warn(const char* name, const char* value, const char* expected) {
+    static std::mutex mu;
+    static std::vector<std::string>* warned = new std::vector<std::string>;
+    std::lock_guard<std::mutex> lock(mu);
+    if (std::find(warned->begin(), warned->end(), name) != warned->end()) return;
+    warned->push_back(name);
+    fprintf(stderr, "cuda_cpu: ignoring %s=%s (expected %s)\n", name, value, expected);
+}
+
 static long env_long(const char* name, long fallback) {
     const char* v = getenv(name);
     if (!v || !*v) return fallback;
     char* end;
     long x = strtol(v, &end, 10);
-    return *end ? fallback : x;
+    if (*end) {
+        env_warn(name, v, "an integer");
+        return fallback;
+    }
+    return x;
 }
 
 static Schedule env_schedule() {
     const char* v = getenv("CUDA_CPU_SCHEDULE");
-    if (v && !strcmp(v, "reverse")) return kReverse;
-    if (v && !strcmp(v, "random")) return kRandom;
+    if (!v || !*v || !strcmp(v, "forward")) return kForward;
+    if (!strcmp(v, "reverse")) return kReverse;
+    if (!strcmp(v, "random")) return kRandom;
+    env_warn("CUDA_CPU_SCHEDULE", v, "forward, reverse or random");
     return kForward;
 }
 
@@ -469,20 +485,18 @@ struct Worker {
     char* smem = nullptr;         // static arena, kStaticSharedLimit bytes
     size_t smem_used = 0, smem_dirty = 0;
     std::vector<SharedSlot> smem_slots;
-    std::unique_ptr<char[]> dyn_storage;
+    std::unique_ptr<char[]> dyn_storage;  // dynamic shared memory, exactly the launch's size
     size_t dyn_capacity = 0;
+    char* dyn_smem = nullptr;
     // memory faults inside kernels
     sigjmp_buf fault_jump;
     bool fault_handler_ready = false;
     volatile bool fault_armed = false;
     int fault_signal = 0;
     void* fault_address = nullptr;
-    char* dyn_smem = nullptr;
-    size_t dyn_size = 0;
 #if CUDA_CPU_ASAN
     const void* main_stack_bottom = nullptr;
     size_t main_stack_size = 0;
-    void* main_fake_stack = nullptr;
 #endif
     Worker() {
         smem = (char*)aligned_alloc(128, kStaticSharedLimit);
@@ -1236,7 +1250,7 @@ static void launch_grid(std::shared_ptr<Grid> g) {
 // one past the end of an allocation is fine; null too).
 template <typename T>
 static void check_pointer_argument(const T& v, int index, int device, std::string& bad) {
-    if constexpr (std::is_pointer<T>::value) {
+    if constexpr (std::is_pointer<T>::value && !std::is_function<std::remove_pointer_t<T>>::value) {
         if (v == nullptr || !bad.empty()) return;
         Allocation a{};
         const char* p = (const char*)v;
