@@ -1042,16 +1042,19 @@ static void run_blocks(Grid& g) {
     w.fault_armed = false;
 }
 
-// Persistent worker threads; the launching thread works too. Never destroyed (the
-// threads are detached and may still wait when static destructors run).
+// Persistent worker threads; the launching thread works too. Helpers that wake up late
+// (a busy machine) find the grid closed and go back to sleep: the launcher only waits
+// for helpers that are running blocks. Never destroyed (the threads are detached and
+// may still wait when static destructors run).
 struct Pool {
     std::mutex launch_mu;  // one grid at a time
     std::mutex mu;
     std::condition_variable wake, done;
     int threads = 0;
     uint64_t generation = 0;
-    int wanted = 0;   // pool threads taking part in the current grid
-    int running = 0;
+    int wanted = 0;     // pool threads asked to help with the current grid
+    int active = 0;     // pool threads running its blocks
+    bool open = false;  // helpers may still join it
     Grid* grid = nullptr;
 };
 static Pool& pool() {
@@ -1065,7 +1068,8 @@ static Pool& pool() {
                            new (&pool().wake) std::condition_variable;
                            new (&pool().done) std::condition_variable;
                            pool().threads = 0;
-                           pool().running = 0;
+                           pool().active = 0;
+                           pool().open = false;
                        });
         return q;
     }();
@@ -1078,11 +1082,13 @@ static void pool_thread(int index, uint64_t seen) {
     for (;;) {
         p.wake.wait(lock, [&] { return p.generation != seen && index < p.wanted; });
         seen = p.generation;
+        if (!p.open) continue;
+        p.active++;
         Grid* g = p.grid;
         lock.unlock();
         run_blocks(*g);
         lock.lock();
-        if (--p.running == 0) p.done.notify_all();
+        if (--p.active == 0) p.done.notify_all();
     }
 }
 
@@ -1096,14 +1102,15 @@ static void run_grid(Grid& g) {
         while (p.threads < helpers) std::thread(pool_thread, p.threads++, p.generation).detach();
         p.grid = &g;
         p.wanted = helpers;
-        p.running = helpers;
+        p.open = true;
         p.generation++;
         p.wake.notify_all();
     }
     run_blocks(g);
     if (helpers > 0) {
         std::unique_lock<std::mutex> lock(p.mu);
-        p.done.wait(lock, [&] { return p.running == 0; });
+        p.open = false;
+        p.done.wait(lock, [&] { return p.active == 0; });
         p.wanted = 0;
     }
 }
