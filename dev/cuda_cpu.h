@@ -762,9 +762,11 @@ static uint64_t warp_op(WarpOp op, uint32_t mask, uint64_t value, int32_t param,
         block_fail(w, cudaErrorLaunchFailure, thread_name(w, t) + where() + " waits for " + thread_name(w, other) + ", which has exited");
         fiber_abandon(w);
     }
-    for (uint32_t m = w.warp_waiting[warp] & members; m; m &= m - 1) {
+    // every waiting lane that this one names, or that names this one, must do the same
+    for (uint32_t m = w.warp_waiting[warp]; m; m &= m - 1) {
         const ThreadSlot& o = w.t[warp * 32 + __builtin_ctz(m)];
-        if (o.mask != mask || o.op != op) {
+        bool related = (members >> __builtin_ctz(m) & 1u) || (o.mask >> lane & 1u);
+        if (related && (o.mask != mask || o.op != op)) {
             char buf[64];
             snprintf(buf, sizeof(buf), " (mask 0x%08x vs 0x%08x)", mask, o.mask);
             block_fail(w, cudaErrorLaunchFailure, "mismatched warp operation: " + thread_name(w, t) + where() + buf + ", " +
