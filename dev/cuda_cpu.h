@@ -180,6 +180,9 @@ namespace {
 constexpr int kMaxThreads = 1024;
 constexpr int kMaxDevices = 16;
 constexpr size_t kStaticSharedLimit = 48 * 1024;
+// Under ASan, poisoned gaps between shared arrays catch an overrun into the next one.
+constexpr size_t kSharedRedzone = CUDA_CPU_ASAN ? 64 : 0;
+constexpr size_t kSharedArena = CUDA_CPU_ASAN ? 2 * kStaticSharedLimit : kStaticSharedLimit;
 constexpr size_t kDynamicSharedOptinLimit = 227 * 1024;
 constexpr size_t kParamLimit = 4096;
 constexpr size_t kStackBytes = 256 * 1024;
@@ -221,9 +224,12 @@ cuda_cpu_switch:
     .p2align 4
     .type cuda_cpu_fiber_start, @function
 cuda_cpu_fiber_start:
+    .cfi_startproc
+    .cfi_undefined rip
     movq %r12, %rdi
     callq *%r13
     ud2
+    .cfi_endproc
     .size cuda_cpu_fiber_start, .-cuda_cpu_fiber_start
     .popsection
 )");
@@ -482,10 +488,11 @@ struct Worker {
     std::vector<int> free_stacks;
     int dead_stack = -1;
     // shared memory
-    char* smem = nullptr;         // static arena, kStaticSharedLimit bytes
+    char* smem = nullptr;         // static arena, kSharedArena bytes
     size_t smem_used = 0, smem_dirty = 0;
+    size_t smem_declared = 0;     // what the block's SHARED arrays take on a GPU
     std::vector<SharedSlot> smem_slots;
-    std::unique_ptr<char[]> dyn_storage;  // dynamic shared memory, exactly the launch's size
+    std::unique_ptr<char, decltype(&free)> dyn_storage{nullptr, &free};  // dynamic shared memory, exactly the launch's size
     size_t dyn_capacity = 0;
     char* dyn_smem = nullptr;
     // memory faults inside kernels
@@ -499,8 +506,8 @@ struct Worker {
     size_t main_stack_size = 0;
 #endif
     Worker() {
-        smem = (char*)aligned_alloc(128, kStaticSharedLimit);
-        memset(smem, 0xFF, kStaticSharedLimit);
+        smem = (char*)aligned_alloc(128, kSharedArena);
+        memset(smem, 0xFF, kSharedArena);
     }
 };
 
@@ -812,15 +819,17 @@ static void* shared_static(const void* key, size_t bytes, size_t align) {
     Worker& w = *wp;
     for (const SharedSlot& s : w.smem_slots)
         if (s.key == key) return w.smem + s.offset;
-    size_t offset = (w.smem_used + align - 1) & ~(align - 1);
-    if (offset + bytes > kStaticSharedLimit) {
+    size_t declared = ((w.smem_declared + align - 1) & ~(align - 1)) + bytes;
+    size_t offset = (w.smem_used + kSharedRedzone + align - 1) & ~(align - 1);
+    if (declared > kStaticSharedLimit || offset + bytes > kSharedArena) {
         block_fail(w, cudaErrorLaunchOutOfResources,
                    "static shared memory of kernel " + std::string(w.call->name) + " exceeds 48 KB (" +
-                       std::to_string(offset + bytes) + " bytes)");
+                       std::to_string(declared) + " bytes)");
         fiber_abandon(w);
     }
     w.smem_slots.push_back(SharedSlot{key, offset});
     w.smem_used = offset + bytes;
+    w.smem_declared = declared;
 #if CUDA_CPU_ASAN
     __asan_unpoison_memory_region(w.smem + offset, bytes);
 #endif
@@ -915,19 +924,26 @@ static void run_block(Worker& w, Grid& g, uint64_t b) {
     // shared memory: back to NaN bytes
     size_t dirty = std::max(w.smem_dirty, w.smem_used);
 #if CUDA_CPU_ASAN
-    __asan_unpoison_memory_region(w.smem, kStaticSharedLimit);
+    __asan_unpoison_memory_region(w.smem, kSharedArena);
 #endif
     memset(w.smem, 0xFF, dirty);
 #if CUDA_CPU_ASAN
-    __asan_poison_memory_region(w.smem, kStaticSharedLimit);
+    __asan_poison_memory_region(w.smem, kSharedArena);
 #endif
     w.smem_dirty = dirty;
     w.smem_used = 0;
+    w.smem_declared = 0;
     w.smem_slots.clear();
     if (g.smem) {
         if (w.dyn_capacity != g.smem) {  // exactly the launch's size, so ASan sees overruns
-            w.dyn_storage.reset(new char[g.smem]);
-            w.dyn_capacity = g.smem;
+            void* p = nullptr;
+            w.dyn_capacity = posix_memalign(&p, 128, g.smem) == 0 ? g.smem : 0;
+            w.dyn_storage.reset((char*)p);
+            if (!w.dyn_capacity) {
+                block_fail(w, cudaErrorLaunchOutOfResources, "cannot allocate " + std::to_string(g.smem) + " bytes of dynamic shared memory");
+                end_block(w, g);
+                return;
+            }
         }
         memset(w.dyn_storage.get(), 0xFF, g.smem);
         w.dyn_smem = w.dyn_storage.get();
