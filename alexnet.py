@@ -761,6 +761,13 @@ def prepare(source_name, path=None, out=None, workers=None, shard_images=None, o
     """Prepare a dataset folder (see section 1) from a source; returns the folder."""
     source = SOURCES[source_name](path, **{k: v for k, v in options.items() if v is not None})
     out = out or os.path.join("data", source_name)
+    try:
+        return _prepare(source_name, source, out, workers, shard_images, on_error, force)
+    except OSError as e:   # the output folder: not creatable, not writable, disk full
+        raise AlexNetError(f"{e.filename or out}: {e.strerror}")
+
+
+def _prepare(source_name, source, out, workers, shard_images, on_error, force):
     size, num_classes = source.size, len(source.classes)
     shard_images = shard_images or (SHARD_MAX_BYTES - HEADER_BYTES) // (4 + 3 * size * size)
     workers = workers or os.cpu_count() or 1

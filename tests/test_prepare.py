@@ -410,6 +410,8 @@ def test_bad_cifar_and_options(tmp_path, capsys):
     assert_error(capsys, out, "cifar10", str(tmp_path / "c"), "--classes", "3", message="cifar10 takes no --classes")
     assert_error(capsys, out, "synthetic", str(tmp_path), message="takes no PATH")
     assert_error(capsys, out, "synthetic", "--train-images", "0", message="--train-images")
+    (tmp_path / "a_file").write_text("")
+    assert_error(capsys, tmp_path / "a_file", "synthetic", message="a_file: File exists")
     assert not out.exists()
 
 
