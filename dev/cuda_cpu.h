@@ -186,6 +186,7 @@ constexpr size_t kSharedArena = CUDA_CPU_ASAN ? 2 * kStaticSharedLimit : kStatic
 constexpr size_t kDynamicSharedOptinLimit = 227 * 1024;
 constexpr size_t kParamLimit = 4096;
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStackGuard = 64 * 1024;  // wider than any sane frame, so no frame jumps over it
 
 // --- fiber switch --------------------------------------------------------------
 // cuda_cpu_switch(save, to): pushes the callee-saved registers, MXCSR and the x87
@@ -443,7 +444,7 @@ struct KernelCall {
 };
 
 struct Stack {
-    char* base;  // usable memory, above a guard page
+    char* base;  // usable memory, above the guard region
     size_t size;
 };
 
@@ -489,7 +490,7 @@ struct Worker {
     int dead_stack = -1;
     // shared memory
     char* smem = nullptr;         // static arena, kSharedArena bytes
-    size_t smem_used = 0, smem_dirty = 0;
+    size_t smem_used = 0;         // arena bytes the block's SHARED arrays occupy
     size_t smem_declared = 0;     // what the block's SHARED arrays take on a GPU
     std::vector<SharedSlot> smem_slots;
     std::unique_ptr<char, decltype(&free)> dyn_storage{nullptr, &free};  // dynamic shared memory, exactly the launch's size
@@ -553,11 +554,10 @@ static int take_stack(Worker& w) {
         w.free_stacks.pop_back();
         return s;
     }
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    char* p = (char*)mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    char* p = (char*)mmap(nullptr, kStackGuard + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) return -1;
-    mprotect(p, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
-    w.stacks.push_back(Stack{p + page, kStackBytes});
+    mprotect(p, kStackGuard, PROT_NONE);  // a stack overflow faults instead of corrupting
+    w.stacks.push_back(Stack{p + kStackGuard, kStackBytes});
     return (int)w.stacks.size() - 1;
 }
 
@@ -921,16 +921,14 @@ static void run_block(Worker& w, Grid& g, uint64_t b) {
         w.t[i].state = kUnstarted;
     }
     if (g.schedule == kRandom) shuffle(w.order.data(), w.n, w.seed);
-    // shared memory: back to NaN bytes
-    size_t dirty = std::max(w.smem_dirty, w.smem_used);
+    // shared memory: back to NaN bytes (the block before used [0, smem_used) of the arena)
 #if CUDA_CPU_ASAN
     __asan_unpoison_memory_region(w.smem, kSharedArena);
 #endif
-    memset(w.smem, 0xFF, dirty);
+    memset(w.smem, 0xFF, w.smem_used);
 #if CUDA_CPU_ASAN
     __asan_poison_memory_region(w.smem, kSharedArena);
 #endif
-    w.smem_dirty = dirty;
     w.smem_used = 0;
     w.smem_declared = 0;
     w.smem_slots.clear();
@@ -962,7 +960,7 @@ static void run_block(Worker& w, Grid& g, uint64_t b) {
         if (w.failed) break;
         if (!switch_next(w, &w.main_sp, true)) {
             if (w.live > 0) {
-                // nothing can run: name one waiting thread and the one it waits for
+                // nothing can run: name a thread at a block barrier and one at a warp operation
                 std::string msg = "deadlock:";
                 for (int i = 0; i < w.n; i++) {
                     const ThreadSlot& s = w.t[i];
@@ -1030,9 +1028,8 @@ static void install_fault_handler(Worker& w) {
 static std::string fault_message(const Worker& w) {
     char buf[256];
     uintptr_t a = (uintptr_t)w.fault_address;
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
     for (const Stack& st : w.stacks)
-        if (a >= (uintptr_t)st.base - page && a < (uintptr_t)st.base)
+        if (a >= (uintptr_t)st.base - kStackGuard && a < (uintptr_t)st.base)
             return thread_name(w, w.cur) + ": stack overflow (a CUDA thread's stack is 256 KB here)";
     const char* what = w.fault_signal == SIGFPE ? "arithmetic exception" : w.fault_signal == SIGILL ? "illegal instruction" : "invalid memory access";
     snprintf(buf, sizeof(buf), ": %s at address %p", what, w.fault_address);
@@ -1173,7 +1170,8 @@ namespace {
 
 struct Streams {
     std::recursive_mutex mu;
-    std::vector<CUstream_st*> all;  // never freed: events may still point at them
+    std::vector<CUstream_st*> all;  // live streams; destroyed ones stay allocated, as events may point at them
+    uint64_t pending = 0;           // queued ops of all streams
     CUstream_st legacy[kMaxDevices];
     Streams() {
         for (int i = 0; i < kMaxDevices; i++) {
@@ -1199,12 +1197,14 @@ static void run_until(CUstream_st* s, uint64_t seq) {
         for (auto& dep : op.after) run_until(dep.first, dep.second);
         op.run();
         s->done++;
+        streams().pending--;
     }
 }
 
 static void run_all(int device) {  // device < 0: every device
     Streams& st = streams();
     std::lock_guard<std::recursive_mutex> lock(st.mu);
+    if (!st.pending) return;
     for (CUstream_st* s : st.all)
         if (device < 0 || s->device == device) run_until(s, s->enqueued);
 }
@@ -1222,13 +1222,14 @@ static void stream_run(CUstream_st* s, std::function<void()> op, std::vector<std
     }
     if (s == &st.legacy[s->device]) {
         for (CUstream_st* b : st.all)
-            if (b != s && b->device == s->device && !b->destroyed && !(b->flags & cudaStreamNonBlocking)) after.push_back({b, b->enqueued});
+            if (b != s && b->device == s->device && !(b->flags & cudaStreamNonBlocking)) after.push_back({b, b->enqueued});
     } else if (!(s->flags & cudaStreamNonBlocking)) {
         CUstream_st* legacy = &st.legacy[s->device];
         after.push_back({legacy, legacy->enqueued});
     }
     s->queue.push_back(StreamOp{std::move(op), std::move(after)});
     s->enqueued++;
+    st.pending++;
 }
 
 static void stream_sync(CUstream_st* s) {
@@ -1813,7 +1814,10 @@ static inline cudaError_t cudaStreamDestroy(cudaStream_t stream) {
     using namespace ::cuda_cpu;
     if (!stream || stream->destroyed) return set_error(cudaErrorInvalidResourceHandle, "cudaStreamDestroy: not a live stream");
     stream_sync(stream);  // its work still completes, as on the GPU
+    std::lock_guard<std::recursive_mutex> lock(streams().mu);
     stream->destroyed = true;
+    auto& all = streams().all;
+    all.erase(std::find(all.begin(), all.end(), stream));
     return cudaSuccess;
 }
 static inline cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
