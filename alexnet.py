@@ -1102,7 +1102,7 @@ PRESETS = {
     "small": dict(preset=1, crop=28, conv_out=(16, 32, 48, 48, 32), conv_kernel=(5, 5, 3, 3, 3),
                   conv_stride=(1, 1, 1, 1, 1), conv_pad=(2, 2, 1, 1, 1), fc_out=(128, 128),
                   pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
-                  init_std=0.01),
+                  init_std=0.05),
 }
 PRESET_NAMES = tuple(PRESETS)
 
