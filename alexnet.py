@@ -1359,7 +1359,8 @@ def save_checkpoint(path, header, params, momentum=None):
     """Write a checkpoint the executables resume from. header: an architecture (see
     architecture()) or a loaded header, plus any training-state fields (the rest take the
     executables' defaults, i.e. step 0); momentum defaults to zeros. Written atomically."""
-    fields = dict(_DEFAULT_STATE, **header, magic=CHECKPOINT_MAGIC, version=CHECKPOINT_VERSION)
+    fields = dict(_DEFAULT_STATE, **header)
+    fields.update(magic=CHECKPOINT_MAGIC, version=CHECKPOINT_VERSION)
     shapes = parameter_shapes(fields)
     fields["parameters"] = sum(int(np.prod(s)) for s in shapes.values())
     if set(params) != set(shapes) or (momentum is not None and set(momentum) != set(shapes)):
