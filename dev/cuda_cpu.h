@@ -183,7 +183,6 @@ constexpr size_t kStaticSharedLimit = 48 * 1024;
 constexpr size_t kDynamicSharedOptinLimit = 227 * 1024;
 constexpr size_t kParamLimit = 4096;
 constexpr size_t kStackBytes = 256 * 1024;
-constexpr unsigned kUnsetBits = 0xFFFFFFFFu;
 
 // --- fiber switch --------------------------------------------------------------
 // cuda_cpu_switch(save, to): pushes the callee-saved registers, MXCSR and the x87
@@ -193,7 +192,7 @@ constexpr unsigned kUnsetBits = 0xFFFFFFFFu;
 extern "C" void cuda_cpu_switch(void** save, void* to);
 extern "C" void cuda_cpu_fiber_start();
 asm(R"(
-    .text
+    .pushsection .text
     .p2align 4
     .type cuda_cpu_switch, @function
 cuda_cpu_switch:
@@ -226,6 +225,7 @@ cuda_cpu_fiber_start:
     callq *%r13
     ud2
     .size cuda_cpu_fiber_start, .-cuda_cpu_fiber_start
+    .popsection
 )");
 
 // Builds the first frame of a fiber at the top of [base, base+size): switching to
@@ -253,18 +253,34 @@ static void* fiber_frame(char* base, size_t size, void (*fn)(intptr_t), intptr_t
 // --- environment ------------------------------------------------------------------
 enum Schedule { kForward, kReverse, kRandom };
 
+// A value the runtime cannot use is said once per variable, then the default applies.
+static void env_warn(const char* name, const char* value, const char* expected) {
+    static std::mutex mu;
+    static std::vector<std::string>* warned = new std::vector<std::string>;
+    std::lock_guard<std::mutex> lock(mu);
+    if (std::find(warned->begin(), warned->end(), name) != warned->end()) return;
+    warned->push_back(name);
+    fprintf(stderr, "cuda_cpu: ignoring %s=%s (expected %s)\n", name, value, expected);
+}
+
 static long env_long(const char* name, long fallback) {
     const char* v = getenv(name);
     if (!v || !*v) return fallback;
     char* end;
     long x = strtol(v, &end, 10);
-    return *end ? fallback : x;
+    if (*end) {
+        env_warn(name, v, "an integer");
+        return fallback;
+    }
+    return x;
 }
 
 static Schedule env_schedule() {
     const char* v = getenv("CUDA_CPU_SCHEDULE");
-    if (v && !strcmp(v, "reverse")) return kReverse;
-    if (v && !strcmp(v, "random")) return kRandom;
+    if (!v || !*v || !strcmp(v, "forward")) return kForward;
+    if (!strcmp(v, "reverse")) return kReverse;
+    if (!strcmp(v, "random")) return kRandom;
+    env_warn("CUDA_CPU_SCHEDULE", v, "forward, reverse or random");
     return kForward;
 }
 
@@ -469,20 +485,18 @@ struct Worker {
     char* smem = nullptr;         // static arena, kStaticSharedLimit bytes
     size_t smem_used = 0, smem_dirty = 0;
     std::vector<SharedSlot> smem_slots;
-    std::unique_ptr<char[]> dyn_storage;
+    std::unique_ptr<char[]> dyn_storage;  // dynamic shared memory, exactly the launch's size
     size_t dyn_capacity = 0;
+    char* dyn_smem = nullptr;
     // memory faults inside kernels
     sigjmp_buf fault_jump;
     bool fault_handler_ready = false;
     volatile bool fault_armed = false;
     int fault_signal = 0;
     void* fault_address = nullptr;
-    char* dyn_smem = nullptr;
-    size_t dyn_size = 0;
 #if CUDA_CPU_ASAN
     const void* main_stack_bottom = nullptr;
     size_t main_stack_size = 0;
-    void* main_fake_stack = nullptr;
 #endif
     Worker() {
         smem = (char*)aligned_alloc(128, kStaticSharedLimit);
@@ -748,9 +762,11 @@ static uint64_t warp_op(WarpOp op, uint32_t mask, uint64_t value, int32_t param,
         block_fail(w, cudaErrorLaunchFailure, thread_name(w, t) + where() + " waits for " + thread_name(w, other) + ", which has exited");
         fiber_abandon(w);
     }
-    for (uint32_t m = w.warp_waiting[warp] & members; m; m &= m - 1) {
+    // every waiting lane that this one names, or that names this one, must do the same
+    for (uint32_t m = w.warp_waiting[warp]; m; m &= m - 1) {
         const ThreadSlot& o = w.t[warp * 32 + __builtin_ctz(m)];
-        if (o.mask != mask || o.op != op) {
+        bool related = (members >> __builtin_ctz(m) & 1u) || (o.mask >> lane & 1u);
+        if (related && (o.mask != mask || o.op != op)) {
             char buf[64];
             snprintf(buf, sizeof(buf), " (mask 0x%08x vs 0x%08x)", mask, o.mask);
             block_fail(w, cudaErrorLaunchFailure, "mismatched warp operation: " + thread_name(w, t) + where() + buf + ", " +
@@ -1028,16 +1044,19 @@ static void run_blocks(Grid& g) {
     w.fault_armed = false;
 }
 
-// Persistent worker threads; the launching thread works too. Never destroyed (the
-// threads are detached and may still wait when static destructors run).
+// Persistent worker threads; the launching thread works too. Helpers that wake up late
+// (a busy machine) find the grid closed and go back to sleep: the launcher only waits
+// for helpers that are running blocks. Never destroyed (the threads are detached and
+// may still wait when static destructors run).
 struct Pool {
     std::mutex launch_mu;  // one grid at a time
     std::mutex mu;
     std::condition_variable wake, done;
     int threads = 0;
     uint64_t generation = 0;
-    int wanted = 0;   // pool threads taking part in the current grid
-    int running = 0;
+    int wanted = 0;     // pool threads asked to help with the current grid
+    int active = 0;     // pool threads running its blocks
+    bool open = false;  // helpers may still join it
     Grid* grid = nullptr;
 };
 static Pool& pool() {
@@ -1051,7 +1070,8 @@ static Pool& pool() {
                            new (&pool().wake) std::condition_variable;
                            new (&pool().done) std::condition_variable;
                            pool().threads = 0;
-                           pool().running = 0;
+                           pool().active = 0;
+                           pool().open = false;
                        });
         return q;
     }();
@@ -1064,11 +1084,13 @@ static void pool_thread(int index, uint64_t seen) {
     for (;;) {
         p.wake.wait(lock, [&] { return p.generation != seen && index < p.wanted; });
         seen = p.generation;
+        if (!p.open) continue;
+        p.active++;
         Grid* g = p.grid;
         lock.unlock();
         run_blocks(*g);
         lock.lock();
-        if (--p.running == 0) p.done.notify_all();
+        if (--p.active == 0) p.done.notify_all();
     }
 }
 
@@ -1082,14 +1104,15 @@ static void run_grid(Grid& g) {
         while (p.threads < helpers) std::thread(pool_thread, p.threads++, p.generation).detach();
         p.grid = &g;
         p.wanted = helpers;
-        p.running = helpers;
+        p.open = true;
         p.generation++;
         p.wake.notify_all();
     }
     run_blocks(g);
     if (helpers > 0) {
         std::unique_lock<std::mutex> lock(p.mu);
-        p.done.wait(lock, [&] { return p.running == 0; });
+        p.open = false;
+        p.done.wait(lock, [&] { return p.active == 0; });
         p.wanted = 0;
     }
 }
@@ -1236,7 +1259,7 @@ static void launch_grid(std::shared_ptr<Grid> g) {
 // one past the end of an allocation is fine; null too).
 template <typename T>
 static void check_pointer_argument(const T& v, int index, int device, std::string& bad) {
-    if constexpr (std::is_pointer<T>::value) {
+    if constexpr (std::is_pointer<T>::value && !std::is_function<std::remove_pointer_t<T>>::value) {
         if (v == nullptr || !bad.empty()) return;
         Allocation a{};
         const char* p = (const char*)v;
