@@ -85,8 +85,9 @@ def read_shard(path):
     """A shard as memory-mapped arrays (nothing is read until used)."""
     h = _read_header(path, SHARD_MAGIC, "dataset shard")
     n, height, width, channels, classes = (int(v) for v in h[2:7])
-    if min(n, height, width, channels, classes) < 1 or channels != 3:
-        raise AlexNetError(f"{path}: impossible shard header (N={n} H={height} W={width} C={channels} classes={classes})")
+    if n < 0 or min(height, width, classes) < 1 or channels != 3:   # N = 0: every image was skipped
+        raise AlexNetError(f"{path}: impossible shard header "
+                           f"(N={n} H={height} W={width} C={channels} classes={classes})")
     size, expected = os.path.getsize(path), shard_bytes(n, height, width, channels)
     if size != expected:
         raise AlexNetError(f"{path}: {size} bytes, but its header says {expected} (truncated or corrupt shard)")
@@ -249,10 +250,10 @@ class ShardWriter:
 # and records each finished shard in DIR/prepare.json so that a rerun verifies and skips
 # it. The result does not depend on the number of workers.
 
-Split = namedtuple("Split", "name items labels load chunk")
+Split = namedtuple("Split", "name items labels load chunk size")
 # items: list of picklable descriptions; labels: int32 [len(items)];
 # load(items, labels) -> (pixels uint8 [k][H][W][3] of the readable items, ok bool [len(items)],
-#                         errors [(item, reason)]); chunk: items per worker task.
+#                         errors [(item, reason)]); chunk: items per worker task; size: image side.
 Source = namedtuple("Source", "splits classes size settings")
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -312,8 +313,9 @@ class PixelSums:
 # distance d(u, v) in the shape's own frame (unit = the shape's radius r, so d * r is in
 # pixels); every image has its own position (within the training crop margin), radius,
 # rotation, background colour and gradient, foreground colour, a clutter line and noise.
-# Colours are random with random sign of contrast, so no fixed pixel pattern belongs to a
-# class: a linear classifier on raw pixels stays near chance, a convnet learns the shapes.
+# Colours are random and the sign of the contrast varies per channel, so no fixed pixel
+# pattern belongs to a class: a linear classifier on raw pixels stays near chance, while
+# a convnet learns the shapes.
 
 SYNTHETIC_CLASSES = ("disc", "ring", "square", "frame", "triangle",
                      "plus", "crescent", "star", "stripes", "checker")
@@ -399,7 +401,7 @@ def synthetic_source(path=None, size=32, train_images=10000, val_images=2000, se
         labels = np.random.default_rng([seed, split_id]).permutation(np.arange(n) % len(SYNTHETIC_CLASSES))
         items = list(zip(range(n), labels.tolist()))
         load = partial(_load_synthetic, size=size, seed=seed, split_id=split_id)
-        splits.append(Split(name, items, labels.astype(np.int32), load, 500))
+        splits.append(Split(name, items, labels.astype(np.int32), load, 500, size))
     return Source(splits, list(SYNTHETIC_CLASSES), size,
                   dict(size=size, train_images=train_images, val_images=val_images, seed=seed))
 
@@ -452,7 +454,7 @@ def cifar10_source(path):
                 raise AlexNetError(f"{full}: record {bad[0]} has label {file_labels[bad[0]]}, expected 0..9")
             items += [(full, r) for r in range(len(file_labels))]
             labels.append(file_labels)
-        splits.append(Split(name, items, np.concatenate(labels).astype(np.int32), _load_cifar10, 1000))
+        splits.append(Split(name, items, np.concatenate(labels).astype(np.int32), _load_cifar10, 1000, 32))
     return Source(splits, classes, 32, dict(path=os.path.abspath(path)))
 
 
@@ -545,6 +547,8 @@ def _read_synset_words(path, synsets):
 def imagenet_source(path, size=256, val_labels=None, synset_words=None, classes=None, seed=0):
     if path is None:
         raise AlexNetError("imagenet needs PATH: the folder holding train/ and val/")
+    if size < 1 or (classes is not None and classes < 1):
+        raise AlexNetError("imagenet: --size and --classes must be >= 1")
     train_dir, val_dir = os.path.join(path, "train"), os.path.join(path, "val")
     for folder in (train_dir, val_dir):
         if not os.path.isdir(folder):
@@ -592,7 +596,7 @@ def imagenet_source(path, size=256, val_labels=None, synset_words=None, classes=
     if not val:
         raise AlexNetError(f"{val_dir}: no images of the {len(synsets)} training classes")
     load = partial(_load_images, size=size)
-    splits = [Split(name, [f for f, _ in items], np.array([l for _, l in items], np.int32), load, 32)
+    splits = [Split(name, [f for f, _ in items], np.array([l for _, l in items], np.int32), load, 32, size)
               for name, items in (("train", train), ("val", val))]
     names = _read_synset_words(synset_words, synsets) if synset_words else synsets
     return Source(splits, names, size, dict(path=os.path.abspath(path), size=size, classes=len(synsets), seed=seed))
@@ -654,8 +658,9 @@ def _fingerprint(source_name, source, shard_images):
 
 
 def _dataset_files(out):
-    return [f for f in os.listdir(out)
-            if re.fullmatch(r"(train|val)_\d{3,}\.bin(\.tmp)?|stats\.bin|classes\.txt|" + MANIFEST + "|" + SKIPPED_LOG, f)]
+    """The files in `out` that prepare writes (and may replace), temporary ones included."""
+    names = "|".join(re.escape(n) for n in ("stats.bin", "classes.txt", MANIFEST, SKIPPED_LOG))
+    return [f for f in os.listdir(out) if re.fullmatch(rf"((train|val)_\d{{3,}}\.bin|{names})(\.tmp)?", f)]
 
 
 def _open_output(out, fingerprint, force):
@@ -681,77 +686,60 @@ def _save_manifest(out, manifest):
     _replace_atomically(os.path.join(out, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
-def prepare(source_name, path=None, out=None, workers=None, shard_images=None, on_error="stop",
-            force=False, **options):
-    """Prepare a dataset folder (see section 1) from a source; returns the folder."""
-    source = SOURCES[source_name](path, **{k: v for k, v in options.items() if v is not None})
-    out = out or os.path.join("data", source_name)
-    size, num_classes = source.size, len(source.classes)
-    shard_images = shard_images or (SHARD_MAX_BYTES - HEADER_BYTES) // (4 + 3 * size * size)
-    workers = workers or os.cpu_count() or 1
-    if shard_images < 1 or workers < 1:
-        raise AlexNetError("--shard-images and --workers must be >= 1")
-    manifest = _open_output(out, _fingerprint(source_name, source, shard_images), force)
-    if manifest["complete"] and all(os.path.exists(os.path.join(out, f))
-                                    for f in list(manifest["shards"]) + ["stats.bin", "classes.txt"]):
-        print(f"{out}: already prepared (--force to prepare it again)")
-        return out
+def _resume(pool, out, plan, manifest, sums, workers, num_classes):
+    """Verify the shards that an earlier run finished; returns the names of those kept
+    (their training statistics are added to `sums`), forgets the others."""
+    earlier = [(split, name) for split, name, _, _ in plan if name in manifest["shards"]]
+    checks = [(os.path.join(out, name), manifest["shards"][name], split.size, split.size, num_classes,
+               split.name == "train") for split, name in earlier]
+    done = set()
+    for (_, name), result in zip(earlier, _ordered(pool, _verify_shard, checks, 2 * workers)):
+        if result is False:
+            del manifest["shards"][name]
+        else:
+            done.add(name)
+            sums.merge(result)
+    if done:
+        print(f"resuming: {len(done)} finished shards verified, {len(plan) - len(done)} to go")
+    return done
 
-    # the plan: shard k of a split holds its items [k * shard_images, (k + 1) * shard_images)
-    plan = [(split, f"{split.name}_{k:03d}.bin", start, min(start + shard_images, len(split.items)))
-            for split in source.splits for k, start in enumerate(range(0, len(split.items), shard_images))]
-    sums = PixelSums(size, size)
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
-    try:
-        done = set()
-        earlier = [(split, name) for split, name, _, _ in plan if name in manifest["shards"]]
-        checks = [(os.path.join(out, name), manifest["shards"][name], size, size, num_classes, split.name == "train")
-                  for split, name in earlier]
-        for (split, name), result in zip(earlier, _ordered(pool, _verify_shard, checks, 2 * workers)):
-            if result is False:
-                del manifest["shards"][name]
-            else:
-                done.add(name)
-                sums.merge(result)
-        if done:
-            print(f"resuming: {len(done)} finished shards verified, {len(plan) - len(done)} to go")
 
-        todo = [(split, name, start, end) for split, name, start, end in plan if name not in done]
-        tasks = [(split.load, split.items[i:min(i + split.chunk, end)], split.labels[i:min(i + split.chunk, end)],
-                  size, size, split.name == "train")
-                 for split, _, start, end in todo for i in range(start, end, split.chunk)]
-        results = _ordered(pool, _run_task, tasks, 2 * workers)
-        from tqdm import tqdm
-        with tqdm(total=sum(end - start for _, _, start, end in todo), unit="img", desc=f"prepare {source_name}",
-                  disable=None, smoothing=0.1) as progress:
-            for split, name, start, end in todo:
-                writer, skipped = ShardWriter(os.path.join(out, name), end - start, size, size, num_classes), []
-                try:
-                    for _ in range(start, end, split.chunk):
-                        pixels, labels, errors, chunk_sums = next(results)
-                        if errors and on_error == "stop":
-                            raise AlexNetError(f"{errors[0][0]}: unreadable image ({errors[0][1]}); "
-                                               "pass --on-error skip to leave such images out")
-                        skipped += errors
-                        writer.write(labels, pixels)
-                        if chunk_sums is not None:
-                            sums.merge(chunk_sums)
-                        progress.update(len(labels) + len(errors))
-                    images, crc = writer.close()
-                except BaseException:
-                    writer.abandon()
-                    raise
-                manifest["shards"][name] = {"images": images, "crc32": crc, "skipped": skipped}
-                _save_manifest(out, manifest)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+def _write_shards(pool, out, todo, manifest, sums, workers, num_classes, on_error, desc):
+    """Load the items of the planned shards `todo` in worker tasks and write the shards,
+    recording each finished one in the manifest."""
+    from tqdm import tqdm
+    tasks = [(split.load, split.items[i:min(i + split.chunk, end)], split.labels[i:min(i + split.chunk, end)],
+              split.size, split.size, split.name == "train")
+             for split, _, start, end in todo for i in range(start, end, split.chunk)]
+    results = _ordered(pool, _run_task, tasks, 2 * workers)
+    with tqdm(total=sum(end - start for _, _, start, end in todo), unit="img", desc=desc,
+              disable=None, smoothing=0.1) as progress:
+        for split, name, start, end in todo:
+            writer, skipped = ShardWriter(os.path.join(out, name), end - start, split.size, split.size, num_classes), []
+            try:
+                for _ in range(start, end, split.chunk):
+                    pixels, labels, errors, chunk_sums = next(results)
+                    if errors and on_error == "stop":
+                        raise AlexNetError(f"{errors[0][0]}: unreadable image ({errors[0][1]}); "
+                                           "pass --on-error skip to leave such images out")
+                    skipped += errors
+                    writer.write(labels, pixels)
+                    if chunk_sums is not None:
+                        sums.merge(chunk_sums)
+                    progress.update(len(labels) + len(errors))
+                images, crc = writer.close()
+            except BaseException:
+                writer.abandon()
+                raise
+            manifest["shards"][name] = {"images": images, "crc32": crc, "skipped": skipped}
+            _save_manifest(out, manifest)
 
+
+def _finish(out, source, manifest, sums):
+    """stats.bin, classes.txt and the log of skipped images, once every shard is done."""
     if sums.images == 0:
         raise AlexNetError("no readable training images")
-    mean, eigval, eigvec = sums.statistics()
-    write_stats(os.path.join(out, "stats.bin"), mean, eigval, eigvec)
+    write_stats(os.path.join(out, "stats.bin"), *sums.statistics())
     write_classes(out, source.classes)
     skipped = [entry for record in manifest["shards"].values() for entry in record["skipped"]]
     log = os.path.join(out, SKIPPED_LOG)
@@ -762,22 +750,62 @@ def prepare(source_name, path=None, out=None, workers=None, shard_images=None, o
         os.remove(log)
     manifest["complete"] = True
     _save_manifest(out, manifest)
-    counts = {s.name: sum(r["images"] for n, r in manifest["shards"].items() if n.startswith(s.name + "_"))
-              for s in source.splits}
-    print(f"{out}: {counts['train']} training and {counts['val']} validation images of {size}x{size}, "
-          f"{num_classes} classes")
+    counts = [sum(r["images"] for n, r in manifest["shards"].items() if n.startswith(split + "_"))
+              for split in ("train", "val")]
+    print(f"{out}: {counts[0]} training and {counts[1]} validation images of {source.size}x{source.size}, "
+          f"{len(source.classes)} classes")
+
+
+def prepare(source_name, path=None, out=None, workers=None, shard_images=None, on_error="stop",
+            force=False, **options):
+    """Prepare a dataset folder (see section 1) from a source; returns the folder."""
+    source = SOURCES[source_name](path, **{k: v for k, v in options.items() if v is not None})
+    out = out or os.path.join("data", source_name)
+    try:
+        return _prepare(source_name, source, out, workers, shard_images, on_error, force)
+    except OSError as e:   # the output folder: not creatable, not writable, disk full
+        raise AlexNetError(f"{e.filename or out}: {e.strerror}")
+
+
+def _prepare(source_name, source, out, workers, shard_images, on_error, force):
+    size, num_classes = source.size, len(source.classes)
+    shard_images = shard_images or (SHARD_MAX_BYTES - HEADER_BYTES) // (4 + 3 * size * size)
+    workers = workers or os.cpu_count() or 1
+    if shard_images < 1 or workers < 1:
+        raise AlexNetError("--shard-images and --workers must be >= 1")
+    manifest = _open_output(out, _fingerprint(source_name, source, shard_images), force)
+    if manifest["complete"] and all(os.path.exists(os.path.join(out, f))
+                                    for f in list(manifest["shards"]) + ["stats.bin", "classes.txt"]):
+        print(f"{out}: already prepared (--force to prepare it again)")
+        return out
+    # shard k of a split holds its items [k * shard_images, (k + 1) * shard_images)
+    plan = [(split, f"{split.name}_{k:03d}.bin", start, min(start + shard_images, len(split.items)))
+            for split in source.splits for k, start in enumerate(range(0, len(split.items), shard_images))]
+    sums = PixelSums(size, size)
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    try:
+        done = _resume(pool, out, plan, manifest, sums, workers, num_classes)
+        todo = [shard for shard in plan if shard[1] not in done]
+        _write_shards(pool, out, todo, manifest, sums, workers, num_classes, on_error, f"prepare {source_name}")
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    _finish(out, source, manifest, sums)
     return out
 
 
 def _prepare_arguments(p):
     p.description = "Turn images into a dataset folder (shards, stats.bin, classes.txt)."
     p.add_argument("source", choices=sorted(SOURCES), help="synthetic (built in), cifar10 or imagenet")
-    p.add_argument("path", nargs="?", help="cifar10: the folder of data_batch_*.bin; imagenet: the folder of train/ and val/")
+    p.add_argument("path", nargs="?",
+                   help="cifar10: the folder of data_batch_*.bin; imagenet: the folder of train/ and val/")
     p.add_argument("--out", help="output folder (default data/SOURCE)")
     p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
     p.add_argument("--shard-images", type=int, help="images per shard (default: as many as fit in 1 GiB)")
     p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
-                   help="unreadable images: stop with an error (default) or leave them out and list them in DIR/skipped.txt")
+                   help="unreadable images: stop with an error (default), or leave them out "
+                        "and list them in DIR/skipped.txt")
     p.add_argument("--force", action="store_true", help="replace a dataset prepared from other inputs or settings")
     p.add_argument("--size", type=int, help="image side (synthetic: default 32; imagenet: default 256)")
     p.add_argument("--seed", type=int, help="synthetic: the images; imagenet: the order of training images (default 0)")
