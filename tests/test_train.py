@@ -152,7 +152,7 @@ def test_help_lists_every_flag_with_its_default():
                  "--dropout", "--epochs", "--steps", "--seed", "--no-augment", "--eval-every", "--save-every",
                  "--devices", "--eval", "--keep", "--patience", "--lr-steps"):
         lines = [l for l in result.stdout.splitlines() if l.strip().startswith(flag + " ") or l.strip() == flag]
-        assert lines and "(default: " in lines[0], flag
+        assert lines and ("(default: " in lines[0] or flag == "--data" and "(required)" in lines[0]), flag
 
 
 def test_train_command_runs_the_cpu_executable(tmp_path, small_data):
@@ -247,6 +247,7 @@ def _foreign(tmp_path, trained):
 
 BAD_RUNS = {
     "unknown preset": (lambda t, c: ["--arch", "vgg16"], "unknown preset 'vgg16'"),
+    "images smaller than the crop": (lambda t, c: ["--arch", "alexnet", "--batch", 8], "larger than the 32x32 images"),
     "batch larger than the dataset": (lambda t, c: ["--arch", "small", "--batch", 65], "larger than the training set"),
     "unknown flag": (lambda t, c: ["--learning-rate", "0.1"], "unknown argument '--learning-rate'"),
     "bad integer": (lambda t, c: ["--batch", "eight"], "--batch: expected an integer"),
