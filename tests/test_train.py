@@ -167,17 +167,6 @@ def test_train_command_runs_the_cpu_executable(tmp_path, small_data):
     assert result.returncode == 1 and result.stderr.strip() == "error: unknown argument '--bogus' (see --help)"
 
 
-def test_gpu_executable_without_a_gpu_fails_cleanly():
-    path = os.path.join(ROOT, "train_alexnet")
-    if not os.path.exists(path):
-        pytest.skip("the GPU executable is not built (nvcc not found)")
-    if alexnet._gpu_usable():
-        pytest.skip("this machine has a GPU")
-    result = subprocess.run([path, "--data", "x"], capture_output=True, text=True)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == ["error: no CUDA device found; use ./train_alexnet_cpu"]
-
-
 # --- bad input: one line on stderr, a non-zero exit, and nothing written
 
 def _damage(folder, name, transform):
