@@ -180,9 +180,13 @@ namespace {
 constexpr int kMaxThreads = 1024;
 constexpr int kMaxDevices = 16;
 constexpr size_t kStaticSharedLimit = 48 * 1024;
+// Under ASan, poisoned gaps between shared arrays catch an overrun into the next one.
+constexpr size_t kSharedRedzone = CUDA_CPU_ASAN ? 64 : 0;
+constexpr size_t kSharedArena = CUDA_CPU_ASAN ? 2 * kStaticSharedLimit : kStaticSharedLimit;
 constexpr size_t kDynamicSharedOptinLimit = 227 * 1024;
 constexpr size_t kParamLimit = 4096;
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStackGuard = 64 * 1024;  // wider than any sane frame, so no frame jumps over it
 
 // --- fiber switch --------------------------------------------------------------
 // cuda_cpu_switch(save, to): pushes the callee-saved registers, MXCSR and the x87
@@ -221,9 +225,12 @@ cuda_cpu_switch:
     .p2align 4
     .type cuda_cpu_fiber_start, @function
 cuda_cpu_fiber_start:
+    .cfi_startproc
+    .cfi_undefined rip
     movq %r12, %rdi
     callq *%r13
     ud2
+    .cfi_endproc
     .size cuda_cpu_fiber_start, .-cuda_cpu_fiber_start
     .popsection
 )");
@@ -437,7 +444,7 @@ struct KernelCall {
 };
 
 struct Stack {
-    char* base;  // usable memory, above a guard page
+    char* base;  // usable memory, above the guard region
     size_t size;
 };
 
@@ -482,10 +489,11 @@ struct Worker {
     std::vector<int> free_stacks;
     int dead_stack = -1;
     // shared memory
-    char* smem = nullptr;         // static arena, kStaticSharedLimit bytes
-    size_t smem_used = 0, smem_dirty = 0;
+    char* smem = nullptr;         // static arena, kSharedArena bytes
+    size_t smem_used = 0;         // arena bytes the block's SHARED arrays occupy
+    size_t smem_declared = 0;     // what the block's SHARED arrays take on a GPU
     std::vector<SharedSlot> smem_slots;
-    std::unique_ptr<char[]> dyn_storage;  // dynamic shared memory, exactly the launch's size
+    std::unique_ptr<char, decltype(&free)> dyn_storage{nullptr, &free};  // dynamic shared memory, exactly the launch's size
     size_t dyn_capacity = 0;
     char* dyn_smem = nullptr;
     // memory faults inside kernels
@@ -499,8 +507,8 @@ struct Worker {
     size_t main_stack_size = 0;
 #endif
     Worker() {
-        smem = (char*)aligned_alloc(128, kStaticSharedLimit);
-        memset(smem, 0xFF, kStaticSharedLimit);
+        smem = (char*)aligned_alloc(128, kSharedArena);
+        memset(smem, 0xFF, kSharedArena);
     }
 };
 
@@ -546,11 +554,10 @@ static int take_stack(Worker& w) {
         w.free_stacks.pop_back();
         return s;
     }
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    char* p = (char*)mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    char* p = (char*)mmap(nullptr, kStackGuard + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) return -1;
-    mprotect(p, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
-    w.stacks.push_back(Stack{p + page, kStackBytes});
+    mprotect(p, kStackGuard, PROT_NONE);  // a stack overflow faults instead of corrupting
+    w.stacks.push_back(Stack{p + kStackGuard, kStackBytes});
     return (int)w.stacks.size() - 1;
 }
 
@@ -812,15 +819,17 @@ static void* shared_static(const void* key, size_t bytes, size_t align) {
     Worker& w = *wp;
     for (const SharedSlot& s : w.smem_slots)
         if (s.key == key) return w.smem + s.offset;
-    size_t offset = (w.smem_used + align - 1) & ~(align - 1);
-    if (offset + bytes > kStaticSharedLimit) {
+    size_t declared = ((w.smem_declared + align - 1) & ~(align - 1)) + bytes;
+    size_t offset = (w.smem_used + kSharedRedzone + align - 1) & ~(align - 1);
+    if (declared > kStaticSharedLimit || offset + bytes > kSharedArena) {
         block_fail(w, cudaErrorLaunchOutOfResources,
                    "static shared memory of kernel " + std::string(w.call->name) + " exceeds 48 KB (" +
-                       std::to_string(offset + bytes) + " bytes)");
+                       std::to_string(declared) + " bytes)");
         fiber_abandon(w);
     }
     w.smem_slots.push_back(SharedSlot{key, offset});
     w.smem_used = offset + bytes;
+    w.smem_declared = declared;
 #if CUDA_CPU_ASAN
     __asan_unpoison_memory_region(w.smem + offset, bytes);
 #endif
@@ -912,22 +921,27 @@ static void run_block(Worker& w, Grid& g, uint64_t b) {
         w.t[i].state = kUnstarted;
     }
     if (g.schedule == kRandom) shuffle(w.order.data(), w.n, w.seed);
-    // shared memory: back to NaN bytes
-    size_t dirty = std::max(w.smem_dirty, w.smem_used);
+    // shared memory: back to NaN bytes (the block before used [0, smem_used) of the arena)
 #if CUDA_CPU_ASAN
-    __asan_unpoison_memory_region(w.smem, kStaticSharedLimit);
+    __asan_unpoison_memory_region(w.smem, kSharedArena);
 #endif
-    memset(w.smem, 0xFF, dirty);
+    memset(w.smem, 0xFF, w.smem_used);
 #if CUDA_CPU_ASAN
-    __asan_poison_memory_region(w.smem, kStaticSharedLimit);
+    __asan_poison_memory_region(w.smem, kSharedArena);
 #endif
-    w.smem_dirty = dirty;
     w.smem_used = 0;
+    w.smem_declared = 0;
     w.smem_slots.clear();
     if (g.smem) {
         if (w.dyn_capacity != g.smem) {  // exactly the launch's size, so ASan sees overruns
-            w.dyn_storage.reset(new char[g.smem]);
-            w.dyn_capacity = g.smem;
+            void* p = nullptr;
+            w.dyn_capacity = posix_memalign(&p, 128, g.smem) == 0 ? g.smem : 0;
+            w.dyn_storage.reset((char*)p);
+            if (!w.dyn_capacity) {
+                block_fail(w, cudaErrorLaunchOutOfResources, "cannot allocate " + std::to_string(g.smem) + " bytes of dynamic shared memory");
+                end_block(w, g);
+                return;
+            }
         }
         memset(w.dyn_storage.get(), 0xFF, g.smem);
         w.dyn_smem = w.dyn_storage.get();
@@ -946,7 +960,7 @@ static void run_block(Worker& w, Grid& g, uint64_t b) {
         if (w.failed) break;
         if (!switch_next(w, &w.main_sp, true)) {
             if (w.live > 0) {
-                // nothing can run: name one waiting thread and the one it waits for
+                // nothing can run: name a thread at a block barrier and one at a warp operation
                 std::string msg = "deadlock:";
                 for (int i = 0; i < w.n; i++) {
                     const ThreadSlot& s = w.t[i];
@@ -1014,9 +1028,8 @@ static void install_fault_handler(Worker& w) {
 static std::string fault_message(const Worker& w) {
     char buf[256];
     uintptr_t a = (uintptr_t)w.fault_address;
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
     for (const Stack& st : w.stacks)
-        if (a >= (uintptr_t)st.base - page && a < (uintptr_t)st.base)
+        if (a >= (uintptr_t)st.base - kStackGuard && a < (uintptr_t)st.base)
             return thread_name(w, w.cur) + ": stack overflow (a CUDA thread's stack is 256 KB here)";
     const char* what = w.fault_signal == SIGFPE ? "arithmetic exception" : w.fault_signal == SIGILL ? "illegal instruction" : "invalid memory access";
     snprintf(buf, sizeof(buf), ": %s at address %p", what, w.fault_address);
@@ -1157,7 +1170,8 @@ namespace {
 
 struct Streams {
     std::recursive_mutex mu;
-    std::vector<CUstream_st*> all;  // never freed: events may still point at them
+    std::vector<CUstream_st*> all;  // live streams; destroyed ones stay allocated, as events may point at them
+    uint64_t pending = 0;           // queued ops of all streams
     CUstream_st legacy[kMaxDevices];
     Streams() {
         for (int i = 0; i < kMaxDevices; i++) {
@@ -1183,12 +1197,14 @@ static void run_until(CUstream_st* s, uint64_t seq) {
         for (auto& dep : op.after) run_until(dep.first, dep.second);
         op.run();
         s->done++;
+        streams().pending--;
     }
 }
 
 static void run_all(int device) {  // device < 0: every device
     Streams& st = streams();
     std::lock_guard<std::recursive_mutex> lock(st.mu);
+    if (!st.pending) return;
     for (CUstream_st* s : st.all)
         if (device < 0 || s->device == device) run_until(s, s->enqueued);
 }
@@ -1206,13 +1222,14 @@ static void stream_run(CUstream_st* s, std::function<void()> op, std::vector<std
     }
     if (s == &st.legacy[s->device]) {
         for (CUstream_st* b : st.all)
-            if (b != s && b->device == s->device && !b->destroyed && !(b->flags & cudaStreamNonBlocking)) after.push_back({b, b->enqueued});
+            if (b != s && b->device == s->device && !(b->flags & cudaStreamNonBlocking)) after.push_back({b, b->enqueued});
     } else if (!(s->flags & cudaStreamNonBlocking)) {
         CUstream_st* legacy = &st.legacy[s->device];
         after.push_back({legacy, legacy->enqueued});
     }
     s->queue.push_back(StreamOp{std::move(op), std::move(after)});
     s->enqueued++;
+    st.pending++;
 }
 
 static void stream_sync(CUstream_st* s) {
@@ -1797,7 +1814,10 @@ static inline cudaError_t cudaStreamDestroy(cudaStream_t stream) {
     using namespace ::cuda_cpu;
     if (!stream || stream->destroyed) return set_error(cudaErrorInvalidResourceHandle, "cudaStreamDestroy: not a live stream");
     stream_sync(stream);  // its work still completes, as on the GPU
+    std::lock_guard<std::recursive_mutex> lock(streams().mu);
     stream->destroyed = true;
+    auto& all = streams().all;
+    all.erase(std::find(all.begin(), all.end(), stream));
     return cudaSuccess;
 }
 static inline cudaError_t cudaStreamSynchronize(cudaStream_t stream) {

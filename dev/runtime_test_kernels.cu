@@ -251,6 +251,8 @@ extern "C" int rt_uninitialised(int blocks, float* out, int* count) {
 // array (where = 1): ASan must report it.
 __global__ void write_past_end(float* x, int n, int where) {
     SHARED(float, tile, [32]);
+    SHARED(float, next, [32]);  // right after tile: the overrun must not land in it unseen
+    next[threadIdx.x] = 0.0f;
     if (threadIdx.x == 0) {
         if (where == 0) x[n] = 1.0f;
         else (&tile[0])[n - 68] = 1.0f;  // n = 100: tile[32], through a pointer so that ASan, not UBSan, sees it
