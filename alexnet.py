@@ -1,6 +1,7 @@
 """AlexNet, the Python side.
 
     python alexnet.py prepare SOURCE [PATH] --out DIR    # images -> dataset folder
+    python alexnet.py train --data DIR [FLAGS]           # train_alexnet(_cpu) with FLAGS
     python alexnet.py demo                               # the one-command demo
     python alexnet.py eval CKPT --data DIR               # centre-crop and 10-view errors
     python alexnet.py predict CKPT IMAGE... --data DIR   # top-5 classes of images
@@ -10,7 +11,7 @@ Sections, in reading order:
   1. dataset files: the binary formats, read_shard, read_stats
   2. data preparation: synthetic, CIFAR-10, ImageNet
   3. NumPy reference of every layer (forward and backward), named like the CUDA kernels
-  4. NumPy reference of the whole two-tower model
+  4. NumPy reference of the whole two-tower model; checkpoints; the train command
   5. the shared library: cffi bindings to train_alexnet.cu's C API
   7. evaluation (centre crop, ten views), prediction, pictures, the demo
   8. command line
@@ -1134,7 +1135,7 @@ PRESETS = {
     "small": dict(preset=1, crop=28, conv_out=(16, 32, 48, 48, 32), conv_kernel=(5, 5, 3, 3, 3),
                   conv_stride=(1, 1, 1, 1, 1), conv_pad=(2, 2, 1, 1, 1), fc_out=(128, 128),
                   pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
-                  init_std=0.01),
+                  init_std=0.05),
 }
 PRESET_NAMES = tuple(PRESETS)
 
@@ -1391,7 +1392,8 @@ def save_checkpoint(path, header, params, momentum=None):
     """Write a checkpoint the executables resume from. header: an architecture (see
     architecture()) or a loaded header, plus any training-state fields (the rest take the
     executables' defaults, i.e. step 0); momentum defaults to zeros. Written atomically."""
-    fields = dict(_DEFAULT_STATE, **header, magic=CHECKPOINT_MAGIC, version=CHECKPOINT_VERSION)
+    fields = dict(_DEFAULT_STATE, **header)
+    fields.update(magic=CHECKPOINT_MAGIC, version=CHECKPOINT_VERSION)
     shapes = parameter_shapes(fields)
     fields["parameters"] = sum(int(np.prod(s)) for s in shapes.values())
     if set(params) != set(shapes) or (momentum is not None and set(momentum) != set(shapes)):

@@ -1198,7 +1198,7 @@ static const Arch PRESETS[] = {
     {0, 224, 1000, {96, 256, 384, 384, 256}, {11, 5, 3, 3, 3}, {4, 1, 1, 1, 1}, {0, 2, 1, 1, 1},
      {4096, 4096}, 3, 2, 5, 1e-4f, 0.75f, 2.0f, 0.01f},
     {1, 28, 10, {16, 32, 48, 48, 32}, {5, 5, 3, 3, 3}, {1, 1, 1, 1, 1}, {2, 2, 1, 1, 1},
-     {128, 128}, 3, 2, 5, 1e-4f, 0.75f, 2.0f, 0.01f},
+     {128, 128}, 3, 2, 5, 1e-4f, 0.75f, 2.0f, 0.05f},
 };
 enum { NUM_PRESETS = sizeof(PRESETS) / sizeof(PRESETS[0]) };
 
@@ -1590,7 +1590,7 @@ struct Model {
         cudaCheck(cudaStreamWaitEvent(towers[to].stream, towers[from].sent[x], 0));
     }
 
-    // Forward: every tower in [first, NUM_TOWERS) gets cat = [tower 0's src | tower 1's src]
+    // Forward: the towers in [0, receivers) get cat = [tower 0's src | tower 1's src]
     // (width[t] floats per image from tower t); recv holds the other tower's src.
     void gather(int x, int n, float* Tower::*src, float* Tower::*recv, float* Tower::*cat,
                 const int width[NUM_TOWERS], int receivers) {
@@ -1628,6 +1628,7 @@ struct Model {
         for (int t = 0; t < NUM_TOWERS; t++) {
             Tower& T = towers[t];
             if (1 - t < holders) receive(x, t, 1 - t);
+            cudaCheck(cudaSetDevice(T.device));
             if (t < holders)
                 split_features(T.*d, T.*dcat, holders == NUM_TOWERS ? T.*recv : nullptr, n,
                                width[0] + width[1], t == 0 ? 0 : width[0], width[t], T.stream);
@@ -1725,6 +1726,7 @@ struct Model {
         // tower 0 alone computes the softmax over both towers' logits
         gather(X_LOGITS, n, &Tower::logits, &Tower::recv_logits, &Tower::all_logits, width, 1);
         Tower& T0 = towers[0];
+        cudaCheck(cudaSetDevice(T0.device));
         softmax_cross_entropy(T0.losses, train ? T0.dall_logits : nullptr, T0.correct,
                               T0.all_logits, T0.labels, n, arch.classes, T0.stream);
     }
@@ -2589,7 +2591,9 @@ static void run(Options& o) {
             interval_start = t, interval_images = 0, interval_top1 = 0, interval_top5 = 0;
         }
         if (val_loader && state.step % eval_every == 0) {
+            const double eval_start = now_seconds();
             Evaluation e = evaluate(model, *val_loader, o.seed);
+            interval_start += now_seconds() - eval_start;  // images/s counts training only
             evaluated = true;
             log("eval step %ld | val loss %.4f | top-1 error %.4f | top-5 error %.4f | %ld images",
                 state.step, e.loss, e.top1_error, e.top5_error, e.images);
@@ -2980,7 +2984,7 @@ extern "C" void alexnet_model_close(void* handle) { delete (OpenModel*)handle; }
 struct Flag {
     const char* name;
     const char* arg;  // NULL: a switch
-    const char* fallback;
+    const char* fallback;  // the default as --help shows it; NULL: the flag is required
     const char* help;
     void (*set)(Options&, const char* flag, const char* value);
 };
@@ -3019,11 +3023,11 @@ static std::vector<int> parse_list(const char* flag, const char* text, long lo, 
 }
 
 static const Flag FLAGS[] = {
-    {"--data", "DIR", "(required)", "dataset folder written by `python alexnet.py prepare`",
+    {"--data", "DIR", nullptr, "dataset folder written by `python alexnet.py prepare`",
      [](Options& o, const char*, const char* v) { o.data = v; }},
     {"--arch", "NAME", "alexnet", "preset: alexnet (the paper, 224x224 crops) or small (28x28 crops of 32x32 images)",
      [](Options& o, const char*, const char* v) { find_preset(v); o.arch = v; }},
-    {"--resume", "FILE", "(none)", "continue from a checkpoint (its options apply unless given here)",
+    {"--resume", "FILE", "none", "continue from a checkpoint (its options apply unless given here)",
      [](Options& o, const char*, const char* v) { o.resume = v; }},
     {"--out", "DIR", "out", "output folder: log.txt, ckpt_NNNNNNNN.bin, latest.bin",
      [](Options& o, const char*, const char* v) { o.out = v; }},
@@ -3057,7 +3061,7 @@ static const Flag FLAGS[] = {
      [](Options& o, const char* f, const char* v) { o.patience = (int)parse_long(f, v, 0, 1000000); }},
     {"--max-drops", "N", "3", "divide the learning rate at most N times in all",
      [](Options& o, const char* f, const char* v) { o.max_drops = (int)parse_long(f, v, 0, 100); }},
-    {"--lr-steps", "LIST", "(none)", "also divide the learning rate by 10 at these epochs, e.g. 25,51",
+    {"--lr-steps", "LIST", "none", "also divide the learning rate by 10 at these epochs, e.g. 25,51",
      [](Options& o, const char* f, const char* v) {
          o.lr_steps = parse_list(f, v, 1, 1000000);
          require(o.lr_steps.size() <= MAX_LR_STEPS, "%s: at most %d epochs", f, (int)MAX_LR_STEPS);
@@ -3077,7 +3081,8 @@ static void print_help(const char* program) {
     for (const Flag& f : FLAGS) {
         char left[64];
         snprintf(left, sizeof(left), "%s%s%s", f.name, f.arg ? " " : "", f.arg ? f.arg : "");
-        printf("  %-20s %s (default: %s)\n", left, f.help, f.fallback);
+        if (f.fallback) printf("  %-20s %s (default: %s)\n", left, f.help, f.fallback);
+        else printf("  %-20s %s (required)\n", left, f.help);
     }
     printf("  %-20s this message\n", "--help");
 }

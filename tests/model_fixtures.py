@@ -1,33 +1,14 @@
-"""Helpers for the model/training tests: tiny dataset folders in the issue-4 format, written
-here independently of `alexnet.py prepare`, and runs of the training executable."""
+"""Helpers for the model/training tests: tiny dataset folders (alexnet.write_shard and
+write_stats, the format `alexnet.py prepare` writes) and runs of the training executable."""
 import os
 import subprocess
 
 import numpy as np
 
+import alexnet
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXE = os.path.join(ROOT, "train_alexnet_cpu")
-
-
-def write_shard(path, images, labels, classes, magic=20121001):
-    """One shard: int32 header[256], int32 labels[N], uint8 pixels[N][H][W][3]."""
-    N, H, W, C = images.shape
-    header = np.zeros(256, "<i4")
-    header[:7] = [magic, 1, N, H, W, C, classes]
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(labels, "<i4").tobytes())
-        f.write(np.asarray(images, np.uint8).tobytes())
-
-
-def write_stats(path, mean, eigval, eigvec):
-    """stats.bin: int32 header[256], float32 mean[H][W][3], eigval[3], eigvec[3][3]."""
-    H, W, C = mean.shape
-    header = np.zeros(256, "<i4")
-    header[:5] = [20121002, 1, H, W, C]
-    with open(path, "wb") as f:
-        for a in (header, np.asarray(mean, "<f4"), np.asarray(eigval, "<f4"), np.asarray(eigvec, "<f4")):
-            f.write(a.tobytes())
 
 
 def pca_stats(images):
@@ -45,12 +26,12 @@ def random_dataset(folder, train, val=0, size=32, classes=10, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (train, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, classes, train)
-    write_shard(os.path.join(folder, "train_000.bin"), images, labels, classes)
+    alexnet.write_shard(os.path.join(folder, "train_000.bin"), labels, images, classes)
     if val:
-        write_shard(os.path.join(folder, "val_000.bin"), rng.integers(0, 256, (val, size, size, 3), dtype=np.uint8),
-                    rng.integers(0, classes, val), classes)
+        alexnet.write_shard(os.path.join(folder, "val_000.bin"), rng.integers(0, classes, val),
+                            rng.integers(0, 256, (val, size, size, 3), dtype=np.uint8), classes)
     stats = pca_stats(images)
-    write_stats(os.path.join(folder, "stats.bin"), *stats)
+    alexnet.write_stats(os.path.join(folder, "stats.bin"), *stats)
     return images, labels, stats
 
 
@@ -58,3 +39,28 @@ def run(*args, env=None, **kwargs):
     """Run the CPU training executable; returns the CompletedProcess (text output)."""
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=full_env, **kwargs)
+
+
+def learnable_dataset(folder, train, val=0, size=32, classes=10, seed=0):
+    """An easy set for a quick learning test: class c is a square of colour c (evenly
+    spaced hues) at a random place on a random grey background, plus noise."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    hues = np.arange(classes) / classes * 2 * np.pi
+    colours = 128 + 110 * np.stack([np.cos(hues), np.cos(hues - 2.1), np.cos(hues + 2.1)], axis=1)
+
+    def images(n):
+        labels = rng.integers(0, classes, n)
+        pixels = np.repeat(rng.integers(40, 200, (n, 1, 1, 1)), 3, axis=3) * np.ones((n, size, size, 3))
+        for i, label in enumerate(labels):
+            side = rng.integers(size // 4, size // 2)
+            y, x = rng.integers(0, size - side, 2)
+            pixels[i, y:y + side, x:x + side] = colours[label]
+        pixels += rng.normal(0, 20, pixels.shape)
+        return labels, np.clip(pixels, 0, 255).astype(np.uint8)
+
+    labels, pixels = images(train)
+    alexnet.write_shard(os.path.join(folder, "train_000.bin"), labels, pixels, classes)
+    if val:
+        alexnet.write_shard(os.path.join(folder, "val_000.bin"), *images(val), classes)
+    alexnet.write_stats(os.path.join(folder, "stats.bin"), *pca_stats(pixels))
