@@ -2557,7 +2557,6 @@ static void run(Options& o) {
     const double start = now_seconds();
     double interval_start = start;
     long interval_images = 0, first_step = state.step;
-    long interval_top1 = 0, interval_top5 = 0;  // training errors since the last log line
     bool evaluated = false;
     while (state.step < total) {
         const long step = state.step;
@@ -2577,7 +2576,6 @@ static void run(Options& o) {
         state.step = step + 1;
         state.loss = (float)r.loss;
         interval_images += b.n;
-        interval_top1 += r.top1, interval_top5 += r.top5;
         evaluated = false;
 
         if (state.step % o.log_every == 0 || state.step == total || state.step == first_step + 1) {
@@ -2585,10 +2583,10 @@ static void run(Options& o) {
             double eta = elapsed / (state.step - first_step) * (total - state.step);
             log("step %ld/%ld | epoch %.2f | loss %.4f | top-1 error %.4f | top-5 error %.4f | lr %.2e | "
                 "%.1f img/s | elapsed %s | eta %s",
-                state.step, total, (double)state.step / per_epoch, r.loss,
-                1.0 - (double)interval_top1 / interval_images, 1.0 - (double)interval_top5 / interval_images, lr,
+                state.step, total, (double)state.step / per_epoch, r.loss, 1.0 - (double)r.top1 / b.n,
+                1.0 - (double)r.top5 / b.n, lr,
                 interval_images / (t - interval_start), duration(elapsed).c_str(), duration(eta).c_str());
-            interval_start = t, interval_images = 0, interval_top1 = 0, interval_top5 = 0;
+            interval_start = t, interval_images = 0;
         }
         if (val_loader && state.step % eval_every == 0) {
             const double eval_start = now_seconds();
