@@ -1906,23 +1906,25 @@ class Scores:
                     images=self.images)
 
 
-def evaluate(model, images, labels, views=10, batch=128, progress=False):
-    """Centre-crop and (views=10) ten-view scores of model on uint8 images [N][H][W][3]:
+def evaluate(model, parts, views=10, batch=128, progress=False):
+    """Centre-crop and (views=10) ten-view scores of model over parts, pairs of uint8
+    images [N][H][W][3] (memory-mapped shards will do) and labels [N]:
     {"centre crop": summary, "10 views": summary}."""
     from tqdm import tqdm
-    H, W = images.shape[1:3]
-    all_views = ten_views(H, W, model.crop)
-    chosen = all_views if views == 10 else [all_views[CENTRE_VIEW]]
-    centre = chosen.index(all_views[CENTRE_VIEW])
     scores = {"centre crop": Scores(), "10 views": Scores()} if views == 10 else {"centre crop": Scores()}
-    with tqdm(total=len(images), unit="img", disable=not progress, desc=f"{views}-view evaluation") as bar:
-        for start in range(0, len(images), batch):
-            chunk, truth = images[start:start + batch], np.asarray(labels[start:start + batch])
-            per_view, average = view_probabilities(model, chunk, chosen)
-            scores["centre crop"].add(per_view[centre], truth)
-            if views == 10:
-                scores["10 views"].add(average, truth)
-            bar.update(len(chunk))
+    with tqdm(total=sum(len(labels) for _, labels in parts), unit="img", disable=not progress,
+              desc=f"{views}-view evaluation") as bar:
+        for images, labels in parts:
+            all_views = ten_views(*images.shape[1:3], model.crop)
+            chosen = all_views if views == 10 else [all_views[CENTRE_VIEW]]
+            centre = chosen.index(all_views[CENTRE_VIEW])
+            for start in range(0, len(images), batch):
+                chunk, truth = np.asarray(images[start:start + batch]), np.asarray(labels[start:start + batch])
+                per_view, average = view_probabilities(model, chunk, chosen)
+                scores["centre crop"].add(per_view[centre], truth)
+                if views == 10:
+                    scores["10 views"].add(average, truth)
+                bar.update(len(chunk))
     return {name: s.summary() for name, s in scores.items()}
 
 
@@ -1936,12 +1938,14 @@ def _use_gpu_library():
 
 
 def _dataset(data, split="val"):
-    """(uint8 images [N][H][W][3], labels [N], mean [H][W][3], class names) of a dataset folder."""
-    labels, images = read_split(data, split)
+    """(shards, mean [H][W][3], class names) of a dataset folder; shards are memory-mapped
+    (images, labels) pairs, so that a split never has to fit in memory."""
+    shards = [(shard.pixels, shard.labels) for shard in map(read_shard, shard_paths(data, split))]
     mean = np.array(read_stats(os.path.join(data, "stats.bin")).mean)
-    if images.shape[1:] != mean.shape:
-        raise AlexNetError(f"{data}: stats.bin is for {mean.shape} images, the {split} shards hold {images.shape[1:]}")
-    return images, labels, mean, read_classes(data)
+    for images, _ in shards:
+        if images.shape[1:] != mean.shape:
+            raise AlexNetError(f"{data}: stats.bin is for {mean.shape} images, the {split} shards hold {images.shape[1:]}")
+    return shards, mean, read_classes(data)
 
 
 def _format_scores(name, s):
@@ -1961,9 +1965,9 @@ def _eval(args):
     if args.batch < 1:
         raise AlexNetError("--batch must be at least 1")
     _use_gpu_library()
-    images, labels, mean, _ = _dataset(args.data)
+    shards, mean, _ = _dataset(args.data)
     with LibraryModel(args.checkpoint, mean, args.batch) as model:
-        scores = evaluate(model, images, labels, args.views, args.batch, progress=True)
+        scores = evaluate(model, shards, args.views, args.batch, progress=True)
     print(f"{args.checkpoint} on {args.data}")
     for name, s in scores.items():
         print(_format_scores(name, s))
@@ -2268,9 +2272,13 @@ def draw_curves(run, out=None):
 def draw_predictions(checkpoint, data, out=None, count=8, seed=0, views=10):
     """Write Figure 4 for `count` validation images picked with `seed` (default:
     predictions.png beside the checkpoint); returns the path."""
-    images, labels, mean, names = _dataset(data)
-    pick = np.sort(np.random.default_rng(seed).choice(len(images), min(count, len(images)), replace=False))
-    images, labels = images[pick], labels[pick]
+    shards, mean, names = _dataset(data)
+    sizes = [len(labels) for _, labels in shards]
+    pick = np.sort(np.random.default_rng(seed).choice(sum(sizes), min(count, sum(sizes)), replace=False))
+    where = np.searchsorted(np.cumsum(sizes), pick, side="right")  # shard of each picked image
+    starts = np.cumsum([0] + sizes)
+    images = np.stack([shards[s][0][i - starts[s]] for s, i in zip(where, pick)])
+    labels = np.array([shards[s][1][i - starts[s]] for s, i in zip(where, pick)])
     with LibraryModel(checkpoint, mean, len(images)) as model:
         probs = predict(model, images, views)
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "predictions.png")
@@ -2367,9 +2375,9 @@ def _demo(args):
     checkpoint = os.path.join(args.out, "latest.bin")
 
     print("[3/4] evaluating the last checkpoint on the validation set")
-    images, labels, mean, names = _dataset(args.data)
+    shards, mean, names = _dataset(args.data)
     with LibraryModel(checkpoint, mean, 128) as model:
-        scores = evaluate(model, images, labels, 10, 128, progress=True)
+        scores = evaluate(model, shards, 10, 128, progress=True)
 
     print("[4/4] drawing the filters, the curves and some predictions")
     pictures = [draw_filters(checkpoint), draw_curves(args.out), draw_predictions(checkpoint, args.data)]
@@ -2378,7 +2386,7 @@ def _demo(args):
     centre, ten = scores["centre crop"], scores["10 views"]
     print(f"\ndemo done in {_elapsed(total)} (training {_elapsed(train_seconds)}, "
           f"on the {'GPU' if gpu else 'CPU build'})")
-    print(f"  data        {args.data}: {len(images)} validation images of {images.shape[1]}x{images.shape[2]}, "
+    print(f"  data        {args.data}: {ten['images']} validation images of {mean.shape[0]}x{mean.shape[1]}, "
           f"{len(names)} classes")
     print(f"  checkpoint  {checkpoint}")
     print(f"  log         {os.path.join(args.out, 'log.txt')}")

@@ -53,8 +53,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def val(dataset):
-    images, labels, mean, names = A._dataset(dataset)
-    return np.array(images), np.array(labels), mean, names
+    shards, mean, names = A._dataset(dataset)
+    assert len(shards) == 1
+    return np.array(shards[0][0]), np.array(shards[0][1]), mean, names
 
 
 def test_ten_views_are_the_corners_and_the_centre_then_mirrored():
@@ -86,7 +87,7 @@ def test_library_probabilities_match_the_numpy_reference(checkpoint, val):
 def test_evaluation_scores_match_the_numpy_reference(checkpoint, val):
     images, labels, mean, _ = val
     with A.LibraryModel(checkpoint, mean, 8) as model:
-        got = A.evaluate(model, images, labels, views=10, batch=8)
+        got = A.evaluate(model, [(images[:7], labels[:7]), (images[7:], labels[7:])], views=10, batch=8)
     reference = A.NumpyModel(checkpoint, mean)
     per_view, average = A.view_probabilities(reference, images, A.ten_views(32, 32, 28))
     for name, probs in (("centre crop", per_view[A.CENTRE_VIEW]), ("10 views", average)):
