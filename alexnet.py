@@ -2323,7 +2323,7 @@ COMMANDS["show"] = (_show_arguments, _show)
 
 # The demo's training run: the small preset on the synthetic set, sized to finish in a
 # few minutes on two CPU cores (README, "Quick start").
-DEMO_TRAINING = dict(batch=32, lr=0.004, steps=600, eval_every=150)
+DEMO_TRAINING = dict(batch=32, lr=0.008, steps=600, eval_every=150)
 
 
 def _demo_arguments(p):
