@@ -103,7 +103,8 @@ test-asan: venv build/asan/libalexnet_cpu.so $(RUNTIME_TESTS)
 	ASAN_OPTIONS=detect_leaks=0 \
 	$(PY) -m pytest -q -m "not slow and not no_asan" tests
 
-demo: venv all
+# The demo needs the GPU build only where a GPU can run it.
+demo: venv cpu $(if $(shell nvidia-smi -L 2>/dev/null),gpu)
 	$(PY) alexnet.py demo
 
 clean:

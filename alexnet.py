@@ -13,8 +13,8 @@ Sections, in reading order:
   3. NumPy reference of every layer (forward and backward), named like the CUDA kernels
   4. NumPy reference of the whole two-tower model; checkpoints; the train command
   5. the shared library: cffi bindings to train_alexnet.cu's C API
-  7. evaluation (centre crop, ten views), prediction, pictures, the demo
-  8. command line
+  6. evaluation (centre crop, ten views), prediction, pictures, the demo
+  7. command line
 """
 import os
 import sys
@@ -1780,16 +1780,16 @@ def cuda_sgd_update(w, v, g, lr, momentum, weight_decay):
 
 
 # -----------------------------------------------------------------------------
-# 7. Evaluation, prediction and pictures
+# 6. Evaluation, prediction and pictures
 #
 # The paper tests on the centre crop, or on ten views: the four corner crops and the
 # centre crop, each also mirrored, with the ten softmax outputs averaged. Both run
-# through the library's model (train_alexnet.cu section 14d): the same kernels, the same
+# through the library's model (train_alexnet.cu section 14c): the same kernels, the same
 # preprocessing (the augmentation kernel without lighting: crop, mirror, mean
 # subtraction) and the same view order as the executables' --eval (section 13b).
 # NumpyModel is the reference that the tests compare it with.
 
-# --- 7a. ten views, the models, the evaluation loop
+# --- 6a. ten views, the models, the evaluation loop
 
 def ten_views(H, W, crop):
     """The paper's ten test views of an H x W image as (y, x, flip): the corners and the
@@ -1928,7 +1928,7 @@ def evaluate(model, parts, views=10, batch=128, progress=False):
     return {name: s.summary() for name, s in scores.items()}
 
 
-# --- 7b. the commands eval and predict
+# --- 6b. the commands eval and predict
 
 def _use_gpu_library():
     """Let library() load the GPU build when a GPU is usable and ALEXNET_LIB names none."""
@@ -2021,7 +2021,7 @@ COMMANDS["eval"] = (_eval_arguments, _eval)
 COMMANDS["predict"] = (_predict_arguments, _predict)
 
 
-# --- 7c. pictures (Pillow)
+# --- 6c. pictures (Pillow)
 
 def _font(size):
     """Pillow's built-in scalable font (Pillow >= 10.1), else its small bitmap font."""
@@ -2319,7 +2319,7 @@ def _show(args):
 COMMANDS["show"] = (_show_arguments, _show)
 
 
-# --- 7d. the demo
+# --- 6d. the demo
 
 # The demo's training run: the small preset on the synthetic set, sized to finish in a
 # few minutes on two CPU cores (README, "Quick start").
@@ -2400,7 +2400,7 @@ COMMANDS["demo"] = (_demo_arguments, _demo)
 
 
 # -----------------------------------------------------------------------------
-# 8. Command line
+# 7. Command line
 
 def main(argv=None):
     import argparse

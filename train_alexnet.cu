@@ -2907,7 +2907,7 @@ extern "C" int alexnet_sgd_update(float* w, float* v, const float* g, long n, fl
     });
 }
 
-// --- 14d. C API: a checkpoint's class probabilities, for alexnet.py eval and predict
+// --- 14c. C API: a checkpoint's class probabilities, for alexnet.py eval and predict
 //
 // A model opened once from a checkpoint (towers on devices 0 and 1, or both on 0 with one
 // device), then asked for the softmax outputs of batches of stored-size images with their
