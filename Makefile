@@ -4,6 +4,8 @@
 #   make test       virtual environment + build + the test suite (CPU only)
 #   make test-slow  the heavier tests
 #   make test-asan  the test suite on an AddressSanitizer/UBSan CPU build
+#   make bench-kernels  the per-kernel benchmark (CPU build; GPU build when nvcc is found)
+#   make gpu-check  dev/gpu_check.sh: build, test, sanitize, compare and benchmark on a GPU
 #   make clean
 # No step needs a GPU: nvcc compiles and links without one.
 
@@ -19,7 +21,7 @@ ASAN_FLAGS := -std=c++17 -O1 -g -pthread -fPIC -fsanitize=address,undefined -fno
 NVCC_FLAGS := -std=c++17 -O3 -lineinfo -Xptxas -v -Xcompiler -fPIC $(foreach a,$(GPU_ARCH),-gencode arch=compute_$(a),code=sm_$(a))
 SOURCES    := train_alexnet.cu dev/cuda_cpu.h
 
-.PHONY: all cpu gpu demo test test-slow test-asan venv clean
+.PHONY: all cpu gpu demo test test-slow test-asan venv clean bench-kernels bench-kernels-cpu bench-kernels-gpu gpu-check
 all: cpu gpu
 
 # --- CPU build: the same .cu through g++ and the CUDA-on-CPU runtime ---------
@@ -58,6 +60,28 @@ else
 gpu:
 	@echo "nvcc not found: skipped the GPU build (train_alexnet, libalexnet.so)"
 endif
+
+# --- per-kernel benchmark: dev/bench_kernels.cu includes train_alexnet.cu ------
+bench-kernels: bench-kernels-cpu bench-kernels-gpu
+bench-kernels-cpu: build/cpu/bench_kernels
+
+build/cpu/bench_kernels: dev/bench_kernels.cu $(SOURCES)
+	@mkdir -p $(@D)
+	$(CXX) $(CPU_FLAGS) -x c++ $< -o $@
+
+ifneq ($(NVCC),)
+bench-kernels-gpu: build/gpu/bench_kernels
+
+build/gpu/bench_kernels: dev/bench_kernels.cu train_alexnet.cu
+	@mkdir -p $(@D)
+	$(NVCC) $(NVCC_FLAGS) $< -o $@ 2> build/gpu/bench_ptxas.log || { cat build/gpu/bench_ptxas.log; exit 1; }
+else
+bench-kernels-gpu:
+	@echo "nvcc not found: skipped build/gpu/bench_kernels"
+endif
+
+gpu-check:
+	bash dev/gpu_check.sh
 
 # --- Python environment and tests ---------------------------------------------
 venv: $(VENV)/.installed

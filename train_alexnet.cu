@@ -159,6 +159,7 @@ static int api_call(Body&& body) {
 // ----------------------------------------------------------------------------
 // 15. main
 
+#ifndef ALEXNET_NO_MAIN  // dev/bench_kernels.cu includes this file and brings its own main
 int main(int argc, char** argv) {
     try {
         int count = 0;
@@ -170,3 +171,4 @@ int main(int argc, char** argv) {
         return 1;
     }
 }
+#endif
