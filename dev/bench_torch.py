@@ -160,6 +160,22 @@ def run_child(mode, args, compile_limit):
     return f"torch {mode}: failed (exit {proc.returncode}): {tail}"
 
 
+def summarize(lines, ours, peak):
+    """Lines comparing our images/s with each PyTorch result line, and our TFLOP/s
+    against the FP32 peak (when given)."""
+    out = []
+    for line in lines:
+        name, sep, rest = line.partition(": ")
+        words = rest.split()
+        if name.startswith("torch ") and len(words) > 1 and words[1] == "images/s":
+            theirs = float(words[0])
+            out.append(f"ours / {name} = {ours / theirs:.2f} ({ours:.1f} vs {theirs:.1f} images/s)")
+    tflops = ours * GFLOP_PER_IMAGE / 1e3
+    out.append(f"ours: {ours:.1f} images/s = {tflops:.2f} TFLOP/s" +
+               (f" = {100 * tflops / peak:.1f}% of the FP32 peak {peak:.1f} TFLOP/s" if peak else ""))
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=MODES, help="time one mode in this process (default: each mode in a subprocess)")
@@ -174,6 +190,9 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds each mode's timed steps may take (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ours", type=float, default=0.0,
+                        help="our training step's images/s: also print the ratios ours/PyTorch")
+    parser.add_argument("--peak", type=float, default=0.0, help="the GPU's FP32 peak in TFLOP/s (with --ours)")
     args = parser.parse_args(argv)
     try:
         import torch
@@ -188,15 +207,18 @@ def main(argv=None):
     if args.device.startswith("cuda"):
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, "
               f"cuDNN {torch.backends.cudnn.version()}, {'TF32' if args.tf32 else 'FP32'}", flush=True)
-    status = 0
-    for mode in [m for m in args.modes.split(",") if m]:
+    modes = [m for m in args.modes.split(",") if m]
+    for mode in modes:
         if mode not in MODES:
             parser.error(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    lines = []
+    for mode in modes:
         limit = args.compile_limit if mode == "compile" else args.timeout
-        line = run_child(mode, args, limit)
-        print(line, flush=True)
-        status |= " failed " in line
-    return int(status)
+        lines.append(run_child(mode, args, limit))
+        print(lines[-1], flush=True)
+    if args.ours > 0:
+        print("\n".join(summarize(lines, args.ours, args.peak)))
+    return int(any(": failed" in line for line in lines))
 
 
 if __name__ == "__main__":

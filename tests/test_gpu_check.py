@@ -1,0 +1,114 @@
+"""The GPU kit (dev/gpu_check.sh and its helpers), checked as far as a machine without
+a GPU allows: the --cpu dry run end to end, the option handling, and the comparison
+and report logic that the GPU run relies on."""
+import importlib.util
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "dev", "gpu_check.sh")
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "dev", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def gpu_check(tmp_path, *args, timeout=150):
+    summary = tmp_path / "summary.txt"
+    proc = subprocess.run(["bash", SCRIPT, "--summary", str(summary), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, summary.read_text() if summary.exists() else ""
+
+
+def step_lines(text):
+    """{step number: its result line} from the results block at the end."""
+    block = text.split("=== results", 1)[1]
+    return {int(line.split()[1]): line for line in block.splitlines() if line.startswith("step ")}
+
+
+def test_cpu_dry_run(tmp_path):
+    """The whole --cpu dry run: steps 2, 4, 5 pass on the CPU build, 1, 3, 6 are
+    skipped with a reason, and stdout and the summary file hold the same report."""
+    proc, text = gpu_check(tmp_path, "--cpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert text == proc.stdout
+    steps = step_lines(text)
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    for n in (1, 3, 6):
+        assert "SKIP (--cpu" in steps[n], steps[n]
+    assert "PASS" in steps[2] and " passed" in steps[2], steps[2]
+    assert "PASS" in steps[4], steps[4]
+    train = os.path.join(ROOT, "train_alexnet_cpu")
+    has_model = "--arch" in subprocess.run([train, "--help"], capture_output=True, text=True).stdout
+    if has_model:
+        assert "PASS" in steps[5], steps[5]
+    else:
+        assert "SKIP (no model yet" in steps[5], steps[5]
+    assert "no step failed" in text
+
+
+def test_only_and_skip(tmp_path):
+    proc, text = gpu_check(tmp_path, "--cpu", "--only", "3,6", "--skip-6")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    steps = step_lines(text)
+    for n in (1, 2, 4, 5, 6):
+        assert "SKIP (by option)" in steps[n], steps[n]
+    assert "SKIP (--cpu: compute-sanitizer needs a GPU)" in steps[3]
+
+
+def test_bad_option(tmp_path):
+    proc, _ = gpu_check(tmp_path, "--skip-9")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: unknown option '--skip-9' (see --help)"]
+
+
+def test_compare_verdicts():
+    """compare_libs' verdicts on hand-made outputs: the tolerance L * 2^-23 relative to
+    max|B| separates a last-bit difference from a real one; --exact allows none except
+    in the ops named as using float atomics; non-finite values always fail."""
+    compare = load("compare_libs").compare_outputs
+    b = {"conv/forward": np.array([1.0, -2.0, 4.0], np.float32)}
+    lengths = {"conv": 1000}
+    ulp = np.float32(4.0) * np.float32(2.0 ** -23)
+    close = {"conv/forward": b["conv/forward"] + np.array([0, 0, ulp], np.float32)}
+    far = {"conv/forward": b["conv/forward"] + np.array([0, 0, 1e-3], np.float32)}
+    nan = {"conv/forward": np.array([1.0, np.nan, 4.0], np.float32)}
+
+    def verdict(a, exact=False, allowed=()):
+        lines, bad = compare(a, b, {}, {}, lengths, exact, set(allowed))
+        return lines[-1].split("  ")[-1], bad
+
+    assert verdict(b) == ("exact", 0)
+    assert verdict(close) == ("ok", 0)
+    assert verdict(far) == ("DIFFERS", 1)
+    assert verdict(close, exact=True) == ("DIFFERS (must be bitwise equal)", 1)
+    assert verdict(close, exact=True, allowed=["conv"]) == ("ok", 0)
+    assert verdict(nan) == ("NOT FINITE", 1)
+    lines, bad = compare(b, b, {"conv": "AttributeError: no binding"}, {}, lengths, False, set())
+    assert bad == 1 and "FAILED" in lines[0]
+
+
+def test_torch_report():
+    """The ratio and TFLOP/s lines that step 6 prints, from bench_torch's result lines."""
+    summarize = load("bench_torch").summarize
+    lines = ["torch eager: 2000.0 images/s (64.00 ms/step, batch 128, 8.27 TFLOP/s, loss 6.9, cuda)",
+             "torch compile: skipped (warm-up did not finish within 60 s)"]
+    out = summarize(lines, 1000.0, 66.9)
+    assert out[0] == "ours / torch eager = 0.50 (1000.0 vs 2000.0 images/s)"
+    assert out[1] == "ours: 1000.0 images/s = 4.14 TFLOP/s = 6.2% of the FP32 peak 66.9 TFLOP/s"
+    assert len(out) == 2
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "build", "cpu", "bench_kernels")),
+                    reason="build/cpu/bench_kernels not built (make bench-kernels-cpu; gpu_check.sh --cpu builds it)")
+def test_bench_kernels_rejects_bad_flags():
+    exe = os.path.join(ROOT, "build", "cpu", "bench_kernels")
+    for args in (["--batch", "0"], ["--iters"], ["--frobnicate"]):
+        proc = subprocess.run([exe, *args], capture_output=True, text=True)
+        assert proc.returncode == 1 and proc.stderr.startswith("error: "), (args, proc.stderr)
