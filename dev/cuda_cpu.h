@@ -1,0 +1,1539 @@
+/*
+cuda_cpu.h: the slice of CUDA that train_alexnet.cu uses, emulated on the CPU.
+
+train_alexnet.cu includes this header when it is not compiled by nvcc, so the very
+same kernels build with g++ and run (and are tested) on machines without a GPU.
+
+How a launch runs:
+- Blocks are handed out to a persistent pool of std::threads (the launching thread
+  works too). Not OpenMP: a process that forks after libgomp has run hangs its child.
+- Every CUDA thread of a block is a fiber with its own stack, so __syncthreads() is a
+  true barrier. Fast path: a "runner" fiber calls the kernel body for one thread after
+  the other; only when a thread reaches a barrier does its runner stay parked with it,
+  and a fresh runner (fresh stack) goes on with the next thread. A kernel without
+  barriers therefore costs one fiber per block, not one per thread.
+- The context switch is a few lines of x86-64 assembly (callee-saved registers, stack
+  pointer, MXCSR and the x87 control word), about 30 ns; ucontext costs 20x more.
+- Barriers are checked: threads waiting at different __syncthreads() call sites, a
+  thread exiting while others wait, and deadlock become a sticky launch failure whose
+  message names the kernel, block, thread and file:line (cudaGetErrorString returns it).
+- Warp operations (__shfl*_sync, votes, __syncwarp) are warp-scoped barriers that
+  follow the PTX rules for width, segments and out-of-range lanes.
+- Shared memory: SHARED(T, name, dims) / EXTERN_SHARED(T, name) give all threads of a
+  block the same storage from a per-worker arena that is refilled with 0xFF (NaN) at
+  every block start; static shared memory is limited to 48 KB as on the GPU.
+- cudaMalloc fills new memory with 0xFF bytes (NaN) and keeps a registry per device,
+  so copies are checked for direction and bounds.
+
+Environment (read at every launch):
+  CUDA_CPU_SCHEDULE=forward|reverse|random  order of threads in a block and of blocks
+  CUDA_CPU_SEED=n                           seed of the random order (default 0)
+  CUDA_CPU_WORKERS=n                        worker threads (default: all cores)
+  CUDA_CPU_DEVICES=n                        emulated devices (default 2)
+  CUDA_CPU_FASTPATH=0                       one fiber per thread from the start
+  CUDA_CPU_DEFERRED=1                       queued stream work runs only at sync points
+*/
+#pragma once
+#if !defined(__x86_64__)
+#error "dev/cuda_cpu.h: the fiber switch is written for x86-64"
+#endif
+
+#include <math.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <setjmp.h>
+#include <pthread.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define CUDA_CPU_ASAN 1
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#else
+#define CUDA_CPU_ASAN 0
+#endif
+
+// ----------------------------------------------------------------------------
+// Qualifiers and built-in types
+
+#define __global__
+#define __device__
+#define __host__
+#define __constant__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __noinline__ __attribute__((noinline))
+#define __restrict__ __restrict
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+#define __CUDA_CPU__ 1
+
+struct uint3 { unsigned int x, y, z; };
+struct dim3 {
+    unsigned int x, y, z;
+    constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1) : x(vx), y(vy), z(vz) {}
+    constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
+};
+
+#define CUDA_CPU_VEC2(T, N) \
+    struct __attribute__((aligned(2 * sizeof(T)))) N##2 { T x, y; }; \
+    static inline N##2 make_##N##2(T x, T y) { return N##2{x, y}; }
+#define CUDA_CPU_VEC4(T, N) \
+    struct __attribute__((aligned(4 * sizeof(T)))) N##4 { T x, y, z, w; }; \
+    static inline N##4 make_##N##4(T x, T y, T z, T w) { return N##4{x, y, z, w}; }
+CUDA_CPU_VEC2(float, float) CUDA_CPU_VEC4(float, float)
+CUDA_CPU_VEC2(int, int) CUDA_CPU_VEC4(int, int)
+CUDA_CPU_VEC2(unsigned int, uint) CUDA_CPU_VEC4(unsigned int, uint)
+CUDA_CPU_VEC4(unsigned char, uchar)
+#undef CUDA_CPU_VEC2
+#undef CUDA_CPU_VEC4
+
+enum cudaError_t {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorInitializationError = 3,
+    cudaErrorInvalidConfiguration = 9,
+    cudaErrorInvalidDevicePointer = 17,
+    cudaErrorInvalidMemcpyDirection = 21,
+    cudaErrorInvalidDeviceFunction = 98,
+    cudaErrorNoDevice = 100,
+    cudaErrorInvalidDevice = 101,
+    cudaErrorInvalidResourceHandle = 400,
+    cudaErrorNotReady = 600,
+    cudaErrorIllegalAddress = 700,
+    cudaErrorLaunchOutOfResources = 701,
+    cudaErrorPeerAccessAlreadyEnabled = 704,
+    cudaErrorPeerAccessNotEnabled = 705,
+    cudaErrorLaunchFailure = 719,
+    cudaErrorNotSupported = 801,
+    cudaErrorUnknown = 999,
+};
+typedef cudaError_t cudaError;
+
+enum cudaMemcpyKind {
+    cudaMemcpyHostToHost = 0,
+    cudaMemcpyHostToDevice = 1,
+    cudaMemcpyDeviceToHost = 2,
+    cudaMemcpyDeviceToDevice = 3,
+    cudaMemcpyDefault = 4,
+};
+
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+#define cudaStreamDefault 0x0u
+#define cudaStreamNonBlocking 0x1u
+#define cudaEventDefault 0x0u
+#define cudaEventBlockingSync 0x1u
+#define cudaEventDisableTiming 0x2u
+#define cudaHostAllocDefault 0x0u
+#define cudaHostAllocPortable 0x1u
+
+struct CUstream_st;
+struct CUevent_st;
+typedef CUstream_st* cudaStream_t;
+typedef CUevent_st* cudaEvent_t;
+
+struct cudaDeviceProp {
+    char name[256];
+    size_t totalGlobalMem;
+    size_t sharedMemPerBlock;
+    size_t sharedMemPerBlockOptin;
+    int regsPerBlock;
+    int warpSize;
+    int maxThreadsPerBlock;
+    int maxThreadsDim[3];
+    int maxGridSize[3];
+    int multiProcessorCount;
+    int major;
+    int minor;
+};
+
+// ----------------------------------------------------------------------------
+// The runtime's state. Everything has internal linkage, so two libraries built with
+// this header and loaded into one process keep separate runtimes.
+
+namespace cuda_cpu {
+namespace {
+
+constexpr int kMaxThreads = 1024;
+constexpr int kMaxDevices = 16;
+constexpr size_t kStaticSharedLimit = 48 * 1024;
+constexpr size_t kDynamicSharedOptinLimit = 227 * 1024;
+constexpr size_t kParamLimit = 4096;
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr unsigned kUnsetBits = 0xFFFFFFFFu;
+
+// --- fiber switch --------------------------------------------------------------
+// cuda_cpu_switch(save, to): pushes the callee-saved registers, MXCSR and the x87
+// control word, stores the stack pointer in *save, loads `to` and pops the same
+// frame from there. A new fiber's first frame returns into cuda_cpu_fiber_start,
+// which calls r13(r12). The symbols are local to this object file.
+extern "C" void cuda_cpu_switch(void** save, void* to);
+extern "C" void cuda_cpu_fiber_start();
+asm(R"(
+    .text
+    .p2align 4
+    .type cuda_cpu_switch, @function
+cuda_cpu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $16, %rsp
+    stmxcsr 8(%rsp)
+    fnstcw (%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr 8(%rsp)
+    fldcw (%rsp)
+    addq $16, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size cuda_cpu_switch, .-cuda_cpu_switch
+    .p2align 4
+    .type cuda_cpu_fiber_start, @function
+cuda_cpu_fiber_start:
+    movq %r12, %rdi
+    callq *%r13
+    ud2
+    .size cuda_cpu_fiber_start, .-cuda_cpu_fiber_start
+)");
+
+// Builds the first frame of a fiber at the top of [base, base+size): switching to
+// the returned stack pointer calls fn(arg) on that stack.
+static void* fiber_frame(char* base, size_t size, void (*fn)(intptr_t), intptr_t arg) {
+    uintptr_t top = ((uintptr_t)(base + size) - 64) & ~(uintptr_t)15;
+    uint64_t* sp = (uint64_t*)top;
+    *--sp = (uint64_t)(uintptr_t)&cuda_cpu_fiber_start;  // return address of the switch
+    *--sp = 0;                                             // rbp
+    *--sp = 0;                                             // rbx
+    *--sp = (uint64_t)arg;                                 // r12
+    *--sp = (uint64_t)(uintptr_t)fn;                       // r13
+    *--sp = 0;                                             // r14
+    *--sp = 0;                                             // r15
+    sp -= 2;
+    uint32_t mxcsr;
+    uint16_t fpucw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpucw));
+    memcpy((char*)sp + 8, &mxcsr, 4);
+    memcpy((char*)sp, &fpucw, 2);
+    return sp;
+}
+
+// --- environment ------------------------------------------------------------------
+enum Schedule { kForward, kReverse, kRandom };
+
+static long env_long(const char* name, long fallback) {
+    const char* v = getenv(name);
+    if (!v || !*v) return fallback;
+    char* end;
+    long x = strtol(v, &end, 10);
+    return *end ? fallback : x;
+}
+
+static Schedule env_schedule() {
+    const char* v = getenv("CUDA_CPU_SCHEDULE");
+    if (v && !strcmp(v, "reverse")) return kReverse;
+    if (v && !strcmp(v, "random")) return kRandom;
+    return kForward;
+}
+
+static int device_count() {
+    long n = env_long("CUDA_CPU_DEVICES", 2);
+    return (int)std::max(0L, std::min(n, (long)kMaxDevices));
+}
+
+// splitmix64: seeds the random schedules.
+static inline uint64_t mix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+static void shuffle(int* v, int n, uint64_t seed) {
+    for (int i = n - 1; i > 0; i--) {
+        seed = mix64(seed);
+        int j = (int)(seed % (uint64_t)(i + 1));
+        std::swap(v[i], v[j]);
+    }
+}
+
+// --- errors -------------------------------------------------------------------------
+struct State {
+    std::mutex mu;
+    cudaError_t sticky[kMaxDevices] = {};
+    std::map<int, std::string> detail;  // latest detailed message per error code
+};
+static State& state() {
+    static State* s = new State;  // never destroyed: pool threads may outlive statics
+    return *s;
+}
+
+static thread_local cudaError_t tls_last_error = cudaSuccess;
+static thread_local int tls_device = 0;
+
+static const char* error_name(cudaError_t e) {
+    switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInitializationError: return "initialization error";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDevicePointer: return "invalid device pointer";
+    case cudaErrorInvalidMemcpyDirection: return "invalid copy direction for memcpy";
+    case cudaErrorInvalidDeviceFunction: return "invalid device function";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorNotReady: return "device not ready";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
+    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
+    case cudaErrorPeerAccessAlreadyEnabled: return "peer access is already enabled";
+    case cudaErrorPeerAccessNotEnabled: return "peer access has not been enabled";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorNotSupported: return "operation not supported";
+    default: return "unknown error";
+    }
+}
+
+// Records an error with a detailed message; returns the error for `return set_error(...)`.
+__attribute__((format(printf, 2, 3)))
+static cudaError_t set_error(cudaError_t e, const char* fmt, ...) {
+    char msg[1024];
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, args);
+    va_end(args);
+    {
+        std::lock_guard<std::mutex> lock(state().mu);
+        state().detail[(int)e] = std::string(error_name(e)) + ": " + msg;
+    }
+    tls_last_error = e;
+    return e;
+}
+
+static cudaError_t set_sticky(int device, cudaError_t e, const std::string& msg) {
+    {
+        std::lock_guard<std::mutex> lock(state().mu);
+        state().detail[(int)e] = std::string(error_name(e)) + ": " + msg;
+        if (state().sticky[device] == cudaSuccess) state().sticky[device] = e;
+    }
+    tls_last_error = e;
+    return e;
+}
+
+static cudaError_t sticky_error(int device) {
+    std::lock_guard<std::mutex> lock(state().mu);
+    return state().sticky[device];
+}
+
+// Checks the current device; returns its sticky error, if any.
+static cudaError_t api_enter() {
+    if (tls_device >= device_count()) return set_error(cudaErrorNoDevice, "no emulated device (CUDA_CPU_DEVICES=%d)", device_count());
+    cudaError_t e = sticky_error(tls_device);
+    if (e != cudaSuccess) tls_last_error = e;
+    return e;
+}
+
+// --- memory registry -------------------------------------------------------------------
+struct Allocation {
+    size_t size;
+    int device;  // -1: pinned host memory
+};
+
+struct Registry {
+    std::mutex mu;
+    std::map<uintptr_t, Allocation> blocks;
+    bool peer[kMaxDevices][kMaxDevices] = {};
+};
+static Registry& registry() {
+    static Registry* r = new Registry;
+    return *r;
+}
+
+// Finds the allocation holding p: its base and record; base 0 when p is plain host memory.
+static uintptr_t find_allocation(const void* p, Allocation* out) {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    auto it = r.blocks.upper_bound((uintptr_t)p);
+    if (it == r.blocks.begin()) return 0;
+    --it;
+    if ((uintptr_t)p >= it->first + std::max<size_t>(it->second.size, 1)) return 0;
+    *out = it->second;
+    return it->first;
+}
+
+// --- per-worker block execution --------------------------------------------------------
+enum ThreadState : uint8_t { kUnstarted, kRunning, kWaitBlock, kWaitWarp, kReady, kExited };
+enum WarpOp : uint8_t { kSyncWarp, kBallot, kAny, kAll, kShflIdx, kShflUp, kShflDown, kShflXor };
+static const char* const kWarpOpNames[] = {"__syncwarp", "__ballot_sync", "__any_sync", "__all_sync",
+                                           "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync"};
+
+struct ThreadSlot {
+    void* sp;            // saved stack pointer of the fiber hosting this thread while it waits
+    int stack;           // index of that fiber's stack
+    ThreadState state;
+    WarpOp op;
+    const char* file;    // where it waits
+    int line;
+    uint32_t mask;
+    int32_t param;
+    int32_t width;
+    uint64_t value;
+    uint64_t result;
+};
+
+struct KernelCall {
+    void (*run)(const void* args);
+    std::shared_ptr<void> args;
+    const char* name;
+};
+
+struct Stack {
+    char* base;  // usable memory, above a guard page
+    size_t size;
+};
+
+struct SharedSlot {
+    const void* key;
+    size_t offset;
+};
+
+struct Worker {
+    // the block being run
+    const KernelCall* call = nullptr;
+    dim3 block_dim;
+    uint3 block_idx;
+    int n = 0;               // threads in the block
+    int next_unstarted = 0;  // index into order
+    int live = 0;            // threads that have not exited
+    int waiting = 0;         // threads waiting at __syncthreads()
+    int first_exited = -1;
+    const char* bar_file = nullptr;
+    int bar_line = 0;
+    int bar_thread = -1;
+    int cur = -1;            // thread now running
+    bool fast_path = true;
+    Schedule schedule = kForward;
+    uint64_t seed = 0;
+    uint64_t epoch = 0;
+    std::vector<ThreadSlot> t = std::vector<ThreadSlot>(kMaxThreads);
+    std::vector<int> order = std::vector<int>(kMaxThreads);
+    std::vector<int> ready = std::vector<int>(kMaxThreads);
+    int ready_head = 0, ready_tail = 0;
+    uint32_t warp_waiting[kMaxThreads / 32] = {};
+    uint32_t warp_exited[kMaxThreads / 32] = {};
+    // failure of the block
+    bool failed = false;
+    cudaError_t error = cudaSuccess;
+    std::string message;
+    // fibers
+    void* main_sp = nullptr;
+    std::vector<Stack> stacks;
+    std::vector<int> free_stacks;
+    int dead_stack = -1;
+    // shared memory
+    char* smem = nullptr;         // static arena, kStaticSharedLimit bytes
+    size_t smem_used = 0, smem_dirty = 0;
+    std::vector<SharedSlot> smem_slots;
+    std::unique_ptr<char[]> dyn_storage;
+    size_t dyn_capacity = 0;
+    char* dyn_smem = nullptr;
+    size_t dyn_size = 0;
+#if CUDA_CPU_ASAN
+    const void* main_stack_bottom = nullptr;
+    size_t main_stack_size = 0;
+    void* main_fake_stack = nullptr;
+#endif
+    Worker() {
+        smem = (char*)aligned_alloc(128, kStaticSharedLimit);
+        memset(smem, 0xFF, kStaticSharedLimit);
+    }
+};
+
+// Current worker and the built-in variables of the running CUDA thread.
+static __thread Worker* tls_worker __attribute__((tls_model("initial-exec")));
+static __thread uint3 tls_thread_idx __attribute__((tls_model("initial-exec")));
+static __thread uint3 tls_block_idx __attribute__((tls_model("initial-exec")));
+static __thread dim3 tls_block_dim __attribute__((tls_model("initial-exec")));
+static __thread dim3 tls_grid_dim __attribute__((tls_model("initial-exec")));
+
+static std::string thread_name(const Worker& w, int t) {
+    unsigned bx = w.block_dim.x, by = w.block_dim.y;
+    char buf[160];
+    snprintf(buf, sizeof(buf), "thread (%u,%u,%u) of block (%u,%u,%u)", t % bx, (t / bx) % by, t / (bx * by),
+             w.block_idx.x, w.block_idx.y, w.block_idx.z);
+    return buf;
+}
+
+static void set_current(Worker& w, int t) {
+    w.cur = t;
+    unsigned bx = w.block_dim.x, by = w.block_dim.y;
+    tls_thread_idx = uint3{t % bx, (t / bx) % by, t / (bx * by)};
+}
+
+// ASan must be told when the stack changes under it.
+static inline void fiber_switch(Worker& w, void** save, void* to, const Stack* to_stack, bool dying) {
+#if CUDA_CPU_ASAN
+    void* fake = nullptr;
+    if (to_stack) __sanitizer_start_switch_fiber(dying ? nullptr : &fake, to_stack->base, to_stack->size);
+    else __sanitizer_start_switch_fiber(dying ? nullptr : &fake, w.main_stack_bottom, w.main_stack_size);
+    cuda_cpu_switch(save, to);
+    __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#else
+    (void)w; (void)to_stack; (void)dying;
+    cuda_cpu_switch(save, to);
+#endif
+}
+
+static int take_stack(Worker& w) {
+    if (!w.free_stacks.empty()) {
+        int s = w.free_stacks.back();
+        w.free_stacks.pop_back();
+        return s;
+    }
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    char* p = (char*)mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return -1;
+    mprotect(p, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
+    w.stacks.push_back(Stack{p + page, kStackBytes});
+    return (int)w.stacks.size() - 1;
+}
+
+// A block-level failure: the block stops, the launch reports it as a sticky error.
+static void block_fail(Worker& w, cudaError_t e, const std::string& msg) {
+    if (w.failed) return;
+    w.failed = true;
+    w.error = e;
+    w.message = msg;
+}
+
+static void runner_main(intptr_t stack);
+
+// Leaves the current fiber (or the worker's own stack when save == &w.main_sp) for the
+// next thing to run: a released thread, else a new runner for the next unstarted thread,
+// else the worker's main loop. Returns when the caller is resumed; false when nothing
+// else could run (only from the main loop).
+static bool switch_next(Worker& w, void** save, bool from_main) {
+    if (!w.failed) {
+        if (w.ready_head < w.ready_tail) {
+            int t = w.ready[w.ready_head++];
+            ThreadSlot& s = w.t[t];
+            s.state = kRunning;
+            set_current(w, t);
+            if (&s.sp != save) fiber_switch(w, save, s.sp, &w.stacks[s.stack], false);
+            return true;
+        }
+        if (w.next_unstarted < w.n) {
+            int st = take_stack(w);
+            if (st < 0) {
+                block_fail(w, cudaErrorLaunchOutOfResources, "cannot map a fiber stack");
+            } else {
+                Stack& stack = w.stacks[st];
+#if CUDA_CPU_ASAN
+                __asan_unpoison_memory_region(stack.base, stack.size);
+#endif
+                void* sp = fiber_frame(stack.base, stack.size, runner_main, st);
+                fiber_switch(w, save, sp, &stack, false);
+                return true;
+            }
+        }
+    }
+    if (from_main) return false;
+    fiber_switch(w, save, w.main_sp, nullptr, false);
+    return true;
+}
+
+// Called in a fiber when its thread cannot go on: the worker's main loop takes over for good.
+[[noreturn]] static void fiber_abandon(Worker& w) {
+    void* dummy;
+    fiber_switch(w, &dummy, w.main_sp, nullptr, true);
+    __builtin_unreachable();
+}
+
+static void thread_exit(Worker& w, int t) {
+    ThreadSlot& s = w.t[t];
+    s.state = kExited;
+    w.live--;
+    if (w.first_exited < 0) w.first_exited = t;
+    if (w.waiting > 0) {
+        block_fail(w, cudaErrorLaunchFailure,
+                   thread_name(w, t) + " exited while " + thread_name(w, w.bar_thread) + " waits at __syncthreads() " +
+                       w.bar_file + ":" + std::to_string(w.bar_line));
+        return;
+    }
+    int warp = t >> 5, lane = t & 31;
+    w.warp_exited[warp] |= 1u << lane;
+    for (uint32_t m = w.warp_waiting[warp]; m; m &= m - 1) {
+        int other = warp * 32 + __builtin_ctz(m);
+        const ThreadSlot& o = w.t[other];
+        if (o.mask >> lane & 1u) {
+            block_fail(w, cudaErrorLaunchFailure,
+                       thread_name(w, t) + " exited while " + thread_name(w, other) + " waits for it at " +
+                           kWarpOpNames[o.op] + " " + o.file + ":" + std::to_string(o.line));
+            return;
+        }
+    }
+}
+
+static void runner_main(intptr_t stack) {
+    Worker& w = *tls_worker;
+#if CUDA_CPU_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+#endif
+    while (!w.failed && w.next_unstarted < w.n) {
+        int t = w.order[w.next_unstarted++];
+        ThreadSlot& s = w.t[t];
+        s.stack = (int)stack;
+        s.state = kRunning;
+        set_current(w, t);
+        w.call->run(w.call->args.get());
+        thread_exit(w, t);
+        if (!w.fast_path) break;
+    }
+    w.dead_stack = (int)stack;
+    fiber_abandon(w);
+}
+
+// Appends threads to the ready queue in schedule order.
+static void make_ready(Worker& w, int t) {
+    w.t[t].state = kReady;
+    w.ready[w.ready_tail++] = t;
+}
+
+static void syncthreads(const char* file, int line) {
+    Worker* wp = tls_worker;
+    if (!wp || wp->cur < 0) return;  // host code: nothing to wait for
+    Worker& w = *wp;
+    int t = w.cur;
+    ThreadSlot& s = w.t[t];
+    if (w.first_exited >= 0) {
+        block_fail(w, cudaErrorLaunchFailure,
+                   thread_name(w, t) + " waits at __syncthreads() " + file + ":" + std::to_string(line) + " but " +
+                       thread_name(w, w.first_exited) + " has exited");
+        fiber_abandon(w);
+    }
+    if (w.waiting == 0) {
+        w.bar_file = file;
+        w.bar_line = line;
+        w.bar_thread = t;
+    } else if (w.bar_line != line || (w.bar_file != file && strcmp(w.bar_file, file) != 0)) {
+        block_fail(w, cudaErrorLaunchFailure,
+                   "divergent __syncthreads(): " + thread_name(w, t) + " waits at " + file + ":" + std::to_string(line) +
+                       ", " + thread_name(w, w.bar_thread) + " at " + w.bar_file + ":" + std::to_string(w.bar_line));
+        fiber_abandon(w);
+    }
+    s.state = kWaitBlock;
+    s.file = file;
+    s.line = line;
+    if (++w.waiting == w.live) {  // everyone has arrived: release in schedule order
+        w.waiting = 0;
+        w.ready_head = w.ready_tail = 0;
+        if (w.schedule == kRandom) shuffle(w.order.data(), w.n, w.seed ^ mix64(++w.epoch));
+        for (int i = 0; i < w.n; i++)
+            if (w.t[w.order[i]].state == kWaitBlock) make_ready(w, w.order[i]);
+    }
+    switch_next(w, &s.sp, false);
+    if (w.failed) fiber_abandon(w);
+}
+
+// Result of a warp operation for one lane, by the PTX rules (shfl.sync: the source
+// lane j and whether it is valid; out-of-segment sources return the lane's own value).
+static uint64_t warp_result(const Worker& w, int warp, int lane, uint32_t members, uint32_t existing) {
+    const ThreadSlot& s = w.t[warp * 32 + lane];
+    uint32_t ballot = 0;
+    switch (s.op) {
+    case kSyncWarp: return 0;
+    case kBallot: case kAny: case kAll:
+        for (uint32_t m = members; m; m &= m - 1) {
+            int l = __builtin_ctz(m);
+            if (w.t[warp * 32 + l].value) ballot |= 1u << l;
+        }
+        if (s.op == kBallot) return ballot;
+        if (s.op == kAny) return ballot != 0;
+        return ballot == members;
+    default: break;
+    }
+    uint32_t seg = (uint32_t)(32 - s.width);       // segment mask: the lane bits above the width
+    uint32_t min_lane = (uint32_t)lane & seg;
+    uint32_t max_lane = min_lane | (31u & ~seg);
+    int64_t j;
+    bool valid;
+    switch (s.op) {
+    case kShflIdx: j = min_lane | ((uint32_t)s.param & 31u & ~seg); valid = true; break;
+    case kShflUp: j = (int64_t)lane - (uint32_t)s.param; valid = j >= (int64_t)min_lane; break;
+    case kShflDown: j = (int64_t)lane + (uint32_t)s.param; valid = j <= (int64_t)max_lane; break;
+    default: j = (int64_t)((uint32_t)lane ^ (uint32_t)s.param); valid = j <= (int64_t)max_lane; break;
+    }
+    if (!valid) return s.value;
+    if (!((existing & members) >> j & 1u)) return ~(uint64_t)0;  // inactive source lane: undefined -> NaN bits
+    return w.t[warp * 32 + (int)j].value;
+}
+
+static uint64_t warp_op(WarpOp op, uint32_t mask, uint64_t value, int32_t param, int32_t width, const char* file, int line) {
+    Worker* wp = tls_worker;
+    if (!wp || wp->cur < 0) {
+        fprintf(stderr, "cuda_cpu: %s called outside a kernel\n", kWarpOpNames[op]);
+        return value;
+    }
+    Worker& w = *wp;
+    int t = w.cur, warp = t >> 5, lane = t & 31;
+    ThreadSlot& s = w.t[t];
+    auto where = [&] { return std::string(" at ") + kWarpOpNames[op] + " " + file + ":" + std::to_string(line); };
+    if (op >= kShflIdx && (width < 1 || width > 32 || (width & (width - 1)))) {
+        block_fail(w, cudaErrorLaunchFailure, thread_name(w, t) + where() + ": width " + std::to_string(width) + " is not a power of 2 in [1, 32]");
+        fiber_abandon(w);
+    }
+    if (!(mask >> lane & 1u)) {
+        block_fail(w, cudaErrorLaunchFailure, thread_name(w, t) + where() + ": its own lane is not in the mask");
+        fiber_abandon(w);
+    }
+    int lanes = std::min(32, w.n - warp * 32);
+    uint32_t existing = lanes == 32 ? 0xFFFFFFFFu : (1u << lanes) - 1u;
+    uint32_t members = mask & existing;
+    if (members & w.warp_exited[warp]) {
+        int other = warp * 32 + __builtin_ctz(members & w.warp_exited[warp]);
+        block_fail(w, cudaErrorLaunchFailure, thread_name(w, t) + where() + " waits for " + thread_name(w, other) + ", which has exited");
+        fiber_abandon(w);
+    }
+    for (uint32_t m = w.warp_waiting[warp] & members; m; m &= m - 1) {
+        const ThreadSlot& o = w.t[warp * 32 + __builtin_ctz(m)];
+        if (o.mask != mask || o.op != op) {
+            char buf[64];
+            snprintf(buf, sizeof(buf), " (mask 0x%08x vs 0x%08x)", mask, o.mask);
+            block_fail(w, cudaErrorLaunchFailure, "mismatched warp operation: " + thread_name(w, t) + where() + buf + ", " +
+                           thread_name(w, warp * 32 + __builtin_ctz(m)) + " at " + kWarpOpNames[o.op] + " " + o.file + ":" + std::to_string(o.line));
+            fiber_abandon(w);
+        }
+    }
+    s.state = kWaitWarp;
+    s.op = op;
+    s.mask = mask;
+    s.value = value;
+    s.param = param;
+    s.width = width;
+    s.file = file;
+    s.line = line;
+    w.warp_waiting[warp] |= 1u << lane;
+    if ((w.warp_waiting[warp] & members) == members) {  // all lanes arrived: compute, then release
+        for (uint32_t m = members; m; m &= m - 1) {
+            int l = __builtin_ctz(m);
+            w.t[warp * 32 + l].result = warp_result(w, warp, l, members, existing);
+        }
+        w.warp_waiting[warp] &= ~members;
+        int first = w.schedule == kReverse ? 31 : 0, step = w.schedule == kReverse ? -1 : 1;
+        int rot = w.schedule == kRandom ? (int)(mix64(w.seed ^ ++w.epoch) & 31) : 0;
+        for (int i = 0; i < 32; i++) {
+            int l = (first + step * i + rot) & 31;
+            if (members >> l & 1u) make_ready(w, warp * 32 + l);
+        }
+    }
+    switch_next(w, &s.sp, false);
+    if (w.failed) fiber_abandon(w);
+    return s.result;
+}
+
+// Static shared memory: one slot per declaration (keyed by a static token), allocated
+// by the first thread of the block that reaches it.
+static void* shared_static(const void* key, size_t bytes, size_t align) {
+    Worker* wp = tls_worker;
+    if (!wp || wp->cur < 0) {
+        fprintf(stderr, "cuda_cpu: SHARED used outside a kernel\n");
+        abort();
+    }
+    Worker& w = *wp;
+    for (const SharedSlot& s : w.smem_slots)
+        if (s.key == key) return w.smem + s.offset;
+    size_t offset = (w.smem_used + align - 1) & ~(align - 1);
+    if (offset + bytes > kStaticSharedLimit) {
+        block_fail(w, cudaErrorLaunchOutOfResources,
+                   "static shared memory of kernel " + std::string(w.call->name) + " exceeds 48 KB (" +
+                       std::to_string(offset + bytes) + " bytes)");
+        fiber_abandon(w);
+    }
+    w.smem_slots.push_back(SharedSlot{key, offset});
+    w.smem_used = offset + bytes;
+#if CUDA_CPU_ASAN
+    __asan_unpoison_memory_region(w.smem + offset, bytes);
+#endif
+    return w.smem + offset;
+}
+
+static void* shared_dynamic() {
+    Worker* wp = tls_worker;
+    return wp ? wp->dyn_smem : nullptr;
+}
+
+// --- a launch: blocks over the worker pool --------------------------------------------
+struct Grid {
+    KernelCall call;
+    dim3 grid, block;
+    size_t smem;
+    uint64_t blocks;
+    Schedule schedule;
+    uint64_t seed;
+    bool fast_path;
+    int device;
+    std::vector<uint32_t> block_order;  // random schedule only
+    std::atomic<uint64_t> next{0};
+    std::atomic<bool> failed{false};
+    std::mutex mu;
+    cudaError_t error = cudaSuccess;
+    std::string message;
+};
+
+static Worker& this_worker() {
+    if (!tls_worker) {
+        tls_worker = new Worker;  // one per OS thread, kept for reuse
+#if CUDA_CPU_ASAN
+        pthread_attr_t attr;
+        void* addr = nullptr;
+        pthread_getattr_np(pthread_self(), &attr);
+        pthread_attr_getstack(&attr, &addr, &tls_worker->main_stack_size);
+        pthread_attr_destroy(&attr);
+        tls_worker->main_stack_bottom = addr;
+#endif
+    }
+    return *tls_worker;
+}
+
+static void run_block(Worker& w, Grid& g, uint64_t b) {
+    w.call = &g.call;
+    w.block_dim = g.block;
+    w.block_idx = uint3{(unsigned)(b % g.grid.x), (unsigned)(b / g.grid.x % g.grid.y), (unsigned)(b / ((uint64_t)g.grid.x * g.grid.y))};
+    w.n = (int)(g.block.x * g.block.y * g.block.z);
+    w.next_unstarted = 0;
+    w.live = w.n;
+    w.waiting = 0;
+    w.first_exited = -1;
+    w.cur = -1;
+    w.fast_path = g.fast_path;
+    w.schedule = g.schedule;
+    w.seed = mix64(g.seed ^ mix64(b + 1));
+    w.epoch = 0;
+    w.ready_head = w.ready_tail = 0;
+    w.failed = false;
+    w.dead_stack = -1;
+    int nwarps = (w.n + 31) / 32;
+    for (int i = 0; i < nwarps; i++) w.warp_waiting[i] = w.warp_exited[i] = 0;
+    for (int i = 0; i < w.n; i++) {
+        w.order[i] = g.schedule == kReverse ? w.n - 1 - i : i;
+        w.t[i].state = kUnstarted;
+    }
+    if (g.schedule == kRandom) shuffle(w.order.data(), w.n, w.seed);
+    // shared memory: back to NaN bytes
+    size_t dirty = std::max(w.smem_dirty, w.smem_used);
+#if CUDA_CPU_ASAN
+    __asan_unpoison_memory_region(w.smem, kStaticSharedLimit);
+#endif
+    memset(w.smem, 0xFF, dirty);
+#if CUDA_CPU_ASAN
+    __asan_poison_memory_region(w.smem, kStaticSharedLimit);
+#endif
+    w.smem_dirty = dirty;
+    w.smem_used = 0;
+    w.smem_slots.clear();
+    if (g.smem) {
+        if (w.dyn_capacity != g.smem) {  // exactly the launch's size, so ASan sees overruns
+            w.dyn_storage.reset(new char[g.smem]);
+            w.dyn_capacity = g.smem;
+        }
+        memset(w.dyn_storage.get(), 0xFF, g.smem);
+        w.dyn_smem = w.dyn_storage.get();
+    } else {
+        w.dyn_smem = nullptr;
+    }
+    tls_block_idx = w.block_idx;
+    tls_block_dim = g.block;
+    tls_grid_dim = g.grid;
+
+    while (true) {
+        if (w.dead_stack >= 0) {
+            w.free_stacks.push_back(w.dead_stack);
+            w.dead_stack = -1;
+        }
+        if (w.failed) break;
+        if (!switch_next(w, &w.main_sp, true)) {
+            if (w.live > 0) {
+                // nothing can run: name one waiting thread and the one it waits for
+                std::string msg = "deadlock:";
+                for (int i = 0; i < w.n; i++) {
+                    const ThreadSlot& s = w.t[i];
+                    if (s.state == kWaitBlock) { msg += " " + thread_name(w, i) + " waits at __syncthreads() " + s.file + ":" + std::to_string(s.line) + ";"; break; }
+                }
+                for (int i = 0; i < w.n; i++) {
+                    const ThreadSlot& s = w.t[i];
+                    if (s.state == kWaitWarp) { msg += " " + thread_name(w, i) + " waits at " + kWarpOpNames[s.op] + " " + s.file + ":" + std::to_string(s.line) + ";"; break; }
+                }
+                msg.pop_back();
+                block_fail(w, cudaErrorLaunchFailure, msg);
+            }
+            break;
+        }
+    }
+    if (w.failed) {  // abandoned fibers: every stack is free again
+        w.free_stacks.clear();
+        for (int i = (int)w.stacks.size() - 1; i >= 0; i--) w.free_stacks.push_back(i);
+        std::lock_guard<std::mutex> lock(g.mu);
+        if (!g.failed.exchange(true)) {
+            g.error = w.error;
+            g.message = "kernel " + std::string(g.call.name) + ": " + w.message;
+        }
+    }
+    w.cur = -1;
+    w.call = nullptr;
+}
+
+static void run_blocks(Grid& g) {
+    Worker& w = this_worker();
+    while (!g.failed.load(std::memory_order_relaxed)) {
+        uint64_t i = g.next.fetch_add(1);
+        if (i >= g.blocks) break;
+        uint64_t b = g.schedule == kForward ? i : g.schedule == kReverse ? g.blocks - 1 - i : g.block_order[i];
+        run_block(w, g, b);
+    }
+}
+
+// Persistent worker threads; the launching thread works too. Never destroyed (the
+// threads are detached and may still wait when static destructors run).
+struct Pool {
+    std::mutex launch_mu;  // one grid at a time
+    std::mutex mu;
+    std::condition_variable wake, done;
+    int threads = 0;
+    uint64_t generation = 0;
+    int wanted = 0;   // pool threads taking part in the current grid
+    int running = 0;
+    Grid* grid = nullptr;
+};
+static Pool& pool() {
+    static Pool* p = [] {
+        Pool* q = new Pool;
+        pthread_atfork([] { pool().launch_mu.lock(); },
+                       [] { pool().launch_mu.unlock(); },
+                       [] {  // the child has no pool threads: start over
+                           new (&pool().launch_mu) std::mutex;
+                           new (&pool().mu) std::mutex;
+                           new (&pool().wake) std::condition_variable;
+                           new (&pool().done) std::condition_variable;
+                           pool().threads = 0;
+                           pool().running = 0;
+                       });
+        return q;
+    }();
+    return *p;
+}
+
+static void pool_thread(int index, uint64_t seen) {
+    Pool& p = pool();
+    std::unique_lock<std::mutex> lock(p.mu);
+    for (;;) {
+        p.wake.wait(lock, [&] { return p.generation != seen && index < p.wanted; });
+        seen = p.generation;
+        Grid* g = p.grid;
+        lock.unlock();
+        run_blocks(*g);
+        lock.lock();
+        if (--p.running == 0) p.done.notify_all();
+    }
+}
+
+static void run_grid(Grid& g) {
+    Pool& p = pool();
+    std::lock_guard<std::mutex> launch(p.launch_mu);
+    long workers = env_long("CUDA_CPU_WORKERS", (long)std::max(1u, std::thread::hardware_concurrency()));
+    int helpers = (int)std::min<uint64_t>((uint64_t)std::max(1L, std::min(workers, 256L)), g.blocks) - 1;
+    if (helpers > 0) {
+        std::unique_lock<std::mutex> lock(p.mu);
+        while (p.threads < helpers) std::thread(pool_thread, p.threads++, p.generation).detach();
+        p.grid = &g;
+        p.wanted = helpers;
+        p.running = helpers;
+        p.generation++;
+        p.wake.notify_all();
+    }
+    run_blocks(g);
+    if (helpers > 0) {
+        std::unique_lock<std::mutex> lock(p.mu);
+        p.done.wait(lock, [&] { return p.running == 0; });
+        p.wanted = 0;
+    }
+}
+
+// --- streams and events -----------------------------------------------------------------
+}  // namespace
+}  // namespace cuda_cpu
+
+struct CUstream_st {
+    int device;
+    unsigned flags;
+};
+struct CUevent_st {
+    int device;
+    unsigned flags;
+    bool recorded = false;
+    std::chrono::steady_clock::time_point time;
+};
+
+namespace cuda_cpu {
+namespace {
+
+static CUstream_st* null_stream(int device) {
+    static CUstream_st* streams = [] {
+        CUstream_st* s = new CUstream_st[kMaxDevices];
+        for (int i = 0; i < kMaxDevices; i++) s[i] = CUstream_st{i, 0};
+        return s;
+    }();
+    return &streams[device];
+}
+
+static CUstream_st* resolve(cudaStream_t s) { return s ? s : null_stream(tls_device); }
+
+// Runs one piece of stream work (synchronously for now).
+static void stream_run(CUstream_st* s, const std::function<void()>& op) {
+    (void)s;
+    op();
+}
+
+static uint64_t launch_counter() {
+    static std::atomic<uint64_t> n{0};
+    return n++;
+}
+
+static void launch_grid(std::shared_ptr<Grid> g) {
+    if (sticky_error(g->device) != cudaSuccess) return;
+    g->schedule = env_schedule();
+    g->seed = mix64((uint64_t)env_long("CUDA_CPU_SEED", 0) ^ mix64(launch_counter()));
+    g->fast_path = env_long("CUDA_CPU_FASTPATH", 1) != 0;
+    if (g->schedule == kRandom) {
+        g->block_order.resize(g->blocks);
+        std::vector<int> idx(g->blocks);
+        for (uint64_t i = 0; i < g->blocks; i++) idx[i] = (int)i;
+        shuffle(idx.data(), (int)g->blocks, g->seed);
+        for (uint64_t i = 0; i < g->blocks; i++) g->block_order[i] = (uint32_t)idx[i];
+    }
+    run_grid(*g);
+    if (g->failed) set_sticky(g->device, g->error, g->message);
+}
+
+template <typename... P>
+struct KernelArgs {
+    void (*kernel)(P...);
+    std::tuple<std::decay_t<P>...> args;
+    static void run(const void* p) {
+        const KernelArgs* a = (const KernelArgs*)p;
+        std::apply(a->kernel, a->args);
+    }
+};
+
+template <typename... P, typename... A>
+static void launch(const char* name, const char* file, int line, void (*kernel)(P...), dim3 grid, dim3 block,
+                   size_t smem, cudaStream_t stream, A&&... args) {
+    static_assert(sizeof...(P) == sizeof...(A), "KERNEL_LAUNCH: wrong number of kernel arguments");
+    if (api_enter() != cudaSuccess) return;
+    CUstream_st* s = resolve(stream);
+    auto where = [&] { return std::string(name) + " at " + file + ":" + std::to_string(line); };
+    uint64_t threads = (uint64_t)block.x * block.y * block.z;
+    uint64_t blocks = (uint64_t)grid.x * grid.y * grid.z;
+    if (s->device != tls_device) {
+        set_error(cudaErrorInvalidResourceHandle, "kernel %s launched on a stream of device %d while device %d is current", where().c_str(), s->device, tls_device);
+        return;
+    }
+    if (threads == 0 || blocks == 0 || threads > kMaxThreads || block.z > 64 || grid.y > 65535 || grid.z > 65535 || grid.x > 0x7FFFFFFFu) {
+        set_error(cudaErrorInvalidConfiguration, "kernel %s: grid (%u,%u,%u), block (%u,%u,%u): at most 1024 threads per block, block.z <= 64, grid.x < 2^31, grid.y and grid.z <= 65535, none zero",
+                  where().c_str(), grid.x, grid.y, grid.z, block.x, block.y, block.z);
+        return;
+    }
+    if (smem > kDynamicSharedOptinLimit) {
+        set_error(cudaErrorInvalidValue, "kernel %s: %zu bytes of dynamic shared memory (limit %zu)", where().c_str(), smem, kDynamicSharedOptinLimit);
+        return;
+    }
+    size_t param_bytes = 0;
+    for (size_t b : {(size_t)0, sizeof(std::decay_t<P>)...}) param_bytes += (b + 7) & ~(size_t)7;
+    if (param_bytes > kParamLimit) {
+        set_error(cudaErrorInvalidValue, "kernel %s: %zu bytes of parameters (limit %zu)", where().c_str(), param_bytes, kParamLimit);
+        return;
+    }
+    auto g = std::make_shared<Grid>();
+    auto a = std::make_shared<KernelArgs<P...>>(KernelArgs<P...>{kernel, std::tuple<std::decay_t<P>...>(std::forward<A>(args)...)});
+    g->call = KernelCall{&KernelArgs<P...>::run, a, name};
+    g->grid = grid;
+    g->block = block;
+    g->smem = smem;
+    g->blocks = blocks;
+    g->device = tls_device;
+    stream_run(s, [g] { launch_grid(g); });
+}
+
+}  // namespace
+}  // namespace cuda_cpu
+
+// ----------------------------------------------------------------------------
+// What kernels see
+
+#define threadIdx (::cuda_cpu::tls_thread_idx)
+#define blockIdx (::cuda_cpu::tls_block_idx)
+#define blockDim (::cuda_cpu::tls_block_dim)
+#define gridDim (::cuda_cpu::tls_grid_dim)
+static constexpr int warpSize = 32;
+
+#define __syncthreads() ::cuda_cpu::syncthreads(__FILE__, __LINE__)
+#define SHARED(T, name, dims)                                                              \
+    static const char cuda_cpu_smem_key_##name = 0;                                        \
+    T(&name) dims = *reinterpret_cast<T(*) dims>(                                          \
+        ::cuda_cpu::shared_static(&cuda_cpu_smem_key_##name, sizeof(T dims), alignof(T)))
+#define EXTERN_SHARED(T, name) T* name = reinterpret_cast<T*>(::cuda_cpu::shared_dynamic())
+#define KERNEL_LAUNCH(kernel, grid, block, smem, stream, ...) \
+    ::cuda_cpu::launch(#kernel, __FILE__, __LINE__, kernel, dim3(grid), dim3(block), (size_t)(smem), (stream) __VA_OPT__(,) __VA_ARGS__)
+
+// Warp operations: a warp-scoped barrier over the lanes in `mask`.
+namespace cuda_cpu {
+namespace {
+template <typename T>
+static T shfl(WarpOp op, unsigned mask, T var, int param, int width, const char* file, int line) {
+    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "warp shuffle of a type wider than 8 bytes");
+    uint64_t bits = 0;
+    memcpy(&bits, &var, sizeof(T));
+    uint64_t r = warp_op(op, mask, bits, param, width, file, line);
+    T out;
+    memcpy(&out, &r, sizeof(T));
+    return out;
+}
+}  // namespace
+}  // namespace cuda_cpu
+#define __shfl_sync(mask, var, lane, ...) ::cuda_cpu::shfl(::cuda_cpu::kShflIdx, (mask), (var), (lane), CUDA_CPU_WIDTH(__VA_ARGS__), __FILE__, __LINE__)
+#define __shfl_up_sync(mask, var, delta, ...) ::cuda_cpu::shfl(::cuda_cpu::kShflUp, (mask), (var), (int)(delta), CUDA_CPU_WIDTH(__VA_ARGS__), __FILE__, __LINE__)
+#define __shfl_down_sync(mask, var, delta, ...) ::cuda_cpu::shfl(::cuda_cpu::kShflDown, (mask), (var), (int)(delta), CUDA_CPU_WIDTH(__VA_ARGS__), __FILE__, __LINE__)
+#define __shfl_xor_sync(mask, var, lane_mask, ...) ::cuda_cpu::shfl(::cuda_cpu::kShflXor, (mask), (var), (lane_mask), CUDA_CPU_WIDTH(__VA_ARGS__), __FILE__, __LINE__)
+#define CUDA_CPU_WIDTH(...) ::cuda_cpu::width_or_32(__VA_ARGS__)
+#define __ballot_sync(mask, pred) ((unsigned)::cuda_cpu::warp_op(::cuda_cpu::kBallot, (mask), (pred) ? 1 : 0, 0, 32, __FILE__, __LINE__))
+#define __any_sync(mask, pred) ((int)::cuda_cpu::warp_op(::cuda_cpu::kAny, (mask), (pred) ? 1 : 0, 0, 32, __FILE__, __LINE__))
+#define __all_sync(mask, pred) ((int)::cuda_cpu::warp_op(::cuda_cpu::kAll, (mask), (pred) ? 1 : 0, 0, 32, __FILE__, __LINE__))
+#define __syncwarp(...) ((void)::cuda_cpu::warp_op(::cuda_cpu::kSyncWarp, ::cuda_cpu::mask_or_full(__VA_ARGS__), 0, 0, 32, __FILE__, __LINE__))
+namespace cuda_cpu {
+namespace {
+static inline int width_or_32() { return 32; }
+static inline int width_or_32(int w) { return w; }
+static inline unsigned mask_or_full() { return 0xFFFFFFFFu; }
+static inline unsigned mask_or_full(unsigned m) { return m; }
+}  // namespace
+}  // namespace cuda_cpu
+
+static inline unsigned __activemask() {
+    ::cuda_cpu::Worker* w = ::cuda_cpu::tls_worker;
+    if (!w || w->cur < 0) return 0xFFFFFFFFu;
+    int lanes = std::min(32, w->n - (w->cur & ~31));
+    return lanes == 32 ? 0xFFFFFFFFu : (1u << lanes) - 1u;
+}
+
+// ----------------------------------------------------------------------------
+// Device functions: atomics, memory fences, math intrinsics
+
+template <typename T>
+static inline T cuda_cpu_atomic_add_float(T* p, T v) {
+    T old, sum;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);
+    do {
+        sum = old + v;
+    } while (!__atomic_compare_exchange(p, &old, &sum, true, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
+    return old;
+}
+static inline float atomicAdd(float* p, float v) { return cuda_cpu_atomic_add_float(p, v); }
+static inline double atomicAdd(double* p, double v) { return cuda_cpu_atomic_add_float(p, v); }
+static inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+static inline int atomicMax(int* p, int v) { int old = *p; while (old < v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {} return old; }
+static inline int atomicMin(int* p, int v) { int old = *p; while (old > v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {} return old; }
+static inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+static inline float atomicExch(float* p, float v) { float old; __atomic_exchange(p, &v, &old, __ATOMIC_SEQ_CST); return old; }
+static inline int atomicCAS(int* p, int cmp, int v) { __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); return cmp; }
+static inline unsigned atomicCAS(unsigned* p, unsigned cmp, unsigned v) { __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); return cmp; }
+static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+template <typename T> static inline T __ldg(const T* p) { return *p; }
+
+// glibc declares some of these names itself, hence macros.
+#define __expf(x) expf(x)
+#define __logf(x) logf(x)
+#define __log2f(x) log2f(x)
+#define __sinf(x) sinf(x)
+#define __cosf(x) cosf(x)
+#define __tanf(x) tanf(x)
+#define __powf(x, y) powf((x), (y))
+static inline float __fdividef(float x, float y) { return x / y; }
+static inline float __frcp_rn(float x) { return 1.0f / x; }
+static inline float __fsqrt_rn(float x) { return sqrtf(x); }
+static inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+static inline float __frsqrt_rn(float x) { return 1.0f / sqrtf(x); }
+static inline float __saturatef(float x) { return x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x; }
+static inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __int_as_float(int x) { float f; memcpy(&f, &x, 4); return f; }
+static inline int __float_as_int(float x) { int i; memcpy(&i, &x, 4); return i; }
+static inline float __uint_as_float(unsigned x) { float f; memcpy(&f, &x, 4); return f; }
+static inline unsigned __float_as_uint(float x) { unsigned i; memcpy(&i, &x, 4); return i; }
+static inline int __float2int_rn(float x) { return (int)nearbyintf(x); }
+static inline int __float2int_rz(float x) { return (int)x; }
+static inline int __popc(unsigned x) { return __builtin_popcount(x); }
+static inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+static inline int __ffs(int x) { return __builtin_ffs(x); }
+static inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
+static inline unsigned __brev(unsigned x) {
+    x = ((x >> 1) & 0x55555555u) | ((x & 0x55555555u) << 1);
+    x = ((x >> 2) & 0x33333333u) | ((x & 0x33333333u) << 2);
+    x = ((x >> 4) & 0x0F0F0F0Fu) | ((x & 0x0F0F0F0Fu) << 4);
+    x = ((x >> 8) & 0x00FF00FFu) | ((x & 0x00FF00FFu) << 8);
+    return (x >> 16) | (x << 16);
+}
+static inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((uint64_t)a * b) >> 32); }
+static inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) { return (unsigned long long)(((__uint128_t)a * b) >> 64); }
+#define CUDA_CPU_MINMAX(T)                                              \
+    static inline T min(T a, T b) { return b < a ? b : a; }           \
+    static inline T max(T a, T b) { return a < b ? b : a; }
+CUDA_CPU_MINMAX(int)
+CUDA_CPU_MINMAX(unsigned)
+CUDA_CPU_MINMAX(long)
+CUDA_CPU_MINMAX(unsigned long)
+CUDA_CPU_MINMAX(long long)
+CUDA_CPU_MINMAX(unsigned long long)
+#undef CUDA_CPU_MINMAX
+static inline float min(float a, float b) { return fminf(a, b); }
+static inline float max(float a, float b) { return fmaxf(a, b); }
+static inline double min(double a, double b) { return fmin(a, b); }
+static inline double max(double a, double b) { return fmax(a, b); }
+
+// ----------------------------------------------------------------------------
+// Runtime API
+
+static inline cudaError_t cudaGetLastError() {
+    cudaError_t e = ::cuda_cpu::tls_last_error;
+    cudaError_t sticky = ::cuda_cpu::tls_device < ::cuda_cpu::kMaxDevices ? ::cuda_cpu::sticky_error(::cuda_cpu::tls_device) : cudaSuccess;
+    ::cuda_cpu::tls_last_error = sticky;
+    return e != cudaSuccess ? e : sticky;
+}
+static inline cudaError_t cudaPeekAtLastError() {
+    cudaError_t e = ::cuda_cpu::tls_last_error;
+    return e != cudaSuccess ? e : ::cuda_cpu::sticky_error(::cuda_cpu::tls_device);
+}
+static inline const char* cudaGetErrorString(cudaError_t e) {
+    auto& s = ::cuda_cpu::state();
+    std::lock_guard<std::mutex> lock(s.mu);
+    auto it = s.detail.find((int)e);
+    return it != s.detail.end() ? it->second.c_str() : ::cuda_cpu::error_name(e);
+}
+static inline const char* cudaGetErrorName(cudaError_t e) { return ::cuda_cpu::error_name(e); }
+
+static inline cudaError_t cudaGetDeviceCount(int* count) {
+    if (!count) return ::cuda_cpu::set_error(cudaErrorInvalidValue, "cudaGetDeviceCount: null pointer");
+    *count = ::cuda_cpu::device_count();
+    if (*count == 0) return ::cuda_cpu::set_error(cudaErrorNoDevice, "CUDA_CPU_DEVICES=0");
+    return cudaSuccess;
+}
+static inline cudaError_t cudaSetDevice(int device) {
+    if (device < 0 || device >= ::cuda_cpu::device_count())
+        return ::cuda_cpu::set_error(cudaErrorInvalidDevice, "cudaSetDevice(%d): %d emulated device(s)", device, ::cuda_cpu::device_count());
+    ::cuda_cpu::tls_device = device;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaGetDevice(int* device) {
+    if (!device) return ::cuda_cpu::set_error(cudaErrorInvalidValue, "cudaGetDevice: null pointer");
+    *device = ::cuda_cpu::tls_device;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+    if (!prop) return ::cuda_cpu::set_error(cudaErrorInvalidValue, "cudaGetDeviceProperties: null pointer");
+    if (device < 0 || device >= ::cuda_cpu::device_count()) return ::cuda_cpu::set_error(cudaErrorInvalidDevice, "cudaGetDeviceProperties(%d)", device);
+    memset(prop, 0, sizeof(*prop));
+    snprintf(prop->name, sizeof(prop->name), "CUDA-on-CPU emulated device %d", device);
+    prop->totalGlobalMem = (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE);
+    prop->sharedMemPerBlock = ::cuda_cpu::kStaticSharedLimit;
+    prop->sharedMemPerBlockOptin = ::cuda_cpu::kDynamicSharedOptinLimit;
+    prop->regsPerBlock = 65536;
+    prop->warpSize = 32;
+    prop->maxThreadsPerBlock = 1024;
+    prop->maxThreadsDim[0] = 1024; prop->maxThreadsDim[1] = 1024; prop->maxThreadsDim[2] = 64;
+    prop->maxGridSize[0] = 0x7FFFFFFF; prop->maxGridSize[1] = 65535; prop->maxGridSize[2] = 65535;
+    prop->multiProcessorCount = (int)std::max(1u, std::thread::hardware_concurrency());
+    prop->major = 9;
+    prop->minor = 0;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaDeviceSynchronize() { return ::cuda_cpu::api_enter(); }
+static inline cudaError_t cudaDeviceReset() {
+    using namespace ::cuda_cpu;
+    if (tls_device >= device_count()) return set_error(cudaErrorNoDevice, "no emulated device");
+    {
+        Registry& r = registry();
+        std::lock_guard<std::mutex> lock(r.mu);
+        for (auto it = r.blocks.begin(); it != r.blocks.end();) {
+            if (it->second.device == tls_device) {
+                free((void*)it->first);
+                it = r.blocks.erase(it);
+            } else {
+                ++it;
+            }
+        }
+        for (int i = 0; i < kMaxDevices; i++) r.peer[tls_device][i] = false;
+    }
+    std::lock_guard<std::mutex> lock(state().mu);
+    state().sticky[tls_device] = cudaSuccess;
+    tls_last_error = cudaSuccess;
+    return cudaSuccess;
+}
+
+static inline cudaError_t cudaMalloc(void** ptr, size_t bytes) {
+    using namespace ::cuda_cpu;
+    if (!ptr) return set_error(cudaErrorInvalidValue, "cudaMalloc: null pointer");
+    *ptr = nullptr;
+    if (cudaError_t e = api_enter()) return e;
+    if (bytes == 0) return cudaSuccess;
+    void* p = aligned_alloc(256, (bytes + 255) & ~(size_t)255);
+    if (!p) return set_error(cudaErrorMemoryAllocation, "cudaMalloc(%zu bytes) failed", bytes);
+    memset(p, 0xFF, bytes);  // NaN: reads of memory nobody wrote show up
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    r.blocks[(uintptr_t)p] = Allocation{bytes, tls_device};
+    *ptr = p;
+    return cudaSuccess;
+}
+template <typename T> static inline cudaError_t cudaMalloc(T** ptr, size_t bytes) { return cudaMalloc((void**)ptr, bytes); }
+
+static inline cudaError_t cuda_cpu_free(void* ptr, bool host) {
+    using namespace ::cuda_cpu;
+    if (!ptr) return cudaSuccess;
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    auto it = r.blocks.find((uintptr_t)ptr);
+    if (it == r.blocks.end() || (it->second.device < 0) != host)
+        return set_error(cudaErrorInvalidValue, "%s(%p): not a pointer returned by %s", host ? "cudaFreeHost" : "cudaFree", ptr, host ? "cudaMallocHost" : "cudaMalloc");
+    r.blocks.erase(it);
+    free(ptr);
+    return cudaSuccess;
+}
+static inline cudaError_t cudaFree(void* ptr) {
+    if (cudaError_t e = ::cuda_cpu::api_enter()) return e;
+    return cuda_cpu_free(ptr, false);
+}
+static inline cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
+    using namespace ::cuda_cpu;
+    if (!ptr) return set_error(cudaErrorInvalidValue, "cudaMallocHost: null pointer");
+    *ptr = nullptr;
+    if (bytes == 0) return cudaSuccess;
+    void* p = aligned_alloc(256, (bytes + 255) & ~(size_t)255);
+    if (!p) return set_error(cudaErrorMemoryAllocation, "cudaMallocHost(%zu bytes) failed", bytes);
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    r.blocks[(uintptr_t)p] = Allocation{bytes, -1};
+    *ptr = p;
+    return cudaSuccess;
+}
+template <typename T> static inline cudaError_t cudaMallocHost(T** ptr, size_t bytes) { return cudaMallocHost((void**)ptr, bytes); }
+static inline cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned flags) { (void)flags; return cudaMallocHost(ptr, bytes); }
+static inline cudaError_t cudaFreeHost(void* ptr) { return cuda_cpu_free(ptr, true); }
+
+namespace cuda_cpu {
+namespace {
+// Checks one side of a copy: device memory (any device when device < 0) or host memory,
+// and that [p, p+bytes) lies inside its allocation.
+static cudaError_t check_side(const char* api, const char* side, const void* p, size_t bytes, bool want_device) {
+    Allocation a{};
+    uintptr_t base = find_allocation(p, &a);
+    bool is_device = base && a.device >= 0;
+    if (p == nullptr && bytes > 0) return set_error(cudaErrorInvalidValue, "%s: null %s pointer", api, side);
+    if (is_device != want_device)
+        return set_error(cudaErrorInvalidValue, "%s: the %s pointer %p is %s memory, but the copy kind says %s memory", api, side, p,
+                         is_device ? "device" : "host", want_device ? "device" : "host");
+    if (base && (uintptr_t)p + bytes > base + a.size)
+        return set_error(cudaErrorInvalidValue, "%s: %zu bytes at %s offset %zu overrun its %zu-byte allocation", api, bytes, side,
+                         (size_t)((uintptr_t)p - base), a.size);
+    return cudaSuccess;
+}
+
+static cudaError_t memcpy_checked(const char* api, void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+    if (kind == cudaMemcpyDefault) {
+        Allocation a{};
+        bool dd = find_allocation(dst, &a) && a.device >= 0;
+        bool sd = find_allocation(src, &a) && a.device >= 0;
+        kind = sd && dd ? cudaMemcpyDeviceToDevice : sd ? cudaMemcpyDeviceToHost : dd ? cudaMemcpyHostToDevice : cudaMemcpyHostToHost;
+    }
+    if ((int)kind < 0 || (int)kind > 3) return set_error(cudaErrorInvalidMemcpyDirection, "%s: copy kind %d", api, (int)kind);
+    bool dst_dev = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
+    bool src_dev = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
+    if (cudaError_t e = check_side(api, "destination", dst, bytes, dst_dev)) return e;
+    if (cudaError_t e = check_side(api, "source", src, bytes, src_dev)) return e;
+    return cudaSuccess;
+}
+}  // namespace
+}  // namespace cuda_cpu
+
+static inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream = 0) {
+    using namespace ::cuda_cpu;
+    if (cudaError_t e = api_enter()) return e;
+    if (cudaError_t e = memcpy_checked("cudaMemcpy", dst, src, bytes, kind)) return e;
+    stream_run(resolve(stream), [=] { if (bytes) memmove(dst, src, bytes); });
+    return cudaSuccess;
+}
+static inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+    return cudaMemcpyAsync(dst, src, bytes, kind, 0);
+}
+static inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t stream = 0) {
+    using namespace ::cuda_cpu;
+    if (cudaError_t e = api_enter()) return e;
+    if (cudaError_t e = check_side("cudaMemset", "destination", dst, bytes, true)) return e;
+    stream_run(resolve(stream), [=] { memset(dst, value, bytes); });
+    return cudaSuccess;
+}
+static inline cudaError_t cudaMemset(void* dst, int value, size_t bytes) { return cudaMemsetAsync(dst, value, bytes, 0); }
+
+static inline cudaError_t cudaDeviceCanAccessPeer(int* can, int device, int peer) {
+    int n = ::cuda_cpu::device_count();
+    if (!can) return ::cuda_cpu::set_error(cudaErrorInvalidValue, "cudaDeviceCanAccessPeer: null pointer");
+    if (device < 0 || device >= n || peer < 0 || peer >= n) return ::cuda_cpu::set_error(cudaErrorInvalidDevice, "cudaDeviceCanAccessPeer(%d, %d)", device, peer);
+    *can = device != peer;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaDeviceEnablePeerAccess(int peer, unsigned flags) {
+    using namespace ::cuda_cpu;
+    if (cudaError_t e = api_enter()) return e;
+    if (peer < 0 || peer >= device_count() || peer == tls_device || flags != 0)
+        return set_error(cudaErrorInvalidDevice, "cudaDeviceEnablePeerAccess(%d) from device %d", peer, tls_device);
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    if (r.peer[tls_device][peer]) return set_error(cudaErrorPeerAccessAlreadyEnabled, "device %d already has access to device %d", tls_device, peer);
+    r.peer[tls_device][peer] = true;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaDeviceDisablePeerAccess(int peer) {
+    using namespace ::cuda_cpu;
+    if (peer < 0 || peer >= device_count()) return set_error(cudaErrorInvalidDevice, "cudaDeviceDisablePeerAccess(%d)", peer);
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    if (!r.peer[tls_device][peer]) return set_error(cudaErrorPeerAccessNotEnabled, "device %d has no access to device %d", tls_device, peer);
+    r.peer[tls_device][peer] = false;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaMemcpyPeerAsync(void* dst, int dst_device, const void* src, int src_device, size_t bytes, cudaStream_t stream = 0) {
+    using namespace ::cuda_cpu;
+    if (cudaError_t e = api_enter()) return e;
+    int n = device_count();
+    if (dst_device < 0 || dst_device >= n || src_device < 0 || src_device >= n)
+        return set_error(cudaErrorInvalidDevice, "cudaMemcpyPeer: devices %d <- %d of %d", dst_device, src_device, n);
+    if (cudaError_t e = memcpy_checked("cudaMemcpyPeer", dst, src, bytes, cudaMemcpyDeviceToDevice)) return e;
+    Allocation a{};
+    find_allocation(dst, &a);
+    if (a.device != dst_device) return set_error(cudaErrorInvalidValue, "cudaMemcpyPeer: destination is on device %d, not %d", a.device, dst_device);
+    find_allocation(src, &a);
+    if (a.device != src_device) return set_error(cudaErrorInvalidValue, "cudaMemcpyPeer: source is on device %d, not %d", a.device, src_device);
+    stream_run(resolve(stream), [=] { if (bytes) memmove(dst, src, bytes); });
+    return cudaSuccess;
+}
+static inline cudaError_t cudaMemcpyPeer(void* dst, int dst_device, const void* src, int src_device, size_t bytes) {
+    return cudaMemcpyPeerAsync(dst, dst_device, src, src_device, bytes, 0);
+}
+
+template <typename T>
+static inline cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attr, int value) {
+    (void)kernel;
+    if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize && (value < 0 || (size_t)value > ::cuda_cpu::kDynamicSharedOptinLimit))
+        return ::cuda_cpu::set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: %d bytes of dynamic shared memory", value);
+    return cudaSuccess;
+}
+
+static inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned flags) {
+    using namespace ::cuda_cpu;
+    if (!stream) return set_error(cudaErrorInvalidValue, "cudaStreamCreate: null pointer");
+    if (cudaError_t e = api_enter()) return e;
+    *stream = new CUstream_st{tls_device, flags};
+    return cudaSuccess;
+}
+static inline cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, cudaStreamDefault); }
+static inline cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+    if (!stream) return ::cuda_cpu::set_error(cudaErrorInvalidResourceHandle, "cudaStreamDestroy(0)");
+    delete stream;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+    (void)stream;
+    return ::cuda_cpu::api_enter();
+}
+static inline cudaError_t cudaStreamQuery(cudaStream_t stream) {
+    (void)stream;
+    return ::cuda_cpu::api_enter();
+}
+static inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned flags) {
+    using namespace ::cuda_cpu;
+    if (!event) return set_error(cudaErrorInvalidValue, "cudaEventCreate: null pointer");
+    *event = new CUevent_st;
+    (*event)->device = tls_device;
+    (*event)->flags = flags;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaEventCreate(cudaEvent_t* event) { return cudaEventCreateWithFlags(event, cudaEventDefault); }
+static inline cudaError_t cudaEventDestroy(cudaEvent_t event) {
+    if (!event) return ::cuda_cpu::set_error(cudaErrorInvalidResourceHandle, "cudaEventDestroy(0)");
+    delete event;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream = 0) {
+    using namespace ::cuda_cpu;
+    if (!event) return set_error(cudaErrorInvalidResourceHandle, "cudaEventRecord: null event");
+    if (cudaError_t e = api_enter()) return e;
+    stream_run(resolve(stream), [event] {
+        event->recorded = true;
+        event->time = std::chrono::steady_clock::now();
+    });
+    return cudaSuccess;
+}
+static inline cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+    if (!event) return ::cuda_cpu::set_error(cudaErrorInvalidResourceHandle, "cudaEventSynchronize: null event");
+    return ::cuda_cpu::api_enter();
+}
+static inline cudaError_t cudaEventQuery(cudaEvent_t event) {
+    if (!event) return ::cuda_cpu::set_error(cudaErrorInvalidResourceHandle, "cudaEventQuery: null event");
+    return ::cuda_cpu::api_enter();
+}
+static inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+    using namespace ::cuda_cpu;
+    if (!ms || !start || !end) return set_error(cudaErrorInvalidValue, "cudaEventElapsedTime: null argument");
+    if ((start->flags | end->flags) & cudaEventDisableTiming) return set_error(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event was created with cudaEventDisableTiming");
+    if (!start->recorded || !end->recorded) return set_error(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event was never recorded");
+    *ms = std::chrono::duration<float, std::milli>(end->time - start->time).count();
+    return cudaSuccess;
+}
+static inline cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned flags = 0) {
+    (void)stream; (void)flags;
+    if (!event) return ::cuda_cpu::set_error(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent: null event");
+    return ::cuda_cpu::api_enter();
+}
