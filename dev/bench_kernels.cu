@@ -26,7 +26,7 @@ launchers the model calls.
 struct Options {
     int batch = 0;            // 0: 128 on a GPU, 8 on the CPU build
     int iters = 0;            // timed calls per op; 0: 10 on a GPU, 1 on the CPU build
-    int warmup = 1;           // untimed calls first
+    int warmup = -1;          // untimed calls first; -1: 1 on a GPU, 0 on the CPU build
     const char* only = "";    // substring filter on the op names
 };
 
@@ -271,7 +271,7 @@ static void usage() {
     printf("usage: bench_kernels [--batch N] [--iters N] [--warmup N] [--only SUBSTRING]\n"
            "  --batch N   images per batch (default: 128 on a GPU, 8 on the CPU build)\n"
            "  --iters N   timed calls per op (default: 10 on a GPU, 1 on the CPU build)\n"
-           "  --warmup N  untimed calls first (default: 1)\n"
+           "  --warmup N  untimed calls first (default: 1 on a GPU, 0 on the CPU build)\n"
            "  --only S    only the ops whose name contains S (e.g. conv2, backward, fc)\n");
 }
 
@@ -303,6 +303,7 @@ int main(int argc, char** argv) {
         }
         if (b.opt.batch == 0) b.opt.batch = gpu ? 128 : 8;
         if (b.opt.iters == 0) b.opt.iters = gpu ? 10 : 1;
+        if (b.opt.warmup < 0) b.opt.warmup = gpu ? 1 : 0;
         cudaCheck(cudaStreamCreate(&b.stream));
 #ifdef __CUDACC__
         cudaDeviceProp prop;

@@ -54,12 +54,13 @@ def test_cpu_dry_run(tmp_path):
 
 
 def test_only_and_skip(tmp_path):
-    proc, text = gpu_check(tmp_path, "--cpu", "--only", "3,6", "--skip-6")
+    proc, text = gpu_check(tmp_path, "--cpu", "--only", "1,3,6", "--skip-6")
     assert proc.returncode == 0, proc.stdout[-2000:]
     steps = step_lines(text)
-    for n in (1, 2, 4, 5, 6):
+    for n in (2, 4, 5, 6):
         assert "SKIP (by option)" in steps[n], steps[n]
-    assert "SKIP (--cpu: compute-sanitizer needs a GPU)" in steps[3]
+    assert "SKIP (--cpu: no GPU; CPU build ok)" in steps[1]
+    assert "SKIP (--cpu: compute-sanitizer needs a GPU; every kernel ran once" in steps[3]
 
 
 def test_bad_option(tmp_path):
