@@ -72,7 +72,7 @@ struct Bench {
         cudaCheck(cudaEventDestroy(start));
         cudaCheck(cudaEventDestroy(stop));
         double ms = total / opt.iters;
-        printf("%-26s %-34s %10.3f ms %10.1f %s\n", name, shape, ms, work / ms / 1e6,
+        printf("%-28s %-32s %10.3f ms %10.1f %s\n", name, shape, ms, work / ms / 1e6,
                flops ? "GFLOP/s" : "GB/s");
         fflush(stdout);
         step_ms += 2.0 * per_step * ms;  // two towers
@@ -314,7 +314,7 @@ int main(int argc, char** argv) {
         printf("bench_kernels: CPU build (CUDA-on-CPU runtime), batch %d, %d timed calls per op\n",
                b.opt.batch, b.opt.iters);
 #endif
-        printf("%-26s %-34s %13s %18s\n", "op (one tower)", "shape", "time", "speed");
+        printf("%-28s %-32s %13s %18s\n", "op (one tower)", "shape", "time", "speed");
         bench_augment(b);
         for (const ConvShape& c : CONVS) bench_conv(b, c);
         bench_relu(b);
