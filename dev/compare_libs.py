@@ -68,9 +68,9 @@ def cases(shapes, batch):
         def conv(rng, C=C, H=H, K=K, R=R, stride=stride, pad=pad, OH=OH):
             x, w = uniform(rng, N, C, H, H), uniform(rng, K, C, R, R, lo=-0.1, hi=0.1)
             b, dy = uniform(rng, K), uniform(rng, N, K, OH, OH)
-            y = A.cuda_conv_forward(x, w, b, stride, pad, 1, OH, OH, True)
-            dx = A.cuda_conv_backward_data(dy, w, x.shape, stride, pad, 1, OH, OH)
-            dw, db = A.cuda_conv_backward_weights(dy, x, w.shape, stride, pad, 1, OH, OH)
+            y = A.cuda_conv_forward(x, w, b, stride=stride, pad=pad, out_hw=(OH, OH), relu=True)
+            dx = A.cuda_conv_backward_data(dy, w, (H, H), stride=stride, pad=pad)
+            dw, db = A.cuda_conv_backward_weights(dy, x, (R, R), stride=stride, pad=pad)
             return {"forward": y, "backward_data": dx, "backward_weights": dw, "bias_grad": db}
         out.append((f"{name} conv", max(C * R * R, N * OH * OH), conv))
 
@@ -103,7 +103,7 @@ def cases(shapes, batch):
             x = np.round(uniform(rng, N, C, H, H) * 4) / 4  # ties, to check the tie rule
             dy = uniform(rng, N, C, OH, OH)
             return {"forward": A.cuda_maxpool_forward(x, 3, 2, OH, OH),
-                    "backward": A.cuda_maxpool_backward(dy, x, 3, 2, OH, OH)}
+                    "backward": A.cuda_maxpool_backward(dy, x, 3, 2)}
         out.append((f"{name} maxpool", 0, pool))
 
     def dropout(rng):
@@ -122,6 +122,13 @@ def cases(shapes, batch):
         return {"losses": losses, "dlogits": dlogits, "correct": np.asarray(correct, np.float32),
                 "probs": A.cuda_softmax_forward(logits)}
     out.append(("softmax", K, softmax))
+
+    def philox(rng):
+        counters = rng.integers(0, 2 ** 32, (64, 4), dtype=np.uint32)
+        keys = rng.integers(0, 2 ** 32, (64, 2), dtype=np.uint32)
+        blocks = [A.cuda_philox4x32(c, k) for c, k in zip(counters, keys)]
+        return {"words": np.array(blocks, np.float64)}  # uint32 words are exact in float64
+    out.append(("philox4x32", 0, philox))
 
     H, crop = shapes["image"]
 
