@@ -4,6 +4,7 @@
 #   make test       virtual environment + build + the test suite (CPU only)
 #   make test-slow  the heavier tests
 #   make test-asan  the test suite on an AddressSanitizer/UBSan CPU build
+#   make bench      CPU-runtime benchmark (dev/bench_sgemm.cu)
 #   make bench-kernels  the per-kernel benchmark (CPU build; GPU build when nvcc is found)
 #   make gpu-check  dev/gpu_check.sh: build, test, sanitize, compare and benchmark on a GPU
 #   make clean
@@ -16,12 +17,17 @@ GPU_ARCH ?= 70 80 90
 VENV     := .venv
 PY       := $(VENV)/bin/python
 
-CPU_FLAGS  := -std=c++17 -O2 -g -pthread -fPIC -Wall -Wextra -Wno-unused-parameter -Wno-unused-function
-ASAN_FLAGS := -std=c++17 -O1 -g -pthread -fPIC -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
-NVCC_FLAGS := -std=c++17 -O3 -lineinfo -Xptxas -v -Xcompiler -fPIC $(foreach a,$(GPU_ARCH),-gencode arch=compute_$(a),code=sm_$(a))
+# -Wno-unknown-pragmas: g++ ignores CUDA's `#pragma unroll`
+CPU_FLAGS  := -std=c++17 -O2 -g -pthread -fPIC -Wall -Wextra -Wno-unused-parameter -Wno-unused-function -Wno-unknown-pragmas
+ASAN_FLAGS := -std=c++17 -O1 -g -pthread -fPIC -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -Wno-unknown-pragmas
+# Architectures this nvcc can build (nvcc 13 dropped sm_70); the others are skipped, loudly.
+NVCC_ARCHS := $(if $(NVCC),$(shell $(NVCC) --list-gpu-arch 2>/dev/null | sed -n 's/^compute_//p'))
+GPU_BUILT  := $(filter $(NVCC_ARCHS),$(GPU_ARCH))
+GPU_SKIP   := $(filter-out $(NVCC_ARCHS),$(GPU_ARCH))
+NVCC_FLAGS := -std=c++17 -O3 -lineinfo -Xptxas -v -Xcompiler -fPIC $(foreach a,$(GPU_BUILT),-gencode arch=compute_$(a),code=sm_$(a))
 SOURCES    := train_alexnet.cu dev/cuda_cpu.h
 
-.PHONY: all cpu gpu demo test test-slow test-asan venv clean bench-kernels bench-kernels-cpu bench-kernels-gpu gpu-check
+.PHONY: all cpu gpu demo test test-slow test-asan venv bench clean bench-kernels bench-kernels-cpu bench-kernels-gpu gpu-check
 all: cpu gpu
 
 # --- CPU build: the same .cu through g++ and the CUDA-on-CPU runtime ---------
@@ -42,10 +48,28 @@ build/asan/libalexnet_cpu.so: $(SOURCES)
 	@mkdir -p $(@D)
 	$(CXX) $(ASAN_FLAGS) -x c++ -shared train_alexnet.cu -o $@
 
+# --- the runtime's own test kernels and benchmark (CPU only) -------------------
+RUNTIME_TESTS := build/libruntime_tests.so build/asan/libruntime_tests.so
+build/libruntime_tests.so: dev/runtime_test_kernels.cu dev/cuda_cpu.h
+	@mkdir -p $(@D)
+	$(CXX) $(CPU_FLAGS) -I. -x c++ -shared $< -o $@
+
+build/asan/libruntime_tests.so: dev/runtime_test_kernels.cu dev/cuda_cpu.h
+	@mkdir -p $(@D)
+	$(CXX) $(ASAN_FLAGS) -I. -x c++ -shared $< -o $@
+
+build/bench_sgemm: dev/bench_sgemm.cu dev/cuda_cpu.h
+	@mkdir -p $(@D)
+	$(CXX) $(CPU_FLAGS) -I. -x c++ $< -o $@
+
+bench: build/bench_sgemm
+	./build/bench_sgemm
+
 # --- GPU build: nvcc, sm_70/80/90 by default (make GPU_ARCH=90 for one) -------
-ifneq ($(NVCC),)
+ifneq ($(GPU_BUILT),)
 gpu: train_alexnet libalexnet.so
-	@echo "built GPU build with $(NVCC) for sm_$(GPU_ARCH): train_alexnet libalexnet.so (ptxas report: build/gpu/ptxas.log)"
+	@echo "built GPU build with $(NVCC) for $(foreach a,$(GPU_BUILT),sm_$(a)): train_alexnet libalexnet.so (ptxas report: build/gpu/ptxas.log)"
+	$(if $(GPU_SKIP),@echo "skipped $(foreach a,$(GPU_SKIP),sm_$(a)): not supported by this nvcc")
 
 build/gpu/train_alexnet.o: train_alexnet.cu
 	@mkdir -p $(@D)
@@ -58,7 +82,7 @@ libalexnet.so: build/gpu/train_alexnet.o
 	$(NVCC) $(NVCC_FLAGS) -shared $< -o $@
 else
 gpu:
-	@echo "nvcc not found: skipped the GPU build (train_alexnet, libalexnet.so)"
+	@echo "$(if $(NVCC),nvcc supports none of sm_$(GPU_ARCH),nvcc not found): skipped the GPU build (train_alexnet, libalexnet.so)"
 endif
 
 # --- per-kernel benchmark: dev/bench_kernels.cu includes train_alexnet.cu ------
@@ -69,7 +93,7 @@ build/cpu/bench_kernels: dev/bench_kernels.cu $(SOURCES)
 	@mkdir -p $(@D)
 	$(CXX) $(CPU_FLAGS) -x c++ $< -o $@
 
-ifneq ($(NVCC),)
+ifneq ($(GPU_BUILT),)
 bench-kernels-gpu: build/gpu/bench_kernels
 
 build/gpu/bench_kernels: dev/bench_kernels.cu train_alexnet.cu
@@ -77,7 +101,7 @@ build/gpu/bench_kernels: dev/bench_kernels.cu train_alexnet.cu
 	$(NVCC) $(NVCC_FLAGS) $< -o $@ 2> build/gpu/bench_ptxas.log || { cat build/gpu/bench_ptxas.log; exit 1; }
 else
 bench-kernels-gpu:
-	@echo "nvcc not found: skipped build/gpu/bench_kernels"
+	@echo "$(if $(NVCC),nvcc supports none of sm_$(GPU_ARCH),nvcc not found): skipped build/gpu/bench_kernels"
 endif
 
 gpu-check:
@@ -90,14 +114,14 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	@touch $@
 
-test: venv all
+test: venv all $(RUNTIME_TESTS)
 	$(PY) -m pytest -q -m "not slow" tests
 
-test-slow: venv all
+test-slow: venv all $(RUNTIME_TESTS)
 	$(PY) -m pytest -q -m slow tests
 
-test-asan: venv build/asan/libalexnet_cpu.so
-	ALEXNET_LIB=build/asan/libalexnet_cpu.so \
+test-asan: venv build/asan/libalexnet_cpu.so $(RUNTIME_TESTS)
+	ALEXNET_LIB=build/asan/libalexnet_cpu.so RUNTIME_TESTS_LIB=build/asan/libruntime_tests.so \
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0 \
 	$(PY) -m pytest -q -m "not slow and not no_asan" tests

@@ -163,7 +163,7 @@ static int api_call(Body&& body) {
 int main(int argc, char** argv) {
     try {
         int count = 0;
-        cudaCheck(cudaGetDeviceCount(&count));
+        if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) fail("no CUDA device found; use ./train_alexnet_cpu");
         printf("train_alexnet: %d device(s); training arrives with the model\n", count);
         return 0;
     } catch (const std::exception& e) {

@@ -450,7 +450,9 @@ struct Worker {
     std::vector<ThreadSlot> t = std::vector<ThreadSlot>(kMaxThreads);
     std::vector<int> order = std::vector<int>(kMaxThreads);
     std::vector<int> ready = std::vector<int>(kMaxThreads);
-    int ready_head = 0, ready_tail = 0;
+    uint32_t ready_head = 0, ready_tail = 0;
+    int bar_count[2] = {0, 0};  // __syncthreads_count of the current and the previous barrier
+    int bar_phase = 0;
     uint32_t warp_waiting[kMaxThreads / 32] = {};
     uint32_t warp_exited[kMaxThreads / 32] = {};
     // failure of the block
@@ -468,6 +470,12 @@ struct Worker {
     std::vector<SharedSlot> smem_slots;
     std::unique_ptr<char[]> dyn_storage;
     size_t dyn_capacity = 0;
+    // memory faults inside kernels
+    sigjmp_buf fault_jump;
+    bool fault_handler_ready = false;
+    volatile bool fault_armed = false;
+    int fault_signal = 0;
+    void* fault_address = nullptr;
     char* dyn_smem = nullptr;
     size_t dyn_size = 0;
 #if CUDA_CPU_ASAN
@@ -546,8 +554,8 @@ static void runner_main(intptr_t stack);
 // else could run (only from the main loop).
 static bool switch_next(Worker& w, void** save, bool from_main) {
     if (!w.failed) {
-        if (w.ready_head < w.ready_tail) {
-            int t = w.ready[w.ready_head++];
+        if (w.ready_head != w.ready_tail) {
+            int t = w.ready[w.ready_head++ % kMaxThreads];
             ThreadSlot& s = w.t[t];
             s.state = kRunning;
             set_current(w, t);
@@ -563,7 +571,10 @@ static bool switch_next(Worker& w, void** save, bool from_main) {
 #if CUDA_CPU_ASAN
                 __asan_unpoison_memory_region(stack.base, stack.size);
 #endif
-                void* sp = fiber_frame(stack.base, stack.size, runner_main, st);
+                // Stacks are 256 KB apart, so their tops would all fall into the same cache
+                // sets; shifting each top by a few cache lines spreads the hot frames out.
+                size_t color = (size_t)(st % 128) * 576;
+                void* sp = fiber_frame(stack.base, stack.size - color, runner_main, st);
                 fiber_switch(w, save, sp, &stack, false);
                 return true;
             }
@@ -628,12 +639,15 @@ static void runner_main(intptr_t stack) {
 // Appends threads to the ready queue in schedule order.
 static void make_ready(Worker& w, int t) {
     w.t[t].state = kReady;
-    w.ready[w.ready_tail++] = t;
+    w.ready[w.ready_tail++ % kMaxThreads] = t;  // a ring: a thread is in it at most once
 }
 
-static void syncthreads(const char* file, int line) {
+// __syncthreads(); returns how many threads passed a non-zero predicate (for
+// __syncthreads_count/_and/_or). The count of a barrier lives in one of two slots, so
+// it stays readable until everyone has left it.
+static int syncthreads(const char* file, int line, int predicate = 0) {
     Worker* wp = tls_worker;
-    if (!wp || wp->cur < 0) return;  // host code: nothing to wait for
+    if (!wp || wp->cur < 0) return 0;  // host code: nothing to wait for
     Worker& w = *wp;
     int t = w.cur;
     ThreadSlot& s = w.t[t];
@@ -656,15 +670,19 @@ static void syncthreads(const char* file, int line) {
     s.state = kWaitBlock;
     s.file = file;
     s.line = line;
+    int phase = w.bar_phase;
+    w.bar_count[phase] += predicate != 0;
     if (++w.waiting == w.live) {  // everyone has arrived: release in schedule order
         w.waiting = 0;
-        w.ready_head = w.ready_tail = 0;
+        w.bar_phase ^= 1;
+        w.bar_count[w.bar_phase] = 0;
         if (w.schedule == kRandom) shuffle(w.order.data(), w.n, w.seed ^ mix64(++w.epoch));
         for (int i = 0; i < w.n; i++)
             if (w.t[w.order[i]].state == kWaitBlock) make_ready(w, w.order[i]);
     }
     switch_next(w, &s.sp, false);
     if (w.failed) fiber_abandon(w);
+    return w.bar_count[phase];
 }
 
 // Result of a warp operation for one lane, by the PTX rules (shfl.sync: the source
@@ -827,6 +845,22 @@ static Worker& this_worker() {
     return *tls_worker;
 }
 
+// After a block: on failure, the abandoned fibers' stacks are all free again and the
+// launch records the first failure.
+static void end_block(Worker& w, Grid& g) {
+    if (w.failed) {
+        w.free_stacks.clear();
+        for (int i = (int)w.stacks.size() - 1; i >= 0; i--) w.free_stacks.push_back(i);
+        std::lock_guard<std::mutex> lock(g.mu);
+        if (!g.failed.exchange(true)) {
+            g.error = w.error;
+            g.message = "kernel " + std::string(g.call.name) + ": " + w.message;
+        }
+    }
+    w.cur = -1;
+    w.call = nullptr;
+}
+
 static void run_block(Worker& w, Grid& g, uint64_t b) {
     w.call = &g.call;
     w.block_dim = g.block;
@@ -842,6 +876,8 @@ static void run_block(Worker& w, Grid& g, uint64_t b) {
     w.seed = mix64(g.seed ^ mix64(b + 1));
     w.epoch = 0;
     w.ready_head = w.ready_tail = 0;
+    w.bar_count[0] = w.bar_count[1] = 0;
+    w.bar_phase = 0;
     w.failed = false;
     w.dead_stack = -1;
     int nwarps = (w.n + 31) / 32;
@@ -901,27 +937,82 @@ static void run_block(Worker& w, Grid& g, uint64_t b) {
             break;
         }
     }
-    if (w.failed) {  // abandoned fibers: every stack is free again
-        w.free_stacks.clear();
-        for (int i = (int)w.stacks.size() - 1; i >= 0; i--) w.free_stacks.push_back(i);
-        std::lock_guard<std::mutex> lock(g.mu);
-        if (!g.failed.exchange(true)) {
-            g.error = w.error;
-            g.message = "kernel " + std::string(g.call.name) + ": " + w.message;
-        }
+    end_block(w, g);
+}
+
+// A memory fault inside a kernel (outside ASan, which reports faults itself) jumps back
+// to the worker's run_blocks, and the launch fails with cudaErrorIllegalAddress instead
+// of killing the process. Faults elsewhere go to the handler that was there before.
+static struct sigaction previous_action[32];
+
+static void fault_handler(int sig, siginfo_t* info, void* context) {
+    Worker* w = tls_worker;
+    if (w && w->fault_armed && w->cur >= 0) {
+        w->fault_armed = false;
+        w->fault_signal = sig;
+        w->fault_address = info->si_addr;
+        siglongjmp(w->fault_jump, 1);
     }
-    w.cur = -1;
-    w.call = nullptr;
+    const struct sigaction& old = previous_action[sig];
+    if (old.sa_flags & SA_SIGINFO) {
+        old.sa_sigaction(sig, info, context);
+    } else if (old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN) {
+        old.sa_handler(sig);
+    } else {
+        sigaction(sig, &old, nullptr);  // the fault repeats with the default action
+    }
+}
+
+static void install_fault_handler(Worker& w) {
+#if !CUDA_CPU_ASAN
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_sigaction = fault_handler;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        for (int sig : {SIGSEGV, SIGBUS, SIGFPE}) sigaction(sig, &sa, &previous_action[sig]);
+    });
+    stack_t current;
+    if (sigaltstack(nullptr, &current) == 0 && (current.ss_flags & SS_DISABLE)) {  // keep one the host set up
+        stack_t alt;
+        alt.ss_size = 64 * 1024;
+        alt.ss_sp = malloc(alt.ss_size);
+        alt.ss_flags = 0;
+        sigaltstack(&alt, nullptr);
+    }
+#endif
+    w.fault_handler_ready = true;
+}
+
+static std::string fault_message(const Worker& w) {
+    char buf[256];
+    uintptr_t a = (uintptr_t)w.fault_address;
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    for (const Stack& st : w.stacks)
+        if (a >= (uintptr_t)st.base - page && a < (uintptr_t)st.base)
+            return thread_name(w, w.cur) + ": stack overflow (a CUDA thread's stack is 256 KB here)";
+    snprintf(buf, sizeof(buf), ": %s at address %p", w.fault_signal == SIGFPE ? "arithmetic exception" : "invalid memory access", w.fault_address);
+    return thread_name(w, w.cur) + buf;
 }
 
 static void run_blocks(Grid& g) {
     Worker& w = this_worker();
+    if (!w.fault_handler_ready) install_fault_handler(w);
+    if (sigsetjmp(w.fault_jump, 1)) {
+        block_fail(w, w.fault_signal == SIGFPE ? cudaErrorLaunchFailure : cudaErrorIllegalAddress, fault_message(w));
+        end_block(w, g);
+        return;
+    }
+    w.fault_armed = true;
     while (!g.failed.load(std::memory_order_relaxed)) {
         uint64_t i = g.next.fetch_add(1);
         if (i >= g.blocks) break;
         uint64_t b = g.schedule == kForward ? i : g.schedule == kReverse ? g.blocks - 1 - i : g.block_order[i];
         run_block(w, g, b);
     }
+    w.fault_armed = false;
 }
 
 // Persistent worker threads; the launching thread works too. Never destroyed (the
@@ -991,38 +1082,118 @@ static void run_grid(Grid& g) {
 }
 
 // --- streams and events -----------------------------------------------------------------
+// Work on a stream runs in order. Normally it runs at once (the host waits for it); with
+// CUDA_CPU_DEFERRED=1 it is queued and runs only when the host synchronises (stream,
+// event or device synchronisation, synchronous copies, cudaFree), as late as CUDA allows,
+// so a missing synchronisation shows up as stale data. Each queued op carries the
+// points (stream, sequence number) it must wait for: the legacy default stream waits for
+// the blocking streams of its device and they wait for it, cudaStreamWaitEvent waits for
+// the event's recorded point.
 }  // namespace
+}  // namespace cuda_cpu
+
+struct CUstream_st;
+namespace cuda_cpu {
+struct StreamOp {  // a type only: no symbol of its own, so no anonymous namespace needed
+    std::function<void()> run;
+    std::vector<std::pair<CUstream_st*, uint64_t>> after;
+};
 }  // namespace cuda_cpu
 
 struct CUstream_st {
     int device;
     unsigned flags;
+    bool destroyed = false;
+    uint64_t enqueued = 0;  // ops ever queued
+    uint64_t done = 0;      // ops ever run
+    std::deque<cuda_cpu::StreamOp> queue;
 };
 struct CUevent_st {
     int device;
     unsigned flags;
-    bool recorded = false;
+    CUstream_st* stream = nullptr;  // where it was last recorded (null: never)
+    uint64_t seq = 0;               // complete once stream->done >= seq
     std::chrono::steady_clock::time_point time;
 };
 
 namespace cuda_cpu {
 namespace {
 
-static CUstream_st* null_stream(int device) {
-    static CUstream_st* streams = [] {
-        CUstream_st* s = new CUstream_st[kMaxDevices];
-        for (int i = 0; i < kMaxDevices; i++) s[i] = CUstream_st{i, 0};
-        return s;
-    }();
-    return &streams[device];
+struct Streams {
+    std::recursive_mutex mu;
+    std::vector<CUstream_st*> all;  // never freed: events may still point at them
+    CUstream_st legacy[kMaxDevices];
+    Streams() {
+        for (int i = 0; i < kMaxDevices; i++) {
+            legacy[i].device = i;
+            legacy[i].flags = 0;
+            all.push_back(&legacy[i]);
+        }
+    }
+};
+static Streams& streams() {
+    static Streams* s = new Streams;
+    return *s;
 }
 
-static CUstream_st* resolve(cudaStream_t s) { return s ? s : null_stream(tls_device); }
+static CUstream_st* resolve(cudaStream_t s) { return s ? s : &streams().legacy[tls_device]; }
+static bool deferred() { return env_long("CUDA_CPU_DEFERRED", 0) != 0; }
 
-// Runs one piece of stream work (synchronously for now).
-static void stream_run(CUstream_st* s, const std::function<void()>& op) {
-    (void)s;
-    op();
+// Runs the queued work of s up to sequence number seq (and whatever that waits for).
+static void run_until(CUstream_st* s, uint64_t seq) {
+    while (s->done < seq && !s->queue.empty()) {
+        StreamOp op = std::move(s->queue.front());
+        s->queue.pop_front();
+        for (auto& dep : op.after) run_until(dep.first, dep.second);
+        op.run();
+        s->done++;
+    }
+}
+
+static void run_all(int device) {  // device < 0: every device
+    Streams& st = streams();
+    std::lock_guard<std::recursive_mutex> lock(st.mu);
+    for (CUstream_st* s : st.all)
+        if (device < 0 || s->device == device) run_until(s, s->enqueued);
+}
+
+// Queues (deferred mode) or runs one piece of work on stream s.
+static void stream_run(CUstream_st* s, std::function<void()> op, std::vector<std::pair<CUstream_st*, uint64_t>> after = {}) {
+    Streams& st = streams();
+    std::lock_guard<std::recursive_mutex> lock(st.mu);
+    if (!deferred()) {
+        run_all(-1);  // the mode may have just changed: older queued work first
+        op();
+        s->enqueued++;
+        s->done++;
+        return;
+    }
+    if (s == &st.legacy[s->device]) {
+        for (CUstream_st* b : st.all)
+            if (b != s && b->device == s->device && !b->destroyed && !(b->flags & cudaStreamNonBlocking)) after.push_back({b, b->enqueued});
+    } else if (!(s->flags & cudaStreamNonBlocking)) {
+        CUstream_st* legacy = &st.legacy[s->device];
+        after.push_back({legacy, legacy->enqueued});
+    }
+    s->queue.push_back(StreamOp{std::move(op), std::move(after)});
+    s->enqueued++;
+}
+
+static void stream_sync(CUstream_st* s) {
+    std::lock_guard<std::recursive_mutex> lock(streams().mu);
+    run_until(s, s->enqueued);
+}
+
+// Dynamic shared memory above 48 KB needs an opt-in per kernel, as on the GPU.
+static std::map<const void*, size_t>& shared_optin() {
+    static auto* m = new std::map<const void*, size_t>;
+    return *m;
+}
+static std::mutex shared_optin_mu;
+static size_t dynamic_shared_limit(const void* kernel) {
+    std::lock_guard<std::mutex> lock(shared_optin_mu);
+    auto it = shared_optin().find(kernel);
+    return it == shared_optin().end() ? kStaticSharedLimit : std::max(kStaticSharedLimit, it->second);
 }
 
 static uint64_t launch_counter() {
@@ -1044,6 +1215,31 @@ static void launch_grid(std::shared_ptr<Grid> g) {
     }
     run_grid(*g);
     if (g->failed) set_sticky(g->device, g->error, g->message);
+}
+
+// A kernel can only dereference device memory of its own device, of a peer whose access
+// was enabled, or pinned host memory. Pointer arguments are checked at launch (a pointer
+// one past the end of an allocation is fine; null too).
+template <typename T>
+static void check_pointer_argument(const T& v, int index, int device, std::string& bad) {
+    if constexpr (std::is_pointer<T>::value) {
+        if (v == nullptr || !bad.empty()) return;
+        Allocation a{};
+        const char* p = (const char*)v;
+        if (!find_allocation(p, &a) && !find_allocation(p - 1, &a)) {
+            char buf[160];
+            snprintf(buf, sizeof(buf), "argument %d (%p) is not memory from cudaMalloc or cudaMallocHost", index + 1, (const void*)p);
+            bad = buf;
+        } else if (a.device >= 0 && a.device != device) {
+            std::lock_guard<std::mutex> lock(registry().mu);
+            if (!registry().peer[device][a.device]) {
+                char buf[200];
+                snprintf(buf, sizeof(buf), "argument %d points to memory of device %d, and device %d has no peer access to it (cudaDeviceEnablePeerAccess)",
+                         index + 1, a.device, device);
+                bad = buf;
+            }
+        }
+    }
 }
 
 template <typename... P>
@@ -1074,8 +1270,10 @@ static void launch(const char* name, const char* file, int line, void (*kernel)(
                   where().c_str(), grid.x, grid.y, grid.z, block.x, block.y, block.z);
         return;
     }
-    if (smem > kDynamicSharedOptinLimit) {
-        set_error(cudaErrorInvalidValue, "kernel %s: %zu bytes of dynamic shared memory (limit %zu)", where().c_str(), smem, kDynamicSharedOptinLimit);
+    size_t smem_limit = dynamic_shared_limit((const void*)kernel);
+    if (smem > smem_limit) {
+        set_error(cudaErrorInvalidValue, "kernel %s: %zu bytes of dynamic shared memory (limit %zu%s)", where().c_str(), smem, smem_limit,
+                  smem_limit < kDynamicSharedOptinLimit ? "; cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, n) raises it" : "");
         return;
     }
     size_t param_bytes = 0;
@@ -1092,6 +1290,15 @@ static void launch(const char* name, const char* file, int line, void (*kernel)(
     g->smem = smem;
     g->blocks = blocks;
     g->device = tls_device;
+    std::string bad;
+    std::apply([&](const auto&... v) {
+        int index = 0;
+        (check_pointer_argument(v, index++, tls_device, bad), ...);
+    }, a->args);
+    if (!bad.empty()) {  // the GPU would fault on it: a sticky illegal address
+        set_sticky(tls_device, cudaErrorIllegalAddress, "kernel " + where() + ": " + bad);
+        return;
+    }
     stream_run(s, [g] { launch_grid(g); });
 }
 
@@ -1107,7 +1314,10 @@ static void launch(const char* name, const char* file, int line, void (*kernel)(
 #define gridDim (::cuda_cpu::tls_grid_dim)
 static constexpr int warpSize = 32;
 
-#define __syncthreads() ::cuda_cpu::syncthreads(__FILE__, __LINE__)
+#define __syncthreads() ((void)::cuda_cpu::syncthreads(__FILE__, __LINE__))
+#define __syncthreads_count(pred) ::cuda_cpu::syncthreads(__FILE__, __LINE__, (pred))
+#define __syncthreads_and(pred) (::cuda_cpu::syncthreads(__FILE__, __LINE__, !(pred)) == 0)
+#define __syncthreads_or(pred) (::cuda_cpu::syncthreads(__FILE__, __LINE__, (pred)) != 0)
 #define SHARED(T, name, dims)                                                              \
     static const char cuda_cpu_smem_key_##name = 0;                                        \
     T(&name) dims = *reinterpret_cast<T(*) dims>(                                          \
@@ -1290,10 +1500,14 @@ static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int devi
     prop->minor = 0;
     return cudaSuccess;
 }
-static inline cudaError_t cudaDeviceSynchronize() { return ::cuda_cpu::api_enter(); }
+static inline cudaError_t cudaDeviceSynchronize() {
+    if (::cuda_cpu::tls_device < ::cuda_cpu::device_count()) ::cuda_cpu::run_all(::cuda_cpu::tls_device);
+    return ::cuda_cpu::api_enter();
+}
 static inline cudaError_t cudaDeviceReset() {
     using namespace ::cuda_cpu;
     if (tls_device >= device_count()) return set_error(cudaErrorNoDevice, "no emulated device");
+    run_all(-1);
     {
         Registry& r = registry();
         std::lock_guard<std::mutex> lock(r.mu);
@@ -1319,8 +1533,9 @@ static inline cudaError_t cudaMalloc(void** ptr, size_t bytes) {
     *ptr = nullptr;
     if (cudaError_t e = api_enter()) return e;
     if (bytes == 0) return cudaSuccess;
-    void* p = aligned_alloc(256, (bytes + 255) & ~(size_t)255);
-    if (!p) return set_error(cudaErrorMemoryAllocation, "cudaMalloc(%zu bytes) failed", bytes);
+    void* p = nullptr;
+    if (posix_memalign(&p, 256, bytes) != 0)  // exactly `bytes`, so ASan sees overruns
+        return set_error(cudaErrorMemoryAllocation, "cudaMalloc(%zu bytes) failed", bytes);
     memset(p, 0xFF, bytes);  // NaN: reads of memory nobody wrote show up
     Registry& r = registry();
     std::lock_guard<std::mutex> lock(r.mu);
@@ -1343,6 +1558,7 @@ static inline cudaError_t cuda_cpu_free(void* ptr, bool host) {
     return cudaSuccess;
 }
 static inline cudaError_t cudaFree(void* ptr) {
+    ::cuda_cpu::run_all(-1);  // cudaFree waits for the device, as on the GPU
     if (cudaError_t e = ::cuda_cpu::api_enter()) return e;
     return cuda_cpu_free(ptr, false);
 }
@@ -1351,8 +1567,8 @@ static inline cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
     if (!ptr) return set_error(cudaErrorInvalidValue, "cudaMallocHost: null pointer");
     *ptr = nullptr;
     if (bytes == 0) return cudaSuccess;
-    void* p = aligned_alloc(256, (bytes + 255) & ~(size_t)255);
-    if (!p) return set_error(cudaErrorMemoryAllocation, "cudaMallocHost(%zu bytes) failed", bytes);
+    void* p = nullptr;
+    if (posix_memalign(&p, 256, bytes) != 0) return set_error(cudaErrorMemoryAllocation, "cudaMallocHost(%zu bytes) failed", bytes);
     Registry& r = registry();
     std::lock_guard<std::mutex> lock(r.mu);
     r.blocks[(uintptr_t)p] = Allocation{bytes, -1};
@@ -1361,7 +1577,10 @@ static inline cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
 }
 template <typename T> static inline cudaError_t cudaMallocHost(T** ptr, size_t bytes) { return cudaMallocHost((void**)ptr, bytes); }
 static inline cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned flags) { (void)flags; return cudaMallocHost(ptr, bytes); }
-static inline cudaError_t cudaFreeHost(void* ptr) { return cuda_cpu_free(ptr, true); }
+static inline cudaError_t cudaFreeHost(void* ptr) {
+    ::cuda_cpu::run_all(-1);
+    return cuda_cpu_free(ptr, true);
+}
 
 namespace cuda_cpu {
 namespace {
@@ -1402,11 +1621,23 @@ static inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t byt
     using namespace ::cuda_cpu;
     if (cudaError_t e = api_enter()) return e;
     if (cudaError_t e = memcpy_checked("cudaMemcpy", dst, src, bytes, kind)) return e;
-    stream_run(resolve(stream), [=] { if (bytes) memmove(dst, src, bytes); });
+    if (bytes == 0) return cudaSuccess;
+    Allocation a{};
+    CUstream_st* s = resolve(stream);
+    if (!find_allocation(src, &a) && find_allocation(dst, &a) && a.device >= 0) {
+        // from pageable host memory: CUDA stages the source before returning
+        auto staged = std::make_shared<std::vector<char>>((const char*)src, (const char*)src + bytes);
+        stream_run(s, [=] { memcpy(dst, staged->data(), bytes); });
+        return cudaSuccess;
+    }
+    stream_run(s, [=] { memmove(dst, src, bytes); });
+    if (!find_allocation(dst, &a) && find_allocation(src, &a) && a.device >= 0) stream_sync(s);  // to pageable memory: synchronous
     return cudaSuccess;
 }
 static inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
-    return cudaMemcpyAsync(dst, src, bytes, kind, 0);
+    cudaError_t e = cudaMemcpyAsync(dst, src, bytes, kind, 0);
+    ::cuda_cpu::stream_sync(::cuda_cpu::resolve(0));
+    return e != cudaSuccess ? e : ::cuda_cpu::api_enter();
 }
 static inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t stream = 0) {
     using namespace ::cuda_cpu;
@@ -1460,14 +1691,20 @@ static inline cudaError_t cudaMemcpyPeerAsync(void* dst, int dst_device, const v
     return cudaSuccess;
 }
 static inline cudaError_t cudaMemcpyPeer(void* dst, int dst_device, const void* src, int src_device, size_t bytes) {
-    return cudaMemcpyPeerAsync(dst, dst_device, src, src_device, bytes, 0);
+    ::cuda_cpu::run_all(-1);  // ordered after all earlier work on both devices
+    cudaError_t e = cudaMemcpyPeerAsync(dst, dst_device, src, src_device, bytes, 0);
+    ::cuda_cpu::run_all(-1);
+    return e;
 }
 
 template <typename T>
 static inline cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attr, int value) {
-    (void)kernel;
-    if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize && (value < 0 || (size_t)value > ::cuda_cpu::kDynamicSharedOptinLimit))
-        return ::cuda_cpu::set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: %d bytes of dynamic shared memory", value);
+    using namespace ::cuda_cpu;
+    if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: attribute %d", (int)attr);
+    if (value < 0 || (size_t)value > kDynamicSharedOptinLimit)
+        return set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: %d bytes of dynamic shared memory (limit %zu)", value, kDynamicSharedOptinLimit);
+    std::lock_guard<std::mutex> lock(shared_optin_mu);
+    shared_optin()[(const void*)kernel] = (size_t)value;
     return cudaSuccess;
 }
 
@@ -1475,22 +1712,39 @@ static inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsign
     using namespace ::cuda_cpu;
     if (!stream) return set_error(cudaErrorInvalidValue, "cudaStreamCreate: null pointer");
     if (cudaError_t e = api_enter()) return e;
-    *stream = new CUstream_st{tls_device, flags};
+    CUstream_st* s = new CUstream_st;
+    s->device = tls_device;
+    s->flags = flags;
+    std::lock_guard<std::recursive_mutex> lock(streams().mu);
+    streams().all.push_back(s);
+    *stream = s;
     return cudaSuccess;
 }
 static inline cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, cudaStreamDefault); }
 static inline cudaError_t cudaStreamDestroy(cudaStream_t stream) {
-    if (!stream) return ::cuda_cpu::set_error(cudaErrorInvalidResourceHandle, "cudaStreamDestroy(0)");
-    delete stream;
+    using namespace ::cuda_cpu;
+    if (!stream || stream->destroyed) return set_error(cudaErrorInvalidResourceHandle, "cudaStreamDestroy: not a live stream");
+    stream_sync(stream);  // its work still completes, as on the GPU
+    stream->destroyed = true;
     return cudaSuccess;
 }
 static inline cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
-    (void)stream;
-    return ::cuda_cpu::api_enter();
+    using namespace ::cuda_cpu;
+    if (stream && stream->destroyed) return set_error(cudaErrorInvalidResourceHandle, "cudaStreamSynchronize: destroyed stream");
+    stream_sync(resolve(stream));
+    return api_enter();
 }
+// Queries complete the work they ask about, so a polling loop ends in deferred mode too;
+// they report cudaErrorNotReady when there was work left.
 static inline cudaError_t cudaStreamQuery(cudaStream_t stream) {
-    (void)stream;
-    return ::cuda_cpu::api_enter();
+    using namespace ::cuda_cpu;
+    if (stream && stream->destroyed) return set_error(cudaErrorInvalidResourceHandle, "cudaStreamQuery: destroyed stream");
+    CUstream_st* s = resolve(stream);
+    std::lock_guard<std::recursive_mutex> lock(streams().mu);
+    bool busy = s->done < s->enqueued;
+    stream_sync(s);
+    if (cudaError_t e = api_enter()) return e;
+    return busy ? cudaErrorNotReady : cudaSuccess;
 }
 static inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned flags) {
     using namespace ::cuda_cpu;
@@ -1503,6 +1757,8 @@ static inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned 
 static inline cudaError_t cudaEventCreate(cudaEvent_t* event) { return cudaEventCreateWithFlags(event, cudaEventDefault); }
 static inline cudaError_t cudaEventDestroy(cudaEvent_t event) {
     if (!event) return ::cuda_cpu::set_error(cudaErrorInvalidResourceHandle, "cudaEventDestroy(0)");
+    std::lock_guard<std::recursive_mutex> lock(::cuda_cpu::streams().mu);
+    if (event->stream) ::cuda_cpu::run_until(event->stream, event->seq);  // its record op points at it
     delete event;
     return cudaSuccess;
 }
@@ -1510,30 +1766,49 @@ static inline cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream
     using namespace ::cuda_cpu;
     if (!event) return set_error(cudaErrorInvalidResourceHandle, "cudaEventRecord: null event");
     if (cudaError_t e = api_enter()) return e;
-    stream_run(resolve(stream), [event] {
-        event->recorded = true;
-        event->time = std::chrono::steady_clock::now();
-    });
+    CUstream_st* s = resolve(stream);
+    if (s->device != event->device) return set_error(cudaErrorInvalidResourceHandle, "cudaEventRecord: event of device %d on a stream of device %d", event->device, s->device);
+    std::lock_guard<std::recursive_mutex> lock(streams().mu);
+    event->stream = s;
+    event->seq = s->enqueued + 1;
+    stream_run(s, [event] { event->time = std::chrono::steady_clock::now(); });
     return cudaSuccess;
 }
+static inline bool cuda_cpu_event_done(cudaEvent_t event) { return !event->stream || event->stream->done >= event->seq; }
 static inline cudaError_t cudaEventSynchronize(cudaEvent_t event) {
-    if (!event) return ::cuda_cpu::set_error(cudaErrorInvalidResourceHandle, "cudaEventSynchronize: null event");
-    return ::cuda_cpu::api_enter();
+    using namespace ::cuda_cpu;
+    if (!event) return set_error(cudaErrorInvalidResourceHandle, "cudaEventSynchronize: null event");
+    {
+        std::lock_guard<std::recursive_mutex> lock(streams().mu);
+        if (event->stream) run_until(event->stream, event->seq);
+    }
+    return api_enter();
 }
 static inline cudaError_t cudaEventQuery(cudaEvent_t event) {
-    if (!event) return ::cuda_cpu::set_error(cudaErrorInvalidResourceHandle, "cudaEventQuery: null event");
-    return ::cuda_cpu::api_enter();
+    using namespace ::cuda_cpu;
+    if (!event) return set_error(cudaErrorInvalidResourceHandle, "cudaEventQuery: null event");
+    std::lock_guard<std::recursive_mutex> lock(streams().mu);
+    bool busy = !cuda_cpu_event_done(event);
+    if (event->stream) run_until(event->stream, event->seq);
+    if (cudaError_t e = api_enter()) return e;
+    return busy ? cudaErrorNotReady : cudaSuccess;
 }
 static inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
     using namespace ::cuda_cpu;
     if (!ms || !start || !end) return set_error(cudaErrorInvalidValue, "cudaEventElapsedTime: null argument");
     if ((start->flags | end->flags) & cudaEventDisableTiming) return set_error(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event was created with cudaEventDisableTiming");
-    if (!start->recorded || !end->recorded) return set_error(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event was never recorded");
+    if (!start->stream || !end->stream) return set_error(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event was never recorded");
+    std::lock_guard<std::recursive_mutex> lock(streams().mu);
+    if (!cuda_cpu_event_done(start) || !cuda_cpu_event_done(end)) return set_error(cudaErrorNotReady, "cudaEventElapsedTime: an event has not completed");
     *ms = std::chrono::duration<float, std::milli>(end->time - start->time).count();
     return cudaSuccess;
 }
 static inline cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned flags = 0) {
-    (void)stream; (void)flags;
-    if (!event) return ::cuda_cpu::set_error(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent: null event");
-    return ::cuda_cpu::api_enter();
+    using namespace ::cuda_cpu;
+    if (!event) return set_error(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent: null event");
+    if (cudaError_t e = api_enter()) return e;
+    std::lock_guard<std::recursive_mutex> lock(streams().mu);
+    if (!event->stream) return cudaSuccess;  // never recorded: nothing to wait for
+    stream_run(resolve(stream), [] {}, {{event->stream, event->seq}});
+    return cudaSuccess;
 }

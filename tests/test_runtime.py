@@ -1,0 +1,457 @@
+"""Tests of the CUDA-on-CPU runtime (dev/cuda_cpu.h) through its own test kernels.
+
+The kernels live in dev/runtime_test_kernels.cu; `make test` builds them into
+build/libruntime_tests.so (and build/asan/libruntime_tests.so for the ASan checks).
+RUNTIME_TESTS_LIB names another build (make test-asan uses the ASan one).
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+LIB_PATH = os.environ.get("RUNTIME_TESTS_LIB", os.path.join(ROOT, "build", "libruntime_tests.so"))
+ASAN_LIB = os.path.join(ROOT, "build", "asan", "libruntime_tests.so")
+UNDER_ASAN = "asan" in os.path.relpath(os.path.abspath(LIB_PATH), ROOT).split(os.sep)
+
+CDEFS = """
+const char* rt_last_error(void);
+int rt_block_sum(const float* x, int n, int with_barrier, float* out);
+int rt_transpose(const float* in, int rows, int cols, int with_barrier, float* out);
+int rt_barrier_misuse(int scenario);
+int rt_warp_op(int op, const unsigned* value, const int* arg, int width, unsigned active, int threads, unsigned* out);
+int rt_warp_sum(const double* x, int threads, double* out);
+int rt_uninitialised(int blocks, float* out, int* count);
+int rt_write_past_end(int where);
+int rt_fault(int kind);
+int rt_launch(int kind, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, size_t smem);
+int rt_peer_copy(const float* x, int n, float* out);
+int rt_bad_copy(int kind);
+int rt_stream_order(int n, int wait_event, int sync, float* result);
+int rt_events(float* elapsed_ms);
+int rt_barrier_votes(int k, int threads, int* out);
+int rt_kernel_arguments(int kind, float* result);
+"""
+
+# CUDA error codes (driver_types.h)
+SUCCESS, INVALID_VALUE, INVALID_CONFIGURATION = 0, 1, 9
+INVALID_DEVICE, ILLEGAL_ADDRESS, OUT_OF_RESOURCES, LAUNCH_FAILURE = 101, 700, 701, 719
+
+SCHEDULES = ["forward", "reverse", "random"]
+
+
+@pytest.fixture(scope="module")
+def rt():
+    if not os.path.exists(LIB_PATH):
+        pytest.fail(f"{LIB_PATH} is missing: run `make test` (it builds it)")
+    import cffi
+
+    ffi = cffi.FFI()
+    ffi.cdef(CDEFS)
+    return ffi, ffi.dlopen(LIB_PATH)
+
+
+def ptr(ffi, a):
+    ctype = {np.float32: "float*", np.float64: "double*", np.uint32: "unsigned*", np.int32: "int*"}[a.dtype.type]
+    return ffi.cast(ctype, a.ctypes.data)
+
+
+def call(rt, name, *args):
+    """Calls rt_<name>; returns (error code, message)."""
+    ffi, lib = rt
+    code = getattr(lib, "rt_" + name)(*[ptr(ffi, a) if isinstance(a, np.ndarray) else a for a in args])
+    return code, ffi.string(lib.rt_last_error()).decode() if code else ""
+
+
+def block_sum(rt, x, with_barrier):
+    out = np.empty((x.size + 255) // 256, np.float32)
+    assert call(rt, "block_sum", x, x.size, with_barrier, out) == (0, "")
+    return out
+
+
+def run_python(code, env=None, timeout=60):
+    """Runs a snippet in a fresh interpreter that has `ffi`, `lib` (LIB) loaded."""
+    prelude = textwrap.dedent(f"""
+        import cffi, json, os, sys
+        ffi = cffi.FFI()
+        ffi.cdef({CDEFS!r})
+        lib = ffi.dlopen(os.environ.get("LIB", {LIB_PATH!r}))
+        def err(code):
+            return [code, ffi.string(lib.rt_last_error()).decode() if code else ""]
+    """)
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+# --- barriers -------------------------------------------------------------------------
+
+
+def test_block_sum_with_barrier_is_right(rt, schedule):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(1000).astype(np.float32)
+    got = block_sum(rt, x, with_barrier=True)
+    chunks = np.pad(x, (0, 24)).astype(np.float64).reshape(4, 256)
+    # fp32 tree sum of 256 terms: each term passes through 8 roundings, so
+    # |err| <= 8 * 2^-24 * sum|x| per chunk (the standard recursive-summation bound).
+    bound = 8 * 2.0**-24 * np.abs(chunks).sum(axis=1)
+    np.testing.assert_array_less(np.abs(got - chunks.sum(axis=1)), bound)
+
+
+def test_results_are_bitwise_identical_across_schedules_and_workers(rt, monkeypatch):
+    x = np.random.default_rng(1).standard_normal(4096).astype(np.float32)
+    results = []
+    for schedule in SCHEDULES:
+        for workers in ("1", "2", "3"):
+            monkeypatch.setenv("CUDA_CPU_SCHEDULE", schedule)
+            monkeypatch.setenv("CUDA_CPU_WORKERS", workers)
+            results.append(block_sum(rt, x, with_barrier=True))
+    for r in results[1:]:
+        assert r.tobytes() == results[0].tobytes()
+
+
+def test_block_sum_without_barrier_is_wrong_under_some_schedule(rt, monkeypatch):
+    x = np.random.default_rng(2).standard_normal(1024).astype(np.float32)
+    exact = x.astype(np.float64).reshape(4, 256).sum(axis=1)
+    wrong = []
+    for schedule in SCHEDULES:
+        monkeypatch.setenv("CUDA_CPU_SCHEDULE", schedule)
+        got = block_sum(rt, x, with_barrier=False)
+        if not np.allclose(got, exact, rtol=1e-4, atol=1e-4):  # a race, not a rounding difference
+            wrong.append(schedule)
+    assert wrong, "removing the barriers changed nothing: threads do not interleave like CUDA threads"
+
+
+def test_transpose_needs_its_barrier(rt, schedule):
+    rows, cols = 70, 45  # partial tiles on both edges
+    a = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
+    out = np.empty((cols, rows), np.float32)
+    assert call(rt, "transpose", a, rows, cols, 1, out) == (0, "")
+    np.testing.assert_array_equal(out, a.T)
+
+
+def test_transpose_without_barrier_is_wrong_under_some_schedule(rt, monkeypatch):
+    rows, cols = 64, 64
+    a = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
+    wrong = []
+    for schedule in SCHEDULES:
+        monkeypatch.setenv("CUDA_CPU_SCHEDULE", schedule)
+        out = np.empty((cols, rows), np.float32)
+        assert call(rt, "transpose", a, rows, cols, 0, out) == (0, "")
+        if not np.array_equal(out, a.T):
+            wrong.append(schedule)
+    assert wrong
+
+
+def test_barrier_misuse_is_reported_not_hung():
+    """Each misuse, under each schedule, in a child process: a hang fails on the timeout."""
+    result = run_python("""
+        out = {}
+        for schedule in ["forward", "reverse", "random"]:
+            os.environ["CUDA_CPU_SCHEDULE"] = schedule
+            for scenario in range(4):
+                out[f"{schedule} {scenario}"] = err(lib.rt_barrier_misuse(scenario))
+        x = ffi.new("float[256]", [1.0] * 256)
+        s = ffi.new("float[1]")
+        out["after"] = err(lib.rt_block_sum(x, 256, 1, s)) + [s[0]]
+        print(json.dumps(out))
+    """, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    expected = {
+        0: ["divergent __syncthreads()", "runtime_test_kernels.cu:"],
+        1: ["thread (3,0,0) of block (0,0,0) exited while", "waits at __syncthreads() "],
+        2: ["deadlock", "__syncthreads()", "__shfl_xor_sync"],
+        3: ["thread (0,0,0) of block (0,0,0)", "its own lane is not in the mask"],
+    }
+    after = out.pop("after")
+    for key, (code, message) in out.items():
+        assert code == LAUNCH_FAILURE, (key, message)
+        assert "kernel barrier_misuse" in message
+        for fragment in expected[int(key.split()[1])]:
+            assert fragment in message, (key, message)
+    # divergent call sites: both file:line pairs are named, and they differ
+    sites = [w for w in out["forward 0"][1].split() if "runtime_test_kernels.cu:" in w]
+    assert len(set(s.rstrip(",") for s in sites)) == 2
+    assert after == [0, "", 256.0]  # the process lives on; the reset cleared the sticky error
+
+
+@pytest.mark.parametrize("k", [1, 3, 1000])
+def test_syncthreads_count_and_or(rt, schedule, k):
+    threads = 200
+    out = np.zeros((threads, 4), np.int32)
+    assert call(rt, "barrier_votes", k, threads, out) == (0, "")
+    t = np.arange(threads)
+    expected = [(t % k == 0).sum(), int((t % k == 0).all()), int((t % k == 0).any()), (t < k).sum()]
+    assert (out == expected).all()
+
+
+# --- warp operations ----------------------------------------------------------------------
+
+SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, BALLOT, ANY, ALL = range(7)
+UNDEFINED = 0xFFFFFFFF  # what the runtime returns when the source lane did not take part
+SKIPPED = 0xDEADBEEF   # what the kernel writes for lanes outside the mask
+
+
+def shuffle_model(op, value, arg, width, active, threads):
+    """CUDA's shuffle rules, written from the CUDA C Programming Guide (not from the PTX
+    formulas the runtime uses): width splits the warp into segments; idx reads lane
+    arg mod width of the caller's segment; up/down shift within the segment and keep the
+    caller's own value when the source would leave it; xor may read earlier segments,
+    not later ones (then the caller's own value)."""
+    out = np.full(threads, SKIPPED, np.uint64)
+    arg = [int(a) for a in arg]
+    for t in range(threads):
+        lane, base = t % 32, t - t % 32
+        if not active >> lane & 1:
+            continue
+        seg = lane - lane % width
+        if op == SHFL_IDX:
+            src = seg + arg[t] % width
+        elif op == SHFL_UP:
+            src = lane - arg[t] if lane - seg - arg[t] >= 0 else lane
+        elif op == SHFL_DOWN:
+            src = lane + arg[t] if lane - seg + arg[t] < width else lane
+        else:
+            src = lane ^ arg[t]
+            if src >= seg + width:
+                src = lane
+        member = active >> src & 1 and base + src < threads
+        out[t] = value[base + src] if member else UNDEFINED
+    return out.astype(np.uint32)
+
+
+def vote_model(op, value, active, threads):
+    out = np.full(threads, SKIPPED, np.uint32)
+    for base in range(0, threads, 32):
+        lanes = [l for l in range(32) if active >> l & 1 and base + l < threads]
+        ballot = sum(1 << l for l in lanes if value[base + l])
+        r = {BALLOT: ballot, ANY: int(ballot != 0), ALL: int(ballot == sum(1 << l for l in lanes))}[op]
+        for l in lanes:
+            out[base + l] = r
+    return out
+
+
+@pytest.mark.parametrize("op", [SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR])
+@pytest.mark.parametrize("width", [1, 2, 4, 8, 16, 32])
+def test_shuffles_follow_cuda_rules(rt, schedule, op, width):
+    rng = np.random.default_rng(100 * op + width)
+    for threads, active in [(64, 0xFFFFFFFF), (48, 0xFFFFFFFF), (64, 0x0F0F33FF)]:
+        value = rng.integers(0, 2**32, threads, dtype=np.uint32)
+        # out-of-range arguments on purpose: lanes past the width, past the warp
+        arg = rng.integers(0, 64 if op == SHFL_XOR else 40, threads).astype(np.int32)
+        out = np.empty(threads, np.uint32)
+        assert call(rt, "warp_op", op, value, arg, width, active, threads, out) == (0, "")
+        np.testing.assert_array_equal(out, shuffle_model(op, value, arg, width, active, threads),
+                                      err_msg=f"threads={threads} active={active:#x}")
+
+
+@pytest.mark.parametrize("op", [BALLOT, ANY, ALL])
+def test_votes_follow_cuda_rules(rt, schedule, op):
+    rng = np.random.default_rng(op)
+    for threads, active, density in [(64, 0xFFFFFFFF, 0.5), (40, 0xFFFFFFFF, 1.0), (64, 0x00FF00F0, 0.1), (64, 0xFFFFFFFF, 0.0)]:
+        value = (rng.random(threads) < density).astype(np.uint32)
+        arg = np.zeros(threads, np.int32)
+        out = np.empty(threads, np.uint32)
+        assert call(rt, "warp_op", op, value, arg, 32, active, threads, out) == (0, "")
+        np.testing.assert_array_equal(out, vote_model(op, value, active, threads))
+
+
+def test_invalid_shuffle_width_is_an_error(rt):
+    v = np.zeros(32, np.uint32)
+    code, message = call(rt, "warp_op", SHFL_XOR, v, np.ones(32, np.int32), 12, 0xFFFFFFFF, 32, np.empty(32, np.uint32))
+    assert code == LAUNCH_FAILURE and "width 12 is not a power of 2" in message
+
+
+def test_warp_sum_of_doubles(rt, schedule):
+    # 1024 threads: 6144 warp operations between block barriers (there are none)
+    x = np.random.default_rng(3).standard_normal(1024)
+    out = np.empty(32)
+    assert call(rt, "warp_sum", x, 1024, out) == (0, "")
+    # fp64 tree sum of 32 terms: |err| <= 5 * 2^-53 * sum|x| (5 levels of rounding)
+    sums = x.reshape(32, 32)
+    np.testing.assert_array_less(np.abs(out - sums.sum(axis=1)), 5 * 2.0**-53 * np.abs(sums).sum(axis=1) + 1e-300)
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+
+def test_unwritten_memory_reads_as_nan_and_int_atomics_count(rt, schedule):
+    out = np.zeros(3, np.float32)
+    count = np.zeros(1, np.int32)
+    assert call(rt, "uninitialised", 37, out, count) == (0, "")
+    assert np.isnan(out).all()  # static shared, dynamic shared, fresh cudaMalloc
+    assert count[0] == 37 * 64
+
+
+@pytest.mark.parametrize("where, report", [(0, "heap-buffer-overflow"), (1, "use-after-poison")])
+def test_out_of_bounds_write_is_caught_under_asan(where, report):
+    if not os.path.exists(ASAN_LIB):
+        pytest.fail(f"{ASAN_LIB} is missing: run `make test` (it builds it)")
+    cxx = os.environ.get("CXX", "g++")
+    runtime = " ".join(subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+                       for name in ("libasan.so", "libubsan.so"))
+    env = {"LIB": ASAN_LIB, "LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0"}
+    clean = run_python("""
+        x = ffi.new("float[1000]", [1.0] * 1000)
+        s = ffi.new("float[4]")
+        print(err(lib.rt_block_sum(x, 1000, 1, s)), s[3])
+    """, env=env)
+    assert clean.returncode == 0 and "ERROR: AddressSanitizer" not in clean.stderr, clean.stderr[-3000:]
+    assert clean.stdout.split() == ["[0,", "'']", "232.0"]  # fibers under ASan: no false alarm
+    bad = run_python(f"print(err(lib.rt_write_past_end({where})))", env=env)
+    assert bad.returncode != 0
+    assert f"ERROR: AddressSanitizer: {report}" in bad.stderr, bad.stderr[-3000:]
+    assert "write_past_end" in bad.stderr  # the report points at the kernel
+
+
+@pytest.mark.no_asan
+@pytest.mark.parametrize("kind, code, fragment", [(0, ILLEGAL_ADDRESS, "invalid memory access at address"),
+                                                  (1, ILLEGAL_ADDRESS, "stack overflow")])
+def test_kernel_faults_become_errors_not_crashes(rt, kind, code, fragment):
+    if UNDER_ASAN:
+        pytest.skip("ASan reports memory faults itself and ends the process")
+    got, message = call(rt, "fault", kind)
+    assert got == code
+    assert "kernel fault" in message and "thread (7,0,0) of block (1,0,0)" in message and fragment in message
+    x = np.ones(256, np.float32)
+    assert block_sum(rt, x, True)[0] == 256.0  # and the process goes on
+
+
+# --- launch configuration -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grid, block, smem, code", [
+    ((1, 1, 1), (1024, 1, 1), 0, SUCCESS),
+    ((1, 1, 1), (1025, 1, 1), 0, INVALID_CONFIGURATION),
+    ((1, 1, 1), (32, 16, 4), 0, INVALID_CONFIGURATION),    # 2048 threads
+    ((1, 1, 1), (1, 1, 65), 0, INVALID_CONFIGURATION),     # block.z <= 64
+    ((1, 65536, 1), (32, 1, 1), 0, INVALID_CONFIGURATION), # grid.y <= 65535
+    ((1, 1, 65536), (32, 1, 1), 0, INVALID_CONFIGURATION),
+    ((2**31, 1, 1), (32, 1, 1), 0, INVALID_CONFIGURATION), # grid.x < 2^31
+    ((0, 1, 1), (32, 1, 1), 0, INVALID_CONFIGURATION),
+    ((1, 1, 1), (0, 1, 1), 0, INVALID_CONFIGURATION),
+    ((1, 1, 1), (32, 1, 1), 48 * 1024, SUCCESS),
+    ((1, 1, 1), (32, 1, 1), 48 * 1024 + 1, INVALID_VALUE),  # above 48 KB needs the opt-in
+])
+def test_launch_limits(rt, grid, block, smem, code):
+    got, message = call(rt, "launch", 0, *grid, *block, smem)
+    assert got == code, message
+    if code:
+        assert "empty_kernel" in message and "runtime_test_kernels.cu:" in message
+
+
+def test_dynamic_shared_memory_opt_in(rt):
+    assert call(rt, "launch", 3, 1, 1, 1, 32, 1, 1, 100 * 1024) == (0, "")
+    code, message = call(rt, "launch", 3, 1, 1, 1, 32, 1, 1, 100 * 1024 + 4)
+    assert code == INVALID_VALUE and "dynamic shared memory" in message
+
+
+def test_static_shared_memory_over_48k(rt):
+    code, message = call(rt, "launch", 1, 1, 1, 1, 1, 1, 1, 0)
+    assert code == OUT_OF_RESOURCES and "exceeds 48 KB" in message and "big_static_shared" in message
+
+
+def test_kernel_parameters_over_4k(rt):
+    code, message = call(rt, "launch", 2, 1, 1, 1, 1, 1, 1, 0)
+    assert code == INVALID_VALUE and "bytes of parameters (limit 4096)" in message
+
+
+# --- devices, copies, streams ------------------------------------------------------------------
+
+
+def test_peer_copies_between_two_devices(rt):
+    x = np.random.default_rng(4).standard_normal(1000).astype(np.float32)
+    out = np.zeros_like(x)
+    assert call(rt, "peer_copy", x, x.size, out) == (0, "")
+    np.testing.assert_array_equal(out, 2 * x)  # scaling by 2 is exact
+
+
+@pytest.mark.parametrize("kind, fragment", [(0, "argument 1 (0x"), (1, "argument 1 points to memory of device 0, "
+                                                                       "and device 1 has no peer access to it")])
+def test_kernel_arguments_a_gpu_could_not_use(rt, kind, fragment):
+    code, message = call(rt, "kernel_arguments", kind, np.zeros(4, np.float32))
+    assert code == ILLEGAL_ADDRESS and "kernel scale" in message and fragment in message, message
+
+
+@pytest.mark.parametrize("kind", [2, 3])  # peer memory with access enabled; pinned host memory
+def test_kernel_arguments_a_gpu_can_use(rt, kind):
+    out = np.zeros(4, np.float32)
+    assert call(rt, "kernel_arguments", kind, out) == (0, "")
+    np.testing.assert_array_equal(out, [2, 4, 6, 8])
+
+
+def test_one_device_has_no_peer(rt, monkeypatch):
+    monkeypatch.setenv("CUDA_CPU_DEVICES", "1")
+    x = np.ones(8, np.float32)
+    code, _ = call(rt, "peer_copy", x, 8, np.zeros_like(x))
+    assert code == INVALID_DEVICE
+
+
+@pytest.mark.parametrize("kind, fragment", [(0, "is host memory, but the copy kind says device memory"),
+                                            (1, "overrun its 128-byte allocation"),
+                                            (2, "destination is on device 0, not 1"),
+                                            (3, "not a pointer returned by cudaMalloc")])
+def test_bad_copies_are_refused(rt, kind, fragment):
+    code, message = call(rt, "bad_copy", kind)
+    assert code == INVALID_VALUE and fragment in message, message
+
+
+@pytest.mark.parametrize("deferred", ["0", "1"])
+def test_deferred_streams_reveal_missing_synchronisation(rt, monkeypatch, deferred):
+    monkeypatch.setenv("CUDA_CPU_DEFERRED", deferred)
+    n = 300
+    right = 2 * np.arange(1, n + 1, dtype=np.float32)
+    seen = {}
+    for wait_event, sync in [(1, 1), (1, 0), (0, 1)]:
+        out = np.zeros(n, np.float32)
+        assert call(rt, "stream_order", n, wait_event, sync, out) == (0, "")
+        seen[wait_event, sync] = out
+    np.testing.assert_array_equal(seen[1, 1], right)  # correct code is right in both modes
+    if deferred == "0":  # work runs at once: the bugs stay hidden
+        np.testing.assert_array_equal(seen[1, 0], right)
+        np.testing.assert_array_equal(seen[0, 1], right)
+    else:
+        # no host sync: the pinned buffer still holds what the host wrote
+        np.testing.assert_array_equal(seen[1, 0], -1.0)
+        # no cudaStreamWaitEvent: the consumer ran before the producer, on NaN memory
+        assert np.isnan(seen[0, 1]).all()
+
+
+def test_event_timing(rt, monkeypatch):
+    for deferred in ("0", "1"):
+        monkeypatch.setenv("CUDA_CPU_DEFERRED", deferred)
+        ms = np.zeros(1, np.float32)
+        assert call(rt, "events", ms) == (0, "")
+        assert 0.0 <= ms[0] < 10_000.0
+
+
+@pytest.mark.no_asan
+def test_fork_after_launches(rt):
+    """The worker pool survives fork(): the child starts its own (no OpenMP-style hang)."""
+    if UNDER_ASAN:
+        pytest.skip("fork under ASan is not part of this check")
+    x = np.ones(512, np.float32)
+    block_sum(rt, x, True)
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            ok = (block_sum(rt, x, True) == 256.0).all()
+        finally:
+            os._exit(0 if ok else 1)
+    import time
+
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    pytest.fail("the forked child hung in a kernel launch")
