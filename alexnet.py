@@ -126,6 +126,187 @@ def fc_backward_weights(dout, inp):
     return dout.T @ inp, dout.sum(axis=0)
 
 # --- 3b. the other layers
+#
+# Twins of train_alexnet.cu sections 1, 2, 4, 5, 6, 8, 9, 10: same names, same rules
+# (tie-breaking, random bits), written for clarity; float32 or float64 in, same out.
+
+_U32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32(counter, key):
+    """Philox4x32-10 (Random123): uint32 counters [..., 4] and keys [..., 2] -> uint32 [..., 4].
+
+    Vectorised over the leading axes; 64-bit products of 32-bit words are exact in uint64."""
+    c = np.asarray(counter, dtype=np.uint64)
+    k = np.asarray(key, dtype=np.uint64)
+    c0, c1, c2, c3 = c[..., 0], c[..., 1], c[..., 2], c[..., 3]
+    k0, k1 = k[..., 0], k[..., 1]
+    for round in range(10):
+        if round > 0:
+            k0 = (k0 + np.uint64(0x9E3779B9)) & _U32
+            k1 = (k1 + np.uint64(0xBB67AE85)) & _U32
+        p0 = np.uint64(0xD2511F53) * c0
+        p1 = np.uint64(0xCD9E8D57) * c2
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & _U32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & _U32
+    return np.stack([c0, c1, c2, c3], axis=-1).astype(np.uint32)
+
+
+def philox_uniform(words):
+    """uint32 words -> float32 in [0, 1): (x >> 8) * 2^-24, exact."""
+    return (np.asarray(words, dtype=np.uint32) >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+
+
+def dropout_mask(n, p, seed, layer, step):
+    """Keep-mask (bool [n]) of the n elements of a dropout layer, the rule of the .cu's section 8:
+    element i is kept iff philox_uniform(word) >= p, word = philox4x32(
+    (i // 4, layer, step mod 2^32, step // 2^32), (seed mod 2^32, seed // 2^32))[i % 4]."""
+    group = np.arange((n + 3) // 4, dtype=np.uint64)
+    counter = np.stack([group, np.full_like(group, layer), np.full_like(group, step & 0xFFFFFFFF),
+                        np.full_like(group, step >> 32)], axis=-1)
+    key = np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64)
+    words = philox4x32(counter, key).reshape(-1)[:n]
+    return philox_uniform(words) >= np.float32(p)
+
+
+def dropout_forward(x, p, seed, layer, step, train):
+    """Paper dropout: train zeroes units with probability p (survivors unscaled); test scales by 1-p."""
+    if not train:
+        return x * x.dtype.type(1 - np.float32(p))
+    return np.where(dropout_mask(x.size, p, seed, layer, step).reshape(x.shape), x, 0).astype(x.dtype)
+
+
+def dropout_backward(dout, p, seed, layer, step):
+    """The forward's mask, regenerated, applied to the gradient."""
+    return dropout_forward(dout, p, seed, layer, step, train=True)
+
+
+def augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, crop):
+    """uint8 images [N][H][W][3] -> float32 crops [N][3][crop][crop]: crop at offsets[n] = (y, x),
+    mirror where flips[n], subtract the mean image [H][W][3] at the same place, and add the PCA
+    lighting sum_i alphas[n][i] * eigval[i] * eigvec[:, i] to every pixel."""
+    N = images.shape[0]
+    out = np.empty((N, 3, crop, crop), dtype=np.float32)
+    light = (alphas.astype(np.float32) * eigval.astype(np.float32)) @ eigvec.astype(np.float32).T  # [N][3]
+    for n in range(N):
+        oy, ox = offsets[n]
+        window = np.s_[oy:oy + crop, ox:ox + crop]
+        patch = images[n][window].astype(np.float32) - mean[window].astype(np.float32)
+        if flips[n]:
+            patch = patch[:, ::-1]
+        out[n] = patch.transpose(2, 0, 1) + light[n][:, None, None]
+    return out
+
+
+def relu_forward(x):
+    return np.where(x > 0, x, 0).astype(x.dtype)
+
+
+def relu_backward(dout, out):
+    return np.where(out > 0, dout, 0).astype(dout.dtype)
+
+
+def _lrn_window_sum(v, lower, upper):
+    """s[:, c] = sum of v[:, j] over j in [c - lower, c + upper] clipped to the channels (axis 1)."""
+    C = v.shape[1]
+    s = np.zeros_like(v)
+    for c in range(C):
+        s[:, c] = v[:, max(0, c - lower):min(C, c + upper + 1)].sum(axis=1)
+    return s
+
+
+def lrn_forward(x, size, alpha, beta, k):
+    """Cross-channel LRN of x [N][C][H][W] (C = one tower's channels):
+    out = x / scale^beta, scale = k + alpha/size * sum over the window [c - size//2, c + (size-1)//2]
+    (clipped at 0 and C-1) of x^2. Returns (out, scale)."""
+    scale = k + alpha / size * _lrn_window_sum(x * x, size // 2, (size - 1) // 2)
+    return (x * scale ** -beta).astype(x.dtype), scale.astype(x.dtype)
+
+
+def lrn_backward(dout, x, out, scale, size, alpha, beta, k):
+    """dx[i] = dout[i] * scale[i]^-beta - 2*alpha*beta/size * x[i] * sum_{j: i in window(j)}
+    dout[j] * out[j] / scale[j]; i is in window(j) iff j is in [i - (size-1)//2, i + size//2]."""
+    r = _lrn_window_sum(dout * out / scale, (size - 1) // 2, size // 2)
+    return (dout * scale ** -beta - 2 * alpha * beta / size * x * r).astype(x.dtype)
+
+
+def pool_output_size(H, size, stride):
+    """Windows that fit entirely: floor((H - size) / stride) + 1 (55 -> 27 -> 13 -> 6 in AlexNet)."""
+    return (H - size) // stride + 1
+
+
+def _pool_argmax(x, size, stride, OH, OW):
+    """Winner of every window as flat indices into the H*W plane, [N][C][OH][OW]; windows
+    overhanging the bottom/right are clipped; ties go to the first maximum in row-major order."""
+    N, C, H, W = x.shape
+    winners = np.empty((N, C, OH, OW), dtype=np.int64)
+    for oy in range(OH):
+        for ox in range(OW):
+            y0, x0 = oy * stride, ox * stride
+            y1, x1 = min(y0 + size, H), min(x0 + size, W)
+            window = x[:, :, y0:y1, x0:x1].reshape(N, C, -1)
+            first = np.argmax(window, axis=2)  # argmax returns the first maximum
+            winners[:, :, oy, ox] = (y0 + first // (x1 - x0)) * W + x0 + first % (x1 - x0)
+    return winners
+
+
+def maxpool_forward(x, size, stride, OH=None, OW=None):
+    """Max over size x size windows with the given stride, x [N][C][H][W] -> [N][C][OH][OW]."""
+    N, C, H, W = x.shape
+    OH = OH or pool_output_size(H, size, stride)
+    OW = OW or pool_output_size(W, size, stride)
+    winners = _pool_argmax(x, size, stride, OH, OW)
+    return np.take_along_axis(x.reshape(N, C, H * W), winners.reshape(N, C, -1), axis=2).reshape(N, C, OH, OW)
+
+
+def maxpool_backward(dout, x, size, stride):
+    """Each window's gradient goes to its winner (first maximum); sums where windows overlap,
+    added in (oy, ox) order like the kernel."""
+    N, C, H, W = x.shape
+    OH, OW = dout.shape[2:]
+    winners = _pool_argmax(x, size, stride, OH, OW)
+    dx = np.zeros((N * C, H * W), dtype=dout.dtype)
+    rows = np.arange(N * C)
+    for oy in range(OH):
+        for ox in range(OW):
+            dx[rows, winners[:, :, oy, ox].reshape(-1)] += dout[:, :, oy, ox].reshape(-1)
+    return dx.reshape(x.shape)
+
+
+def softmax_forward(logits):
+    """Row-wise softmax of logits [N][K], shifted by the row max for stability."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def topk_rank(logits, labels):
+    """Position of each label in a stable descending sort of its row: the number of logits
+    above it plus the number of equal logits at lower class indices."""
+    target = logits[np.arange(len(labels)), labels][:, None]
+    lower = np.arange(logits.shape[1])[None, :] < labels[:, None]
+    return ((logits > target) | ((logits == target) & lower)).sum(axis=1)
+
+
+def softmax_cross_entropy(logits, labels):
+    """Per-row loss log(sum exp(x - m)) + m - x[label], gradient of the batch-mean loss
+    (softmax - onehot) / N, and the top-1 / top-5 correct counts [2]."""
+    N, K = logits.shape
+    m = logits.max(axis=1, keepdims=True)
+    e = np.exp(logits - m)
+    s = e.sum(axis=1, keepdims=True)
+    rows = np.arange(N)
+    losses = (np.log(s) + m)[:, 0] - logits[rows, labels]
+    dlogits = e / s
+    dlogits[rows, labels] -= 1
+    rank = topk_rank(logits, labels)
+    correct = np.array([(rank < 1).sum(), (rank < 5).sum()], dtype=np.int32)
+    return losses, dlogits / N, correct
+
+
+def sgd_update(w, v, g, lr, momentum, weight_decay):
+    """The paper's rule: v <- momentum*v - weight_decay*lr*w - lr*g ; w <- w + v. Returns (w, v)."""
+    t = w.dtype.type
+    v = t(momentum) * v - t(weight_decay) * t(lr) * w - t(lr) * g
+    return w + v, v
 
 
 # -----------------------------------------------------------------------------
@@ -282,6 +463,181 @@ def cuda_fc_backward_weights(dout, inp):
     return dweight, dbias
 
 # --- 5b. bindings: the other layers
+
+_CDEFS.append("""
+int alexnet_philox4x32(uint32_t* out, const uint32_t* counter, const uint32_t* key);
+int alexnet_augment_images(float* out, const uint8_t* images, const float* mean, const int* offsets,
+                           const uint8_t* flips, const float* alphas, const float* eigval,
+                           const float* eigvec, int N, int H, int W, int crop);
+int alexnet_relu_forward(float* out, const float* inp, long n);
+int alexnet_relu_backward(float* dinp, const float* dout, const float* out, long n);
+int alexnet_lrn_forward(float* out, float* scale, const float* inp, int N, int C, int H, int W,
+                        int size, float alpha, float beta, float k);
+int alexnet_lrn_backward(float* dinp, const float* dout, const float* inp, const float* out,
+                         const float* scale, int N, int C, int H, int W, int size, float alpha,
+                         float beta, float k);
+int alexnet_maxpool_forward(float* out, const float* inp, int N, int C, int H, int W, int size,
+                            int stride, int OH, int OW);
+int alexnet_maxpool_backward(float* dinp, const float* dout, const float* inp, int N, int C, int H,
+                             int W, int size, int stride, int OH, int OW);
+int alexnet_dropout_forward(float* out, const float* inp, long n, float p, uint64_t seed,
+                            uint32_t layer, uint64_t step, int train);
+int alexnet_dropout_backward(float* dinp, const float* dout, long n, float p, uint64_t seed,
+                             uint32_t layer, uint64_t step);
+int alexnet_softmax_cross_entropy(float* losses, float* dlogits, int* correct, const float* logits,
+                                  const int* labels, int N, int K);
+int alexnet_softmax_forward(float* probs, const float* logits, int N, int K);
+int alexnet_sgd_update(float* w, float* v, const float* g, long n, float lr, float momentum,
+                       float weight_decay);
+""")
+
+
+def _f32(x):
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _require_shape(op, name, array, shape):
+    """The C API sees bare pointers, so the bindings check that the arrays agree."""
+    shape = tuple(shape)
+    if array.shape != shape:
+        raise AlexNetError(f"{op}: {name} has shape {array.shape}, expected {shape}")
+
+
+def _require_nchw(op, x):
+    if x.ndim != 4:
+        raise AlexNetError(f"{op}: expected an N x C x H x W array, got shape {x.shape}")
+
+
+def cuda_philox4x32(counter, key):
+    """One Philox4x32-10 block from the library's host path: uint32 [4], [2] -> uint32 [4]."""
+    counter = np.ascontiguousarray(counter, dtype=np.uint32)
+    key = np.ascontiguousarray(key, dtype=np.uint32)
+    _require_shape("philox4x32", "counter", counter, (4,))
+    _require_shape("philox4x32", "key", key, (2,))
+    out = np.empty(4, dtype=np.uint32)
+    _check(library()[1].alexnet_philox4x32(_ptr(out, "uint32_t"), _ptr(counter, "uint32_t"), _ptr(key, "uint32_t")))
+    return out
+
+
+def cuda_augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, crop):
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    if images.ndim != 4 or images.shape[3] != 3:
+        raise AlexNetError(f"augment_images: expected N x H x W x 3 images, got shape {images.shape}")
+    N, H, W, _ = images.shape
+    mean, alphas, eigval, eigvec = _f32(mean), _f32(alphas), _f32(eigval), _f32(eigvec)
+    offsets = np.ascontiguousarray(offsets, dtype=np.int32)
+    flips = np.ascontiguousarray(flips, dtype=np.uint8)
+    for name, array, shape in [("mean", mean, (H, W, 3)), ("offsets", offsets, (N, 2)), ("flips", flips, (N,)),
+                               ("alphas", alphas, (N, 3)), ("eigval", eigval, (3,)), ("eigvec", eigvec, (3, 3))]:
+        _require_shape("augment_images", name, array, shape)
+    out = np.empty((N, 3, crop, crop), dtype=np.float32)
+    _check(library()[1].alexnet_augment_images(
+        _ptr(out), _ptr(images, "uint8_t"), _ptr(mean), _ptr(offsets, "int"), _ptr(flips, "uint8_t"),
+        _ptr(alphas), _ptr(eigval), _ptr(eigvec), N, H, W, crop))
+    return out
+
+
+def cuda_relu_forward(x):
+    x = _f32(x)
+    out = np.empty_like(x)
+    _check(library()[1].alexnet_relu_forward(_ptr(out), _ptr(x), x.size))
+    return out
+
+
+def cuda_relu_backward(dout, out):
+    dout, out = _f32(dout), _f32(out)
+    _require_shape("relu_backward", "out", out, dout.shape)
+    dinp = np.empty_like(dout)
+    _check(library()[1].alexnet_relu_backward(_ptr(dinp), _ptr(dout), _ptr(out), dout.size))
+    return dinp
+
+
+def cuda_lrn_forward(x, size, alpha, beta, k):
+    """Returns (out, scale) like lrn_forward."""
+    x = _f32(x)
+    _require_nchw("lrn_forward", x)
+    out, scale = np.empty_like(x), np.empty_like(x)
+    _check(library()[1].alexnet_lrn_forward(_ptr(out), _ptr(scale), _ptr(x), *x.shape, size, alpha, beta, k))
+    return out, scale
+
+
+def cuda_lrn_backward(dout, x, out, scale, size, alpha, beta, k):
+    dout, x, out, scale = _f32(dout), _f32(x), _f32(out), _f32(scale)
+    _require_nchw("lrn_backward", x)
+    for name, array in [("dout", dout), ("out", out), ("scale", scale)]:
+        _require_shape("lrn_backward", name, array, x.shape)
+    dinp = np.empty_like(x)
+    _check(library()[1].alexnet_lrn_backward(_ptr(dinp), _ptr(dout), _ptr(x), _ptr(out), _ptr(scale),
+                                             *x.shape, size, alpha, beta, k))
+    return dinp
+
+
+def cuda_maxpool_forward(x, size, stride, OH=None, OW=None):
+    x = _f32(x)
+    _require_nchw("maxpool_forward", x)
+    N, C, H, W = x.shape
+    OH = OH or pool_output_size(H, size, stride)
+    OW = OW or pool_output_size(W, size, stride)
+    out = np.empty((N, C, OH, OW), dtype=np.float32)
+    _check(library()[1].alexnet_maxpool_forward(_ptr(out), _ptr(x), N, C, H, W, size, stride, OH, OW))
+    return out
+
+
+def cuda_maxpool_backward(dout, x, size, stride):
+    dout, x = _f32(dout), _f32(x)
+    _require_nchw("maxpool_backward", x)
+    _require_nchw("maxpool_backward", dout)
+    _require_shape("maxpool_backward", "dout", dout, x.shape[:2] + dout.shape[2:])
+    dinp = np.empty_like(x)
+    _check(library()[1].alexnet_maxpool_backward(_ptr(dinp), _ptr(dout), _ptr(x), *x.shape, size, stride,
+                                                 *dout.shape[2:]))
+    return dinp
+
+
+def cuda_dropout_forward(x, p, seed, layer, step, train):
+    x = _f32(x)
+    out = np.empty_like(x)
+    _check(library()[1].alexnet_dropout_forward(_ptr(out), _ptr(x), x.size, p, seed, layer, step, int(train)))
+    return out
+
+
+def cuda_dropout_backward(dout, p, seed, layer, step):
+    dout = _f32(dout)
+    dinp = np.empty_like(dout)
+    _check(library()[1].alexnet_dropout_backward(_ptr(dinp), _ptr(dout), dout.size, p, seed, layer, step))
+    return dinp
+
+
+def cuda_softmax_cross_entropy(logits, labels):
+    """Returns (losses [N], dlogits [N][K], correct [2]) like softmax_cross_entropy."""
+    logits = _f32(logits)
+    labels = np.ascontiguousarray(labels, dtype=np.int32)
+    if logits.ndim != 2:
+        raise AlexNetError(f"softmax_cross_entropy: expected N x K logits, got shape {logits.shape}")
+    N, K = logits.shape
+    _require_shape("softmax_cross_entropy", "labels", labels, (N,))
+    losses, dlogits, correct = np.empty(N, np.float32), np.empty_like(logits), np.empty(2, np.int32)
+    _check(library()[1].alexnet_softmax_cross_entropy(_ptr(losses), _ptr(dlogits), _ptr(correct, "int"),
+                                                      _ptr(logits), _ptr(labels, "int"), N, K))
+    return losses, dlogits, correct
+
+
+def cuda_softmax_forward(logits):
+    logits = _f32(logits)
+    if logits.ndim != 2:
+        raise AlexNetError(f"softmax_forward: expected N x K logits, got shape {logits.shape}")
+    probs = np.empty_like(logits)
+    _check(library()[1].alexnet_softmax_forward(_ptr(probs), _ptr(logits), *logits.shape))
+    return probs
+
+
+def cuda_sgd_update(w, v, g, lr, momentum, weight_decay):
+    """Returns the updated (w, v); the inputs are left unchanged."""
+    w, v, g = np.array(w, dtype=np.float32), np.array(v, dtype=np.float32), _f32(g)
+    _require_shape("sgd_update", "v", v, w.shape)
+    _require_shape("sgd_update", "g", g, w.shape)
+    _check(library()[1].alexnet_sgd_update(_ptr(w), _ptr(v), _ptr(g), w.size, lr, momentum, weight_decay))
+    return w, v
 
 
 # -----------------------------------------------------------------------------

@@ -96,9 +96,86 @@ struct DeviceArray {
 
 // ----------------------------------------------------------------------------
 // 1. Counter-based random numbers (Philox4x32-10)
+//
+// Dropout needs a mask that the backward pass can regenerate and that alexnet.py can
+// reproduce bit for bit, so it comes from a counter-based generator instead of a state:
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11),
+// exactly as in Random123 (its known-answer vectors are in tests/test_layers.py).
+// A round maps counter (c0, c1, c2, c3) and key (k0, k1) to
+//   (hi(M1*c2) ^ c1 ^ k0,  lo(M1*c2),  hi(M0*c0) ^ c3 ^ k1,  lo(M0*c0)),
+// with 32x32->64-bit products; the key is bumped by (W0, W1) before rounds 2..10.
+// A word x becomes a float in [0, 1) as (x >> 8) * 2^-24, exact in float32.
+
+struct Philox4 {
+    uint32_t word[4];
+};
+
+__host__ __device__ __forceinline__ Philox4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2,
+                                                       uint32_t c3, uint32_t k0, uint32_t k1) {
+    for (int round = 0; round < 10; round++) {
+        if (round > 0) {
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        uint64_t p0 = (uint64_t)0xD2511F53u * c0;
+        uint64_t p1 = (uint64_t)0xCD9E8D57u * c2;
+        uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
+        uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
+        c0 = n0;
+        c1 = (uint32_t)p1;
+        c2 = n2;
+        c3 = (uint32_t)p0;
+    }
+    return Philox4{{c0, c1, c2, c3}};
+}
+
+__host__ __device__ __forceinline__ float philox_uniform(uint32_t word) {
+    return (float)(word >> 8) * 0x1p-24f;
+}
 
 // ----------------------------------------------------------------------------
 // 2. Data augmentation
+//
+// out[n][c][y][x] = img[n][oy+y][ox+x'][c] - mean[oy+y][ox+x'][c] + light[n][c]
+//   x' = flip ? crop-1-x : x,   light[n][c] = sum_i alphas[n][i] * eigval[i] * eigvec[c][i]
+// (PCA lighting, paper section 4.1; eigvec row-major, column i is eigenvector i).
+// One thread per output pixel (n, y, x) doing its three channels: consecutive threads
+// read consecutive pixels of an image row and write consecutive floats of each plane.
+// The offsets must keep the crop inside the image (the C API checks them on the host).
+__global__ void augment_images_kernel(float* __restrict__ out, const uint8_t* __restrict__ images,
+                                      const float* __restrict__ mean, const int* __restrict__ offsets,
+                                      const uint8_t* __restrict__ flips, const float* __restrict__ alphas,
+                                      const float* __restrict__ eigval, const float* __restrict__ eigvec,
+                                      int N, int H, int W, int crop) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N * crop * crop) return;
+    int x = t % crop, y = t / crop % crop, n = t / (crop * crop);
+    int sy = offsets[2 * n] + y;
+    int sx = offsets[2 * n + 1] + (flips[n] ? crop - 1 - x : x);
+    long pixel = ((long)sy * W + sx) * 3;
+    const uint8_t* img = images + (long)n * H * W * 3;
+    for (int c = 0; c < 3; c++) {
+        float light = 0.0f;
+        for (int i = 0; i < 3; i++) light += alphas[3 * n + i] * eigval[i] * eigvec[3 * c + i];
+        out[((long)(n * 3 + c) * crop + y) * crop + x] = ((float)img[pixel + c] - mean[pixel + c]) + light;
+    }
+}
+
+static long augment_images_check(int N, int H, int W, int crop) {
+    require(N > 0 && H > 0 && W > 0 && crop > 0, "augment_images: sizes must be positive (N=%d H=%d W=%d crop=%d)", N, H, W, crop);
+    require(crop <= H && crop <= W, "augment_images: crop %d is larger than the %dx%d image", crop, H, W);
+    require((long)N * H * W * 3 <= INT32_MAX, "augment_images: batch too large");
+    return (long)N * 3 * crop * crop;
+}
+
+void augment_images(float* out, const uint8_t* images, const float* mean, const int* offsets,
+                    const uint8_t* flips, const float* alphas, const float* eigval, const float* eigvec,
+                    int N, int H, int W, int crop, cudaStream_t stream) {
+    augment_images_check(N, H, W, crop);
+    const int threads = 256;
+    LAUNCH(augment_images_kernel, ceil_div((long)N * crop * crop, threads), threads, 0, stream,
+           out, images, mean, offsets, flips, alphas, eigval, eigvec, N, H, W, crop);
+}
 
 // ----------------------------------------------------------------------------
 // 3. Convolution
@@ -490,12 +567,240 @@ void conv_backward_weights(float* dweight, float* dbias, const float* dout, cons
 
 // ----------------------------------------------------------------------------
 // 4. ReLU
+//
+// Elementwise kernels (ReLU here, dropout, SGD) give each thread 4 consecutive elements:
+// one 16-byte access per array when the group is whole and aligned (cudaMalloc'd
+// buffers are), element by element at the tail.
+__device__ __forceinline__ void load4(float v[4], const float* p, long i, long n) {
+    if (i + 4 <= n && ((uintptr_t)(p + i) & 15) == 0) {
+        float4 q = *(const float4*)(p + i);
+        v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+    } else {
+        for (int j = 0; j < 4; j++) v[j] = i + j < n ? p[i + j] : 0.0f;
+    }
+}
+
+__device__ __forceinline__ void store4(float* p, const float v[4], long i, long n) {
+    if (i + 4 <= n && ((uintptr_t)(p + i) & 15) == 0) {
+        *(float4*)(p + i) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+        for (int j = 0; j < 4; j++) if (i + j < n) p[i + j] = v[j];
+    }
+}
+
+static const int ELEMENTWISE_THREADS = 256;
+
+static int elementwise_blocks(long n) { return ceil_div(ceil_div(n, 4), ELEMENTWISE_THREADS); }
+
+// relu_forward: out = max(inp, 0). relu_backward: dinp = out > 0 ? dout : 0, from the
+// forward's output (conv and fc fuse the forward into their epilogue; the model calls
+// relu_backward before their backward). Each thread reads its elements before writing
+// them, so both may run in place (out == inp, dinp == dout): no __restrict__.
+__global__ void relu_forward_kernel(float* out, const float* inp, long n) {
+    long i = 4 * ((long)blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= n) return;
+    float v[4];
+    load4(v, inp, i, n);
+    for (int j = 0; j < 4; j++) v[j] = v[j] > 0.0f ? v[j] : 0.0f;
+    store4(out, v, i, n);
+}
+
+__global__ void relu_backward_kernel(float* dinp, const float* dout, const float* out, long n) {
+    long i = 4 * ((long)blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= n) return;
+    float d[4], o[4];
+    load4(d, dout, i, n);
+    load4(o, out, i, n);
+    for (int j = 0; j < 4; j++) d[j] = o[j] > 0.0f ? d[j] : 0.0f;
+    store4(dinp, d, i, n);
+}
+
+static void elementwise_check(const char* op, long n) {
+    require(n > 0, "%s: the element count must be positive (got %ld)", op, n);
+    require(n <= 4L * INT32_MAX, "%s: %ld elements is too many", op, n);
+}
+
+void relu_forward(float* out, const float* inp, long n, cudaStream_t stream) {
+    elementwise_check("relu_forward", n);
+    LAUNCH(relu_forward_kernel, elementwise_blocks(n), ELEMENTWISE_THREADS, 0, stream, out, inp, n);
+}
+
+void relu_backward(float* dinp, const float* dout, const float* out, long n, cudaStream_t stream) {
+    elementwise_check("relu_backward", n);
+    LAUNCH(relu_backward_kernel, elementwise_blocks(n), ELEMENTWISE_THREADS, 0, stream, dinp, dout, out, n);
+}
 
 // ----------------------------------------------------------------------------
 // 5. Local response normalisation (across channels)
+//
+//   out[c] = inp[c] * scale[c]^-beta,  scale[c] = k + alpha/size * sum_{j in win(c)} inp[j]^2
+//   win(c) = [c - size/2, c + (size-1)/2] clipped to [0, C-1]
+// over the C channels of one tower at one pixel (paper: size 5, alpha 1e-4, beta 0.75,
+// k 2; the authors' code divides alpha by size, as here). scale is saved for backward.
+// Backward, with r[j] = dout[j] * out[j] / scale[j]:
+//   dinp[i] = dout[i] * scale[i]^-beta - 2*alpha*beta/size * inp[i] * sum_{j: i in win(j)} r[j]
+// and i is in win(j) exactly when j is in [i - (size-1)/2, i + size/2].
+// One thread per pixel (n, y, x): consecutive threads take consecutive x, so each access
+// to a channel plane is coalesced. The thread walks c = 0..C-1 keeping the window sum,
+// adding the term that enters and subtracting the one that leaves (as Caffe does): O(1)
+// per channel instead of O(size). The subtracted term is recomputed bit for bit, so the
+// only drift is rounding, at most ~2C ulps of the largest window sum.
+
+__global__ void lrn_forward_kernel(float* __restrict__ out, float* __restrict__ scale,
+                                   const float* __restrict__ inp, int N, int C, int HW,
+                                   int size, float alpha_over_size, float beta, float k) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N * HW) return;
+    long base = (long)(t / HW) * C * HW + t % HW;
+    const float* a = inp + base;
+    int before = size / 2, after = (size - 1) / 2;
+    float sum = 0.0f;
+    for (int j = 0; j < after && j < C; j++) sum += a[(long)j * HW] * a[(long)j * HW];
+    for (int c = 0; c < C; c++) {
+        int enter = c + after, leave = c - before - 1;
+        if (enter < C) sum += a[(long)enter * HW] * a[(long)enter * HW];
+        if (leave >= 0) sum -= a[(long)leave * HW] * a[(long)leave * HW];
+        float s = k + alpha_over_size * sum;
+        scale[base + (long)c * HW] = s;
+        out[base + (long)c * HW] = a[(long)c * HW] * powf(s, -beta);
+    }
+}
+
+__global__ void lrn_backward_kernel(float* __restrict__ dinp, const float* __restrict__ dout,
+                                    const float* __restrict__ inp, const float* __restrict__ out,
+                                    const float* __restrict__ scale, int N, int C, int HW, int size,
+                                    float alpha_over_size, float beta) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N * HW) return;
+    long base = (long)(t / HW) * C * HW + t % HW;
+    dout += base; inp += base; out += base; scale += base; dinp += base;
+    int before = (size - 1) / 2, after = size / 2;  // the transposed window
+    float sum = 0.0f;
+    for (int j = 0; j < after && j < C; j++) {
+        long o = (long)j * HW;
+        sum += dout[o] * out[o] / scale[o];
+    }
+    for (int c = 0; c < C; c++) {
+        int enter = c + after, leave = c - before - 1;
+        if (enter < C) {
+            long o = (long)enter * HW;
+            sum += dout[o] * out[o] / scale[o];
+        }
+        if (leave >= 0) {
+            long o = (long)leave * HW;
+            sum -= dout[o] * out[o] / scale[o];
+        }
+        long o = (long)c * HW;
+        dinp[o] = dout[o] * powf(scale[o], -beta) - 2.0f * alpha_over_size * beta * inp[o] * sum;
+    }
+}
+
+static long lrn_check(int N, int C, int H, int W, int size, float alpha, float beta, float k) {
+    require(N > 0 && C > 0 && H > 0 && W > 0, "lrn: sizes must be positive (N=%d C=%d H=%d W=%d)", N, C, H, W);
+    require(size > 0, "lrn: window size must be positive (got %d)", size);
+    require(k > 0.0f && alpha >= 0.0f && isfinite(alpha) && isfinite(beta) && isfinite(k),
+            "lrn: need k > 0, alpha >= 0 and finite beta (k=%g alpha=%g beta=%g)", k, alpha, beta);
+    require((long)N * C * H * W <= INT32_MAX, "lrn: tensor too large");
+    return (long)N * C * H * W;
+}
+
+void lrn_forward(float* out, float* scale, const float* inp, int N, int C, int H, int W,
+                 int size, float alpha, float beta, float k, cudaStream_t stream) {
+    lrn_check(N, C, H, W, size, alpha, beta, k);
+    const int threads = 256;
+    LAUNCH(lrn_forward_kernel, ceil_div((long)N * H * W, threads), threads, 0, stream,
+           out, scale, inp, N, C, H * W, size, alpha / size, beta, k);
+}
+
+void lrn_backward(float* dinp, const float* dout, const float* inp, const float* out,
+                  const float* scale, int N, int C, int H, int W, int size, float alpha,
+                  float beta, float k, cudaStream_t stream) {
+    lrn_check(N, C, H, W, size, alpha, beta, k);
+    const int threads = 256;
+    LAUNCH(lrn_backward_kernel, ceil_div((long)N * H * W, threads), threads, 0, stream,
+           dinp, dout, inp, out, scale, N, C, H * W, size, alpha / size, beta);
+}
 
 // ----------------------------------------------------------------------------
 // 6. Max pooling
+//
+//   out[n][c][oy][ox] = max over inp[n][c][oy*stride + dy][ox*stride + dx], 0 <= dy, dx < size
+// (AlexNet: size 3, stride 2, overlapping windows). A window that overhangs the bottom or
+// right edge is clipped. Ties go to the first maximum in window order (row-major), so
+// forward and backward agree on one winner and match alexnet.py.
+// Forward: one thread per output, consecutive threads along ox.
+// Backward gathers instead of scattering: one thread per input pixel visits the (at most
+// ceil(size/stride)^2) windows that contain it, recomputes each window's winner and sums
+// the gradients of the windows it won, in (oy, ox) order. No atomics, so deterministic;
+// the window reads hit the cache lines that neighbouring threads read too.
+
+__device__ __forceinline__ int window_argmax(const float* plane, int W, int y0, int x0, int y1, int x1) {
+    int best = y0 * W + x0;
+    float best_value = plane[best];
+    for (int y = y0; y < y1; y++)
+        for (int x = x0; x < x1; x++)
+            if (plane[y * W + x] > best_value) {
+                best = y * W + x;
+                best_value = plane[best];
+            }
+    return best;
+}
+
+__global__ void maxpool_forward_kernel(float* __restrict__ out, const float* __restrict__ inp,
+                                       int NC, int H, int W, int size, int stride, int OH, int OW) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= NC * OH * OW) return;
+    int ox = t % OW, oy = t / OW % OH, nc = t / (OW * OH);
+    const float* plane = inp + (long)nc * H * W;
+    int y0 = oy * stride, x0 = ox * stride;
+    out[t] = plane[window_argmax(plane, W, y0, x0, min(y0 + size, H), min(x0 + size, W))];
+}
+
+__global__ void maxpool_backward_kernel(float* __restrict__ dinp, const float* __restrict__ dout,
+                                        const float* __restrict__ inp, int NC, int H, int W,
+                                        int size, int stride, int OH, int OW) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= NC * H * W) return;
+    int ix = t % W, iy = t / W % H, nc = t / (W * H);
+    const float* plane = inp + (long)nc * H * W;
+    const float* grad = dout + (long)nc * OH * OW;
+    // windows oy with oy*stride <= iy < oy*stride + size
+    int oy0 = iy < size ? 0 : (iy - size) / stride + 1, oy1 = min(iy / stride, OH - 1);
+    int ox0 = ix < size ? 0 : (ix - size) / stride + 1, ox1 = min(ix / stride, OW - 1);
+    float sum = 0.0f;
+    for (int oy = oy0; oy <= oy1; oy++)
+        for (int ox = ox0; ox <= ox1; ox++) {
+            int y0 = oy * stride, x0 = ox * stride;
+            if (window_argmax(plane, W, y0, x0, min(y0 + size, H), min(x0 + size, W)) == iy * W + ix)
+                sum += grad[oy * OW + ox];
+        }
+    dinp[t] = sum;
+}
+
+static void maxpool_check(int N, int C, int H, int W, int size, int stride, int OH, int OW) {
+    require(N > 0 && C > 0 && H > 0 && W > 0, "maxpool: sizes must be positive (N=%d C=%d H=%d W=%d)", N, C, H, W);
+    require(size > 0 && stride > 0 && size <= H && size <= W,
+            "maxpool: need 0 < size <= H, W and stride > 0 (size=%d stride=%d, input %dx%d)", size, stride, H, W);
+    require(OH > 0 && OW > 0 && (long)(OH - 1) * stride < H && (long)(OW - 1) * stride < W,
+            "maxpool: output %dx%d does not fit a %dx%d input with stride %d", OH, OW, H, W, stride);
+    require((long)N * C * H * W <= INT32_MAX, "maxpool: tensor too large");
+}
+
+void maxpool_forward(float* out, const float* inp, int N, int C, int H, int W, int size,
+                     int stride, int OH, int OW, cudaStream_t stream) {
+    maxpool_check(N, C, H, W, size, stride, OH, OW);
+    const int threads = 256;
+    LAUNCH(maxpool_forward_kernel, ceil_div((long)N * C * OH * OW, threads), threads, 0, stream,
+           out, inp, N * C, H, W, size, stride, OH, OW);
+}
+
+void maxpool_backward(float* dinp, const float* dout, const float* inp, int N, int C, int H,
+                      int W, int size, int stride, int OH, int OW, cudaStream_t stream) {
+    maxpool_check(N, C, H, W, size, stride, OH, OW);
+    const int threads = 256;
+    LAUNCH(maxpool_backward_kernel, ceil_div((long)N * C * H * W, threads), threads, 0, stream,
+           dinp, dout, inp, N * C, H, W, size, stride, OH, OW);
+}
 
 // ----------------------------------------------------------------------------
 // 7. Fully connected
@@ -586,12 +891,184 @@ void fc_backward_weights(float* dweight, float* dbias, const float* dout, const 
 
 // ----------------------------------------------------------------------------
 // 8. Dropout
+//
+// Paper semantics: in training each unit is zeroed with probability p and survivors pass
+// unscaled; at test time every unit is multiplied by (1 - p).
+// The mask rule (alexnet.py's dropout_mask implements the same): element i of layer L at
+// step t with seed s is kept iff philox_uniform(word) >= p, where
+//   word = philox4x32(counter = (i / 4, L, t mod 2^32, t / 2^32),
+//                     key = (s mod 2^32, s / 2^32)).word[i % 4]
+// so one Philox call serves 4 consecutive elements: one thread each. The backward pass
+// regenerates the mask from the same (s, L, t) instead of storing it; every dropout layer
+// of every tower needs its own L, or their masks coincide. Both passes may run
+// in place (out == inp), as the elementwise kernels of section 4.
+
+__global__ void dropout_kernel(float* out, const float* inp, long n, float p,
+                               uint32_t key0, uint32_t key1, uint32_t layer, uint32_t step0,
+                               uint32_t step1, bool train) {
+    long group = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    long i = 4 * group;
+    if (i >= n) return;
+    float v[4];
+    load4(v, inp, i, n);
+    if (train) {
+        Philox4 r = philox4x32((uint32_t)group, layer, step0, step1, key0, key1);
+        for (int j = 0; j < 4; j++) v[j] = philox_uniform(r.word[j]) >= p ? v[j] : 0.0f;
+    } else {
+        for (int j = 0; j < 4; j++) v[j] *= 1.0f - p;
+    }
+    store4(out, v, i, n);
+}
+
+static void dropout_check(const char* op, long n, float p) {
+    elementwise_check(op, n);
+    require(p >= 0.0f && p < 1.0f, "%s: the drop probability must be in [0, 1) (got %g)", op, p);
+}
+
+void dropout_forward(float* out, const float* inp, long n, float p, uint64_t seed,
+                     uint32_t layer, uint64_t step, bool train, cudaStream_t stream) {
+    dropout_check("dropout_forward", n, p);
+    LAUNCH(dropout_kernel, elementwise_blocks(n), ELEMENTWISE_THREADS, 0, stream, out, inp, n, p,
+           (uint32_t)seed, (uint32_t)(seed >> 32), layer, (uint32_t)step, (uint32_t)(step >> 32), train);
+}
+
+void dropout_backward(float* dinp, const float* dout, long n, float p, uint64_t seed,
+                      uint32_t layer, uint64_t step, cudaStream_t stream) {
+    dropout_check("dropout_backward", n, p);
+    LAUNCH(dropout_kernel, elementwise_blocks(n), ELEMENTWISE_THREADS, 0, stream, dinp, dout, n, p,
+           (uint32_t)seed, (uint32_t)(seed >> 32), layer, (uint32_t)step, (uint32_t)(step >> 32), true);
+}
 
 // ----------------------------------------------------------------------------
 // 9. Softmax and cross-entropy
+//
+// One block of 128 threads per row of logits x[0..K-1] (K = 1000 classes: ~8 per thread). With m = max x,
+//   prob[j] = exp(x[j] - m) / sum_i exp(x[i] - m)
+//   loss    = log(sum_i exp(x[i] - m)) + m - x[label]      (no overflow for any logits)
+//   dlogits = (prob - onehot(label)) / N                   (gradient of the batch-mean loss)
+// Top-k: rank = #{j : x[j] > x[label]} + #{j < label : x[j] == x[label]}, i.e. the
+// label's position in a stable descending sort (ties rank the lower class first);
+// top-1 correct iff rank < 1, top-5 iff rank < 5. Reductions: warp shuffles, then one
+// partial per warp in shared memory, combined in a fixed order (deterministic).
+
+static const int SOFTMAX_THREADS = 128;
+
+struct SumOp {
+    template <typename T>
+    __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Reduce v over the block (blockDim.x a multiple of 32); every thread gets the result.
+// partial: shared scratch with one slot per warp.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T* partial, Op op) {
+    for (int offset = 16; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+    __syncthreads();
+    T result = partial[0];
+    for (int w = 1; w < (int)blockDim.x / 32; w++) result = op(result, partial[w]);
+    __syncthreads();  // partial may be reused right away
+    return result;
+}
+
+// The row's maximum and sum of exp(x - max).
+__device__ void softmax_stats(const float* x, int K, float* partial, float* max_out, float* sum_out) {
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < K; j += blockDim.x) m = fmaxf(m, x[j]);
+    m = block_reduce(m, partial, MaxOp());
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < K; j += blockDim.x) s += expf(x[j] - m);
+    *max_out = m;
+    *sum_out = block_reduce(s, partial, SumOp());
+}
+
+__global__ void softmax_forward_kernel(float* __restrict__ probs, const float* __restrict__ logits, int K) {
+    SHARED(float, partial, [32]);
+    const float* x = logits + (long)blockIdx.x * K;
+    float m, s;
+    softmax_stats(x, K, partial, &m, &s);
+    for (int j = threadIdx.x; j < K; j += blockDim.x) probs[(long)blockIdx.x * K + j] = expf(x[j] - m) / s;
+}
+
+// A label outside [0, K) (the C API rejects those) gives a NaN loss and counts as wrong.
+__global__ void softmax_cross_entropy_kernel(float* __restrict__ losses, float* __restrict__ dlogits,
+                                             int* __restrict__ correct, const float* __restrict__ logits,
+                                             const int* __restrict__ labels, int N, int K) {
+    SHARED(float, partial, [32]);
+    SHARED(int, counts, [32]);
+    const float* x = logits + (long)blockIdx.x * K;
+    int label = labels[blockIdx.x];
+    bool valid = label >= 0 && label < K;
+    float m, s;
+    softmax_stats(x, K, partial, &m, &s);
+    float target = valid ? x[label] : NAN;
+    int above = 0;
+    for (int j = threadIdx.x; j < K; j += blockDim.x) {
+        above += x[j] > target || (x[j] == target && j < label);
+        if (dlogits) dlogits[(long)blockIdx.x * K + j] = (expf(x[j] - m) / s - (j == label ? 1.0f : 0.0f)) / N;
+    }
+    int rank = block_reduce(above, counts, SumOp());
+    if (threadIdx.x == 0) {
+        losses[blockIdx.x] = logf(s) + m - target;
+        if (correct && valid) {  // integer atomics: exact and order-independent
+            atomicAdd(&correct[0], rank < 1 ? 1 : 0);
+            atomicAdd(&correct[1], rank < 5 ? 1 : 0);
+        }
+    }
+}
+
+static void softmax_check(int N, int K) {
+    require(N > 0 && K > 0, "softmax: need a positive batch and class count (N=%d K=%d)", N, K);
+    require((long)N * K <= INT32_MAX, "softmax: too many logits");
+}
+
+void softmax_cross_entropy(float* losses, float* dlogits, int* correct, const float* logits,
+                           const int* labels, int N, int K, cudaStream_t stream) {
+    softmax_check(N, K);
+    if (correct) cudaCheck(cudaMemsetAsync(correct, 0, 2 * sizeof(int), stream));
+    LAUNCH(softmax_cross_entropy_kernel, N, SOFTMAX_THREADS, 0, stream, losses, dlogits, correct, logits, labels, N, K);
+}
+
+void softmax_forward(float* probs, const float* logits, int N, int K, cudaStream_t stream) {
+    softmax_check(N, K);
+    LAUNCH(softmax_forward_kernel, N, SOFTMAX_THREADS, 0, stream, probs, logits, K);
+}
 
 // ----------------------------------------------------------------------------
 // 10. SGD with momentum and weight decay
+//
+// The paper's update, fused into one pass over w, v and g (each read once, w and v
+// written once: 20 bytes per parameter, ~1.2 GB per step at 61M parameters):
+//   v <- momentum * v - weight_decay * lr * w - lr * g ;  w <- w + v
+// The model passes weight_decay = 0 for biases. One thread per 4 parameters.
+
+__global__ void sgd_update_kernel(float* __restrict__ w, float* __restrict__ v, const float* __restrict__ g,
+                                  long n, float lr, float momentum, float decay) {
+    long i = 4 * ((long)blockIdx.x * blockDim.x + threadIdx.x);
+    if (i >= n) return;
+    float wi[4], vi[4], gi[4];
+    load4(wi, w, i, n);
+    load4(vi, v, i, n);
+    load4(gi, g, i, n);
+    for (int j = 0; j < 4; j++) {
+        vi[j] = momentum * vi[j] - decay * wi[j] - lr * gi[j];
+        wi[j] += vi[j];
+    }
+    store4(w, wi, i, n);
+    store4(v, vi, i, n);
+}
+
+void sgd_update(float* w, float* v, const float* g, long n, float lr, float momentum,
+                float weight_decay, cudaStream_t stream) {
+    elementwise_check("sgd_update", n);
+    require(isfinite(lr) && isfinite(momentum) && isfinite(weight_decay),
+            "sgd_update: lr, momentum and weight decay must be finite");
+    LAUNCH(sgd_update_kernel, elementwise_blocks(n), ELEMENTWISE_THREADS, 0, stream, w, v, g, n, lr, momentum,
+           weight_decay * lr);
+}
 
 // ----------------------------------------------------------------------------
 // 11. The two-tower model
@@ -718,6 +1195,174 @@ extern "C" int alexnet_fc_backward_weights(float* dweight, float* dbias, const f
 }
 
 // --- 14b. C API: the other layers
+
+// Every pointer argument must be non-NULL, except the outputs documented as optional.
+static void require_pointers(const char* op, std::initializer_list<std::pair<const char*, const void*>> pointers) {
+    for (const auto& p : pointers) require(p.second != nullptr, "%s: %s is NULL", op, p.first);
+}
+
+// The generator itself (host code path), for the known-answer tests.
+extern "C" int alexnet_philox4x32(uint32_t* out, const uint32_t* counter, const uint32_t* key) {
+    return api_call([&] {
+        require_pointers("philox4x32", {{"out", out}, {"counter", counter}, {"key", key}});
+        Philox4 r = philox4x32(counter[0], counter[1], counter[2], counter[3], key[0], key[1]);
+        memcpy(out, r.word, sizeof(r.word));
+    });
+}
+
+extern "C" int alexnet_augment_images(float* out, const uint8_t* images, const float* mean,
+                                      const int* offsets, const uint8_t* flips, const float* alphas,
+                                      const float* eigval, const float* eigvec, int N, int H, int W, int crop) {
+    return api_call([&] {
+        require_pointers("augment_images", {{"out", out}, {"images", images}, {"mean", mean}, {"offsets", offsets},
+                                            {"flips", flips}, {"alphas", alphas}, {"eigval", eigval}, {"eigvec", eigvec}});
+        long count = augment_images_check(N, H, W, crop);
+        for (int n = 0; n < N; n++) {
+            int oy = offsets[2 * n], ox = offsets[2 * n + 1];
+            require(oy >= 0 && oy <= H - crop && ox >= 0 && ox <= W - crop,
+                    "augment_images: image %d: a %d crop at offset (%d, %d) leaves the %dx%d image", n, crop, oy, ox, H, W);
+            require(flips[n] <= 1, "augment_images: image %d: flip must be 0 or 1 (got %d)", n, flips[n]);
+        }
+        long pixels = (long)H * W * 3;
+        DeviceArray<uint8_t> d_images(images, N * pixels);
+        DeviceArray<float> d_mean(mean, pixels), d_alphas(alphas, 3 * N), d_eigval(eigval, 3), d_eigvec(eigvec, 9);
+        DeviceArray<int> d_offsets(offsets, 2 * N);
+        DeviceArray<uint8_t> d_flips(flips, N);
+        DeviceArray<float> d_out(count);
+        augment_images(d_out.ptr, d_images.ptr, d_mean.ptr, d_offsets.ptr, d_flips.ptr, d_alphas.ptr,
+                       d_eigval.ptr, d_eigvec.ptr, N, H, W, crop, 0);
+        d_out.download(out);
+    });
+}
+
+extern "C" int alexnet_relu_forward(float* out, const float* inp, long n) {
+    return api_call([&] {
+        require_pointers("relu_forward", {{"out", out}, {"inp", inp}});
+        elementwise_check("relu_forward", n);
+        DeviceArray<float> d_inp(inp, n), d_out(n);
+        relu_forward(d_out.ptr, d_inp.ptr, n, 0);
+        d_out.download(out);
+    });
+}
+
+extern "C" int alexnet_relu_backward(float* dinp, const float* dout, const float* out, long n) {
+    return api_call([&] {
+        require_pointers("relu_backward", {{"dinp", dinp}, {"dout", dout}, {"out", out}});
+        elementwise_check("relu_backward", n);
+        DeviceArray<float> d_dout(dout, n), d_out(out, n), d_dinp(n);
+        relu_backward(d_dinp.ptr, d_dout.ptr, d_out.ptr, n, 0);
+        d_dinp.download(dinp);
+    });
+}
+
+extern "C" int alexnet_lrn_forward(float* out, float* scale, const float* inp, int N, int C, int H, int W,
+                                   int size, float alpha, float beta, float k) {
+    return api_call([&] {
+        require_pointers("lrn_forward", {{"out", out}, {"scale", scale}, {"inp", inp}});
+        long count = lrn_check(N, C, H, W, size, alpha, beta, k);
+        DeviceArray<float> d_inp(inp, count), d_out(count), d_scale(count);
+        lrn_forward(d_out.ptr, d_scale.ptr, d_inp.ptr, N, C, H, W, size, alpha, beta, k, 0);
+        d_out.download(out);
+        d_scale.download(scale);
+    });
+}
+
+extern "C" int alexnet_lrn_backward(float* dinp, const float* dout, const float* inp, const float* out,
+                                    const float* scale, int N, int C, int H, int W, int size, float alpha,
+                                    float beta, float k) {
+    return api_call([&] {
+        require_pointers("lrn_backward", {{"dinp", dinp}, {"dout", dout}, {"inp", inp}, {"out", out}, {"scale", scale}});
+        long count = lrn_check(N, C, H, W, size, alpha, beta, k);
+        DeviceArray<float> d_dout(dout, count), d_inp(inp, count), d_out(out, count), d_scale(scale, count), d_dinp(count);
+        lrn_backward(d_dinp.ptr, d_dout.ptr, d_inp.ptr, d_out.ptr, d_scale.ptr, N, C, H, W, size, alpha, beta, k, 0);
+        d_dinp.download(dinp);
+    });
+}
+
+extern "C" int alexnet_maxpool_forward(float* out, const float* inp, int N, int C, int H, int W, int size,
+                                       int stride, int OH, int OW) {
+    return api_call([&] {
+        require_pointers("maxpool_forward", {{"out", out}, {"inp", inp}});
+        maxpool_check(N, C, H, W, size, stride, OH, OW);
+        DeviceArray<float> d_inp(inp, (long)N * C * H * W), d_out((long)N * C * OH * OW);
+        maxpool_forward(d_out.ptr, d_inp.ptr, N, C, H, W, size, stride, OH, OW, 0);
+        d_out.download(out);
+    });
+}
+
+extern "C" int alexnet_maxpool_backward(float* dinp, const float* dout, const float* inp, int N, int C, int H,
+                                        int W, int size, int stride, int OH, int OW) {
+    return api_call([&] {
+        require_pointers("maxpool_backward", {{"dinp", dinp}, {"dout", dout}, {"inp", inp}});
+        maxpool_check(N, C, H, W, size, stride, OH, OW);
+        DeviceArray<float> d_dout(dout, (long)N * C * OH * OW), d_inp(inp, (long)N * C * H * W), d_dinp(d_inp.count);
+        maxpool_backward(d_dinp.ptr, d_dout.ptr, d_inp.ptr, N, C, H, W, size, stride, OH, OW, 0);
+        d_dinp.download(dinp);
+    });
+}
+
+extern "C" int alexnet_dropout_forward(float* out, const float* inp, long n, float p, uint64_t seed,
+                                       uint32_t layer, uint64_t step, int train) {
+    return api_call([&] {
+        require_pointers("dropout_forward", {{"out", out}, {"inp", inp}});
+        dropout_check("dropout_forward", n, p);
+        DeviceArray<float> d_inp(inp, n), d_out(n);
+        dropout_forward(d_out.ptr, d_inp.ptr, n, p, seed, layer, step, train != 0, 0);
+        d_out.download(out);
+    });
+}
+
+extern "C" int alexnet_dropout_backward(float* dinp, const float* dout, long n, float p, uint64_t seed,
+                                        uint32_t layer, uint64_t step) {
+    return api_call([&] {
+        require_pointers("dropout_backward", {{"dinp", dinp}, {"dout", dout}});
+        dropout_check("dropout_backward", n, p);
+        DeviceArray<float> d_dout(dout, n), d_dinp(n);
+        dropout_backward(d_dinp.ptr, d_dout.ptr, n, p, seed, layer, step, 0);
+        d_dinp.download(dinp);
+    });
+}
+
+// dlogits and correct are optional (NULL: not computed).
+extern "C" int alexnet_softmax_cross_entropy(float* losses, float* dlogits, int* correct, const float* logits,
+                                             const int* labels, int N, int K) {
+    return api_call([&] {
+        require_pointers("softmax_cross_entropy", {{"losses", losses}, {"logits", logits}, {"labels", labels}});
+        softmax_check(N, K);
+        for (int n = 0; n < N; n++)
+            require(labels[n] >= 0 && labels[n] < K, "softmax_cross_entropy: label %d of row %d is not in [0, %d)", labels[n], n, K);
+        DeviceArray<float> d_logits(logits, (long)N * K), d_losses(N), d_dlogits(dlogits ? (long)N * K : 0);
+        DeviceArray<int> d_labels(labels, N), d_correct(correct ? 2 : 0);
+        softmax_cross_entropy(d_losses.ptr, dlogits ? d_dlogits.ptr : nullptr, correct ? d_correct.ptr : nullptr,
+                              d_logits.ptr, d_labels.ptr, N, K, 0);
+        d_losses.download(losses);
+        if (dlogits) d_dlogits.download(dlogits);
+        if (correct) d_correct.download(correct);
+    });
+}
+
+extern "C" int alexnet_softmax_forward(float* probs, const float* logits, int N, int K) {
+    return api_call([&] {
+        require_pointers("softmax_forward", {{"probs", probs}, {"logits", logits}});
+        softmax_check(N, K);
+        DeviceArray<float> d_logits(logits, (long)N * K), d_probs(d_logits.count);
+        softmax_forward(d_probs.ptr, d_logits.ptr, N, K, 0);
+        d_probs.download(probs);
+    });
+}
+
+// w and v are updated in place.
+extern "C" int alexnet_sgd_update(float* w, float* v, const float* g, long n, float lr, float momentum,
+                                  float weight_decay) {
+    return api_call([&] {
+        require_pointers("sgd_update", {{"w", w}, {"v", v}, {"g", g}});
+        elementwise_check("sgd_update", n);
+        DeviceArray<float> d_w(w, n), d_v(v, n), d_g(g, n);
+        sgd_update(d_w.ptr, d_v.ptr, d_g.ptr, n, lr, momentum, weight_decay, 0);
+        d_w.download(w);
+        d_v.download(v);
+    });
+}
 
 // ----------------------------------------------------------------------------
 // 15. main
