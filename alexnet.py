@@ -28,10 +28,783 @@ COMMANDS = {}  # name -> (add_arguments(parser), run(args)); each section regist
 
 # -----------------------------------------------------------------------------
 # 1. Dataset files
+#
+# A dataset folder (written by `prepare`, read by the training executables):
+#   train_000.bin, train_001.bin, ...  shards of the training split
+#   val_000.bin, ...                   shards of the validation split
+#   stats.bin                          mean image and RGB PCA of the training split
+#   classes.txt                        line i is the name of label i
+# Shard: int32 header[256] = {SHARD_MAGIC, version, N, H, W, C, classes, 0...},
+#        int32 labels[N], uint8 pixels[N][H][W][C] (RGB). Little-endian throughout.
+# Stats: int32 header[256] = {STATS_MAGIC, version, H, W, C, 0...}, float32 mean[H][W][C]
+#        (0..255), float32 eigval[3] (descending), float32 eigvec[3][3] (column i is the
+#        eigenvector of eigval[i]).
+
+import hashlib
+import json
+import multiprocessing
+import re
+import zlib
+from collections import deque, namedtuple
+from functools import partial
+
+SHARD_MAGIC = 20121001
+STATS_MAGIC = 20121002
+FORMAT_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = 4 * HEADER_INTS
+SHARD_MAX_BYTES = 1 << 30   # default bound on one shard file
+
+Shard = namedtuple("Shard", "labels pixels num_classes")   # int32 [N], uint8 [N][H][W][C]
+Stats = namedtuple("Stats", "mean eigval eigvec")          # float32 [H][W][C], [3], [3][3]
+
+
+def _read_header(path, magic, what):
+    """The int32 header of a dataset file, after checking its magic and version."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise AlexNetError(f"cannot read {path}: {e.strerror}")
+    if len(raw) < HEADER_BYTES:
+        raise AlexNetError(f"{path}: truncated {what} (shorter than its {HEADER_BYTES}-byte header)")
+    header = np.frombuffer(raw, dtype="<i4")
+    if header[0] != magic:
+        raise AlexNetError(f"{path}: not a {what} (magic {header[0]}, expected {magic})")
+    if header[1] != FORMAT_VERSION:
+        raise AlexNetError(f"{path}: {what} version {header[1]}, this code reads version {FORMAT_VERSION}")
+    return header
+
+
+def shard_bytes(n, height, width, channels=3):
+    """The exact size of a shard file of n images."""
+    return HEADER_BYTES + 4 * n + n * height * width * channels
+
+
+def read_shard(path):
+    """A shard as memory-mapped arrays (nothing is read until used)."""
+    h = _read_header(path, SHARD_MAGIC, "dataset shard")
+    n, height, width, channels, classes = (int(v) for v in h[2:7])
+    if min(n, height, width, channels, classes) < 1 or channels != 3:
+        raise AlexNetError(f"{path}: impossible shard header (N={n} H={height} W={width} C={channels} classes={classes})")
+    size, expected = os.path.getsize(path), shard_bytes(n, height, width, channels)
+    if size != expected:
+        raise AlexNetError(f"{path}: {size} bytes, but its header says {expected} (truncated or corrupt shard)")
+    labels = np.memmap(path, dtype="<i4", mode="r", offset=HEADER_BYTES, shape=(n,))
+    pixels = np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_BYTES + 4 * n,
+                       shape=(n, height, width, channels))
+    return Shard(labels, pixels, classes)
+
+
+def read_stats(path):
+    """The training-set statistics: mean image, RGB eigenvalues and eigenvectors."""
+    h = _read_header(path, STATS_MAGIC, "statistics file")
+    height, width, channels = (int(v) for v in h[2:5])
+    if min(height, width) < 1 or channels != 3:
+        raise AlexNetError(f"{path}: impossible statistics header (H={height} W={width} C={channels})")
+    count = height * width * channels + 3 + 9
+    size, expected = os.path.getsize(path), HEADER_BYTES + 4 * count
+    if size != expected:
+        raise AlexNetError(f"{path}: {size} bytes, but its header says {expected} (truncated or corrupt)")
+    values = np.memmap(path, dtype="<f4", mode="r", offset=HEADER_BYTES, shape=(count,))
+    mean = values[:-12].reshape(height, width, channels)
+    return Stats(mean, values[-12:-9], values[-9:].reshape(3, 3))
+
+
+def read_classes(folder):
+    """The class names of a dataset folder (classes.txt, line i = label i)."""
+    path = os.path.join(folder, "classes.txt")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except OSError as e:
+        raise AlexNetError(f"cannot read {path}: {e.strerror}")
+
+
+def shard_paths(folder, split):
+    """The shard files of one split ("train" or "val"), in order; at least one."""
+    paths = []
+    while os.path.exists(p := os.path.join(folder, f"{split}_{len(paths):03d}.bin")):
+        paths.append(p)
+    if not paths:
+        raise AlexNetError(f"{folder}: no {split}_000.bin (prepare the dataset first: python alexnet.py prepare ...)")
+    return paths
+
+
+def read_split(folder, split):
+    """All images of a split in memory: (labels int32 [N], pixels uint8 [N][H][W][C]).
+    For small sets (tests, the demo); large ones are read shard by shard with read_shard."""
+    shards = [read_shard(p) for p in shard_paths(folder, split)]
+    if len({s.pixels.shape[1:] for s in shards}) != 1:
+        raise AlexNetError(f"{folder}: the {split} shards have different image sizes")
+    return (np.concatenate([s.labels for s in shards]).astype(np.int32),
+            np.concatenate([s.pixels for s in shards]))
+
+
+def _header(magic, *fields):
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:2 + len(fields)] = (magic, FORMAT_VERSION, *fields)
+    return header.tobytes()
+
+
+def _replace_atomically(path, write):
+    """Write a file under a temporary name, then rename it: never a half-written `path`."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_shard(path, labels, pixels, num_classes):
+    """Write a whole shard from arrays (the streaming writer is ShardWriter)."""
+    n, height, width, channels = pixels.shape
+    _replace_atomically(path, lambda f: (
+        f.write(_header(SHARD_MAGIC, n, height, width, channels, num_classes)),
+        f.write(np.ascontiguousarray(labels, dtype="<i4").tobytes()),
+        f.write(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())))
+
+
+def write_stats(path, mean, eigval, eigvec):
+    height, width, channels = mean.shape
+    _replace_atomically(path, lambda f: (
+        f.write(_header(STATS_MAGIC, height, width, channels)),
+        f.write(np.asarray(mean, dtype="<f4").tobytes()),
+        f.write(np.asarray(eigval, dtype="<f4").tobytes()),
+        f.write(np.asarray(eigvec, dtype="<f4").tobytes())))
+
+
+def write_classes(folder, names):
+    text = "".join(name + "\n" for name in names)
+    _replace_atomically(os.path.join(folder, "classes.txt"), lambda f: f.write(text.encode()))
+
+
+class ShardWriter:
+    """Streams one shard to `path + ".tmp"` and renames it when complete.
+    Images arrive in chunks; `expected` images are planned, fewer if some were skipped
+    (the pixels then move down over the unused label slots before the rename)."""
+
+    def __init__(self, path, expected, height, width, num_classes):
+        self.path, self.expected, self.shape, self.num_classes = path, expected, (height, width, 3), num_classes
+        self.labels = []
+        self.file = open(path + ".tmp", "w+b")
+        self.file.seek(HEADER_BYTES + 4 * expected)
+
+    def write(self, labels, pixels):
+        assert pixels.shape[1:] == self.shape and len(labels) == len(pixels)
+        self.labels.append(np.asarray(labels, dtype="<i4"))
+        self.file.write(np.ascontiguousarray(pixels).tobytes())
+
+    def close(self):
+        """Finish the file and rename it; returns (images, crc32 of the file)."""
+        f, labels = self.file, np.concatenate(self.labels or [np.zeros(0, "<i4")])
+        n, image_bytes = len(labels), int(np.prod(self.shape))
+        if n < self.expected:   # move the pixels down by the unused label slots
+            src, dst, left = HEADER_BYTES + 4 * self.expected, HEADER_BYTES + 4 * n, n * image_bytes
+            while left:
+                f.seek(src)
+                block = f.read(min(left, 1 << 26))
+                f.seek(dst)
+                f.write(block)
+                src, dst, left = src + len(block), dst + len(block), left - len(block)
+            f.truncate(shard_bytes(n, *self.shape))
+        f.seek(0)
+        f.write(_header(SHARD_MAGIC, n, *self.shape, self.num_classes))
+        f.write(labels.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+        crc = _file_crc32(f)
+        f.close()
+        os.replace(self.path + ".tmp", self.path)
+        return n, crc
+
+    def abandon(self):
+        self.file.close()
+        os.remove(self.path + ".tmp")
+
+
+def _file_crc32(f):
+    f.seek(0)
+    crc = 0
+    while block := f.read(1 << 24):
+        crc = zlib.crc32(block, crc)
+    return crc
 
 
 # -----------------------------------------------------------------------------
 # 2. Data preparation
+#
+#   python alexnet.py prepare synthetic          --out DIR   (the built-in default)
+#   python alexnet.py prepare cifar10 PATH       --out DIR
+#   python alexnet.py prepare imagenet PATH      --out DIR
+#
+# A source describes each split as a list of items (an image index, a CIFAR record, an
+# image path) whose labels are known before any pixel is read. Worker processes turn
+# chunks of items into pixels and the exact integer sums behind the statistics; the main
+# process streams the chunks, in order, into shards of a fixed number of planned images,
+# and records each finished shard in DIR/prepare.json so that a rerun verifies and skips
+# it. The result does not depend on the number of workers.
+
+Split = namedtuple("Split", "name items labels load chunk")
+# items: list of picklable descriptions; labels: int32 [len(items)];
+# load(items, labels) -> (pixels uint8 [k][H][W][3] of the readable items, ok bool [len(items)],
+#                         errors [(item, reason)]); chunk: items per worker task.
+Source = namedtuple("Source", "splits classes size settings")
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+MANIFEST = "prepare.json"
+SKIPPED_LOG = "skipped.txt"
+
+
+class PixelSums:
+    """Exact integer sums over the training pixels: per-pixel sums for the mean image and
+    the first and second moments of RGB for the covariance. Chunk sums are computed in
+    float64, which is exact here (each product <= 255^2, and a chunk has far fewer than
+    2^53 / 255^2 ~ 1.4e11 pixels), then kept as Python integers, so the totals do not
+    depend on the order of the chunks or the number of workers."""
+
+    def __init__(self, height, width):
+        self.images, self.pixels = 0, 0
+        self.image_sum = np.zeros((height, width, 3), dtype=np.int64)
+        self.rgb_sum = [0] * 3
+        self.rgb_products = [[0] * 3 for _ in range(3)]
+
+    def add(self, pixels):
+        """Add a chunk of images, uint8 [n][H][W][3]."""
+        self.images += len(pixels)
+        self.image_sum += pixels.sum(axis=0, dtype=np.int64)
+        rgb = pixels.reshape(-1, 3).astype(np.float64)
+        self.pixels += len(rgb)
+        self._add_moments(rgb.sum(axis=0), rgb.T @ rgb)
+        return self
+
+    def _add_moments(self, rgb_sum, rgb_products):
+        for i in range(3):
+            self.rgb_sum[i] += int(rgb_sum[i])
+            for j in range(3):
+                self.rgb_products[i][j] += int(rgb_products[i][j])
+
+    def merge(self, other):
+        self.images += other.images
+        self.pixels += other.pixels
+        self.image_sum += other.image_sum
+        self._add_moments(other.rgb_sum, other.rgb_products)
+        return self
+
+    def statistics(self):
+        """(mean image float64 [H][W][3], eigval [3] descending, eigvec [3][3], column i
+        the eigenvector of eigval[i] with its largest-magnitude component positive)."""
+        n, s, q = self.pixels, self.rgb_sum, self.rgb_products
+        # cov = E[xx^T] - E[x]E[x]^T = (n q - s s^T) / n^2, the numerator in exact integers
+        cov = np.array([[(n * q[i][j] - s[i] * s[j]) / n**2 for j in range(3)] for i in range(3)])
+        eigval, eigvec = np.linalg.eigh(cov)
+        eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
+        eigvec = eigvec * np.sign(eigvec[np.abs(eigvec).argmax(axis=0), range(3)])
+        return self.image_sum / self.images, eigval, eigvec
+
+
+# --- 2a. the built-in synthetic set
+#
+# Ten classes of shapes and textures, each drawn with anti-aliased edges from a signed
+# distance d(u, v) in the shape's own frame (unit = the shape's radius r, so d * r is in
+# pixels); every image has its own position (within the training crop margin), radius,
+# rotation, background colour and gradient, foreground colour, a clutter line and noise.
+# Colours are random with random sign of contrast, so no fixed pixel pattern belongs to a
+# class: a linear classifier on raw pixels stays near chance, a convnet learns the shapes.
+
+SYNTHETIC_CLASSES = ("disc", "ring", "square", "frame", "triangle",
+                     "plus", "crescent", "star", "stripes", "checker")
+
+
+def _synthetic_distance(label, u, v):
+    """Signed distance (negative inside) of class `label` at frame coordinates u, v."""
+    radius, box = np.hypot(u, v), np.maximum(np.abs(u), np.abs(v))
+    if label == 0:
+        return radius - 1
+    if label == 1:
+        return np.abs(radius - 0.7) - 0.3
+    if label == 2:
+        return box - 0.85
+    if label == 3:
+        return np.abs(box - 0.7) - 0.22
+    if label == 4:   # equilateral triangle: three half-planes, inradius 0.55
+        return np.max([u * np.cos(a) + v * np.sin(a) for a in np.radians([90, 210, 330])], axis=0) - 0.55
+    if label == 5:
+        return np.minimum(np.maximum(np.abs(u) - 1, np.abs(v) - 0.3), np.maximum(np.abs(u) - 0.3, np.abs(v) - 1))
+    if label == 6:   # a disc minus an offset disc
+        return np.maximum(radius - 1, 0.8 - np.hypot(u - 0.5, v))
+    if label == 7:   # five-pointed star; 0.6 keeps the slope of d near 1 at the edge
+        return 0.6 * (radius - 0.6 - 0.4 * np.cos(5 * np.arctan2(v, u)))
+    if label == 8:   # a disc of stripes, period 2/3
+        k = 3 * np.pi
+        return np.maximum(radius - 1, -np.sin(k * u) / k)
+    k = 2 * np.pi    # label 9: a square of checks, cell 1/2
+    return np.maximum(box - 0.9, -np.sin(k * u) * np.sin(k * v) / k)
+
+
+def _synthetic_parameters(seed, split_id, index, size):
+    """The random choices for one image, from its own generator: an image depends only on
+    (seed, split, index), not on chunking or workers."""
+    g = np.random.default_rng([seed, split_id, index])
+    background = g.uniform(0, 255, 3)
+    contrast = g.uniform(70, 140, 3)
+    return np.concatenate([
+        size / 2 + g.uniform(-size / 8, size / 8, 2),        # 0:2 centre (crop margin 1/8)
+        [g.uniform(0.22, 0.31) * size, g.uniform(0, 2 * np.pi)],  # 2 radius, 3 rotation
+        background,                                           # 4:7
+        background + np.where(background < 128, contrast, -contrast),  # 7:10 foreground
+        [g.uniform(0, 2 * np.pi), g.uniform(0, 50)],          # 10 gradient direction, 11 amplitude
+        g.uniform(0, size, 4), g.uniform(0, 255, 3),          # 12:16 clutter line ends, 16:19 its colour
+    ]), g.normal(0, 6, (size, size, 3))
+
+
+def synthetic_images(items, size, seed, split_id):
+    """Render images for items [(index, label)]: uint8 [n][size][size][3]."""
+    drawn = [_synthetic_parameters(seed, split_id, index, size) for index, _ in items]
+    p = np.stack([d[0] for d in drawn]).astype(np.float32)[:, :, None, None]   # [n][19][1][1]
+    labels = np.array([label for _, label in items])
+    y, x = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5)
+    dx, dy, radius, cos, sin = x - p[:, 0], y - p[:, 1], p[:, 2], np.cos(p[:, 3]), np.sin(p[:, 3])
+    u, v = (cos * dx + sin * dy) / radius, (cos * dy - sin * dx) / radius
+    distance = np.empty(u.shape, dtype=np.float32)
+    for label in np.unique(labels):
+        mask = labels == label
+        distance[mask] = _synthetic_distance(label, u[mask], v[mask])
+    alpha = np.clip(0.5 - distance * radius, 0, 1)[..., None]     # anti-aliased coverage
+    gradient = p[:, 11] * ((x - size / 2) * np.cos(p[:, 10]) + (y - size / 2) * np.sin(p[:, 10])) / size
+    image = (p[:, 4:7].transpose(0, 2, 3, 1) + gradient[..., None]) * (1 - alpha) \
+        + p[:, 7:10].transpose(0, 2, 3, 1) * alpha
+    ax, ay, ex, ey = p[:, 12], p[:, 13], p[:, 14] - p[:, 12], p[:, 15] - p[:, 13]
+    t = np.clip(((x - ax) * ex + (y - ay) * ey) / (ex * ex + ey * ey + 1e-6), 0, 1)
+    line = 0.5 * np.clip(1 - np.hypot(x - ax - t * ex, y - ay - t * ey), 0, 1)[..., None]
+    image = image * (1 - line) + p[:, 16:19].transpose(0, 2, 3, 1) * line
+    image += np.stack([d[1] for d in drawn])
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def _load_synthetic(items, labels, size, seed, split_id):
+    return synthetic_images(items, size, seed, split_id), np.ones(len(items), bool), []
+
+
+def synthetic_source(path=None, size=32, train_images=10000, val_images=2000, seed=0):
+    if path is not None:
+        raise AlexNetError("the synthetic source takes no PATH")
+    if size < 16 or train_images < 1 or val_images < 1:
+        raise AlexNetError("synthetic: --size must be >= 16 and --train-images, --val-images >= 1")
+    splits = []
+    for split_id, (name, n) in enumerate((("train", train_images), ("val", val_images))):
+        labels = np.random.default_rng([seed, split_id]).permutation(np.arange(n) % len(SYNTHETIC_CLASSES))
+        items = list(zip(range(n), labels.tolist()))
+        load = partial(_load_synthetic, size=size, seed=seed, split_id=split_id)
+        splits.append(Split(name, items, labels.astype(np.int32), load, 500))
+    return Source(splits, list(SYNTHETIC_CLASSES), size,
+                  dict(size=size, train_images=train_images, val_images=val_images, seed=seed))
+
+
+# --- 2b. CIFAR-10, binary version: records of 1 label byte + 3072 bytes (R, G, B planes of 32x32)
+
+CIFAR_RECORD = 1 + 3 * 32 * 32
+CIFAR_FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "val": ["test_batch.bin"]}
+
+
+def _load_cifar10(items, labels):
+    pixels = np.empty((len(items), 32, 32, 3), dtype=np.uint8)
+    handles = {}
+    try:
+        for k, (path, record) in enumerate(items):
+            f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
+            f.seek(record * CIFAR_RECORD + 1)
+            pixels[k] = np.frombuffer(f.read(CIFAR_RECORD - 1), np.uint8).reshape(3, 32, 32).transpose(1, 2, 0)
+    finally:
+        for f in handles.values():
+            f.close()
+    return pixels, np.ones(len(items), bool), []
+
+
+def cifar10_source(path):
+    if path is None:
+        raise AlexNetError("cifar10 needs PATH: the folder of data_batch_1.bin ... test_batch.bin")
+    if os.path.isdir(os.path.join(path, "cifar-10-batches-bin")):
+        path = os.path.join(path, "cifar-10-batches-bin")
+    if not os.path.isdir(path):
+        raise AlexNetError(f"{path}: no such folder")
+    missing = [n for names in CIFAR_FILES.values() for n in names + ["batches.meta.txt"]
+               if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        raise AlexNetError(f"{path}: missing {', '.join(sorted(set(missing)))} (expected the CIFAR-10 binary version)")
+    with open(os.path.join(path, "batches.meta.txt"), encoding="utf-8") as f:
+        classes = [line.strip() for line in f if line.strip()]
+    if len(classes) != 10:
+        raise AlexNetError(f"{path}/batches.meta.txt: {len(classes)} class names, expected 10")
+    splits = []
+    for name, files in CIFAR_FILES.items():
+        items, labels = [], []
+        for file in files:
+            full = os.path.join(path, file)
+            data = np.fromfile(full, dtype=np.uint8)
+            if len(data) == 0 or len(data) % CIFAR_RECORD:
+                raise AlexNetError(f"{full}: {len(data)} bytes, not a whole number of {CIFAR_RECORD}-byte records")
+            file_labels = data[::CIFAR_RECORD]
+            if (bad := np.flatnonzero(file_labels >= 10)).size:
+                raise AlexNetError(f"{full}: record {bad[0]} has label {file_labels[bad[0]]}, expected 0..9")
+            items += [(full, r) for r in range(len(file_labels))]
+            labels.append(file_labels)
+        splits.append(Split(name, items, np.concatenate(labels).astype(np.int32), _load_cifar10, 1000))
+    return Source(splits, classes, 32, dict(path=os.path.abspath(path)))
+
+
+# --- 2c. ImageNet (ILSVRC2012 as distributed) and single images
+
+def load_image(path, size=256):
+    """One image as the network sees it: shorter side scaled to `size`, the central
+    size x size square, RGB uint8 [size][size][3]. Greyscale, CMYK and palette images are
+    converted to RGB; EXIF orientation is ignored, as the standard pipelines do. The JPEG
+    decoder downscales by 2, 4 or 8 while the shorter side stays >= size (Pillow's draft
+    mode); the rest is one antialiased bilinear resize of just the central square."""
+    from PIL import Image
+    with Image.open(path) as im:
+        width, height = im.size
+        drafted = im.draft("RGB", (size, size))    # None: not a JPEG, decoded at full size
+        scale = drafted[1][2] / width if drafted else 1.0
+        if im.mode not in ("RGB", "L"):
+            im = im.convert("RGB")
+        side = min(width, height)
+        left, top = (width - side) / 2, (height - side) / 2
+        box = tuple(scale * c for c in (left, top, left + side, top + side))
+        im = im.resize((size, size), Image.BILINEAR, box=box)
+        return np.asarray(im.convert("RGB") if im.mode == "L" else im)
+
+
+def _load_images(items, labels, size):
+    pixels, ok, errors = [], np.zeros(len(items), bool), []
+    for k, path in enumerate(items):
+        try:
+            pixels.append(load_image(path, size))
+            ok[k] = True
+        except Exception as e:   # Pillow raises many kinds (OSError, SyntaxError, ValueError...)
+            errors.append((path, f"{type(e).__name__}: {e}".splitlines()[0]))
+    return np.array(pixels, dtype=np.uint8).reshape(-1, size, size, 3), ok, errors
+
+
+def _image_files(folder):
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+
+
+def _read_val_labels(path, synsets):
+    """A validation labels file, lines 'IMAGE LABEL' (whitespace or comma separated; a
+    header line 'ImageId,...' is skipped; IMAGE with or without extension; LABEL a synset
+    or an index into the sorted synsets of train/; only the first label is used). Returns
+    {image name without extension: synset}."""
+    labels = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise AlexNetError(f"cannot read {path}: {e.strerror}")
+    for number, line in enumerate(lines, 1):
+        fields = re.split(r"[,\s]+", line.strip())
+        if fields == [""] or (number == 1 and fields[0] == "ImageId"):
+            continue
+        if len(fields) < 2:
+            raise AlexNetError(f"{path} line {number}: expected 'IMAGE LABEL', got {line.strip()!r} "
+                               "(the devkit's ILSVRC2012_validation_ground_truth.txt uses its own class order: "
+                               "sort val/ into synset folders or give IMAGE SYNSET lines)")
+        image, label = os.path.splitext(os.path.basename(fields[0]))[0], fields[1]
+        if label.isdigit():
+            if int(label) >= len(synsets):
+                raise AlexNetError(f"{path} line {number}: label {label} out of range 0..{len(synsets) - 1}")
+            label = synsets[int(label)]
+        elif not re.fullmatch(r"n\d{8}", label):
+            raise AlexNetError(f"{path} line {number}: label {label!r} is neither a synset (n01440764) nor an index")
+        if image in labels:
+            raise AlexNetError(f"{path} line {number}: {image} is listed twice")
+        labels[image] = label
+    if not labels:
+        raise AlexNetError(f"{path}: no labels")
+    return labels
+
+
+def _read_synset_words(path, synsets):
+    names = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                synset, _, words = line.strip().partition(" ")
+                names[synset] = words.strip()
+    except OSError as e:
+        raise AlexNetError(f"cannot read {path}: {e.strerror}")
+    if missing := [s for s in synsets if s not in names]:
+        raise AlexNetError(f"{path}: no name for {len(missing)} synsets (first: {missing[0]})")
+    return [f"{s} {names[s]}" for s in synsets]
+
+
+def imagenet_source(path, size=256, val_labels=None, synset_words=None, classes=None, seed=0):
+    if path is None:
+        raise AlexNetError("imagenet needs PATH: the folder holding train/ and val/")
+    train_dir, val_dir = os.path.join(path, "train"), os.path.join(path, "val")
+    for folder in (train_dir, val_dir):
+        if not os.path.isdir(folder):
+            raise AlexNetError(f"{folder}: no such folder (expected PATH/train/<synset>/*.JPEG and PATH/val/)")
+    all_synsets = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+    if not all_synsets:
+        raise AlexNetError(f"{train_dir}: no class folders (expected train/n01440764/*.JPEG ...)")
+    synsets = all_synsets[:classes] if classes else all_synsets
+    index = {s: i for i, s in enumerate(synsets)}
+    train = []
+    for s in synsets:
+        files = _image_files(os.path.join(train_dir, s))
+        if not files:
+            raise AlexNetError(f"{os.path.join(train_dir, s)}: no images")
+        train += [(f, index[s]) for f in files]
+    # shuffled once, so that every shard holds every class; the loader reshuffles each epoch
+    train = [train[i] for i in np.random.default_rng(seed).permutation(len(train))]
+
+    val_folders = sorted(d for d in os.listdir(val_dir) if os.path.isdir(os.path.join(val_dir, d)))
+    val_files = _image_files(val_dir)
+    if val_folders and val_files:
+        raise AlexNetError(f"{val_dir}: holds both class folders and images; expected one layout")
+    if val_folders:
+        if val_labels:
+            raise AlexNetError(f"{val_dir} is sorted into class folders: --val-labels is for a flat val/")
+        val = [(f, index[s]) for s in val_folders if s in index for f in _image_files(os.path.join(val_dir, s))]
+        left_out = sum(len(_image_files(os.path.join(val_dir, s))) for s in val_folders if s not in index)
+    else:
+        if not val_files:
+            raise AlexNetError(f"{val_dir}: no images")
+        if not val_labels:
+            raise AlexNetError(f"{val_dir} is flat: give its labels with --val-labels FILE")
+        labels = _read_val_labels(val_labels, all_synsets)
+        names = {os.path.splitext(os.path.basename(f))[0]: f for f in val_files}
+        if unlabelled := sorted(set(names) - set(labels)):
+            raise AlexNetError(f"{val_labels} does not match {val_dir}: no label for {len(unlabelled)} images "
+                               f"(first: {unlabelled[0]})")
+        if unknown := sorted(set(labels) - set(names)):
+            raise AlexNetError(f"{val_labels} does not match {val_dir}: {len(unknown)} listed images are not there "
+                               f"(first: {unknown[0]})")
+        val = [(names[n], index[labels[n]]) for n in sorted(names) if labels[n] in index]
+        left_out = len(names) - len(val)
+    if left_out:
+        print(f"left out {left_out} validation images of classes not among the {len(synsets)} of train/")
+    if not val:
+        raise AlexNetError(f"{val_dir}: no images of the {len(synsets)} training classes")
+    load = partial(_load_images, size=size)
+    splits = [Split(name, [f for f, _ in items], np.array([l for _, l in items], np.int32), load, 32)
+              for name, items in (("train", train), ("val", val))]
+    names = _read_synset_words(synset_words, synsets) if synset_words else synsets
+    return Source(splits, names, size, dict(path=os.path.abspath(path), size=size, classes=len(synsets), seed=seed))
+
+
+SOURCES = {"synthetic": synthetic_source, "cifar10": cifar10_source, "imagenet": imagenet_source}
+
+
+# --- 2d. the worker pool and resumable sharding
+
+def _run_task(task):
+    """One worker task: load a chunk of items and, for the training split, its sums."""
+    load, items, labels, height, width, with_sums = task
+    pixels, ok, errors = load(items, labels)
+    sums = PixelSums(height, width).add(pixels) if with_sums else None
+    return pixels, labels[ok], errors, sums
+
+
+def _verify_shard(task):
+    """A shard from an earlier run: (its sums or None) if its size, header, labels and
+    crc32 match what was recorded, else False."""
+    path, record, height, width, num_classes, with_sums = task
+    try:
+        shard = read_shard(path)
+        with open(path, "rb") as f:
+            crc = _file_crc32(f)
+    except AlexNetError:
+        return False
+    if (crc != record["crc32"] or shard.labels.shape[0] != record["images"]
+            or shard.pixels.shape[1:3] != (height, width) or shard.num_classes != num_classes):
+        return False
+    sums = PixelSums(height, width)
+    if with_sums:
+        for start in range(0, len(shard.pixels), 256):
+            sums.add(np.asarray(shard.pixels[start:start + 256]))
+    return sums
+
+
+def _ordered(pool, function, tasks, ahead):
+    """function(task) for every task, results in order, at most `ahead` in flight
+    (bounds the memory that finished chunks can take while the main process writes)."""
+    if pool is None:
+        yield from map(function, tasks)
+        return
+    tasks, pending = iter(tasks), deque()
+    for task in tasks:
+        pending.append(pool.apply_async(function, (task,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _fingerprint(source_name, source, shard_images):
+    h = hashlib.sha256(json.dumps([source_name, source.settings, source.classes, source.size, shard_images]).encode())
+    for split in source.splits:
+        h.update(json.dumps([split.name, [str(item) for item in split.items]]).encode())
+        h.update(split.labels.tobytes())
+    return h.hexdigest()
+
+
+def _dataset_files(out):
+    return [f for f in os.listdir(out)
+            if re.fullmatch(r"(train|val)_\d{3,}\.bin(\.tmp)?|stats\.bin|classes\.txt|" + MANIFEST + "|" + SKIPPED_LOG, f)]
+
+
+def _open_output(out, fingerprint, force):
+    """The manifest of an earlier run to resume, after making sure `out` is ours to write."""
+    os.makedirs(out, exist_ok=True)
+    manifest = None
+    if os.path.exists(os.path.join(out, MANIFEST)):
+        with open(os.path.join(out, MANIFEST)) as f:
+            manifest = json.load(f)
+    ours = manifest is not None and manifest.get("fingerprint") == fingerprint
+    for f in _dataset_files(out):
+        if f.endswith(".tmp"):   # left by a run that was killed mid-shard
+            os.remove(os.path.join(out, f))
+    if not ours and _dataset_files(out):
+        if not force:
+            raise AlexNetError(f"{out} holds a dataset prepared from other inputs or settings: "
+                               "choose another --out or pass --force to replace it")
+        for f in _dataset_files(out):
+            os.remove(os.path.join(out, f))
+    return manifest if ours else {"fingerprint": fingerprint, "shards": {}, "complete": False}
+
+
+def _save_manifest(out, manifest):
+    _replace_atomically(os.path.join(out, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+
+def prepare(source_name, path=None, out=None, workers=None, shard_images=None, on_error="stop",
+            force=False, **options):
+    """Prepare a dataset folder (see section 1) from a source; returns the folder."""
+    source = SOURCES[source_name](path, **{k: v for k, v in options.items() if v is not None})
+    out = out or os.path.join("data", source_name)
+    size, num_classes = source.size, len(source.classes)
+    shard_images = shard_images or (SHARD_MAX_BYTES - HEADER_BYTES) // (4 + 3 * size * size)
+    workers = workers or os.cpu_count() or 1
+    if shard_images < 1 or workers < 1:
+        raise AlexNetError("--shard-images and --workers must be >= 1")
+    manifest = _open_output(out, _fingerprint(source_name, source, shard_images), force)
+    if manifest["complete"] and all(os.path.exists(os.path.join(out, f))
+                                    for f in list(manifest["shards"]) + ["stats.bin", "classes.txt"]):
+        print(f"{out}: already prepared (--force to prepare it again)")
+        return out
+
+    # the plan: shard k of a split holds its items [k * shard_images, (k + 1) * shard_images)
+    plan = [(split, f"{split.name}_{k:03d}.bin", start, min(start + shard_images, len(split.items)))
+            for split in source.splits for k, start in enumerate(range(0, len(split.items), shard_images))]
+    sums = PixelSums(size, size)
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    try:
+        done = set()
+        earlier = [(split, name) for split, name, _, _ in plan if name in manifest["shards"]]
+        checks = [(os.path.join(out, name), manifest["shards"][name], size, size, num_classes, split.name == "train")
+                  for split, name in earlier]
+        for (split, name), result in zip(earlier, _ordered(pool, _verify_shard, checks, 2 * workers)):
+            if result is False:
+                del manifest["shards"][name]
+            else:
+                done.add(name)
+                sums.merge(result)
+        if done:
+            print(f"resuming: {len(done)} finished shards verified, {len(plan) - len(done)} to go")
+
+        todo = [(split, name, start, end) for split, name, start, end in plan if name not in done]
+        tasks = [(split.load, split.items[i:min(i + split.chunk, end)], split.labels[i:min(i + split.chunk, end)],
+                  size, size, split.name == "train")
+                 for split, _, start, end in todo for i in range(start, end, split.chunk)]
+        results = _ordered(pool, _run_task, tasks, 2 * workers)
+        from tqdm import tqdm
+        with tqdm(total=sum(end - start for _, _, start, end in todo), unit="img", desc=f"prepare {source_name}",
+                  disable=None, smoothing=0.1) as progress:
+            for split, name, start, end in todo:
+                writer, skipped = ShardWriter(os.path.join(out, name), end - start, size, size, num_classes), []
+                try:
+                    for _ in range(start, end, split.chunk):
+                        pixels, labels, errors, chunk_sums = next(results)
+                        if errors and on_error == "stop":
+                            raise AlexNetError(f"{errors[0][0]}: unreadable image ({errors[0][1]}); "
+                                               "pass --on-error skip to leave such images out")
+                        skipped += errors
+                        writer.write(labels, pixels)
+                        if chunk_sums is not None:
+                            sums.merge(chunk_sums)
+                        progress.update(len(labels) + len(errors))
+                    images, crc = writer.close()
+                except BaseException:
+                    writer.abandon()
+                    raise
+                manifest["shards"][name] = {"images": images, "crc32": crc, "skipped": skipped}
+                _save_manifest(out, manifest)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+    if sums.images == 0:
+        raise AlexNetError("no readable training images")
+    mean, eigval, eigvec = sums.statistics()
+    write_stats(os.path.join(out, "stats.bin"), mean, eigval, eigvec)
+    write_classes(out, source.classes)
+    skipped = [entry for record in manifest["shards"].values() for entry in record["skipped"]]
+    log = os.path.join(out, SKIPPED_LOG)
+    if skipped:
+        _replace_atomically(log, lambda f: f.write("".join(f"{p}\t{why}\n" for p, why in skipped).encode()))
+        print(f"skipped {len(skipped)} unreadable images, listed in {log}")
+    elif os.path.exists(log):
+        os.remove(log)
+    manifest["complete"] = True
+    _save_manifest(out, manifest)
+    counts = {s.name: sum(r["images"] for n, r in manifest["shards"].items() if n.startswith(s.name + "_"))
+              for s in source.splits}
+    print(f"{out}: {counts['train']} training and {counts['val']} validation images of {size}x{size}, "
+          f"{num_classes} classes")
+    return out
+
+
+def _prepare_arguments(p):
+    p.description = "Turn images into a dataset folder (shards, stats.bin, classes.txt)."
+    p.add_argument("source", choices=sorted(SOURCES), help="synthetic (built in), cifar10 or imagenet")
+    p.add_argument("path", nargs="?", help="cifar10: the folder of data_batch_*.bin; imagenet: the folder of train/ and val/")
+    p.add_argument("--out", help="output folder (default data/SOURCE)")
+    p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    p.add_argument("--shard-images", type=int, help="images per shard (default: as many as fit in 1 GiB)")
+    p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                   help="unreadable images: stop with an error (default) or leave them out and list them in DIR/skipped.txt")
+    p.add_argument("--force", action="store_true", help="replace a dataset prepared from other inputs or settings")
+    p.add_argument("--size", type=int, help="image side (synthetic: default 32; imagenet: default 256)")
+    p.add_argument("--seed", type=int, help="synthetic: the images; imagenet: the order of training images (default 0)")
+    p.add_argument("--train-images", type=int, help="synthetic: training images (default 10000)")
+    p.add_argument("--val-images", type=int, help="synthetic: validation images (default 2000)")
+    p.add_argument("--val-labels", help="imagenet with a flat val/: lines 'IMAGE SYNSET' or 'IMAGE INDEX'")
+    p.add_argument("--synset-words", help="imagenet: lines 'n01440764 tench, Tinca tinca' for class names")
+    p.add_argument("--classes", type=int, help="imagenet: only the first N synsets of train/")
+
+
+def _prepare_command(args):
+    per_source = {"synthetic": ("size", "seed", "train_images", "val_images"), "cifar10": (),
+                  "imagenet": ("size", "seed", "val_labels", "synset_words", "classes")}
+    options = {k: getattr(args, k) for k in per_source[args.source]}
+    given = [k for k in ("size", "seed", "train_images", "val_images", "val_labels", "synset_words", "classes")
+             if getattr(args, k) is not None and k not in options]
+    if given:
+        raise AlexNetError(f"{args.source} takes no --{given[0].replace('_', '-')}")
+    prepare(args.source, args.path, args.out, args.workers, args.shard_images, args.on_error, args.force, **options)
+
+
+COMMANDS["prepare"] = (_prepare_arguments, _prepare_command)
 
 
 # -----------------------------------------------------------------------------
