@@ -79,14 +79,14 @@ struct Bench {
     }
 };
 
-struct ConvShape {
+struct ConvLayer {
     const char* name;
     int C, H, W, K, R, S, stride, pad, OH, OW;
     bool backward_data;  // conv1's input gradient is never needed in training
 };
 
 // The five convolutions of one tower (conv3 reads both towers: C = 2 x 128).
-static const ConvShape CONVS[] = {
+static const ConvLayer CONVS[] = {
     {"conv1", 3, 224, 224, 48, 11, 11, 4, 0, 55, 55, false},
     {"conv2", 48, 27, 27, 128, 5, 5, 1, 2, 27, 27, true},
     {"conv3", 256, 13, 13, 192, 3, 3, 1, 1, 13, 13, true},
@@ -94,15 +94,15 @@ static const ConvShape CONVS[] = {
     {"conv5", 192, 13, 13, 128, 3, 3, 1, 1, 13, 13, true},
 };
 
-struct FcShape {
+struct FcLayer {
     const char* name;
     int in, out;
 };
 
 // The three fully connected layers of one tower (each reads both towers).
-static const FcShape FCS[] = {{"fc6", 9216, 2048}, {"fc7", 4096, 2048}, {"fc8", 4096, 500}};
+static const FcLayer FCS[] = {{"fc6", 9216, 2048}, {"fc7", 4096, 2048}, {"fc8", 4096, 500}};
 
-static void bench_conv(Bench& b, const ConvShape& c) {
+static void bench_conv(Bench& b, const ConvLayer& c) {
     const int N = b.opt.batch;
     const long in = (long)N * c.C * c.H * c.W, out = (long)N * c.K * c.OH * c.OW;
     const long wn = (long)c.K * c.C * c.R * c.S;
@@ -131,7 +131,7 @@ static void bench_conv(Bench& b, const ConvShape& c) {
     });
 }
 
-static void bench_fc(Bench& b, const FcShape& f) {
+static void bench_fc(Bench& b, const FcLayer& f) {
     const int N = b.opt.batch;
     const double flop = 2.0 * N * (double)f.in * f.out;
     RandomBuffer x((long)N * f.in, 5), w((long)f.out * f.in, 6, -0.01f, 0.01f), bias(f.out, 7),
@@ -316,14 +316,14 @@ int main(int argc, char** argv) {
 #endif
         printf("%-28s %-32s %13s %18s\n", "op (one tower)", "shape", "time", "speed");
         bench_augment(b);
-        for (const ConvShape& c : CONVS) bench_conv(b, c);
+        for (const ConvLayer& c : CONVS) bench_conv(b, c);
         bench_relu(b);
         bench_lrn(b, "lrn1", 48, 55);
         bench_lrn(b, "lrn2", 128, 27);
         bench_maxpool(b, "pool1", 48, 55, 27);
         bench_maxpool(b, "pool2", 128, 27, 13);
         bench_maxpool(b, "pool5", 128, 13, 6);
-        for (const FcShape& f : FCS) bench_fc(b, f);
+        for (const FcLayer& f : FCS) bench_fc(b, f);
         bench_dropout(b);
         bench_softmax(b);
         bench_sgd(b);
