@@ -23,6 +23,9 @@ launchers the model calls.
 #include <functional>
 #include <vector>
 
+// Everything here lives in its own namespace: the .cu above has its own Options, shapes, ...
+namespace kernel_bench {
+
 struct Options {
     int batch = 0;            // 0: 128 on a GPU, 8 on the CPU build
     int iters = 0;            // timed calls per op; 0: 10 on a GPU, 1 on the CPU build
@@ -283,7 +286,7 @@ static int parse_positive(const char* flag, const char* value, int minimum) {
     return (int)v;
 }
 
-int main(int argc, char** argv) {
+static int run(int argc, char** argv) {
     try {
         Bench b;
 #ifdef __CUDACC__
@@ -338,3 +341,7 @@ int main(int argc, char** argv) {
         return 1;
     }
 }
+
+}  // namespace kernel_bench
+
+int main(int argc, char** argv) { return kernel_bench::run(argc, argv); }
