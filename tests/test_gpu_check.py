@@ -113,3 +113,16 @@ def test_bench_kernels_rejects_bad_flags():
     for args in (["--batch", "0"], ["--iters"], ["--frobnicate"]):
         proc = subprocess.run([exe, *args], capture_output=True, text=True)
         assert proc.returncode == 1 and proc.stderr.startswith("error: "), (args, proc.stderr)
+
+
+def test_train_log_verdict():
+    """Step 5's judgement of a training log: only step lines count (not the validation
+    loss), a fifth of the steps at each end, NaN fails, speed from the later steps."""
+    verdict = load("train_log").verdict
+    lines = [f"step {i + 1}/10 | epoch 0.1 | loss {2.3 - 0.1 * i:.4f} | lr 1.00e-02 | {100 * (i + 1):.1f} img/s"
+             for i in range(10)] + ["eval step 10 | val loss 9.9999 | top-1 error 0.9"]
+    assert verdict(lines) == "PASS (losses finite, mean of first 2 2.2500 -> last 2 1.5500; 800.0 images/s)"
+    assert "NOT FALLING" in verdict(lines[::-1]) and verdict(lines[::-1]).startswith("FAIL")
+    broken = lines[:5] + ["step 6/10 | epoch 0.1 | loss nan | lr 1.00e-02 | 600.0 img/s"] + lines[6:]
+    assert verdict(broken).startswith("FAIL (losses NOT FINITE")
+    assert verdict(lines[:1]).startswith("FAIL (fewer than two")
