@@ -121,7 +121,7 @@ def test_train_log_verdict():
     verdict = load("train_log").verdict
     lines = [f"step {i + 1}/10 | epoch 0.1 | loss {2.3 - 0.1 * i:.4f} | lr 1.00e-02 | {100 * (i + 1):.1f} img/s"
              for i in range(10)] + ["eval step 10 | val loss 9.9999 | top-1 error 0.9"]
-    assert verdict(lines) == "PASS (losses finite, mean of first 2 2.2500 -> last 2 1.5500; 800.0 images/s)"
+    assert verdict(lines) == "PASS (losses finite, mean of first 2 2.2500 -> last 2 1.4500; 800.0 images/s)"
     assert "NOT FALLING" in verdict(lines[::-1]) and verdict(lines[::-1]).startswith("FAIL")
     broken = lines[:5] + ["step 6/10 | epoch 0.1 | loss nan | lr 1.00e-02 | 600.0 img/s"] + lines[6:]
     assert verdict(broken).startswith("FAIL (losses NOT FINITE")
