@@ -56,7 +56,7 @@ mkdir -p "$(dirname "$SUMMARY")" build || exit 1
 GFLOP_PER_IMAGE=4.136           # training step, REFERENCE.md "Compute"
 WORK=build/gpu_check            # scratch: datasets, runs, logs
 RESULTS=()                      # one line per step, printed at the end
-GPU_NAME="" ; PEAK_TFLOPS="" ; OURS_IPS="" ; SMOKE_IPS=""
+GPU_NAME="" ; PEAK_TFLOPS="" ; OURS_IPS="" ; SMOKE_IPS="" ; SMOKE_VERDICT="" ; SMOKE_ARGS=()
 TORCH_LINES=""
 
 say() { printf '%s\n' "$*"; }
@@ -172,22 +172,41 @@ step3() {
     fi
     command -v compute-sanitizer >/dev/null || { result 3 "FAIL (not installed)"; return 1; }
     [ -x build/gpu/bench_kernels ] || { result 3 "FAIL (build/gpu/bench_kernels missing)"; return 1; }
-    local tool status summary="" bad=0
+    SANITIZED="" ; SANITIZE_BAD=0
+    local tool
     for tool in memcheck racecheck synccheck initcheck; do
-        say "--- $tool: every kernel once at batch 2 (build/gpu/bench_kernels)"
-        run 150 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 10 \
-            build/gpu/bench_kernels --batch 2 --iters 1 --warmup 0 > "$WORK/sanitizer_$tool.log" 2>&1
-        status=$?
-        grep -E '=========|error' "$WORK/sanitizer_$tool.log" | tail -15
-        case $status in
-            0) summary+="$tool ok, " ;;
-            124) summary+="$tool TIMEOUT, "; bad=1 ;;
-            *) summary+="$tool FAIL($status), "; bad=1 ;;
-        esac
+        sanitize "$tool" "$tool(kernels)" build/gpu/bench_kernels --batch 2 --iters 1 --warmup 0
     done
-    summary=${summary%, }
-    if [ $bad = 0 ]; then result 3 "PASS ($summary)"
-    else result 3 "FAIL ($summary; logs in $WORK/sanitizer_*.log)"; return 1; fi
+    # The model's own kernels, copies and loader: two steps of the small preset.
+    if ./train_alexnet --help 2>&1 | grep -q -- '--arch'; then
+        rm -rf "$WORK/data_sanitize" "$WORK/run_sanitize"
+        if run 120 "$PYTHON" alexnet.py prepare synthetic --out "$WORK/data_sanitize" --size 32 \
+                --train-images 32 --val-images 8 >/dev/null; then
+            sanitize memcheck "memcheck(training)" ./train_alexnet --data "$WORK/data_sanitize" \
+                --out "$WORK/run_sanitize" --arch small --batch 8 --steps 2 --devices 0 --save-every 0
+        else
+            SANITIZED+="memcheck(training) NO DATA, "; SANITIZE_BAD=1
+        fi
+    fi
+    SANITIZED=${SANITIZED%, }
+    if [ $SANITIZE_BAD = 0 ]; then result 3 "PASS ($SANITIZED)"
+    else result 3 "FAIL ($SANITIZED; logs in $WORK/sanitizer_*.log)"; return 1; fi
+}
+
+# compute-sanitizer --tool TOOL over a command; appends "LABEL ok|FAIL|TIMEOUT" to SANITIZED.
+sanitize() {
+    local tool=$1 label=$2 status log
+    shift 2
+    log=$WORK/sanitizer_${label//[^a-z]/_}.log
+    say "--- $label: $*"
+    timeout -k 10 150 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 10 "$@" > "$log" 2>&1
+    status=$?
+    grep -E '^========= |rror' "$log" | tail -15
+    case $status in
+        0) SANITIZED+="$label ok, " ;;
+        124) SANITIZED+="$label TIMEOUT, "; SANITIZE_BAD=1 ;;
+        *) SANITIZED+="$label FAIL($status), "; SANITIZE_BAD=1 ;;
+    esac
 }
 
 # --- 4. the same ops through two libraries --------------------------------------------
@@ -218,31 +237,39 @@ step4() {
 # (16 images, batch 16, no momentum, augmentation or dropout), where every step must
 # lower the loss on the same batch, so "falling" is a real check even in 6 steps.
 step5() {
-    local exe=./train_alexnet
-    [ $CPU = 1 ] && exe=./train_alexnet_cpu
-    if ! "$exe" --help 2>&1 | grep -q -- '--arch'; then
-        result 5 "SKIP (no model yet: $exe has no --arch)"
-        return 0
-    fi
-    local data=$WORK/data_smoke out=$WORK/run_smoke prepare train
+    smoke_run
+    case $? in
+        2) result 5 "SKIP (no model yet: $SMOKE_EXE has no --arch)"; return 0 ;;
+        0) result 5 "$SMOKE_VERDICT [${SMOKE_ARGS[*]}]"; return 0 ;;
+        *) result 5 "$SMOKE_VERDICT [${SMOKE_ARGS[*]}]"; return 1 ;;
+    esac
+}
+
+# Prepare the data and train; sets SMOKE_VERDICT and SMOKE_IPS. Returns 2 without a model.
+smoke_run() {
+    SMOKE_EXE=./train_alexnet
+    [ $CPU = 1 ] && SMOKE_EXE=./train_alexnet_cpu
+    "$SMOKE_EXE" --help 2>&1 | grep -q -- '--arch' || return 2
+    local data=$WORK/data_smoke out=$WORK/run_smoke prepare
     if [ $CPU = 1 ]; then
         prepare=(--size 32 --train-images 16 --val-images 8)
-        train=(--arch small --batch 16 --steps 6 --lr 0.05 --momentum 0 --no-augment --dropout 0)
+        SMOKE_ARGS=(--arch small --batch 16 --steps 6 --lr 0.05 --momentum 0 --no-augment --dropout 0)
     else
         prepare=(--size 256 --train-images 384 --val-images 128)
-        train=(--arch alexnet --batch 128 --steps 50 --devices 0)
+        SMOKE_ARGS=(--arch alexnet --batch 128 --steps 50 --devices 0)
     fi
     rm -rf "$data" "$out"
-    run 180 "$PYTHON" alexnet.py prepare synthetic --out "$data" "${prepare[@]}" \
-        || { result 5 "FAIL (prepare synthetic)"; return 1; }
-    run 300 "$exe" --data "$data" --out "$out" "${train[@]}" --log-every 1 --eval-every 1000000 \
-        --save-every 0 2>&1 | tee "$WORK/train.log"
-    local status=${PIPESTATUS[0]} verdict
-    verdict=$("$PYTHON" dev/train_log.py "$WORK/train.log")
-    [ "$status" = 0 ] || verdict="FAIL (exit $status) ${verdict#* }"
-    SMOKE_IPS=$(echo "$verdict" | grep -oE '[0-9.]+ images/s' | cut -d' ' -f1)
-    result 5 "$verdict [${train[*]}]"
-    case $verdict in PASS*) return 0 ;; *) return 1 ;; esac
+    if ! run 180 "$PYTHON" alexnet.py prepare synthetic --out "$data" "${prepare[@]}"; then
+        SMOKE_VERDICT="FAIL (prepare synthetic)"
+        return 1
+    fi
+    run 300 "$SMOKE_EXE" --data "$data" --out "$out" "${SMOKE_ARGS[@]}" --log-every 1 \
+        --eval-every 1000000 --save-every 0 2>&1 | tee "$WORK/train.log"
+    local status=${PIPESTATUS[0]}
+    SMOKE_VERDICT=$("$PYTHON" dev/train_log.py "$WORK/train.log")
+    [ "$status" = 0 ] || SMOKE_VERDICT="FAIL (exit $status) ${SMOKE_VERDICT#* }"
+    SMOKE_IPS=$(echo "$SMOKE_VERDICT" | grep -oE '[0-9.]+ images/s' | cut -d' ' -f1)
+    case $SMOKE_VERDICT in PASS*) return 0 ;; *) return 1 ;; esac
 }
 
 # --- 6. throughput: ours vs PyTorch ---------------------------------------------------
@@ -255,12 +282,11 @@ step6() {
     say "--- per-kernel benchmark, batch 128"
     run 120 build/gpu/bench_kernels --batch 128 --iters 10 2>&1 | tee "$WORK/bench_kernels.log"
     [ "${PIPESTATUS[0]}" = 0 ] || bad=1
-    say "--- our training step"
+    say "--- our training step (the model has no benchmark mode: the images/s of its log)"
+    [ -n "$SMOKE_IPS" ] || smoke_run
     OURS_IPS=$SMOKE_IPS
-    local note="images/s of the step-5 run (median of the second half of its log lines)"
-    if [ -z "$OURS_IPS" ]; then
-        note="no measurement: step 5 gave no images/s"
-    fi
+    local note="median over the second half of the 50-step run's log lines, batch 128, both towers on GPU 0"
+    [ -n "$OURS_IPS" ] || note="no measurement: the training run gave no images/s"
     say "ours: ${OURS_IPS:-?} images/s ($note)"
     say "--- PyTorch, the same architecture, batch 128, FP32"
     run 330 "$TORCH_PYTHON" dev/bench_torch.py --batch 128 --steps 30 --warmup 5 --compile-limit 60 \
