@@ -117,11 +117,12 @@ step1() {
     local clock sms
     clock=$(echo "$info" | cut -d, -f5 | tr -dc '0-9')
     say "nvcc: $(nvcc --version | tail -1)"
-    sms=$("$TORCH_PYTHON" -c 'import torch; print(torch.cuda.get_device_properties(0).multi_processor_count)' 2>/dev/null || echo "?")
-    say "SMs: $sms, max SM clock ${clock} MHz, architecture sm_$ARCH"
-    peak_tflops "$sms" "$clock"
-    say "FP32 peak: $PEAK_TFLOPS TFLOP/s"
     build cpu gpu bench-kernels GPU_ARCH="$ARCH" || { result 1 "FAIL (build)"; return 1; }
+    # The SM count from our own benchmark's header (a first CUDA call through our build).
+    sms=$(build/gpu/bench_kernels --only no-such-op 2>&1 | grep -oE '[0-9]+ SMs' | cut -d' ' -f1)
+    say "SMs: ${sms:=?}, max SM clock ${clock} MHz, architecture sm_$ARCH"
+    peak_tflops "$sms" "$clock"
+    say "FP32 peak: ${PEAK_TFLOPS:-?} TFLOP/s"
     local spills
     spills=$(cat build/gpu/ptxas.log build/gpu/bench_ptxas.log 2>/dev/null | grep -cE '[1-9][0-9]* bytes spill')
     say "ptxas: $spills function(s) with register spills"
@@ -212,6 +213,7 @@ sanitize() {
 # --- 4. the same ops through two libraries --------------------------------------------
 step4() {
     local status=0 line
+    rm -f "$WORK/compare.log"
     if [ $CPU = 1 ]; then
         say "--cpu: the CPU library against itself, forward vs reverse thread/block order (must be bitwise equal)"
         run 120 "$PYTHON" dev/compare_libs.py libalexnet_cpu.so libalexnet_cpu.so --shapes small --batch 3 \
