@@ -21,6 +21,7 @@ launchers the model calls.
 
 #include <algorithm>
 #include <functional>
+#include <initializer_list>
 #include <vector>
 
 // Everything here lives in its own namespace: the .cu above has its own Options, shapes, ...
@@ -56,6 +57,17 @@ struct Bench {
     Options opt;
     cudaStream_t stream = nullptr;
     double step_ms = 0.0;  // estimated time of one training step, both towers, kernels back to back
+
+    // Does --only select any of these ops of `layer` ("" for none)? Saves the allocations
+    // of groups that would print nothing.
+    bool selects(const char* layer, std::initializer_list<const char*> ops) const {
+        char name[96];
+        for (const char* op : ops) {
+            snprintf(name, sizeof(name), "%s%s%s", layer, *layer ? " " : "", op);
+            if (strstr(name, opt.only)) return true;
+        }
+        return false;
+    }
 
     // Time `launch` (ms per call) and print one line. `work` is FLOP (flops=true) or bytes.
     // `per_step` is how often the op runs in one training step of ONE tower.
@@ -106,6 +118,7 @@ struct FcLayer {
 static const FcLayer FCS[] = {{"fc6", 9216, 2048}, {"fc7", 4096, 2048}, {"fc8", 4096, 500}};
 
 static void bench_conv(Bench& b, const ConvLayer& c) {
+    if (!b.selects(c.name, {"conv_forward", "conv_backward_data", "conv_backward_weights"})) return;
     const int N = b.opt.batch;
     const long in = (long)N * c.C * c.H * c.W, out = (long)N * c.K * c.OH * c.OW;
     const long wn = (long)c.K * c.C * c.R * c.S;
@@ -135,6 +148,7 @@ static void bench_conv(Bench& b, const ConvLayer& c) {
 }
 
 static void bench_fc(Bench& b, const FcLayer& f) {
+    if (!b.selects(f.name, {"fc_forward", "fc_backward_data", "fc_backward_weights"})) return;
     const int N = b.opt.batch;
     const double flop = 2.0 * N * (double)f.in * f.out;
     RandomBuffer x((long)N * f.in, 5), w((long)f.out * f.in, 6, -0.01f, 0.01f), bias(f.out, 7),
@@ -158,6 +172,7 @@ static void bench_fc(Bench& b, const FcLayer& f) {
 
 // ReLU backward runs after every conv and fc6/fc7 (the forward is fused into their epilogues).
 static void bench_relu(Bench& b) {
+    if (!b.selects("", {"relu_forward", "relu_backward"})) return;
     const int N = b.opt.batch;
     const long n = (long)N * 48 * 55 * 55;  // conv1's output, the largest
     // Elements that pass through relu_backward per tower and image in one training step,
@@ -175,6 +190,7 @@ static void bench_relu(Bench& b) {
 }
 
 static void bench_lrn(Bench& b, const char* layer, int C, int H) {
+    if (!b.selects(layer, {"lrn_forward", "lrn_backward"})) return;
     const int N = b.opt.batch;
     const long n = (long)N * C * H * H;
     RandomBuffer x(n, 11, 0.0f, 10.0f), dy(n, 12);
@@ -194,6 +210,7 @@ static void bench_lrn(Bench& b, const char* layer, int C, int H) {
 }
 
 static void bench_maxpool(Bench& b, const char* layer, int C, int H, int OH) {
+    if (!b.selects(layer, {"maxpool_forward", "maxpool_backward"})) return;
     const int N = b.opt.batch;
     const long in = (long)N * C * H * H, out = (long)N * C * OH * OH;
     RandomBuffer x(in, 13), dy(out, 14);
@@ -211,6 +228,7 @@ static void bench_maxpool(Bench& b, const char* layer, int C, int H, int OH) {
 }
 
 static void bench_dropout(Bench& b) {
+    if (!b.selects("", {"dropout_forward", "dropout_backward"})) return;
     const long n = (long)b.opt.batch * 2048;  // fc6 or fc7 output of one tower
     RandomBuffer x(n, 15);
     DeviceArray<float> y(n), dx(n);
@@ -223,6 +241,7 @@ static void bench_dropout(Bench& b) {
 }
 
 static void bench_softmax(Bench& b) {
+    if (!b.selects("", {"softmax_cross_entropy", "softmax_forward"})) return;
     const int N = b.opt.batch, K = 1000;
     std::vector<int> labels(N);
     for (int i = 0; i < N; i++) labels[i] = (i * 7919) % K;
@@ -240,6 +259,7 @@ static void bench_softmax(Bench& b) {
 }
 
 static void bench_augment(Bench& b) {
+    if (!b.selects("", {"augment_images"})) return;
     const int N = b.opt.batch, H = 256, W = 256, crop = 224;
     std::vector<uint8_t> pixels((size_t)N * H * W * 3), flips(N);
     std::vector<int> offsets(2 * N);
@@ -263,6 +283,7 @@ static void bench_augment(Bench& b) {
 }
 
 static void bench_sgd(Bench& b) {
+    if (!b.selects("", {"sgd_update"})) return;
     const long n = 60965224 / 2;  // one tower's parameters
     RandomBuffer w(n, 21), v(n, 22, -1e-3f, 1e-3f), g(n, 23, -1e-3f, 1e-3f);
     b.run("sgd_update", "one tower's 30.5M parameters", 20.0 * n, false, 1, [&] {

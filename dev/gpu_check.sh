@@ -119,7 +119,7 @@ step1() {
     say "nvcc: $(nvcc --version | tail -1)"
     build cpu gpu bench-kernels GPU_ARCH="$ARCH" || { result 1 "FAIL (build)"; return 1; }
     # The SM count from our own benchmark's header (a first CUDA call through our build).
-    sms=$(build/gpu/bench_kernels --only no-such-op 2>&1 | grep -oE '[0-9]+ SMs' | cut -d' ' -f1)
+    sms=$(build/gpu/bench_kernels --batch 1 --only no-such-op 2>&1 | grep -oE '[0-9]+ SMs' | cut -d' ' -f1)
     say "SMs: ${sms:=?}, max SM clock ${clock} MHz, architecture sm_$ARCH"
     peak_tflops "$sms" "$clock"
     say "FP32 peak: ${PEAK_TFLOPS:-?} TFLOP/s"
