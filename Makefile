@@ -114,7 +114,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	@touch $@
 
-test: venv all $(RUNTIME_TESTS)
+test: venv all $(RUNTIME_TESTS) build/cpu/bench_kernels
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-slow: venv all $(RUNTIME_TESTS)
