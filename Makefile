@@ -27,7 +27,7 @@ GPU_SKIP   := $(filter-out $(NVCC_ARCHS),$(GPU_ARCH))
 NVCC_FLAGS := -std=c++17 -O3 -lineinfo -Xptxas -v -Xcompiler -fPIC $(foreach a,$(GPU_BUILT),-gencode arch=compute_$(a),code=sm_$(a))
 SOURCES    := train_alexnet.cu dev/cuda_cpu.h
 
-.PHONY: all cpu gpu demo test test-slow test-asan venv bench clean bench-kernels bench-kernels-cpu bench-kernels-gpu gpu-check
+.PHONY: all cpu gpu demo test test-slow test-asan venv bench clean bench-kernels bench-kernels-cpu bench-kernels-gpu gpu-check test-build test-build-cpu
 all: cpu gpu
 
 # --- CPU build: the same .cu through g++ and the CUDA-on-CPU runtime ---------
@@ -114,7 +114,12 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	@touch $@
 
-test: venv all $(RUNTIME_TESTS) build/cpu/bench_kernels
+# Everything the test suite runs, without the venv (dev/gpu_check.sh builds these; the
+# GPU machine has no internet for a venv).
+test-build-cpu: cpu $(RUNTIME_TESTS) build/cpu/bench_kernels
+test-build: test-build-cpu gpu
+
+test: venv test-build
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-slow: venv all $(RUNTIME_TESTS)

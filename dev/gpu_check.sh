@@ -85,7 +85,7 @@ setup_python() {
 # make, or the same compiler commands where the machine has no make.
 build() {
     if command -v make >/dev/null; then
-        run 900 make -j8 "$@"
+        run 900 make -k -j8 "$@"
     else
         say "no make: building with direct compiler calls"
         local flags="-std=c++17 -O3 -lineinfo -Xptxas -v -Xcompiler -fPIC -gencode arch=compute_$ARCH,code=sm_$ARCH"
@@ -104,7 +104,7 @@ build() {
 step1() {
     if [ $CPU = 1 ]; then
         say "no GPU in --cpu mode: GPU report and nvcc build skipped; the CPU build:"
-        build cpu bench-kernels-cpu || return 1
+        build test-build-cpu || return 1
         result 1 "SKIP (--cpu: no GPU; CPU build ok)"
         return 0
     fi
@@ -117,7 +117,7 @@ step1() {
     local clock sms
     clock=$(echo "$info" | cut -d, -f5 | tr -dc '0-9')
     say "nvcc: $(nvcc --version | tail -1)"
-    build cpu gpu bench-kernels GPU_ARCH="$ARCH" || { result 1 "FAIL (build)"; return 1; }
+    build test-build bench-kernels GPU_ARCH="$ARCH" || { result 1 "FAIL (build)"; return 1; }
     # The SM count from our own benchmark's header (a first CUDA call through our build).
     sms=$(build/gpu/bench_kernels --batch 1 --only no-such-op 2>&1 | grep -oE '[0-9]+ SMs' | cut -d' ' -f1)
     say "SMs: ${sms:=?}, max SM clock ${clock} MHz, architecture sm_$ARCH"
