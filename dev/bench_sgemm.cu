@@ -5,8 +5,9 @@ C[M][N] = A[M][K] @ B[K][N], row-major. One 256-thread block computes a 64x64 ti
 each thread owns a 4x4 sub-tile (rows ty+16i, columns tx+16j: neighbouring threads read
 neighbouring addresses). Per K-tile of 16 the block stages A[64][16] and B[16][64] in shared
 memory: barrier, 16 rank-1 updates, barrier. Built by `make bench` with g++ only; it prints
-GFLOP/s per worker with the runtime's fast path on and off (CUDA_CPU_FASTPATH=0: one
-fiber per CUDA thread from the start).
+GFLOP/s per core with the runtime's fast path on and off (CUDA_CPU_FASTPATH=0: one
+fiber per CUDA thread from the start), and the cost per CUDA thread of a barrier-free
+saxpy, the case the fast path is for.
 */
 #ifdef __CUDACC__
 #error "bench_sgemm.cu measures the CPU runtime: build it with g++ (make bench)"
@@ -50,6 +51,13 @@ __global__ void sgemm_tiled(const float* A, const float* B, float* C, int M, int
         }
 }
 
+// A barrier-free kernel with little work per thread: what the fast path (one fiber per
+// block instead of one per thread) is for.
+__global__ void saxpy(int n, float a, const float* x, float* y) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a * x[i] + y[i];
+}
+
 static double cpu_seconds() {  // all threads of the process: a busy machine does not skew it
     timespec t;
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
@@ -60,18 +68,21 @@ struct Rate {
     double wall, per_core;  // GFLOP/s by wall-clock time; GFLOP/s per CPU-second used
 };
 
+static void check(cudaError_t e) {
+    if (e == cudaSuccess) e = cudaGetLastError();
+    if (e != cudaSuccess) {
+        fprintf(stderr, "error: %s\n", cudaGetErrorString(e));
+        exit(1);
+    }
+}
+
 static Rate run(int M, int N, int K, const float* dA, const float* dB, float* dC, int reps) {
     dim3 grid((N + TILE - 1) / TILE, (M + TILE - 1) / TILE);
     KERNEL_LAUNCH(sgemm_tiled, grid, THREADS, 0, 0, dA, dB, dC, M, N, K);  // warm-up
     auto t0 = std::chrono::steady_clock::now();
     double c0 = cpu_seconds();
     for (int r = 0; r < reps; r++) KERNEL_LAUNCH(sgemm_tiled, grid, THREADS, 0, 0, dA, dB, dC, M, N, K);
-    cudaError_t e = cudaDeviceSynchronize();
-    if (e == cudaSuccess) e = cudaGetLastError();
-    if (e != cudaSuccess) {
-        fprintf(stderr, "error: %s\n", cudaGetErrorString(e));
-        exit(1);
-    }
+    check(cudaDeviceSynchronize());
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     double cpu = cpu_seconds() - c0;
     double gflop = 2.0 * M * N * K * reps / 1e9;
@@ -100,7 +111,7 @@ int main(int argc, char** argv) {
 
     // check one row of C against a double-precision product
     run(n, n, n, dA, dB, dC, 1);
-    cudaMemcpy(hC.data(), dC, bytes, cudaMemcpyDeviceToHost);
+    check(cudaMemcpy(hC.data(), dC, bytes, cudaMemcpyDeviceToHost));
     double max_err = 0;
     for (int c = 0; c < n; c++) {
         double ref = 0;
@@ -110,14 +121,23 @@ int main(int argc, char** argv) {
 
     const char* w = getenv("CUDA_CPU_WORKERS");
     int workers = w ? atoi(w) : (int)std::thread::hardware_concurrency();
-    setenv("CUDA_CPU_FASTPATH", "1", 1);
-    Rate fast = run(n, n, n, dA, dB, dC, reps);
-    setenv("CUDA_CPU_FASTPATH", "0", 1);
-    Rate slow = run(n, n, n, dA, dB, dC, reps);
-    printf("sgemm %dx%dx%d, 64x64 tiles, 256 threads, 2 barriers per K-tile, %d worker(s), max |err| vs fp64 %.1e\n",
+    double saxpy_ns[2];
+    Rate rate[2];
+    for (int fast = 1; fast >= 0; fast--) {
+        setenv("CUDA_CPU_FASTPATH", fast ? "1" : "0", 1);
+        rate[fast] = run(n, n, n, dA, dB, dC, reps);
+        int elements = n * n;  // reuses A and C
+        double c0 = cpu_seconds();
+        for (int r = 0; r < 10; r++) KERNEL_LAUNCH(saxpy, (elements + 255) / 256, 256, 0, 0, elements, 2.0f, dA, dC);
+        check(cudaDeviceSynchronize());
+        saxpy_ns[fast] = (cpu_seconds() - c0) / (10.0 * elements) * 1e9;
+    }
+    printf("sgemm %dx%dx%d, 64x64 tiles, 256 threads, 2 barriers per K-tile; %d worker(s); max |err| vs fp64 %.1e\n",
            n, n, n, workers, max_err);
-    printf("                 GFLOP/s per core (per CPU-second)   GFLOP/s wall-clock, all workers\n");
-    printf("  fast path on :   %6.2f                              %6.2f\n", fast.per_core, fast.wall);
-    printf("  fast path off:   %6.2f                              %6.2f\n", slow.per_core, slow.wall);
+    printf("                 GFLOP/s per core    GFLOP/s wall-clock    saxpy, CPU ns per CUDA thread\n");
+    printf("                 (per CPU-second)    (all workers)         (no barrier: the fast path's case)\n");
+    for (int fast = 1; fast >= 0; fast--)
+        printf("  fast path %-4s   %6.2f              %6.2f                %6.1f\n", fast ? "on" : "off",
+               rate[fast].per_core, rate[fast].wall, saxpy_ns[fast]);
     return 0;
 }

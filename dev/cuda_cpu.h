@@ -59,6 +59,7 @@ Environment (read at every launch):
 #include <map>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -182,7 +183,6 @@ constexpr size_t kStaticSharedLimit = 48 * 1024;
 constexpr size_t kDynamicSharedOptinLimit = 227 * 1024;
 constexpr size_t kParamLimit = 4096;
 constexpr size_t kStackBytes = 256 * 1024;
-constexpr unsigned kUnsetBits = 0xFFFFFFFFu;
 
 // --- fiber switch --------------------------------------------------------------
 // cuda_cpu_switch(save, to): pushes the callee-saved registers, MXCSR and the x87
@@ -192,7 +192,7 @@ constexpr unsigned kUnsetBits = 0xFFFFFFFFu;
 extern "C" void cuda_cpu_switch(void** save, void* to);
 extern "C" void cuda_cpu_fiber_start();
 asm(R"(
-    .text
+    .pushsection .text
     .p2align 4
     .type cuda_cpu_switch, @function
 cuda_cpu_switch:
@@ -225,6 +225,7 @@ cuda_cpu_fiber_start:
     callq *%r13
     ud2
     .size cuda_cpu_fiber_start, .-cuda_cpu_fiber_start
+    .popsection
 )");
 
 // Builds the first frame of a fiber at the top of [base, base+size): switching to
@@ -252,18 +253,34 @@ static void* fiber_frame(char* base, size_t size, void (*fn)(intptr_t), intptr_t
 // --- environment ------------------------------------------------------------------
 enum Schedule { kForward, kReverse, kRandom };
 
+// A value the runtime cannot use is said once per variable, then the default applies.
+static void env_warn(const char* name, const char* value, const char* expected) {
+    static std::mutex mu;
+    static std::vector<std::string>* warned = new std::vector<std::string>;
+    std::lock_guard<std::mutex> lock(mu);
+    if (std::find(warned->begin(), warned->end(), name) != warned->end()) return;
+    warned->push_back(name);
+    fprintf(stderr, "cuda_cpu: ignoring %s=%s (expected %s)\n", name, value, expected);
+}
+
 static long env_long(const char* name, long fallback) {
     const char* v = getenv(name);
     if (!v || !*v) return fallback;
     char* end;
     long x = strtol(v, &end, 10);
-    return *end ? fallback : x;
+    if (*end) {
+        env_warn(name, v, "an integer");
+        return fallback;
+    }
+    return x;
 }
 
 static Schedule env_schedule() {
     const char* v = getenv("CUDA_CPU_SCHEDULE");
-    if (v && !strcmp(v, "reverse")) return kReverse;
-    if (v && !strcmp(v, "random")) return kRandom;
+    if (!v || !*v || !strcmp(v, "forward")) return kForward;
+    if (!strcmp(v, "reverse")) return kReverse;
+    if (!strcmp(v, "random")) return kRandom;
+    env_warn("CUDA_CPU_SCHEDULE", v, "forward, reverse or random");
     return kForward;
 }
 
@@ -468,20 +485,18 @@ struct Worker {
     char* smem = nullptr;         // static arena, kStaticSharedLimit bytes
     size_t smem_used = 0, smem_dirty = 0;
     std::vector<SharedSlot> smem_slots;
-    std::unique_ptr<char[]> dyn_storage;
+    std::unique_ptr<char[]> dyn_storage;  // dynamic shared memory, exactly the launch's size
     size_t dyn_capacity = 0;
+    char* dyn_smem = nullptr;
     // memory faults inside kernels
     sigjmp_buf fault_jump;
     bool fault_handler_ready = false;
     volatile bool fault_armed = false;
     int fault_signal = 0;
     void* fault_address = nullptr;
-    char* dyn_smem = nullptr;
-    size_t dyn_size = 0;
 #if CUDA_CPU_ASAN
     const void* main_stack_bottom = nullptr;
     size_t main_stack_size = 0;
-    void* main_fake_stack = nullptr;
 #endif
     Worker() {
         smem = (char*)aligned_alloc(128, kStaticSharedLimit);
@@ -507,7 +522,8 @@ static std::string thread_name(const Worker& w, int t) {
 static void set_current(Worker& w, int t) {
     w.cur = t;
     unsigned bx = w.block_dim.x, by = w.block_dim.y;
-    tls_thread_idx = uint3{t % bx, (t / bx) % by, t / (bx * by)};
+    if (bx == (unsigned)w.n) tls_thread_idx = uint3{(unsigned)t, 0, 0};  // 1-D blocks: no division
+    else tls_thread_idx = uint3{t % bx, (t / bx) % by, t / (bx * by)};
 }
 
 // ASan must be told when the stack changes under it.
@@ -569,7 +585,9 @@ static bool switch_next(Worker& w, void** save, bool from_main) {
             } else {
                 Stack& stack = w.stacks[st];
 #if CUDA_CPU_ASAN
-                __asan_unpoison_memory_region(stack.base, stack.size);
+                // the frames that never returned (runner_main and the switch into the main
+                // loop) sit at the top; a failed block unpoisons whole stacks (end_block)
+                __asan_unpoison_memory_region(stack.base + stack.size - 16384, 16384);
 #endif
                 // Stacks are 256 KB apart, so their tops would all fall into the same cache
                 // sets; shifting each top by a few cache lines spreads the hot frames out.
@@ -822,7 +840,7 @@ struct Grid {
     uint64_t seed;
     bool fast_path;
     int device;
-    std::vector<uint32_t> block_order;  // random schedule only
+    uint64_t order_mul = 1, order_add = 0;  // random schedule: block (mul * i + add) mod blocks
     std::atomic<uint64_t> next{0};
     std::atomic<bool> failed{false};
     std::mutex mu;
@@ -850,7 +868,12 @@ static Worker& this_worker() {
 static void end_block(Worker& w, Grid& g) {
     if (w.failed) {
         w.free_stacks.clear();
-        for (int i = (int)w.stacks.size() - 1; i >= 0; i--) w.free_stacks.push_back(i);
+        for (int i = (int)w.stacks.size() - 1; i >= 0; i--) {
+            w.free_stacks.push_back(i);
+#if CUDA_CPU_ASAN
+            __asan_unpoison_memory_region(w.stacks[i].base, w.stacks[i].size);
+#endif
+        }
         std::lock_guard<std::mutex> lock(g.mu);
         if (!g.failed.exchange(true)) {
             g.error = w.error;
@@ -972,7 +995,7 @@ static void install_fault_handler(Worker& w) {
         sa.sa_sigaction = fault_handler;
         sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
         sigemptyset(&sa.sa_mask);
-        for (int sig : {SIGSEGV, SIGBUS, SIGFPE}) sigaction(sig, &sa, &previous_action[sig]);
+        for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL}) sigaction(sig, &sa, &previous_action[sig]);
     });
     stack_t current;
     if (sigaltstack(nullptr, &current) == 0 && (current.ss_flags & SS_DISABLE)) {  // keep one the host set up
@@ -993,7 +1016,8 @@ static std::string fault_message(const Worker& w) {
     for (const Stack& st : w.stacks)
         if (a >= (uintptr_t)st.base - page && a < (uintptr_t)st.base)
             return thread_name(w, w.cur) + ": stack overflow (a CUDA thread's stack is 256 KB here)";
-    snprintf(buf, sizeof(buf), ": %s at address %p", w.fault_signal == SIGFPE ? "arithmetic exception" : "invalid memory access", w.fault_address);
+    const char* what = w.fault_signal == SIGFPE ? "arithmetic exception" : w.fault_signal == SIGILL ? "illegal instruction" : "invalid memory access";
+    snprintf(buf, sizeof(buf), ": %s at address %p", what, w.fault_address);
     return thread_name(w, w.cur) + buf;
 }
 
@@ -1001,7 +1025,8 @@ static void run_blocks(Grid& g) {
     Worker& w = this_worker();
     if (!w.fault_handler_ready) install_fault_handler(w);
     if (sigsetjmp(w.fault_jump, 1)) {
-        block_fail(w, w.fault_signal == SIGFPE ? cudaErrorLaunchFailure : cudaErrorIllegalAddress, fault_message(w));
+        bool memory = w.fault_signal == SIGSEGV || w.fault_signal == SIGBUS;
+        block_fail(w, memory ? cudaErrorIllegalAddress : cudaErrorLaunchFailure, fault_message(w));
         end_block(w, g);
         return;
     }
@@ -1009,7 +1034,9 @@ static void run_blocks(Grid& g) {
     while (!g.failed.load(std::memory_order_relaxed)) {
         uint64_t i = g.next.fetch_add(1);
         if (i >= g.blocks) break;
-        uint64_t b = g.schedule == kForward ? i : g.schedule == kReverse ? g.blocks - 1 - i : g.block_order[i];
+        uint64_t b = g.schedule == kForward   ? i
+                     : g.schedule == kReverse ? g.blocks - 1 - i
+                                              : (uint64_t)(((__uint128_t)g.order_mul * i + g.order_add) % g.blocks);
         run_block(w, g, b);
     }
     w.fault_armed = false;
@@ -1206,12 +1233,13 @@ static void launch_grid(std::shared_ptr<Grid> g) {
     g->schedule = env_schedule();
     g->seed = mix64((uint64_t)env_long("CUDA_CPU_SEED", 0) ^ mix64(launch_counter()));
     g->fast_path = env_long("CUDA_CPU_FASTPATH", 1) != 0;
-    if (g->schedule == kRandom) {
-        g->block_order.resize(g->blocks);
-        std::vector<int> idx(g->blocks);
-        for (uint64_t i = 0; i < g->blocks; i++) idx[i] = (int)i;
-        shuffle(idx.data(), (int)g->blocks, g->seed);
-        for (uint64_t i = 0; i < g->blocks; i++) g->block_order[i] = (uint32_t)idx[i];
+    if (g->schedule == kRandom) {  // a permutation of the blocks without a table: a multiplier coprime to their count
+        uint64_t r = g->seed;
+        do {
+            r = mix64(r);
+            g->order_mul = r % g->blocks;
+        } while (std::gcd(g->order_mul, g->blocks) != 1);
+        g->order_add = mix64(r) % g->blocks;
     }
     run_grid(*g);
     if (g->failed) set_sticky(g->device, g->error, g->message);
@@ -1222,7 +1250,7 @@ static void launch_grid(std::shared_ptr<Grid> g) {
 // one past the end of an allocation is fine; null too).
 template <typename T>
 static void check_pointer_argument(const T& v, int index, int device, std::string& bad) {
-    if constexpr (std::is_pointer<T>::value) {
+    if constexpr (std::is_pointer<T>::value && !std::is_function<std::remove_pointer_t<T>>::value) {
         if (v == nullptr || !bad.empty()) return;
         Allocation a{};
         const char* p = (const char*)v;
@@ -1358,6 +1386,14 @@ static inline unsigned mask_or_full() { return 0xFFFFFFFFu; }
 static inline unsigned mask_or_full(unsigned m) { return m; }
 }  // namespace
 }  // namespace cuda_cpu
+
+// __trap(): the kernel stops with a launch failure, as on the GPU.
+static inline void __trap() {
+    ::cuda_cpu::Worker* w = ::cuda_cpu::tls_worker;
+    if (!w || w->cur < 0) abort();
+    ::cuda_cpu::block_fail(*w, cudaErrorLaunchFailure, ::cuda_cpu::thread_name(*w, w->cur) + " called __trap()");
+    ::cuda_cpu::fiber_abandon(*w);
+}
 
 static inline unsigned __activemask() {
     ::cuda_cpu::Worker* w = ::cuda_cpu::tls_worker;
@@ -1500,6 +1536,13 @@ static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int devi
     prop->minor = 0;
     return cudaSuccess;
 }
+static inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
+    if (!free_bytes || !total_bytes) return ::cuda_cpu::set_error(cudaErrorInvalidValue, "cudaMemGetInfo: null pointer");
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    *total_bytes = (size_t)sysconf(_SC_PHYS_PAGES) * page;
+    *free_bytes = (size_t)sysconf(_SC_AVPHYS_PAGES) * page;
+    return ::cuda_cpu::api_enter();
+}
 static inline cudaError_t cudaDeviceSynchronize() {
     if (::cuda_cpu::tls_device < ::cuda_cpu::device_count()) ::cuda_cpu::run_all(::cuda_cpu::tls_device);
     return ::cuda_cpu::api_enter();
@@ -1624,7 +1667,7 @@ static inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t byt
     if (bytes == 0) return cudaSuccess;
     Allocation a{};
     CUstream_st* s = resolve(stream);
-    if (!find_allocation(src, &a) && find_allocation(dst, &a) && a.device >= 0) {
+    if (deferred() && !find_allocation(src, &a) && find_allocation(dst, &a) && a.device >= 0) {
         // from pageable host memory: CUDA stages the source before returning
         auto staged = std::make_shared<std::vector<char>>((const char*)src, (const char*)src + bytes);
         stream_run(s, [=] { memcpy(dst, staged->data(), bytes); });
@@ -1695,6 +1738,26 @@ static inline cudaError_t cudaMemcpyPeer(void* dst, int dst_device, const void* 
     cudaError_t e = cudaMemcpyPeerAsync(dst, dst_device, src, src_device, bytes, 0);
     ::cuda_cpu::run_all(-1);
     return e;
+}
+
+// __constant__ and __device__ variables are ordinary globals here.
+template <typename T>
+static inline cudaError_t cudaMemcpyToSymbol(T& symbol, const void* src, size_t bytes, size_t offset = 0, cudaMemcpyKind kind = cudaMemcpyHostToDevice) {
+    if (cudaError_t e = ::cuda_cpu::api_enter()) return e;
+    if (offset + bytes > sizeof(T)) return ::cuda_cpu::set_error(cudaErrorInvalidValue, "cudaMemcpyToSymbol: %zu bytes at offset %zu into a %zu-byte symbol", bytes, offset, sizeof(T));
+    ::cuda_cpu::run_all(-1);
+    memcpy((char*)&symbol + offset, src, bytes);
+    (void)kind;
+    return cudaSuccess;
+}
+template <typename T>
+static inline cudaError_t cudaMemcpyFromSymbol(void* dst, const T& symbol, size_t bytes, size_t offset = 0, cudaMemcpyKind kind = cudaMemcpyDeviceToHost) {
+    if (cudaError_t e = ::cuda_cpu::api_enter()) return e;
+    if (offset + bytes > sizeof(T)) return ::cuda_cpu::set_error(cudaErrorInvalidValue, "cudaMemcpyFromSymbol: %zu bytes at offset %zu from a %zu-byte symbol", bytes, offset, sizeof(T));
+    ::cuda_cpu::run_all(-1);
+    memcpy(dst, (const char*)&symbol + offset, bytes);
+    (void)kind;
+    return cudaSuccess;
 }
 
 template <typename T>

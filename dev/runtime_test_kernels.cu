@@ -253,7 +253,8 @@ extern "C" int rt_write_past_end(int where) {
     return finish(cudaSuccess);
 }
 
-// A write far outside any allocation, and a stack overflow: launch failures, not crashes.
+// A write far outside any allocation (kind 0), a stack overflow (1), __trap() (2):
+// launch failures, not crashes.
 __noinline__ __device__ float recurse(volatile float* deep, int n) {
     volatile float local[1024];
     local[n % 1024] = (float)n;
@@ -263,7 +264,8 @@ __noinline__ __device__ float recurse(volatile float* deep, int n) {
 __global__ void fault(float* x, int kind) {
     if (threadIdx.x != 7 || blockIdx.x != 1) return;
     if (kind == 0) x[(size_t)1 << 40] = 1.0f;
-    else x[0] = recurse(x, 1 << 20);
+    else if (kind == 1) x[0] = recurse(x, 1 << 20);
+    else __trap();
 }
 
 extern "C" int rt_fault(int kind) {

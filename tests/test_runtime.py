@@ -190,6 +190,18 @@ def test_syncthreads_count_and_or(rt, schedule, k):
     assert (out == expected).all()
 
 
+def test_unusable_environment_values_are_said_once():
+    result = run_python("""
+        x = ffi.new("float[256]", [1.0] * 256)
+        s = ffi.new("float[1]")
+        print(lib.rt_block_sum(x, 256, 1, s), lib.rt_block_sum(x, 256, 1, s), s[0])
+    """, env={"CUDA_CPU_SCHEDULE": "sideways", "CUDA_CPU_WORKERS": "many"})
+    assert result.returncode == 0 and result.stdout.split() == ["0", "0", "256.0"]
+    assert sorted(result.stderr.splitlines()) == [
+        "cuda_cpu: ignoring CUDA_CPU_SCHEDULE=sideways (expected forward, reverse or random)",
+        "cuda_cpu: ignoring CUDA_CPU_WORKERS=many (expected an integer)"]
+
+
 # --- warp operations ----------------------------------------------------------------------
 
 SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR, BALLOT, ANY, ALL = range(7)
@@ -320,6 +332,11 @@ def test_kernel_faults_become_errors_not_crashes(rt, kind, code, fragment):
     assert "kernel fault" in message and "thread (7,0,0) of block (1,0,0)" in message and fragment in message
     x = np.ones(256, np.float32)
     assert block_sum(rt, x, True)[0] == 256.0  # and the process goes on
+
+
+def test_trap_is_a_launch_failure(rt):
+    code, message = call(rt, "fault", 2)
+    assert code == LAUNCH_FAILURE and "thread (7,0,0) of block (1,0,0) called __trap()" in message
 
 
 # --- launch configuration -------------------------------------------------------------------
