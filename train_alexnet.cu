@@ -198,49 +198,66 @@ void augment_images(float* out, const uint8_t* images, const float* mean, const 
 // or 16x256 when C has at most 16 rows, e.g. fc layers at small batch), each thread a
 // 4x4 micro-tile held in registers at rows ty + i*TILE_M/4 and columns tx + j*TILE_N/4,
 // so that consecutive threads store consecutive columns and read consecutive
-// shared-memory words. The reduction advances in steps of GEMM_TILE_K: the block stages
-// a TILE_M x GEMM_TILE_K slice of A and a GEMM_TILE_K x TILE_N slice of B in shared
-// memory; the next slices are fetched into registers while the current ones are
-// multiplied, hiding global-memory latency.
+// shared-memory words. The reduction advances in steps of TILE_K (32; 16 for 16x256
+// tiles, which keeps B at 16 loads per thread): the block stages a TILE_M x TILE_K
+// slice of A and a TILE_K x TILE_N slice of B in shared memory; the next slices are
+// fetched into registers while the current ones are multiplied, hiding global-memory
+// latency. (Deep slices also mean few barriers per multiply-add, which the CPU
+// runtime, switching fibers at every barrier, needs as much as the GPU.)
 // blockIdx.z enumerates (split, batch): batches are independent GEMMs (conv groups,
 // stride phases), and a long reduction may be split into ranges whose partial
 // products a second kernel adds up in a fixed order (deterministic, no atomics).
 
 constexpr int GEMM_THREADS = 256;
 constexpr int GEMM_TILE_AREA = 64 * 64;  // TILE_M * TILE_N
-constexpr int GEMM_TILE_K = 16;
 constexpr int GEMM_MICRO = 4;            // 4x4 outputs per thread: 256 * 16 = the tile area
+constexpr int GEMM_SPLIT_ALIGN = 32;     // split ranges are whole slices of either tile shape
+
+template <int TILE_M>
+struct GemmTile {  // the tile's columns and slice depth for TILE_M rows
+    static constexpr int N = GEMM_TILE_AREA / TILE_M, K = TILE_M == 16 ? 16 : 32;
+};
 
 // Sizes of one GEMM (of each batch) and how its reduction is split.
 struct GemmDims {
     int rows, cols, depth;  // C is rows x cols, summed over depth
     int batches;            // independent GEMMs of these sizes
     int splits;             // the reduction is cut into ranges of depth_per_split
-    int depth_per_split;    // a multiple of GEMM_TILE_K
+    int depth_per_split;    // a multiple of GEMM_SPLIT_ALIGN
 };
 
 static GemmDims gemm_dims(int rows, int cols, int depth, int batches, int splits) {
-    int tiles = ceil_div(depth, GEMM_TILE_K);
-    int tiles_per_split = ceil_div(tiles, splits);
+    int slices = ceil_div(depth, GEMM_SPLIT_ALIGN);
+    int slices_per_split = ceil_div(slices, splits);
     // recount, so that no split is left with an empty range
-    return GemmDims{rows, cols, depth, batches, ceil_div(tiles, tiles_per_split),
-                    tiles_per_split * GEMM_TILE_K};
+    return GemmDims{rows, cols, depth, batches, ceil_div(slices, slices_per_split),
+                    slices_per_split * GEMM_SPLIT_ALIGN};
 }
 
 // Which operand index is consecutive in memory decides how a block's threads walk a
-// TILE x GEMM_TILE_K slice: along k (thread t takes k = t % TILE_K) or along m/n
-// (t takes m = t % TILE), so that neighbouring threads read neighbouring addresses.
-// Load i of thread t (i < TILE * GEMM_TILE_K / GEMM_THREADS) is element (mn, k).
-template <int TILE, bool K_CONTIGUOUS>
+// TILE x TILE_K slice: along k (thread t takes k = t % TILE_K) or along m/n (t takes
+// m = t % TILE), so that neighbouring threads read neighbouring addresses.
+// Load i of thread t (i < TILE * TILE_K / GEMM_THREADS) is element (mn, k).
+template <int TILE, int TILE_K, bool K_CONTIGUOUS>
 struct TileWalk {
-    static constexpr int loads = TILE * GEMM_TILE_K / GEMM_THREADS;
+    static constexpr int loads = TILE * TILE_K / GEMM_THREADS;
     static __device__ __forceinline__ int mn(int tid, int i) {
-        return K_CONTIGUOUS ? tid / GEMM_TILE_K + i * (GEMM_THREADS / GEMM_TILE_K) : tid % TILE;
+        return K_CONTIGUOUS ? tid / TILE_K + i * (GEMM_THREADS / TILE_K) : tid % TILE;
     }
     static __device__ __forceinline__ int k(int tid, int i) {
-        return K_CONTIGUOUS ? tid % GEMM_TILE_K : tid / TILE + i * (GEMM_THREADS / TILE);
+        return K_CONTIGUOUS ? tid % TILE_K : tid / TILE + i * (GEMM_THREADS / TILE);
     }
 };
+
+// f(0), ..., f(N-1) with constant arguments, so that small register arrays stay in
+// registers under any compiler (g++ -O2 keeps loop-indexed arrays in memory).
+template <int N, typename F>
+__device__ __forceinline__ void unrolled(F&& f) {
+    if constexpr (N > 0) {
+        unrolled<N - 1>(f);
+        f(N - 1);
+    }
+}
 
 // A Problem provides: GemmDims dims; the flags a_k_contiguous, b_k_contiguous and
 // row_sums; a(batch, m, k) and b(batch, k, n) for in-range indices; store(batch, split,
@@ -249,14 +266,15 @@ struct TileWalk {
 // gradient, the bias is a weight whose input is always 1).
 template <int TILE_M, typename Problem>
 __global__ void __launch_bounds__(GEMM_THREADS, 2) gemm_tile_kernel(Problem p) {
-    constexpr int TILE_N = GEMM_TILE_AREA / TILE_M;
+    constexpr int TILE_N = GemmTile<TILE_M>::N, TILE_K = GemmTile<TILE_M>::K;
     constexpr int STEP_M = TILE_M / GEMM_MICRO, STEP_N = TILE_N / GEMM_MICRO;
-    using WalkA = TileWalk<TILE_M, Problem::a_k_contiguous>;
-    using WalkB = TileWalk<TILE_N, Problem::b_k_contiguous>;
-    // row stride TILE + 2: the k-contiguous walk stores 16 k-rows x 2 columns per warp,
-    // which land in 32 distinct banks (2k + m mod 32)
-    SHARED(float, a_tile, [GEMM_TILE_K][TILE_M + 2]);
-    SHARED(float, b_tile, [GEMM_TILE_K][TILE_N + 2]);
+    using WalkA = TileWalk<TILE_M, TILE_K, Problem::a_k_contiguous>;
+    using WalkB = TileWalk<TILE_N, TILE_K, Problem::b_k_contiguous>;
+    // row stride TILE + 32/TILE_K: a warp of the k-contiguous walk stores TILE_K rows
+    // x 32/TILE_K columns, which then land in 32 distinct banks
+    constexpr int PAD = 32 / TILE_K;
+    SHARED(float, a_tile, [TILE_K][TILE_M + PAD]);
+    SHARED(float, b_tile, [TILE_K][TILE_N + PAD]);
     const GemmDims d = p.dims;
     const int tid = threadIdx.x, tx = tid % STEP_N, ty = tid / STEP_N;
     const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
@@ -280,23 +298,23 @@ __global__ void __launch_bounds__(GEMM_THREADS, 2) gemm_tile_kernel(Problem p) {
     float acc[GEMM_MICRO][GEMM_MICRO] = {};
     float row_sum[GEMM_MICRO] = {};
     fetch(k_begin);
-    for (int k0 = k_begin; k0 < k_end; k0 += GEMM_TILE_K) {
+    for (int k0 = k_begin; k0 < k_end; k0 += TILE_K) {
         for (int i = 0; i < WalkA::loads; i++)
             a_tile[WalkA::k(tid, i)][WalkA::mn(tid, i)] = a_next[i];
         for (int i = 0; i < WalkB::loads; i++)
             b_tile[WalkB::k(tid, i)][WalkB::mn(tid, i)] = b_next[i];
         __syncthreads();
-        if (k0 + GEMM_TILE_K < k_end) fetch(k0 + GEMM_TILE_K);
-        for (int kk = 0; kk < GEMM_TILE_K; kk++) {
+        if (k0 + TILE_K < k_end) fetch(k0 + TILE_K);
+        for (int kk = 0; kk < TILE_K; kk++) {
             float a_frag[GEMM_MICRO], b_frag[GEMM_MICRO];
-            for (int i = 0; i < GEMM_MICRO; i++) {
+            unrolled<GEMM_MICRO>([&](int i) {
                 a_frag[i] = a_tile[kk][ty + i * STEP_M];
                 b_frag[i] = b_tile[kk][tx + i * STEP_N];
-            }
-            for (int i = 0; i < GEMM_MICRO; i++)
-                for (int j = 0; j < GEMM_MICRO; j++) acc[i][j] += a_frag[i] * b_frag[j];
-            if (sums_rows)
-                for (int i = 0; i < GEMM_MICRO; i++) row_sum[i] += a_frag[i];
+            });
+            unrolled<GEMM_MICRO>([&](int i) {
+                unrolled<GEMM_MICRO>([&](int j) { acc[i][j] += a_frag[i] * b_frag[j]; });
+                if (sums_rows) row_sum[i] += a_frag[i];
+            });
         }
         __syncthreads();
     }
@@ -321,7 +339,7 @@ static void gemm_launch_tiles(const Problem& p, cudaStream_t stream) {
     const GemmDims& d = p.dims;
     require(ceil_div(d.rows, TILE_M) <= 65535 && (long)d.batches * d.splits <= 65535,
             "gemm: grid too large (%d rows, %d batches x splits)", d.rows, d.batches * d.splits);
-    dim3 grid(ceil_div(d.cols, GEMM_TILE_AREA / TILE_M), ceil_div(d.rows, TILE_M),
+    dim3 grid(ceil_div(d.cols, GemmTile<TILE_M>::N), ceil_div(d.rows, TILE_M),
               d.batches * d.splits);
     LAUNCH((gemm_tile_kernel<TILE_M, Problem>), grid, GEMM_THREADS, 0, stream, p);
 }
