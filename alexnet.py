@@ -153,8 +153,6 @@ def _replace_atomically(path, write):
     try:
         with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -185,6 +183,14 @@ def write_classes(folder, names):
     _replace_atomically(os.path.join(folder, "classes.txt"), lambda f: f.write(text.encode()))
 
 
+def shard_checksum(shard):
+    """crc32 of a shard's pixels, then its labels: what prepare.json records of a shard."""
+    crc = 0
+    for start in range(0, len(shard.pixels), 256):
+        crc = zlib.crc32(np.ascontiguousarray(shard.pixels[start:start + 256]), crc)
+    return zlib.crc32(np.ascontiguousarray(shard.labels, dtype="<i4"), crc)
+
+
 class ShardWriter:
     """Streams one shard to `path + ".tmp"` and renames it when complete.
     Images arrive in chunks; `expected` images are planned, fewer if some were skipped
@@ -192,17 +198,19 @@ class ShardWriter:
 
     def __init__(self, path, expected, height, width, num_classes):
         self.path, self.expected, self.shape, self.num_classes = path, expected, (height, width, 3), num_classes
-        self.labels = []
+        self.labels, self.crc = [], 0
         self.file = open(path + ".tmp", "w+b")
         self.file.seek(HEADER_BYTES + 4 * expected)
 
     def write(self, labels, pixels):
         assert pixels.shape[1:] == self.shape and len(labels) == len(pixels)
         self.labels.append(np.asarray(labels, dtype="<i4"))
-        self.file.write(np.ascontiguousarray(pixels).tobytes())
+        pixels = np.ascontiguousarray(pixels)
+        self.crc = zlib.crc32(pixels, self.crc)
+        self.file.write(pixels)
 
     def close(self):
-        """Finish the file and rename it; returns (images, crc32 of the file)."""
+        """Finish the file and rename it; returns (images, shard_checksum)."""
         f, labels = self.file, np.concatenate(self.labels or [np.zeros(0, "<i4")])
         n, image_bytes = len(labels), int(np.prod(self.shape))
         if n < self.expected:   # move the pixels down by the unused label slots
@@ -217,24 +225,14 @@ class ShardWriter:
         f.seek(0)
         f.write(_header(SHARD_MAGIC, n, *self.shape, self.num_classes))
         f.write(labels.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-        crc = _file_crc32(f)
         f.close()
         os.replace(self.path + ".tmp", self.path)
-        return n, crc
+        return n, zlib.crc32(labels, self.crc)
 
     def abandon(self):
         self.file.close()
         os.remove(self.path + ".tmp")
 
-
-def _file_crc32(f):
-    f.seek(0)
-    crc = 0
-    while block := f.read(1 << 24):
-        crc = zlib.crc32(block, crc)
-    return crc
 
 
 # -----------------------------------------------------------------------------
@@ -251,10 +249,10 @@ def _file_crc32(f):
 # and records each finished shard in DIR/prepare.json so that a rerun verifies and skips
 # it. The result does not depend on the number of workers.
 
-Split = namedtuple("Split", "name items labels load chunk")
+Split = namedtuple("Split", "name items labels load chunk size")
 # items: list of picklable descriptions; labels: int32 [len(items)];
 # load(items, labels) -> (pixels uint8 [k][H][W][3] of the readable items, ok bool [len(items)],
-#                         errors [(item, reason)]); chunk: items per worker task.
+#                         errors [(item, reason)]); chunk: items per worker task; size: image side.
 Source = namedtuple("Source", "splits classes size settings")
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -263,44 +261,43 @@ SKIPPED_LOG = "skipped.txt"
 
 
 class PixelSums:
-    """Exact integer sums over the training pixels: per-pixel sums for the mean image and
-    the first and second moments of RGB for the covariance. Chunk sums are computed in
-    float64, which is exact here (each product <= 255^2, and a chunk has far fewer than
-    2^53 / 255^2 ~ 1.4e11 pixels), then kept as Python integers, so the totals do not
-    depend on the order of the chunks or the number of workers."""
+    """Exact integer sums over the training pixels, in one streaming pass: per-pixel sums
+    for the mean image, and the sums of R, G, B and of their six pairwise products for
+    the covariance. Integers, so the totals do not depend on the order of the chunks or
+    the number of workers; only the final mean and covariance are float64."""
 
     def __init__(self, height, width):
         self.images, self.pixels = 0, 0
         self.image_sum = np.zeros((height, width, 3), dtype=np.int64)
-        self.rgb_sum = [0] * 3
         self.rgb_products = [[0] * 3 for _ in range(3)]
 
     def add(self, pixels):
         """Add a chunk of images, uint8 [n][H][W][3]."""
         self.images += len(pixels)
-        self.image_sum += pixels.sum(axis=0, dtype=np.int64)
-        rgb = pixels.reshape(-1, 3).astype(np.float64)
-        self.pixels += len(rgb)
-        self._add_moments(rgb.sum(axis=0), rgb.T @ rgb)
-        return self
-
-    def _add_moments(self, rgb_sum, rgb_products):
+        self.image_sum += pixels.sum(axis=0, dtype=np.uint32)   # exact below 2^32 / 255 images
+        planes = np.ascontiguousarray(pixels.reshape(-1, 3).T)   # [3][pixels]
+        self.pixels += planes.shape[1]
+        product = np.empty(planes.shape[1], dtype=np.uint16)      # each product <= 255^2 < 2^16
         for i in range(3):
-            self.rgb_sum[i] += int(rgb_sum[i])
-            for j in range(3):
-                self.rgb_products[i][j] += int(rgb_products[i][j])
+            for j in range(i, 3):
+                np.multiply(planes[i], planes[j], out=product, dtype=np.uint16)
+                self.rgb_products[i][j] += int(product.sum(dtype=np.uint64))
+                self.rgb_products[j][i] = self.rgb_products[i][j]
+        return self
 
     def merge(self, other):
         self.images += other.images
         self.pixels += other.pixels
         self.image_sum += other.image_sum
-        self._add_moments(other.rgb_sum, other.rgb_products)
+        for i in range(3):
+            for j in range(3):
+                self.rgb_products[i][j] += other.rgb_products[i][j]
         return self
 
     def statistics(self):
         """(mean image float64 [H][W][3], eigval [3] descending, eigvec [3][3], column i
         the eigenvector of eigval[i] with its largest-magnitude component positive)."""
-        n, s, q = self.pixels, self.rgb_sum, self.rgb_products
+        n, s, q = self.pixels, [int(v) for v in self.image_sum.sum(axis=(0, 1))], self.rgb_products
         # cov = E[xx^T] - E[x]E[x]^T = (n q - s s^T) / n^2, the numerator in exact integers
         cov = np.array([[(n * q[i][j] - s[i] * s[j]) / n**2 for j in range(3)] for i in range(3)])
         eigval, eigvec = np.linalg.eigh(cov)
@@ -402,7 +399,7 @@ def synthetic_source(path=None, size=32, train_images=10000, val_images=2000, se
         labels = np.random.default_rng([seed, split_id]).permutation(np.arange(n) % len(SYNTHETIC_CLASSES))
         items = list(zip(range(n), labels.tolist()))
         load = partial(_load_synthetic, size=size, seed=seed, split_id=split_id)
-        splits.append(Split(name, items, labels.astype(np.int32), load, 500))
+        splits.append(Split(name, items, labels.astype(np.int32), load, 500, size))
     return Source(splits, list(SYNTHETIC_CLASSES), size,
                   dict(size=size, train_images=train_images, val_images=val_images, seed=seed))
 
@@ -455,7 +452,7 @@ def cifar10_source(path):
                 raise AlexNetError(f"{full}: record {bad[0]} has label {file_labels[bad[0]]}, expected 0..9")
             items += [(full, r) for r in range(len(file_labels))]
             labels.append(file_labels)
-        splits.append(Split(name, items, np.concatenate(labels).astype(np.int32), _load_cifar10, 1000))
+        splits.append(Split(name, items, np.concatenate(labels).astype(np.int32), _load_cifar10, 1000, 32))
     return Source(splits, classes, 32, dict(path=os.path.abspath(path)))
 
 
@@ -548,6 +545,8 @@ def _read_synset_words(path, synsets):
 def imagenet_source(path, size=256, val_labels=None, synset_words=None, classes=None, seed=0):
     if path is None:
         raise AlexNetError("imagenet needs PATH: the folder holding train/ and val/")
+    if size < 1 or (classes is not None and classes < 1):
+        raise AlexNetError("imagenet: --size and --classes must be >= 1")
     train_dir, val_dir = os.path.join(path, "train"), os.path.join(path, "val")
     for folder in (train_dir, val_dir):
         if not os.path.isdir(folder):
@@ -595,7 +594,7 @@ def imagenet_source(path, size=256, val_labels=None, synset_words=None, classes=
     if not val:
         raise AlexNetError(f"{val_dir}: no images of the {len(synsets)} training classes")
     load = partial(_load_images, size=size)
-    splits = [Split(name, [f for f, _ in items], np.array([l for _, l in items], np.int32), load, 32)
+    splits = [Split(name, [f for f, _ in items], np.array([l for _, l in items], np.int32), load, 32, size)
               for name, items in (("train", train), ("val", val))]
     names = _read_synset_words(synset_words, synsets) if synset_words else synsets
     return Source(splits, names, size, dict(path=os.path.abspath(path), size=size, classes=len(synsets), seed=seed))
@@ -615,16 +614,15 @@ def _run_task(task):
 
 
 def _verify_shard(task):
-    """A shard from an earlier run: (its sums or None) if its size, header, labels and
-    crc32 match what was recorded, else False."""
+    """A shard from an earlier run: its sums (empty unless with_sums) if its size, header
+    and checksum match what was recorded, else False. (Finished shards are not fsync'ed:
+    this check is what keeps a shard damaged by a crash out.)"""
     path, record, height, width, num_classes, with_sums = task
     try:
         shard = read_shard(path)
-        with open(path, "rb") as f:
-            crc = _file_crc32(f)
     except AlexNetError:
         return False
-    if (crc != record["crc32"] or shard.labels.shape[0] != record["images"]
+    if (shard_checksum(shard) != record["crc32"] or shard.labels.shape[0] != record["images"]
             or shard.pixels.shape[1:3] != (height, width) or shard.num_classes != num_classes):
         return False
     sums = PixelSums(height, width)
@@ -658,32 +656,102 @@ def _fingerprint(source_name, source, shard_images):
 
 
 def _dataset_files(out):
-    return [f for f in os.listdir(out)
-            if re.fullmatch(r"(train|val)_\d{3,}\.bin(\.tmp)?|stats\.bin|classes\.txt|" + MANIFEST + "|" + SKIPPED_LOG, f)]
+    """The files in `out` that prepare writes (and may replace), temporary ones included."""
+    names = "|".join(re.escape(n) for n in ("stats.bin", "classes.txt", MANIFEST, SKIPPED_LOG))
+    return [f for f in os.listdir(out) if re.fullmatch(rf"((train|val)_\d{{3,}}\.bin|{names})(\.tmp)?", f)]
 
 
 def _open_output(out, fingerprint, force):
     """The manifest of an earlier run to resume, after making sure `out` is ours to write."""
     os.makedirs(out, exist_ok=True)
     manifest = None
-    if os.path.exists(os.path.join(out, MANIFEST)):
+    try:
         with open(os.path.join(out, MANIFEST)) as f:
             manifest = json.load(f)
-    ours = manifest is not None and manifest.get("fingerprint") == fingerprint
+    except (OSError, ValueError):   # none, or damaged: then the folder is not known to be ours
+        pass
+    ours = manifest is not None and manifest.get("fingerprint") == fingerprint and not force
+    if not ours and _dataset_files(out) and not force:
+        raise AlexNetError(f"{out} holds a dataset prepared from other inputs or settings: "
+                           "choose another --out or pass --force to replace it")
     for f in _dataset_files(out):
-        if f.endswith(".tmp"):   # left by a run that was killed mid-shard
-            os.remove(os.path.join(out, f))
-    if not ours and _dataset_files(out):
-        if not force:
-            raise AlexNetError(f"{out} holds a dataset prepared from other inputs or settings: "
-                               "choose another --out or pass --force to replace it")
-        for f in _dataset_files(out):
+        if not ours or f.endswith(".tmp"):   # replaced, or left by a run killed mid-shard
             os.remove(os.path.join(out, f))
     return manifest if ours else {"fingerprint": fingerprint, "shards": {}, "complete": False}
 
 
 def _save_manifest(out, manifest):
     _replace_atomically(os.path.join(out, MANIFEST), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+
+def _resume(pool, out, plan, manifest, sums, workers, num_classes):
+    """Verify the shards that an earlier run finished; returns the names of those kept
+    (their training statistics are added to `sums`), forgets the others."""
+    earlier = [(split, name) for split, name, _, _ in plan if name in manifest["shards"]]
+    checks = [(os.path.join(out, name), manifest["shards"][name], split.size, split.size, num_classes,
+               split.name == "train") for split, name in earlier]
+    done = set()
+    for (_, name), result in zip(earlier, _ordered(pool, _verify_shard, checks, 2 * workers)):
+        if result is False:
+            del manifest["shards"][name]
+        else:
+            done.add(name)
+            sums.merge(result)
+    if done:
+        print(f"resuming: {len(done)} finished shards verified, {len(plan) - len(done)} to go")
+    return done
+
+
+def _write_shards(pool, out, todo, manifest, sums, workers, num_classes, on_error, desc):
+    """Load the items of the planned shards `todo` in worker tasks and write the shards,
+    recording each finished one in the manifest."""
+    from tqdm import tqdm
+    tasks = [(split.load, split.items[i:min(i + split.chunk, end)], split.labels[i:min(i + split.chunk, end)],
+              split.size, split.size, split.name == "train")
+             for split, _, start, end in todo for i in range(start, end, split.chunk)]
+    results = _ordered(pool, _run_task, tasks, 2 * workers)
+    with tqdm(total=sum(end - start for _, _, start, end in todo), unit="img", desc=desc,
+              disable=None, smoothing=0.1) as progress:
+        for split, name, start, end in todo:
+            writer, skipped = ShardWriter(os.path.join(out, name), end - start, split.size, split.size, num_classes), []
+            try:
+                for _ in range(start, end, split.chunk):
+                    pixels, labels, errors, chunk_sums = next(results)
+                    if errors and on_error == "stop":
+                        raise AlexNetError(f"{errors[0][0]}: unreadable image ({errors[0][1]}); "
+                                           "pass --on-error skip to leave such images out")
+                    skipped += errors
+                    writer.write(labels, pixels)
+                    if chunk_sums is not None:
+                        sums.merge(chunk_sums)
+                    progress.update(len(labels) + len(errors))
+                images, crc = writer.close()
+            except BaseException:
+                writer.abandon()
+                raise
+            manifest["shards"][name] = {"images": images, "crc32": crc, "skipped": skipped}
+            _save_manifest(out, manifest)
+
+
+def _finish(out, source, manifest, sums):
+    """stats.bin, classes.txt and the log of skipped images, once every shard is done."""
+    if sums.images == 0:
+        raise AlexNetError("no readable training images")
+    write_stats(os.path.join(out, "stats.bin"), *sums.statistics())
+    write_classes(out, source.classes)
+    skipped = [entry for record in manifest["shards"].values() for entry in record["skipped"]]
+    log = os.path.join(out, SKIPPED_LOG)
+    if skipped:
+        _replace_atomically(log, lambda f: f.write("".join(f"{p}\t{why}\n" for p, why in skipped).encode()))
+        print(f"skipped {len(skipped)} unreadable images, listed in {log}")
+    elif os.path.exists(log):
+        os.remove(log)
+    manifest["complete"] = True
+    _save_manifest(out, manifest)
+    counts = [sum(r["images"] for n, r in manifest["shards"].items() if n.startswith(split + "_"))
+              for split in ("train", "val")]
+    print(f"{out}: {counts[0]} training and {counts[1]} validation images of {source.size}x{source.size}, "
+          f"{len(source.classes)} classes")
 
 
 def prepare(source_name, path=None, out=None, workers=None, shard_images=None, on_error="stop",
@@ -701,76 +769,20 @@ def prepare(source_name, path=None, out=None, workers=None, shard_images=None, o
                                     for f in list(manifest["shards"]) + ["stats.bin", "classes.txt"]):
         print(f"{out}: already prepared (--force to prepare it again)")
         return out
-
-    # the plan: shard k of a split holds its items [k * shard_images, (k + 1) * shard_images)
+    # shard k of a split holds its items [k * shard_images, (k + 1) * shard_images)
     plan = [(split, f"{split.name}_{k:03d}.bin", start, min(start + shard_images, len(split.items)))
             for split in source.splits for k, start in enumerate(range(0, len(split.items), shard_images))]
     sums = PixelSums(size, size)
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     try:
-        done = set()
-        earlier = [(split, name) for split, name, _, _ in plan if name in manifest["shards"]]
-        checks = [(os.path.join(out, name), manifest["shards"][name], size, size, num_classes, split.name == "train")
-                  for split, name in earlier]
-        for (split, name), result in zip(earlier, _ordered(pool, _verify_shard, checks, 2 * workers)):
-            if result is False:
-                del manifest["shards"][name]
-            else:
-                done.add(name)
-                sums.merge(result)
-        if done:
-            print(f"resuming: {len(done)} finished shards verified, {len(plan) - len(done)} to go")
-
-        todo = [(split, name, start, end) for split, name, start, end in plan if name not in done]
-        tasks = [(split.load, split.items[i:min(i + split.chunk, end)], split.labels[i:min(i + split.chunk, end)],
-                  size, size, split.name == "train")
-                 for split, _, start, end in todo for i in range(start, end, split.chunk)]
-        results = _ordered(pool, _run_task, tasks, 2 * workers)
-        from tqdm import tqdm
-        with tqdm(total=sum(end - start for _, _, start, end in todo), unit="img", desc=f"prepare {source_name}",
-                  disable=None, smoothing=0.1) as progress:
-            for split, name, start, end in todo:
-                writer, skipped = ShardWriter(os.path.join(out, name), end - start, size, size, num_classes), []
-                try:
-                    for _ in range(start, end, split.chunk):
-                        pixels, labels, errors, chunk_sums = next(results)
-                        if errors and on_error == "stop":
-                            raise AlexNetError(f"{errors[0][0]}: unreadable image ({errors[0][1]}); "
-                                               "pass --on-error skip to leave such images out")
-                        skipped += errors
-                        writer.write(labels, pixels)
-                        if chunk_sums is not None:
-                            sums.merge(chunk_sums)
-                        progress.update(len(labels) + len(errors))
-                    images, crc = writer.close()
-                except BaseException:
-                    writer.abandon()
-                    raise
-                manifest["shards"][name] = {"images": images, "crc32": crc, "skipped": skipped}
-                _save_manifest(out, manifest)
+        done = _resume(pool, out, plan, manifest, sums, workers, num_classes)
+        todo = [shard for shard in plan if shard[1] not in done]
+        _write_shards(pool, out, todo, manifest, sums, workers, num_classes, on_error, f"prepare {source_name}")
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-
-    if sums.images == 0:
-        raise AlexNetError("no readable training images")
-    mean, eigval, eigvec = sums.statistics()
-    write_stats(os.path.join(out, "stats.bin"), mean, eigval, eigvec)
-    write_classes(out, source.classes)
-    skipped = [entry for record in manifest["shards"].values() for entry in record["skipped"]]
-    log = os.path.join(out, SKIPPED_LOG)
-    if skipped:
-        _replace_atomically(log, lambda f: f.write("".join(f"{p}\t{why}\n" for p, why in skipped).encode()))
-        print(f"skipped {len(skipped)} unreadable images, listed in {log}")
-    elif os.path.exists(log):
-        os.remove(log)
-    manifest["complete"] = True
-    _save_manifest(out, manifest)
-    counts = {s.name: sum(r["images"] for n, r in manifest["shards"].items() if n.startswith(s.name + "_"))
-              for s in source.splits}
-    print(f"{out}: {counts['train']} training and {counts['val']} validation images of {size}x{size}, "
-          f"{num_classes} classes")
+    _finish(out, source, manifest, sums)
     return out
 
 

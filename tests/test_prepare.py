@@ -277,6 +277,30 @@ def test_exif_orientation_is_ignored(tmp_path):
                           alexnet.load_image(str(tmp_path / "rotated.JPEG"), 16))
 
 
+def test_image_modes_become_rgb(tmp_path):
+    """CMYK and greyscale JPEGs, a PNG named .JPEG and an RGBA PNG all give RGB images
+    close to the lossless RGB reference. Smooth content, so the only differences are
+    JPEG error (a few levels) and, for CMYK, Pillow's plain CMYK<->RGB conversion."""
+    smooth = np.asarray(photo(6, 5, seed=3).resize((60, 50), Image.BICUBIC))
+    im = Image.fromarray(smooth)
+    im.save(tmp_path / "rgb.png")
+    im.save(tmp_path / "png_named.JPEG", "PNG")
+    im.convert("RGBA").save(tmp_path / "rgba.png")
+    im.save(tmp_path / "rgb.JPEG", quality=95)
+    im.convert("CMYK").save(tmp_path / "cmyk.JPEG", quality=95)
+    im.convert("L").save(tmp_path / "grey.JPEG", quality=95)
+    load = {name: alexnet.load_image(str(tmp_path / name), 16).astype(np.int32) for name in os.listdir(tmp_path)}
+    reference = load["rgb.png"]
+    assert all(a.shape == (16, 16, 3) for a in load.values())
+    assert np.array_equal(load["png_named.JPEG"], reference) and np.array_equal(load["rgba.png"], reference)
+    assert np.abs(load["rgb.JPEG"] - reference).mean() < 3
+    assert np.abs(load["cmyk.JPEG"] - reference).mean() < 3
+    grey = load["grey.JPEG"]
+    assert np.array_equal(grey[..., 0], grey[..., 1]) and np.array_equal(grey[..., 0], grey[..., 2])
+    luma = reference @ np.array([0.299, 0.587, 0.114])
+    assert np.abs(grey[..., 0] - luma).mean() < 3
+
+
 # --- resume ---
 
 def test_resume_skips_verified_shards_and_redoes_the_rest(tmp_path, capsys):
@@ -416,3 +440,19 @@ def test_read_shard_rejects_damaged_files(tmp_path, capsys, damage, message):
         alexnet.read_shard(str(path))
     with pytest.raises(alexnet.AlexNetError, match="not a statistics file"):
         alexnet.read_stats(str(tmp_path / "train_000.bin"))
+
+
+def test_command_line_end_to_end(tmp_path):
+    """The real entry point, in its own process, with worker processes."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "alexnet.py")
+    out = tmp_path / "out"
+    ok = subprocess.run([sys.executable, script, "prepare", "synthetic", "--out", str(out), "--train-images", "60",
+                         "--val-images", "20", "--workers", "2"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert alexnet.read_split(str(out), "train")[0].shape == (60,)
+    bad = subprocess.run([sys.executable, script, "prepare", "imagenet", str(tmp_path / "missing"), "--out",
+                          str(tmp_path / "o2")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
