@@ -18,14 +18,28 @@ fc weights [out][in], as in PyTorch. Gradients are of the batch-mean loss.
 Build: `make`. nvcc builds the GPU executable; g++ builds the same file against
 dev/cuda_cpu.h, a small CUDA runtime that runs every kernel on the CPU.
 */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <algorithm>
+#include <future>
+#include <memory>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 // ----------------------------------------------------------------------------
 // 0. CUDA or the CUDA-on-CPU runtime, error checking, device buffers
@@ -1090,12 +1104,1382 @@ void sgd_update(float* w, float* v, const float* g, long n, float lr, float mome
 
 // ----------------------------------------------------------------------------
 // 11. The two-tower model
+//
+// The paper splits the network over two GPUs: each "tower" holds half of every layer's
+// filters, with its parameters, gradients, momentum and activations on its own device.
+// The towers meet only at the inputs of conv3, fc6, fc7 and fc8, where each tower reads
+// the outputs of both; everywhere else a tower reads only its own half (as one network:
+// conv2, conv4 and conv5 are grouped convolutions with 2 groups, LRN never crosses towers).
+//
+// An exchange is a peer copy of the other tower's tensor followed by a concatenation along
+// features, tower 0 first, so that every compute kernel reads one contiguous input. The
+// backward pass runs it in reverse: the gradient of a concatenated input is split, the
+// part that belongs to the other tower is sent to it, and each tower sums the two
+// contributions to its own output (a + b in float is commutative: the sum does not depend
+// on which device does it, so one device and two give the same bits).
+
+// concat_features: out[n][0:wa] = a[n][:], out[n][wa:wa+wb] = b[n][:], for n < N.
+// One thread per output element: consecutive threads write consecutive floats and read
+// consecutive floats of a or b (one tensor switch per row), so both sides are coalesced.
+__global__ void concat_features_kernel(float* __restrict__ out, const float* __restrict__ a,
+                                       const float* __restrict__ b, int N, int wa, int wb) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    long w = wa + wb;
+    if (i >= N * w) return;
+    long n = i / w, j = i % w;
+    out[i] = j < wa ? a[n * wa + j] : b[n * wb + (j - wa)];
+}
+
+void concat_features(float* out, const float* a, const float* b, int N, int wa, int wb,
+                     cudaStream_t stream) {
+    const int threads = 256;
+    LAUNCH(concat_features_kernel, ceil_div((long)N * (wa + wb), threads), threads, 0, stream,
+           out, a, b, N, wa, wb);
+}
+
+// split_features: out[n][j] = cat[n][offset + j] (+ add[n][j] when add is not NULL),
+// for j < width; cat rows hold w floats. Same thread mapping as concat_features.
+__global__ void split_features_kernel(float* __restrict__ out, const float* __restrict__ cat,
+                                      const float* __restrict__ add, int N, int w, int offset,
+                                      int width) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)N * width) return;
+    long n = i / width, j = i % width;
+    float v = cat[n * w + offset + j];
+    out[i] = add ? v + add[i] : v;
+}
+
+void split_features(float* out, const float* cat, const float* add, int N, int w, int offset,
+                    int width, cudaStream_t stream) {
+    const int threads = 256;
+    LAUNCH(split_features_kernel, ceil_div((long)N * width, threads), threads, 0, stream,
+           out, cat, add, N, w, offset, width);
+}
+
+// --- the architecture
+
+enum { NUM_CONV = 5, NUM_FC = 3, NUM_LAYERS = NUM_CONV + NUM_FC, NUM_TOWERS = 2 };
+static const char* LAYER_NAMES[NUM_LAYERS] = {"conv1", "conv2", "conv3", "conv4",
+                                              "conv5", "fc6",   "fc7",   "fc8"};
+
+// A preset: sizes are for the whole network (both towers). The topology is fixed:
+// conv1 ReLU LRN pool, conv2 ReLU LRN pool, conv3 ReLU, conv4 ReLU, conv5 ReLU pool,
+// fc6 ReLU dropout, fc7 ReLU dropout, fc8 softmax; the towers meet at conv3, fc6, fc7, fc8.
+struct Arch {
+    int preset;                 // index into PRESETS
+    int crop;                   // the network's square input, cropped from the stored image
+    int classes;                // fc8 outputs: from the dataset
+    int conv_out[NUM_CONV], conv_kernel[NUM_CONV], conv_stride[NUM_CONV], conv_pad[NUM_CONV];
+    int fc_out[2];              // fc6, fc7
+    int pool_size, pool_stride; // overlapping max pooling
+    int lrn_size;
+    float lrn_alpha, lrn_beta, lrn_k;
+    float init_std;             // weights ~ N(0, init_std^2)
+};
+
+// "alexnet": the paper (REFERENCE.md). "small": the same topology for 32x32 images with
+// 28x28 crops (28 -> conv1 28 -> pool 13 -> conv2 13 -> pool 6 -> conv3..5 6 -> pool 2),
+// used by the tests and the CPU demo. LRN k=2, n=5, alpha=1e-4 (divided by n), beta=0.75.
+static const char* PRESET_NAMES[] = {"alexnet", "small"};
+static const Arch PRESETS[] = {
+    {0, 224, 1000, {96, 256, 384, 384, 256}, {11, 5, 3, 3, 3}, {4, 1, 1, 1, 1}, {0, 2, 1, 1, 1},
+     {4096, 4096}, 3, 2, 5, 1e-4f, 0.75f, 2.0f, 0.01f},
+    {1, 28, 10, {16, 32, 48, 48, 32}, {5, 5, 3, 3, 3}, {1, 1, 1, 1, 1}, {2, 2, 1, 1, 1},
+     {128, 128}, 3, 2, 5, 1e-4f, 0.75f, 2.0f, 0.05f},
+};
+enum { NUM_PRESETS = sizeof(PRESETS) / sizeof(PRESETS[0]) };
+
+static Arch find_preset(const char* name) {
+    for (int i = 0; i < NUM_PRESETS; i++)
+        if (strcmp(name, PRESET_NAMES[i]) == 0) return PRESETS[i];
+    fail("unknown preset '%s' (known: alexnet, small)", name);
+}
+
+// The paper initialises biases to 1 in conv2, conv4, conv5, fc6 and fc7 so that the
+// ReLUs start in their linear part, and to 0 in conv1, conv3 and fc8.
+static const float BIAS_INIT[NUM_LAYERS] = {0, 1, 0, 1, 1, 1, 1, 0};
+
+// One layer as one tower computes it. Conv: input C x H x W, output K x OH x OW.
+// Fully connected: C = input features, H = W = R = 1, OH = OW = 1.
+struct LayerShape {
+    int C, H, W, K, OH, OW, R, stride, pad;
+    long weights() const { return (long)K * C * R * R; }
+    long in_size() const { return (long)C * H * W; }    // per image
+    long out_size() const { return (long)K * OH * OW; } // per image
+};
+
+// cuda-convnet sizes a conv output as 1 + ceil((2 pad + in - k) / stride): conv1 of the
+// paper reads past the bottom/right edge (224 -> 55). Pooling uses only whole windows.
+static int conv_out_size(int in, int k, int stride, int pad) {
+    return 1 + ceil_div(2 * pad + in - k, stride);
+}
+static int pool_out_size(const Arch& a, int in) { return (in - a.pool_size) / a.pool_stride + 1; }
+
+// Output rows [0, K/2) of every layer belong to tower 0, the rest to tower 1.
+static int tower_share(int K, int tower) { return tower == 0 ? K / 2 : K - K / 2; }
+
+static void validate_arch(const Arch& a) {
+    require(a.preset >= 0 && a.preset < NUM_PRESETS, "unknown preset number %d", a.preset);
+    require(a.classes >= 2, "need at least 2 classes, got %d", a.classes);
+    for (int l = 0; l < NUM_CONV; l++)
+        require(a.conv_out[l] > 0 && a.conv_out[l] % 2 == 0 && a.conv_kernel[l] > 0 &&
+                    a.conv_stride[l] > 0 && a.conv_pad[l] >= 0 && a.conv_pad[l] < a.conv_kernel[l],
+                "bad geometry for %s", LAYER_NAMES[l]);
+    require(a.fc_out[0] > 0 && a.fc_out[0] % 2 == 0 && a.fc_out[1] > 0 && a.fc_out[1] % 2 == 0,
+            "fc6 and fc7 widths must be positive and even");
+    require(a.pool_size > 0 && a.pool_stride > 0 && a.lrn_size > 0 && a.init_std > 0,
+            "bad pooling, LRN or init settings");
+}
+
+// The shapes of every layer for one tower. Throws when the input is too small.
+static void tower_shapes(const Arch& a, int tower, LayerShape s[NUM_LAYERS]) {
+    validate_arch(a);
+    // conv1 and conv3 read both towers' channels (conv1: the whole image).
+    const int conv_in[NUM_CONV] = {3, a.conv_out[0] / 2, a.conv_out[1], a.conv_out[2] / 2,
+                                   a.conv_out[3] / 2};
+    const bool pooled[NUM_CONV] = {true, true, false, false, true};
+    int size = a.crop;
+    for (int l = 0; l < NUM_CONV; l++) {
+        LayerShape& c = s[l];
+        c.C = conv_in[l];
+        c.H = c.W = size;
+        c.K = a.conv_out[l] / 2;
+        c.R = a.conv_kernel[l];
+        c.stride = a.conv_stride[l];
+        c.pad = a.conv_pad[l];
+        c.OH = c.OW = conv_out_size(size, c.R, c.stride, c.pad);
+        require(c.OH >= 1, "%s: a %dx%d input is too small for a %dx%d kernel", LAYER_NAMES[l],
+                size, size, c.R, c.R);
+        size = c.OH;
+        if (pooled[l]) {
+            require(size >= a.pool_size, "%s: output %d is smaller than the pooling window",
+                    LAYER_NAMES[l], size);
+            size = pool_out_size(a, size);
+        }
+    }
+    const int fc_in[NUM_FC] = {a.conv_out[4] * size * size, a.fc_out[0], a.fc_out[1]};
+    const int fc_out[NUM_FC] = {a.fc_out[0] / 2, a.fc_out[1] / 2, tower_share(a.classes, tower)};
+    for (int f = 0; f < NUM_FC; f++)
+        s[NUM_CONV + f] = LayerShape{fc_in[f], 1, 1, fc_out[f], 1, 1, 1, 1, 0};
+}
+
+// Number of parameters of the whole network.
+static long arch_parameters(const Arch& a) {
+    long total = 0;
+    for (int t = 0; t < NUM_TOWERS; t++) {
+        LayerShape s[NUM_LAYERS];
+        tower_shapes(a, t, s);
+        for (int l = 0; l < NUM_LAYERS; l++) total += s[l].weights() + s[l].K;
+    }
+    return total;
+}
+
+// --- host random numbers: splitmix64 streams keyed by (seed, purpose, index), so every
+// random choice of the run (init, shuffles, crops, flips, lighting) is a function of the
+// seed and the step: resuming needs no generator state.
+
+static uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+enum RngPurpose { RNG_INIT = 1, RNG_SHUFFLE = 2, RNG_AUGMENT = 3 };
+
+struct HostRng {
+    uint64_t state;
+    HostRng(uint64_t seed, uint64_t purpose, uint64_t index)
+        : state(splitmix64(splitmix64(splitmix64(seed) ^ purpose) ^ index)) {}
+    uint64_t next() { return splitmix64(state++); }
+    double uniform() { return (next() >> 11) * 0x1p-53; }                    // [0, 1)
+    long below(long n) { return (long)(uniform() * n); }                     // [0, n)
+    double normal() {                                                        // Box-Muller
+        double u = 1.0 - uniform(), v = uniform();
+        return sqrt(-2.0 * log(u)) * cos(2.0 * M_PI * v);
+    }
+};
+
+// --- the model
+
+// The inputs of one step on the host: the staging buffers of the data loader.
+struct Batch {
+    int n = 0;             // images in this batch (<= the model's capacity)
+    uint8_t* images;       // [n][H][W][3]
+    int* labels;           // [n]
+    int* offsets;          // [n][2] crop (y, x)
+    uint8_t* flips;        // [n]
+    float* alphas;         // [n][3] PCA lighting
+};
+
+// Exchange points: each has its own events and buffers, so no exchange waits on another.
+enum {
+    X_CONV3, X_FC6, X_FC7, X_FC8, X_LOGITS,            // forward
+    X_DLOGITS, X_DFC8, X_DFC7, X_DFC6, X_DCONV3,       // backward
+    NUM_EXCHANGES
+};
+
+// Dropout layer numbers for the shared Philox rule: fc6 of tower t is layer t, fc7 is 2 + t.
+static uint32_t dropout_layer(int fc, int tower) { return 2 * fc + tower; }
+
+struct Tower {
+    int device;
+    cudaStream_t stream;      // compute
+    cudaStream_t copy_stream; // outgoing peer copies
+    cudaEvent_t ready[NUM_EXCHANGES], sent[NUM_EXCHANGES];
+    LayerShape shape[NUM_LAYERS];
+    long num_params = 0;
+    // One buffer each: all weights (layer order), then all biases, so that the update is
+    // two launches (weight decay on the weights only).
+    float *params, *grads, *momentum;
+    long weight_offset[NUM_LAYERS], bias_offset[NUM_LAYERS];
+    // activations; a1..a5 are after the fused ReLU, ln after LRN, sn the LRN scale
+    float *x, *a1, *s1, *l1, *p1, *a2, *s2, *l2, *p2, *recv3, *cat3, *a3, *a4, *a5, *p5;
+    float *recv6, *cat6, *a6, *d6, *recv7, *cat7, *a7, *d7, *recv8, *cat8, *logits;
+    // gradients (d + the activation they belong to)
+    float *dlogits, *dcat8, *send8, *recvg8, *dd7, *da7, *dcat7, *send7, *recvg7, *dd6, *da6;
+    float *dcat6, *send6, *recvg6, *dp5, *da5, *da4, *da3, *dcat3, *send3, *recvg3, *dp2;
+    float *dl2, *da2, *dp1, *dl1, *da1, *workspace;
+    // tower 0 only: both towers' logits, the loss and its gradient
+    float *recv_logits, *all_logits, *dall_logits, *send_dlogits, *losses;
+    int *labels, *correct;
+    // the input batch (each tower augments its own copy of the images)
+    uint8_t* images;
+    int* offsets;
+    uint8_t* flips;
+    float *alphas, *mean, *eigval, *eigvec;
+    std::vector<void*> allocations;
+
+    float* weight(int l) { return params + weight_offset[l]; }
+    float* bias(int l) { return params + bias_offset[l]; }
+    float* dweight(int l) { return grads + weight_offset[l]; }
+    float* dbias(int l) { return grads + bias_offset[l]; }
+    template <typename T>
+    T* alloc(long count) {
+        void* p = nullptr;
+        cudaCheck(cudaMalloc(&p, (size_t)count * sizeof(T)));
+        allocations.push_back(p);
+        return (T*)p;
+    }
+};
+
+// The last step's results, on the host.
+struct StepResult {
+    double loss = 0;        // mean over the batch
+    long top1 = 0, top5 = 0; // correct predictions
+};
+
+struct Model {
+    Arch arch;
+    int capacity, image_h, image_w;
+    float dropout;
+    Tower towers[NUM_TOWERS]{};  // value-initialised: unused buffers are NULL
+    std::vector<float> host_losses;
+
+    Model(const Arch& a, int batch, int H, int W, float dropout_p, const int devices[NUM_TOWERS])
+        : arch(a), capacity(batch), image_h(H), image_w(W), dropout(dropout_p) {
+        require(batch >= 1, "batch size must be at least 1");
+        require(a.crop <= H && a.crop <= W, "the %s preset crops %dx%d, larger than the %dx%d images",
+                PRESET_NAMES[a.preset], a.crop, a.crop, H, W);
+        for (int t = 0; t < NUM_TOWERS; t++) {
+            Tower& T = towers[t];
+            T.device = devices[t];
+            tower_shapes(a, t, T.shape);
+        }
+        for (int t = 0; t < NUM_TOWERS; t++) {
+            if (devices[t] != devices[1 - t]) enable_peer_access(devices[t], devices[1 - t]);
+            allocate(t);
+        }
+        host_losses.resize(batch);
+    }
+    Model(const Model&) = delete;
+    Model& operator=(const Model&) = delete;
+
+    ~Model() {
+        for (Tower& T : towers) {
+            cudaSetDevice(T.device);
+            for (void* p : T.allocations) cudaFree(p);
+            for (int x = 0; x < NUM_EXCHANGES; x++) {
+                cudaEventDestroy(T.ready[x]);
+                cudaEventDestroy(T.sent[x]);
+            }
+            cudaStreamDestroy(T.stream);
+            cudaStreamDestroy(T.copy_stream);
+        }
+    }
+
+    static void enable_peer_access(int device, int peer) {
+        int can = 0;
+        cudaCheck(cudaDeviceCanAccessPeer(&can, device, peer));
+        if (!can) return;  // peer copies still work, staged through the host
+        cudaCheck(cudaSetDevice(device));
+        cudaError_t err = cudaDeviceEnablePeerAccess(peer, 0);
+        if (err == cudaErrorPeerAccessAlreadyEnabled) cudaGetLastError();
+        else cudaCheck(err);
+    }
+
+    void allocate(int t) {
+        Tower& T = towers[t];
+        const LayerShape* s = T.shape;
+        const Tower& other = towers[1 - t];
+        const LayerShape* o = other.shape;
+        cudaCheck(cudaSetDevice(T.device));
+        cudaCheck(cudaStreamCreate(&T.stream));
+        cudaCheck(cudaStreamCreate(&T.copy_stream));
+        for (int x = 0; x < NUM_EXCHANGES; x++) {
+            cudaCheck(cudaEventCreate(&T.ready[x]));
+            cudaCheck(cudaEventCreate(&T.sent[x]));
+        }
+        long offset = 0;
+        for (int l = 0; l < NUM_LAYERS; l++) T.weight_offset[l] = offset, offset += s[l].weights();
+        for (int l = 0; l < NUM_LAYERS; l++) T.bias_offset[l] = offset, offset += s[l].K;
+        T.num_params = offset;
+        T.params = T.alloc<float>(offset);
+        T.grads = T.alloc<float>(offset);
+        T.momentum = T.alloc<float>(offset);
+
+        const long N = capacity;
+        long lrn1 = N * s[0].out_size(), lrn2 = N * s[1].out_size();
+        long pool1 = N * s[1].in_size(), pool2 = N * s[2].in_size() / 2;  // conv3 reads both
+        long pool2_other = N * s[2].in_size() - pool2;
+        long pool5 = N * s[5].in_size() / 2, pool5_other = N * s[5].in_size() - pool5;
+        T.x = T.alloc<float>(N * s[0].in_size());
+        T.a1 = T.alloc<float>(lrn1), T.s1 = T.alloc<float>(lrn1), T.l1 = T.alloc<float>(lrn1);
+        T.p1 = T.alloc<float>(pool1);
+        T.a2 = T.alloc<float>(lrn2), T.s2 = T.alloc<float>(lrn2), T.l2 = T.alloc<float>(lrn2);
+        T.p2 = T.alloc<float>(pool2), T.recv3 = T.alloc<float>(pool2_other);
+        T.cat3 = T.alloc<float>(N * s[2].in_size());
+        T.a3 = T.alloc<float>(N * s[2].out_size()), T.a4 = T.alloc<float>(N * s[3].out_size());
+        T.a5 = T.alloc<float>(N * s[4].out_size());
+        T.p5 = T.alloc<float>(pool5), T.recv6 = T.alloc<float>(pool5_other);
+        T.cat6 = T.alloc<float>(N * s[5].C);
+        T.a6 = T.alloc<float>(N * s[5].K), T.d6 = T.alloc<float>(N * s[5].K);
+        T.recv7 = T.alloc<float>(N * o[5].K), T.cat7 = T.alloc<float>(N * s[6].C);
+        T.a7 = T.alloc<float>(N * s[6].K), T.d7 = T.alloc<float>(N * s[6].K);
+        T.recv8 = T.alloc<float>(N * o[6].K), T.cat8 = T.alloc<float>(N * s[7].C);
+        T.logits = T.alloc<float>(N * s[7].K);
+
+        T.dlogits = T.alloc<float>(N * s[7].K);
+        T.dcat8 = T.alloc<float>(N * s[7].C), T.send8 = T.alloc<float>(N * o[6].K);
+        T.recvg8 = T.alloc<float>(N * s[6].K);
+        T.dd7 = T.alloc<float>(N * s[6].K), T.da7 = T.alloc<float>(N * s[6].K);
+        T.dcat7 = T.alloc<float>(N * s[6].C), T.send7 = T.alloc<float>(N * o[5].K);
+        T.recvg7 = T.alloc<float>(N * s[5].K);
+        T.dd6 = T.alloc<float>(N * s[5].K), T.da6 = T.alloc<float>(N * s[5].K);
+        T.dcat6 = T.alloc<float>(N * s[5].C), T.send6 = T.alloc<float>(pool5_other);
+        T.recvg6 = T.alloc<float>(pool5), T.dp5 = T.alloc<float>(pool5);
+        T.da5 = T.alloc<float>(N * s[4].out_size()), T.da4 = T.alloc<float>(N * s[3].out_size());
+        T.da3 = T.alloc<float>(N * s[2].out_size()), T.dcat3 = T.alloc<float>(N * s[2].in_size());
+        T.send3 = T.alloc<float>(pool2_other), T.recvg3 = T.alloc<float>(pool2);
+        T.dp2 = T.alloc<float>(pool2);
+        T.dl2 = T.alloc<float>(lrn2), T.da2 = T.alloc<float>(lrn2), T.dp1 = T.alloc<float>(pool1);
+        T.dl1 = T.alloc<float>(lrn1), T.da1 = T.alloc<float>(lrn1);
+        size_t workspace = 1;
+        for (int l = 0; l < NUM_CONV; l++) workspace = std::max(workspace, conv_workspace(s[l], capacity));
+        T.workspace = T.alloc<float>(workspace);
+
+        const long pixels = (long)image_h * image_w * 3;
+        T.images = T.alloc<uint8_t>(N * pixels);
+        T.offsets = T.alloc<int>(2 * N);
+        T.flips = T.alloc<uint8_t>(N);
+        T.alphas = T.alloc<float>(3 * N);
+        T.mean = T.alloc<float>(pixels);
+        T.eigval = T.alloc<float>(3);
+        T.eigvec = T.alloc<float>(9);
+        if (t == 0) {
+            const int K = arch.classes;
+            T.recv_logits = T.alloc<float>(N * o[7].K);
+            T.all_logits = T.alloc<float>(N * K), T.dall_logits = T.alloc<float>(N * K);
+            T.send_dlogits = T.alloc<float>(N * o[7].K);
+            T.losses = T.alloc<float>(N);
+            T.labels = T.alloc<int>(N);
+            T.correct = T.alloc<int>(2);
+        }
+    }
+
+    static size_t conv_workspace(const LayerShape& c, int N) {
+        return conv_backward_weights_workspace(N, c.C, c.H, c.W, c.K, c.R, c.R, c.stride, c.pad, 1,
+                                               c.OH, c.OW);
+    }
+
+    void set_statistics(const float* mean, const float* eigval, const float* eigvec) {
+        for (Tower& T : towers) {
+            cudaCheck(cudaSetDevice(T.device));
+            cudaCheck(cudaMemcpy(T.mean, mean, (size_t)image_h * image_w * 3 * sizeof(float),
+                                 cudaMemcpyHostToDevice));
+            cudaCheck(cudaMemcpy(T.eigval, eigval, 3 * sizeof(float), cudaMemcpyHostToDevice));
+            cudaCheck(cudaMemcpy(T.eigvec, eigvec, 9 * sizeof(float), cudaMemcpyHostToDevice));
+        }
+    }
+
+    // --- parameters: the whole network on the host, in checkpoint order (per layer: the
+    // weight with tower 0's output rows first, then the bias likewise) <-> the towers.
+
+    long num_params() const { return towers[0].num_params + towers[1].num_params; }
+
+    // Copy between a host vector in checkpoint order and one buffer (params or momentum).
+    void transfer(float* host, float* Tower::*buffer, bool upload) {
+        long pos = 0;
+        for (int l = 0; l < NUM_LAYERS; l++)
+            for (int part = 0; part < 2; part++)  // 0: weights, 1: biases
+                for (Tower& T : towers) {
+                    long offset = part == 0 ? T.weight_offset[l] : T.bias_offset[l];
+                    long count = part == 0 ? T.shape[l].weights() : T.shape[l].K;
+                    float* dev = (T.*buffer) + offset;
+                    cudaCheck(cudaSetDevice(T.device));
+                    if (upload)
+                        cudaCheck(cudaMemcpy(dev, host + pos, count * sizeof(float), cudaMemcpyHostToDevice));
+                    else
+                        cudaCheck(cudaMemcpy(host + pos, dev, count * sizeof(float), cudaMemcpyDeviceToHost));
+                    pos += count;
+                }
+    }
+    void upload_state(const float* params, const float* momentum) {
+        transfer(const_cast<float*>(params), &Tower::params, true);
+        transfer(const_cast<float*>(momentum), &Tower::momentum, true);
+    }
+    void download_state(float* params, float* momentum) {
+        transfer(params, &Tower::params, false);
+        transfer(momentum, &Tower::momentum, false);
+    }
+
+    // The paper's initialisation, drawn for the whole network so that it does not depend
+    // on the split; momentum starts at 0.
+    void init_params(uint64_t seed) {
+        std::vector<float> params(num_params()), momentum(num_params(), 0.0f);
+        HostRng rng(seed, RNG_INIT, 0);
+        long pos = 0;
+        for (int l = 0; l < NUM_LAYERS; l++) {
+            long weights = towers[0].shape[l].weights() + towers[1].shape[l].weights();
+            long biases = towers[0].shape[l].K + towers[1].shape[l].K;
+            for (long i = 0; i < weights; i++) params[pos++] = (float)(arch.init_std * rng.normal());
+            for (long i = 0; i < biases; i++) params[pos++] = BIAS_INIT[l];
+        }
+        upload_state(params.data(), momentum.data());
+    }
+
+    // --- exchanges between the towers
+
+    // Copy count floats from tower `from` to tower `to` as soon as `from`'s compute stream
+    // has produced them; the copy runs on `from`'s copy stream, so it overlaps the compute
+    // that follows. `to` waits for it in receive().
+    void send(int x, int from, int to, float* dst, const float* src, long count) {
+        Tower& F = towers[from];
+        cudaCheck(cudaSetDevice(F.device));
+        cudaCheck(cudaEventRecord(F.ready[x], F.stream));
+        cudaCheck(cudaStreamWaitEvent(F.copy_stream, F.ready[x], 0));
+        cudaCheck(cudaMemcpyPeerAsync(dst, towers[to].device, src, F.device, count * sizeof(float),
+                                      F.copy_stream));
+        cudaCheck(cudaEventRecord(F.sent[x], F.copy_stream));
+    }
+    void receive(int x, int to, int from) {
+        cudaCheck(cudaSetDevice(towers[to].device));
+        cudaCheck(cudaStreamWaitEvent(towers[to].stream, towers[from].sent[x], 0));
+    }
+
+    // Forward: every tower in [first, NUM_TOWERS) gets cat = [tower 0's src | tower 1's src]
+    // (width[t] floats per image from tower t); recv holds the other tower's src.
+    void gather(int x, int n, float* Tower::*src, float* Tower::*recv, float* Tower::*cat,
+                const int width[NUM_TOWERS], int receivers) {
+        for (int t = 0; t < receivers; t++)
+            send(x, 1 - t, t, towers[t].*recv, towers[1 - t].*src, (long)n * width[1 - t]);
+        for (int t = 0; t < receivers; t++) {
+            Tower& T = towers[t];
+            receive(x, t, 1 - t);
+            const float* own = T.*src;
+            const float* other = T.*recv;
+            concat_features(T.*cat, t == 0 ? own : other, t == 0 ? other : own, n, width[0],
+                            width[1], T.stream);
+        }
+    }
+
+    // Backward of gather, in two halves so that compute can run between them. The towers
+    // in [0, holders) hold the gradient dcat of a concatenated input; every tower t gets
+    // d = sum over holders of dcat[part t]. A holder splits off the other tower's part
+    // into send and ships it to the other's recv (or straight to its d when the other
+    // holds nothing to add it to).
+    void scatter_send(int x, int n, float* Tower::*dcat, float* Tower::*send_buf,
+                      float* Tower::*recv, float* Tower::*d, const int width[NUM_TOWERS], int holders) {
+        for (int t = 0; t < holders; t++) {
+            Tower& T = towers[t];
+            int o = 1 - t;
+            cudaCheck(cudaSetDevice(T.device));
+            split_features(T.*send_buf, T.*dcat, nullptr, n, width[0] + width[1],
+                           o == 0 ? 0 : width[0], width[o], T.stream);
+            send(x, t, o, o < holders ? towers[o].*recv : towers[o].*d, T.*send_buf,
+                 (long)n * width[o]);
+        }
+    }
+    void scatter_finish(int x, int n, float* Tower::*dcat, float* Tower::*recv, float* Tower::*d,
+                        const int width[NUM_TOWERS], int holders) {
+        for (int t = 0; t < NUM_TOWERS; t++) {
+            Tower& T = towers[t];
+            if (1 - t < holders) receive(x, t, 1 - t);
+            if (t < holders)
+                split_features(T.*d, T.*dcat, holders == NUM_TOWERS ? T.*recv : nullptr, n,
+                               width[0] + width[1], t == 0 ? 0 : width[0], width[t], T.stream);
+        }
+    }
+
+    // --- one step
+
+    // Upload a batch to every tower and augment it into x (the crops) on each.
+    void load_batch(const Batch& b) {
+        require(b.n >= 1 && b.n <= capacity, "batch of %d images for a model of %d", b.n, capacity);
+        const long pixels = (long)image_h * image_w * 3;
+        for (Tower& T : towers) {
+            cudaCheck(cudaSetDevice(T.device));
+            cudaCheck(cudaMemcpyAsync(T.images, b.images, b.n * pixels, cudaMemcpyHostToDevice, T.stream));
+            cudaCheck(cudaMemcpyAsync(T.offsets, b.offsets, 2 * b.n * sizeof(int), cudaMemcpyHostToDevice, T.stream));
+            cudaCheck(cudaMemcpyAsync(T.flips, b.flips, b.n, cudaMemcpyHostToDevice, T.stream));
+            cudaCheck(cudaMemcpyAsync(T.alphas, b.alphas, 3 * b.n * sizeof(float), cudaMemcpyHostToDevice, T.stream));
+            augment_images(T.x, T.images, T.mean, T.offsets, T.flips, T.alphas, T.eigval, T.eigvec,
+                           b.n, image_h, image_w, arch.crop, T.stream);
+        }
+        Tower& T0 = towers[0];
+        cudaCheck(cudaSetDevice(T0.device));
+        cudaCheck(cudaMemcpyAsync(T0.labels, b.labels, b.n * sizeof(int), cudaMemcpyHostToDevice,
+                                  T0.stream));
+    }
+
+    static void conv(const LayerShape& c, float* out, const float* inp, const float* w,
+                     const float* b, int n, cudaStream_t stream) {
+        conv_forward(out, inp, w, b, n, c.C, c.H, c.W, c.K, c.R, c.R, c.stride, c.pad, 1, c.OH,
+                     c.OW, true, stream);
+    }
+    // The LRN and the pooling after conv1 and conv2.
+    void lrn_pool(const LayerShape& c, float* scale, float* lrn_out, float* pool_out,
+                  const float* inp, int n, cudaStream_t stream) {
+        lrn_forward(lrn_out, scale, inp, n, c.K, c.OH, c.OW, arch.lrn_size, arch.lrn_alpha,
+                    arch.lrn_beta, arch.lrn_k, stream);
+        pool(c, pool_out, lrn_out, n, stream);
+    }
+    void pool(const LayerShape& c, float* out, const float* inp, int n, cudaStream_t stream) {
+        int P = pool_out_size(arch, c.OH);
+        maxpool_forward(out, inp, n, c.K, c.OH, c.OW, arch.pool_size, arch.pool_stride, P, P, stream);
+    }
+
+    // Forward pass on the n images in x; leaves the loss, the dlogits (train) and the
+    // correct counts on tower 0. Dropout masks come from (seed, layer, step).
+    void forward(int n, bool train, uint64_t seed, uint64_t step) {
+        int width[NUM_TOWERS];
+        for (int t = 0; t < NUM_TOWERS; t++) {
+            Tower& T = towers[t];
+            const LayerShape* s = T.shape;
+            cudaCheck(cudaSetDevice(T.device));
+            conv(s[0], T.a1, T.x, T.weight(0), T.bias(0), n, T.stream);
+            lrn_pool(s[0], T.s1, T.l1, T.p1, T.a1, n, T.stream);
+            conv(s[1], T.a2, T.p1, T.weight(1), T.bias(1), n, T.stream);
+            lrn_pool(s[1], T.s2, T.l2, T.p2, T.a2, n, T.stream);
+            width[t] = (int)(s[2].in_size() / 2);
+        }
+        gather(X_CONV3, n, &Tower::p2, &Tower::recv3, &Tower::cat3, width, NUM_TOWERS);
+        for (int t = 0; t < NUM_TOWERS; t++) {
+            Tower& T = towers[t];
+            const LayerShape* s = T.shape;
+            cudaCheck(cudaSetDevice(T.device));
+            conv(s[2], T.a3, T.cat3, T.weight(2), T.bias(2), n, T.stream);
+            conv(s[3], T.a4, T.a3, T.weight(3), T.bias(3), n, T.stream);
+            conv(s[4], T.a5, T.a4, T.weight(4), T.bias(4), n, T.stream);
+            pool(s[4], T.p5, T.a5, n, T.stream);
+            width[t] = (int)(s[5].C / 2);
+        }
+        gather(X_FC6, n, &Tower::p5, &Tower::recv6, &Tower::cat6, width, NUM_TOWERS);
+        float* Tower::*fc_in[3] = {&Tower::cat6, &Tower::cat7, &Tower::cat8};
+        float* Tower::*fc_act[2] = {&Tower::a6, &Tower::a7};
+        float* Tower::*fc_drop[2] = {&Tower::d6, &Tower::d7};
+        float* Tower::*fc_recv[2] = {&Tower::recv7, &Tower::recv8};
+        for (int f = 0; f < 2; f++) {
+            for (int t = 0; t < NUM_TOWERS; t++) {
+                Tower& T = towers[t];
+                const LayerShape& s = T.shape[NUM_CONV + f];
+                cudaCheck(cudaSetDevice(T.device));
+                fc_forward(T.*fc_act[f], T.*fc_in[f], T.weight(NUM_CONV + f), T.bias(NUM_CONV + f),
+                           n, s.C, s.K, true, T.stream);
+                dropout_forward(T.*fc_drop[f], T.*fc_act[f], (long)n * s.K, dropout, seed,
+                                dropout_layer(f, t), step, train, T.stream);
+                width[t] = s.K;
+            }
+            gather(X_FC7 + f, n, fc_drop[f], fc_recv[f], fc_in[f + 1], width, NUM_TOWERS);
+        }
+        for (int t = 0; t < NUM_TOWERS; t++) {
+            Tower& T = towers[t];
+            const LayerShape& s = T.shape[7];
+            cudaCheck(cudaSetDevice(T.device));
+            fc_forward(T.logits, T.cat8, T.weight(7), T.bias(7), n, s.C, s.K, false, T.stream);
+            width[t] = s.K;
+        }
+        // tower 0 alone computes the softmax over both towers' logits
+        gather(X_LOGITS, n, &Tower::logits, &Tower::recv_logits, &Tower::all_logits, width, 1);
+        Tower& T0 = towers[0];
+        softmax_cross_entropy(T0.losses, train ? T0.dall_logits : nullptr, T0.correct,
+                              T0.all_logits, T0.labels, n, arch.classes, T0.stream);
+    }
+
+    // Backward pass for the n images of the last forward(train = true): writes every
+    // gradient. Each exchange sends the input gradient before the weight gradient is
+    // computed, so the peer copies overlap with that compute.
+    void backward(int n, uint64_t seed, uint64_t step) {
+        int width[NUM_TOWERS];
+        for (int t = 0; t < NUM_TOWERS; t++) width[t] = towers[t].shape[7].K;
+        scatter_send(X_DLOGITS, n, &Tower::dall_logits, &Tower::send_dlogits, &Tower::dlogits,
+                     &Tower::dlogits, width, 1);
+        scatter_finish(X_DLOGITS, n, &Tower::dall_logits, &Tower::dlogits, &Tower::dlogits, width, 1);
+        fc_backward_layer(7, X_DFC8, n, &Tower::dlogits, &Tower::cat8, &Tower::dcat8, &Tower::send8,
+                          &Tower::recvg8, &Tower::dd7);
+        fc_undo_dropout_relu(1, n, seed, step, &Tower::da7, &Tower::dd7, &Tower::a7);
+        fc_backward_layer(6, X_DFC7, n, &Tower::da7, &Tower::cat7, &Tower::dcat7, &Tower::send7,
+                          &Tower::recvg7, &Tower::dd6);
+        fc_undo_dropout_relu(0, n, seed, step, &Tower::da6, &Tower::dd6, &Tower::a6);
+        fc_backward_layer(5, X_DFC6, n, &Tower::da6, &Tower::cat6, &Tower::dcat6, &Tower::send6,
+                          &Tower::recvg6, &Tower::dp5);
+
+        for (int t = 0; t < NUM_TOWERS; t++) {
+            Tower& T = towers[t];
+            const LayerShape* s = T.shape;
+            cudaCheck(cudaSetDevice(T.device));
+            pool_backward(s[4], T.da5, T.dp5, T.a5, n, T.stream);
+            relu_backward(T.da5, T.da5, T.a5, n * s[4].out_size(), T.stream);
+            conv_backward(s[4], T.da4, T.dweight(4), T.dbias(4), T.da5, T.a4, T.weight(4), n, T);
+            relu_backward(T.da4, T.da4, T.a4, n * s[3].out_size(), T.stream);
+            conv_backward(s[3], T.da3, T.dweight(3), T.dbias(3), T.da4, T.a3, T.weight(3), n, T);
+            relu_backward(T.da3, T.da3, T.a3, n * s[2].out_size(), T.stream);
+            conv_backward(s[2], T.dcat3, nullptr, nullptr, T.da3, T.cat3, T.weight(2), n, T);
+            width[t] = (int)(s[2].in_size() / 2);
+        }
+        scatter_send(X_DCONV3, n, &Tower::dcat3, &Tower::send3, &Tower::recvg3, &Tower::dp2, width,
+                     NUM_TOWERS);
+        for (int t = 0; t < NUM_TOWERS; t++) {
+            Tower& T = towers[t];
+            cudaCheck(cudaSetDevice(T.device));
+            conv_backward(T.shape[2], nullptr, T.dweight(2), T.dbias(2), T.da3, T.cat3, T.weight(2), n, T);
+        }
+        scatter_finish(X_DCONV3, n, &Tower::dcat3, &Tower::recvg3, &Tower::dp2, width, NUM_TOWERS);
+        for (int t = 0; t < NUM_TOWERS; t++) {
+            Tower& T = towers[t];
+            const LayerShape* s = T.shape;
+            cudaCheck(cudaSetDevice(T.device));
+            lrn_pool_backward(s[1], T.da2, T.dl2, T.dp2, T.a2, T.s2, T.l2, n, T.stream);
+            conv_backward(s[1], T.dp1, T.dweight(1), T.dbias(1), T.da2, T.p1, T.weight(1), n, T);
+            lrn_pool_backward(s[0], T.da1, T.dl1, T.dp1, T.a1, T.s1, T.l1, n, T.stream);
+            conv_backward(s[0], nullptr, T.dweight(0), T.dbias(0), T.da1, T.x, T.weight(0), n, T);
+        }
+    }
+
+    // Backward of one fully connected layer l of every tower, with the exchange of its
+    // input gradient dcat: d gets each tower's share of it, summed over both towers.
+    void fc_backward_layer(int l, int x, int n, float* Tower::*dout, float* Tower::*inp,
+                           float* Tower::*dcat, float* Tower::*send_buf, float* Tower::*recv,
+                           float* Tower::*d) {
+        int width[NUM_TOWERS];
+        for (int t = 0; t < NUM_TOWERS; t++) {
+            Tower& T = towers[t];
+            const LayerShape& s = T.shape[l];
+            cudaCheck(cudaSetDevice(T.device));
+            fc_backward_data(T.*dcat, T.*dout, T.weight(l), n, s.C, s.K, T.stream);
+            width[t] = l == NUM_CONV ? (int)(s.C / 2) : T.shape[l - 1].K;
+        }
+        scatter_send(x, n, dcat, send_buf, recv, d, width, NUM_TOWERS);
+        for (int t = 0; t < NUM_TOWERS; t++) {
+            Tower& T = towers[t];
+            const LayerShape& s = T.shape[l];
+            cudaCheck(cudaSetDevice(T.device));
+            fc_backward_weights(T.dweight(l), T.dbias(l), T.*dout, T.*inp, n, s.C, s.K, T.stream);
+        }
+        scatter_finish(x, n, dcat, recv, d, width, NUM_TOWERS);
+    }
+
+    // da = the gradient at fc6/fc7's ReLU input from dd, the gradient at its dropout output.
+    void fc_undo_dropout_relu(int f, int n, uint64_t seed, uint64_t step, float* Tower::*da,
+                              float* Tower::*dd, float* Tower::*act) {
+        for (int t = 0; t < NUM_TOWERS; t++) {
+            Tower& T = towers[t];
+            long count = (long)n * T.shape[NUM_CONV + f].K;
+            cudaCheck(cudaSetDevice(T.device));
+            dropout_backward(T.*da, T.*dd, count, dropout, seed, dropout_layer(f, t), step, T.stream);
+            relu_backward(T.*da, T.*da, T.*act, count, T.stream);
+        }
+    }
+
+    // Conv backward: dinp (skipped when NULL) and/or dweight + dbias (skipped when NULL).
+    static void conv_backward(const LayerShape& c, float* dinp, float* dweight, float* dbias,
+                              const float* dout, const float* inp, const float* weight, int n,
+                              Tower& T) {
+        if (dinp)
+            conv_backward_data(dinp, dout, weight, n, c.C, c.H, c.W, c.K, c.R, c.R, c.stride,
+                               c.pad, 1, c.OH, c.OW, T.stream);
+        if (dweight)
+            conv_backward_weights(dweight, dbias, dout, inp, n, c.C, c.H, c.W, c.K, c.R, c.R,
+                                  c.stride, c.pad, 1, c.OH, c.OW, T.workspace, T.stream);
+    }
+    void pool_backward(const LayerShape& c, float* dinp, const float* dout, const float* inp,
+                       int n, cudaStream_t stream) {
+        int P = pool_out_size(arch, c.OH);
+        maxpool_backward(dinp, dout, inp, n, c.K, c.OH, c.OW, arch.pool_size, arch.pool_stride, P,
+                         P, stream);
+    }
+    // From the gradient at the pool output dp to da, the gradient at the conv output
+    // (ReLU undone); dl is the gradient at the LRN output.
+    void lrn_pool_backward(const LayerShape& c, float* da, float* dl, const float* dp,
+                           const float* a, const float* scale, const float* l, int n,
+                           cudaStream_t stream) {
+        pool_backward(c, dl, dp, l, n, stream);
+        lrn_backward(da, dl, a, l, scale, n, c.K, c.OH, c.OW, arch.lrn_size, arch.lrn_alpha,
+                     arch.lrn_beta, arch.lrn_k, stream);
+        relu_backward(da, da, a, n * c.out_size(), stream);
+    }
+
+    // SGD with momentum on every tower: weight decay on the weights, none on the biases.
+    void update(float lr, float momentum, float weight_decay) {
+        for (Tower& T : towers) {
+            cudaCheck(cudaSetDevice(T.device));
+            long weights = T.bias_offset[0];
+            sgd_update(T.params, T.momentum, T.grads, weights, lr, momentum, weight_decay, T.stream);
+            sgd_update(T.params + weights, T.momentum + weights, T.grads + weights,
+                       T.num_params - weights, lr, momentum, 0.0f, T.stream);
+        }
+    }
+
+    // Wait for both towers and return the loss and the correct counts of the last forward.
+    StepResult finish(int n) {
+        for (Tower& T : towers) {
+            cudaCheck(cudaSetDevice(T.device));
+            cudaCheck(cudaStreamSynchronize(T.copy_stream));
+            cudaCheck(cudaStreamSynchronize(T.stream));
+        }
+        Tower& T0 = towers[0];
+        int correct[2];
+        cudaCheck(cudaSetDevice(T0.device));
+        cudaCheck(cudaMemcpy(host_losses.data(), T0.losses, n * sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(correct, T0.correct, sizeof(correct), cudaMemcpyDeviceToHost));
+        StepResult r;
+        for (int i = 0; i < n; i++) r.loss += host_losses[i];
+        r.loss /= n;
+        r.top1 = correct[0];
+        r.top5 = correct[1];
+        return r;
+    }
+};
 
 // ----------------------------------------------------------------------------
 // 12. Data loader
+//
+// The dataset folder written by `alexnet.py prepare` (README, "Dataset format"):
+// train_000.bin, train_001.bin, ... and val_000.bin, ...: int32 header[256] (magic
+// 20121001, version 1, N, H, W, C = 3, classes), int32 labels[N], uint8 pixels[N][H][W][3];
+// stats.bin: int32 header[256] (magic 20121002, version 1, H, W, C), float32 mean[H][W][3],
+// eigval[3], eigvec[3][3]. Shards are memory-mapped: a batch copies its images out of the
+// page cache, so the dataset never has to fit in memory.
+//
+// Training step s reads positions [(s mod E) B, (s mod E + 1) B) of epoch s / E's
+// permutation (B the batch, E = floor(N / B) steps per epoch; the last partial batch of
+// an epoch is dropped); the permutation, crops, flips and lighting all come from HostRng
+// streams keyed by the seed and the epoch or step. The next batch is assembled on a
+// background thread into pinned memory while the current step runs.
+
+enum { DATA_MAGIC = 20121001, STATS_MAGIC = 20121002, HEADER_INTS = 256 };
+
+// A read-only memory map of a whole file.
+struct MappedFile {
+    const uint8_t* data = nullptr;
+    size_t size = 0;
+    explicit MappedFile(const std::string& path) {
+        int fd = open(path.c_str(), O_RDONLY);
+        require(fd >= 0, "cannot open %s: %s", path.c_str(), strerror(errno));
+        struct stat st;
+        if (fstat(fd, &st) != 0 || st.st_size < (off_t)(HEADER_INTS * 4)) {
+            close(fd);
+            fail("%s is truncated: shorter than its %d-byte header", path.c_str(), HEADER_INTS * 4);
+        }
+        size = st.st_size;
+        void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+        close(fd);
+        require(p != MAP_FAILED, "cannot map %s: %s", path.c_str(), strerror(errno));
+        data = (const uint8_t*)p;
+    }
+    MappedFile(const MappedFile&) = delete;
+    MappedFile& operator=(const MappedFile&) = delete;
+    ~MappedFile() { munmap((void*)data, size); }
+    const int32_t* header() const { return (const int32_t*)data; }
+};
+
+static bool file_exists(const std::string& path) {
+    struct stat st;
+    return stat(path.c_str(), &st) == 0;
+}
+
+static std::string shard_path(const std::string& dir, const char* split, int index) {
+    char name[64];
+    snprintf(name, sizeof(name), "/%s_%03d.bin", split, index);
+    return dir + name;
+}
+
+// One split (train or val) of a dataset folder: every shard mapped and checked.
+struct Dataset {
+    std::vector<std::unique_ptr<MappedFile>> shards;
+    std::vector<long> first;  // index of each shard's first image
+    long count = 0;
+    int H = 0, W = 0, classes = 0;
+
+    Dataset(const std::string& dir, const char* split) {
+        for (int i = 0; file_exists(shard_path(dir, split, i)); i++) {
+            std::string path = shard_path(dir, split, i);
+            shards.emplace_back(new MappedFile(path));
+            const int32_t* h = shards.back()->header();
+            require(h[0] == DATA_MAGIC && h[1] == 1,
+                    "%s is not a dataset shard (magic %d, version %d; expected %d, 1)",
+                    path.c_str(), h[0], h[1], DATA_MAGIC);
+            const int n = h[2], sh = h[3], sw = h[4], c = h[5], k = h[6];
+            require(n > 0 && sh > 0 && sw > 0 && c == 3 && k > 0,
+                    "%s has a bad header (N=%d H=%d W=%d C=%d classes=%d)", path.c_str(), n, sh, sw, c, k);
+            if (i == 0) H = sh, W = sw, classes = k;
+            require(sh == H && sw == W && k == classes,
+                    "%s: %dx%d images of %d classes, but %s has %dx%d of %d", path.c_str(), sh, sw, k,
+                    shard_path(dir, split, 0).c_str(), H, W, classes);
+            size_t expected = HEADER_INTS * 4 + (size_t)n * 4 + (size_t)n * sh * sw * 3;
+            require(shards.back()->size == expected, "%s is %s: %zu bytes, expected %zu", path.c_str(),
+                    shards.back()->size < expected ? "truncated" : "too long", shards.back()->size, expected);
+            const int32_t* labels = h + HEADER_INTS;
+            for (int j = 0; j < n; j++)
+                require(labels[j] >= 0 && labels[j] < classes,
+                        "%s: label %d of image %d is out of range [0, %d)", path.c_str(), labels[j], j, classes);
+            first.push_back(count);
+            count += n;
+        }
+    }
+
+    // Copy image i (HWC uint8) to out and return its label.
+    int read(long i, uint8_t* out) const {
+        int s = (int)(std::upper_bound(first.begin(), first.end(), i) - first.begin()) - 1;
+        const int32_t* h = shards[s]->header();
+        long j = i - first[s];
+        size_t pixels = (size_t)H * W * 3;
+        memcpy(out, shards[s]->data + HEADER_INTS * 4 + (size_t)h[2] * 4 + j * pixels, pixels);
+        return h[HEADER_INTS + j];
+    }
+};
+
+// stats.bin: the training set's mean image and the PCA of its RGB values.
+struct Stats {
+    std::vector<float> mean;
+    float eigval[3], eigvec[9];
+
+    Stats(const std::string& dir, int H, int W) {
+        std::string path = dir + "/stats.bin";
+        MappedFile f(path);
+        const int32_t* h = f.header();
+        require(h[0] == STATS_MAGIC && h[1] == 1,
+                "%s is not a statistics file (magic %d, version %d; expected %d, 1)", path.c_str(),
+                h[0], h[1], STATS_MAGIC);
+        require(h[2] == H && h[3] == W && h[4] == 3, "%s is for %dx%dx%d images, the shards hold %dx%dx3",
+                path.c_str(), h[2], h[3], h[4], H, W);
+        size_t pixels = (size_t)H * W * 3;
+        size_t expected = HEADER_INTS * 4 + (pixels + 12) * 4;
+        require(f.size == expected, "%s is %zu bytes, expected %zu", path.c_str(), f.size, expected);
+        const float* body = (const float*)(f.data + HEADER_INTS * 4);
+        mean.assign(body, body + pixels);
+        memcpy(eigval, body + pixels, sizeof(eigval));
+        memcpy(eigvec, body + pixels + 3, sizeof(eigvec));
+    }
+};
+
+// Batches of one split, assembled on a background thread. Training batches (train =
+// true) follow the epoch permutations; evaluation batches are the split in order, the
+// last one possibly smaller, always centre-cropped.
+struct Loader {
+    const Dataset& data;
+    int batch, crop;
+    bool train, augment;
+    uint64_t seed;
+    Batch slots[2];
+    int current = 0;
+    std::future<void> pending;
+    long permutation_epoch = -1;  // the epoch `permutation` belongs to (background thread only)
+    std::vector<long> permutation;
+
+    Loader(const Dataset& d, int batch_size, int crop_size, bool training, bool augmenting, uint64_t s)
+        : data(d), batch(batch_size), crop(crop_size), train(training), augment(augmenting), seed(s) {
+        size_t pixels = (size_t)d.H * d.W * 3;
+        for (Batch& b : slots) {
+            cudaCheck(cudaMallocHost((void**)&b.images, batch * pixels));
+            cudaCheck(cudaMallocHost((void**)&b.labels, batch * sizeof(int)));
+            cudaCheck(cudaMallocHost((void**)&b.offsets, 2 * batch * sizeof(int)));
+            cudaCheck(cudaMallocHost((void**)&b.flips, batch));
+            cudaCheck(cudaMallocHost((void**)&b.alphas, 3 * batch * sizeof(float)));
+        }
+    }
+    Loader(const Loader&) = delete;
+    Loader& operator=(const Loader&) = delete;
+    ~Loader() {
+        if (pending.valid()) pending.wait();
+        for (Batch& b : slots) {
+            cudaFreeHost(b.images);
+            cudaFreeHost(b.labels);
+            cudaFreeHost(b.offsets);
+            cudaFreeHost(b.flips);
+            cudaFreeHost(b.alphas);
+        }
+    }
+
+    long steps_per_epoch() const { return data.count / batch; }
+    long eval_batches() const { return (data.count + batch - 1) / batch; }
+
+    // The dataset index of position i of epoch e: a Fisher-Yates shuffle keyed by (seed, e).
+    long shuffled(long epoch, long i) {
+        if (epoch != permutation_epoch) {
+            permutation.resize(data.count);
+            for (long j = 0; j < data.count; j++) permutation[j] = j;
+            HostRng rng(seed, RNG_SHUFFLE, epoch);
+            for (long j = data.count - 1; j > 0; j--) std::swap(permutation[j], permutation[rng.below(j + 1)]);
+            permutation_epoch = epoch;
+        }
+        return permutation[i];
+    }
+
+    // Assemble batch `index` (the step when training) into b.
+    void fill(Batch& b, long index) {
+        HostRng rng(seed, RNG_AUGMENT, index);
+        size_t pixels = (size_t)data.H * data.W * 3;
+        long start = train ? index % steps_per_epoch() * batch : index * batch;
+        b.n = (int)std::min<long>(batch, data.count - start);
+        for (int i = 0; i < b.n; i++) {
+            long image = train ? shuffled(index / steps_per_epoch(), start + i) : start + i;
+            b.labels[i] = data.read(image, b.images + i * pixels);
+            int* offset = b.offsets + 2 * i;
+            if (train && augment) {  // the paper: random crop, mirror with p = 0.5, PCA lighting
+                offset[0] = (int)rng.below(data.H - crop + 1);
+                offset[1] = (int)rng.below(data.W - crop + 1);
+                b.flips[i] = rng.uniform() < 0.5;
+                // alpha ~ N(0, 0.1) on pixels scaled to [0, 1], where the eigenvalues are
+                // 255^2 times smaller: in the 0..255 units of the data that is alpha / 255.
+                for (int c = 0; c < 3; c++) b.alphas[3 * i + c] = (float)(0.1 * rng.normal() / 255.0);
+            } else {  // the centre crop, unchanged
+                offset[0] = (data.H - crop) / 2;
+                offset[1] = (data.W - crop) / 2;
+                b.flips[i] = 0;
+                for (int c = 0; c < 3; c++) b.alphas[3 * i + c] = 0.0f;
+            }
+        }
+    }
+
+    // Start assembling batch `index` in the background.
+    void prefetch(long index) {
+        Batch* b = &slots[1 - current];
+        pending = std::async(std::launch::async, [this, b, index] { fill(*b, index); });
+    }
+
+    // The batch of the last prefetch (errors of the background thread are rethrown
+    // here); batch `next` (if >= 0) starts assembling at once.
+    const Batch& take(long next) {
+        pending.get();
+        current = 1 - current;
+        if (next >= 0) prefetch(next);
+        return slots[current];
+    }
+};
 
 // ----------------------------------------------------------------------------
 // 13. Training loop and checkpoints
+//
+// Checkpoint (README, "Checkpoint format"): int32 header[256], then every parameter of the
+// whole network in checkpoint order (Model::transfer), then the momentum in the same
+// order. The header holds the architecture, the training options and the training state;
+// since every random choice is a function of (seed, step), that is all a resumed run
+// needs to continue bit for bit.
+
+enum { CKPT_MAGIC = 20121003, CKPT_VERSION = 1 };
+enum CheckpointField {  // header indices; "f32" fields hold the bits of a float32
+    H_MAGIC = 0, H_VERSION = 1, H_PRESET = 2, H_CROP = 3, H_CLASSES = 4,
+    H_CONV_OUT = 5, H_CONV_KERNEL = 10, H_CONV_STRIDE = 15, H_CONV_PAD = 20,  // 5 each
+    H_FC_OUT = 25,                                                            // fc6, fc7
+    H_POOL_SIZE = 27, H_POOL_STRIDE = 28, H_LRN_SIZE = 29,
+    H_LRN_ALPHA = 30, H_LRN_BETA = 31, H_LRN_K = 32, H_INIT_STD = 33,         // f32
+    H_PARAMS = 34,                                                            // int64: 34 low, 35 high
+    H_STEP = 40,                                                              // int64: 40, 41
+    H_SEED = 42,                                                              // int64: 42, 43
+    H_BATCH = 44, H_LR = 45, H_MOMENTUM = 46, H_WEIGHT_DECAY = 47, H_DROPOUT = 48,  // f32 45..48
+    H_AUGMENT = 49, H_EVAL_EVERY = 50, H_PATIENCE = 51, H_MAX_DROPS = 52,
+    H_PLATEAU_DROPS = 53, H_BAD_EVALS = 54, H_BEST_ERROR = 55, H_LOSS = 56,    // f32 55, 56
+    H_EPOCHS = 57, H_STEPS = 58, H_NUM_LR_STEPS = 59, H_LR_STEPS = 60,         // up to 8 epochs
+    MAX_LR_STEPS = 8
+};
+
+// Everything the command line sets (section 15 lists the flags and their defaults).
+struct Options {
+    std::string data, out = "out", resume, arch = "alexnet";
+    int batch = 128;
+    float lr = 0.01f, momentum = 0.9f, weight_decay = 0.0005f, dropout = 0.5f;
+    long epochs = 90, steps = 0, eval_every = 0, save_every = 1000;
+    uint64_t seed = 1;
+    bool augment = true, eval_only = false;
+    int keep = 3, log_every = 10, patience = 3, max_drops = 3;
+    std::vector<int> lr_steps;  // epochs at which the learning rate is divided by 10
+    std::vector<int> devices;   // tower 0's and tower 1's device (one entry: both towers)
+    std::set<std::string> given;  // flags on the command line: they override a checkpoint
+};
+
+struct TrainState {
+    long step = 0;                // SGD steps done
+    int plateau_drops = 0;        // learning-rate divisions made by the plateau rule
+    int bad_evals = 0;            // evaluations since the best validation error
+    float best_error = INFINITY;  // best validation top-1 error
+    float loss = NAN;             // the last step's loss
+};
+
+static int32_t float_bits(float f) { int32_t i; memcpy(&i, &f, 4); return i; }
+static float bits_float(int32_t i) { float f; memcpy(&f, &i, 4); return f; }
+static void put_int64(int32_t* h, int at, int64_t v) { h[at] = (int32_t)(uint32_t)v; h[at + 1] = (int32_t)(v >> 32); }
+static int64_t get_int64(const int32_t* h, int at) { return (int64_t)(uint32_t)h[at] | ((int64_t)h[at + 1] << 32); }
+
+static void encode_header(int32_t* h, const Arch& a, const Options& o, const TrainState& s) {
+    memset(h, 0, HEADER_INTS * sizeof(int32_t));
+    h[H_MAGIC] = CKPT_MAGIC, h[H_VERSION] = CKPT_VERSION;
+    h[H_PRESET] = a.preset, h[H_CROP] = a.crop, h[H_CLASSES] = a.classes;
+    for (int l = 0; l < NUM_CONV; l++) {
+        h[H_CONV_OUT + l] = a.conv_out[l], h[H_CONV_KERNEL + l] = a.conv_kernel[l];
+        h[H_CONV_STRIDE + l] = a.conv_stride[l], h[H_CONV_PAD + l] = a.conv_pad[l];
+    }
+    h[H_FC_OUT] = a.fc_out[0], h[H_FC_OUT + 1] = a.fc_out[1];
+    h[H_POOL_SIZE] = a.pool_size, h[H_POOL_STRIDE] = a.pool_stride, h[H_LRN_SIZE] = a.lrn_size;
+    h[H_LRN_ALPHA] = float_bits(a.lrn_alpha), h[H_LRN_BETA] = float_bits(a.lrn_beta);
+    h[H_LRN_K] = float_bits(a.lrn_k), h[H_INIT_STD] = float_bits(a.init_std);
+    put_int64(h, H_PARAMS, arch_parameters(a));
+    put_int64(h, H_STEP, s.step);
+    put_int64(h, H_SEED, (int64_t)o.seed);
+    h[H_BATCH] = o.batch, h[H_LR] = float_bits(o.lr), h[H_MOMENTUM] = float_bits(o.momentum);
+    h[H_WEIGHT_DECAY] = float_bits(o.weight_decay), h[H_DROPOUT] = float_bits(o.dropout);
+    h[H_AUGMENT] = o.augment, h[H_EVAL_EVERY] = (int32_t)o.eval_every;
+    h[H_PATIENCE] = o.patience, h[H_MAX_DROPS] = o.max_drops;
+    h[H_PLATEAU_DROPS] = s.plateau_drops, h[H_BAD_EVALS] = s.bad_evals;
+    h[H_BEST_ERROR] = float_bits(s.best_error), h[H_LOSS] = float_bits(s.loss);
+    h[H_EPOCHS] = (int32_t)o.epochs, h[H_STEPS] = (int32_t)o.steps;
+    h[H_NUM_LR_STEPS] = (int32_t)o.lr_steps.size();
+    for (size_t i = 0; i < o.lr_steps.size(); i++) h[H_LR_STEPS + i] = o.lr_steps[i];
+}
+
+// A checkpoint file, mapped and checked; its header fills in the architecture, the
+// options that the command line did not give, and the training state.
+struct Checkpoint {
+    MappedFile file;
+    Arch arch;
+    long params;
+
+    Checkpoint(const std::string& path, Options& o, TrainState& s) : file(path) {
+        const int32_t* h = file.header();
+        require(h[H_MAGIC] == CKPT_MAGIC, "%s is not an AlexNet checkpoint (magic %d, expected %d)",
+                path.c_str(), h[H_MAGIC], CKPT_MAGIC);
+        require(h[H_VERSION] == CKPT_VERSION, "%s: checkpoint version %d, this build reads %d",
+                path.c_str(), h[H_VERSION], CKPT_VERSION);
+        require(h[H_PRESET] >= 0 && h[H_PRESET] < NUM_PRESETS, "%s: unknown preset number %d",
+                path.c_str(), h[H_PRESET]);
+        arch = PRESETS[h[H_PRESET]];
+        arch.crop = h[H_CROP], arch.classes = h[H_CLASSES];
+        for (int l = 0; l < NUM_CONV; l++) {
+            arch.conv_out[l] = h[H_CONV_OUT + l], arch.conv_kernel[l] = h[H_CONV_KERNEL + l];
+            arch.conv_stride[l] = h[H_CONV_STRIDE + l], arch.conv_pad[l] = h[H_CONV_PAD + l];
+        }
+        arch.fc_out[0] = h[H_FC_OUT], arch.fc_out[1] = h[H_FC_OUT + 1];
+        arch.pool_size = h[H_POOL_SIZE], arch.pool_stride = h[H_POOL_STRIDE];
+        arch.lrn_size = h[H_LRN_SIZE], arch.lrn_alpha = bits_float(h[H_LRN_ALPHA]);
+        arch.lrn_beta = bits_float(h[H_LRN_BETA]), arch.lrn_k = bits_float(h[H_LRN_K]);
+        arch.init_std = bits_float(h[H_INIT_STD]);
+        try {
+            LayerShape shapes[NUM_LAYERS];
+            tower_shapes(arch, 0, shapes);
+        } catch (const AlexNetError& e) {
+            fail("%s: bad architecture in the header: %s", path.c_str(), e.what());
+        }
+        params = arch_parameters(arch);
+        require(get_int64(h, H_PARAMS) == params, "%s: the header says %lld parameters, its architecture has %ld",
+                path.c_str(), (long long)get_int64(h, H_PARAMS), params);
+        size_t expected = HEADER_INTS * 4 + (size_t)params * 8;
+        require(file.size == expected, "%s is %s: %zu bytes, expected %zu", path.c_str(),
+                file.size < expected ? "truncated" : "too long", file.size, expected);
+        require(h[H_NUM_LR_STEPS] >= 0 && h[H_NUM_LR_STEPS] <= MAX_LR_STEPS, "%s: bad header", path.c_str());
+
+        s.step = (long)get_int64(h, H_STEP);
+        s.plateau_drops = h[H_PLATEAU_DROPS], s.bad_evals = h[H_BAD_EVALS];
+        s.best_error = bits_float(h[H_BEST_ERROR]), s.loss = bits_float(h[H_LOSS]);
+        auto keep = [&](const char* flag) { return o.given.count(flag) == 0; };
+        if (keep("--seed")) o.seed = (uint64_t)get_int64(h, H_SEED);
+        if (keep("--batch")) o.batch = h[H_BATCH];
+        if (keep("--lr")) o.lr = bits_float(h[H_LR]);
+        if (keep("--momentum")) o.momentum = bits_float(h[H_MOMENTUM]);
+        if (keep("--weight-decay")) o.weight_decay = bits_float(h[H_WEIGHT_DECAY]);
+        if (keep("--dropout")) o.dropout = bits_float(h[H_DROPOUT]);
+        if (keep("--no-augment")) o.augment = h[H_AUGMENT] != 0;
+        if (keep("--eval-every")) o.eval_every = h[H_EVAL_EVERY];
+        if (keep("--patience")) o.patience = h[H_PATIENCE];
+        if (keep("--max-drops")) o.max_drops = h[H_MAX_DROPS];
+        if (keep("--epochs")) o.epochs = h[H_EPOCHS];
+        if (keep("--steps")) o.steps = h[H_STEPS];
+        if (keep("--lr-steps")) o.lr_steps.assign(h + H_LR_STEPS, h + H_LR_STEPS + h[H_NUM_LR_STEPS]);
+        require(o.batch >= 1 && o.lr > 0 && o.epochs >= 1, "%s: bad training options in the header", path.c_str());
+        if (o.given.count("--arch"))
+            require(o.arch == PRESET_NAMES[arch.preset], "--arch %s, but %s holds the %s preset",
+                    o.arch.c_str(), path.c_str(), PRESET_NAMES[arch.preset]);
+    }
+    const float* parameters() const { return (const float*)(file.data + HEADER_INTS * 4); }
+    const float* momentum() const { return parameters() + params; }
+};
+
+static void fsync_directory(const std::string& dir) {
+    int fd = open(dir.c_str(), O_RDONLY);
+    if (fd >= 0) {
+        fsync(fd);
+        close(fd);
+    }
+}
+
+// Write OUT/ckpt_NNNNNNNN.bin atomically (temporary file, fsync, rename), point
+// OUT/latest.bin at it (a symlink, replaced atomically), and delete all but the newest
+// `keep` checkpoints.
+static std::string save_checkpoint(Model& model, const Options& o, const TrainState& s) {
+    int32_t header[HEADER_INTS];
+    encode_header(header, model.arch, o, s);
+    std::vector<float> params(model.num_params()), momentum(model.num_params());
+    model.download_state(params.data(), momentum.data());
+
+    char name[64];
+    snprintf(name, sizeof(name), "ckpt_%08ld.bin", s.step);
+    std::string path = o.out + "/" + name, temp = path + ".tmp";
+    FILE* f = fopen(temp.c_str(), "wb");
+    require(f, "cannot write %s: %s", temp.c_str(), strerror(errno));
+    bool ok = fwrite(header, sizeof(header), 1, f) == 1 &&
+              fwrite(params.data(), sizeof(float), params.size(), f) == params.size() &&
+              fwrite(momentum.data(), sizeof(float), momentum.size(), f) == momentum.size() &&
+              fflush(f) == 0 && fsync(fileno(f)) == 0;
+    ok = fclose(f) == 0 && ok;
+    if (!ok) {
+        unlink(temp.c_str());
+        fail("cannot write %s: %s", temp.c_str(), strerror(errno));
+    }
+    require(rename(temp.c_str(), path.c_str()) == 0, "cannot rename %s: %s", temp.c_str(), strerror(errno));
+    std::string latest = o.out + "/latest.bin", latest_temp = latest + ".tmp";
+    unlink(latest_temp.c_str());
+    require(symlink(name, latest_temp.c_str()) == 0 && rename(latest_temp.c_str(), latest.c_str()) == 0,
+            "cannot update %s: %s", latest.c_str(), strerror(errno));
+    fsync_directory(o.out);
+
+    std::vector<std::string> old;
+    if (DIR* dir = opendir(o.out.c_str())) {
+        while (dirent* e = readdir(dir)) {
+            long step;
+            char tail[8];
+            if (sscanf(e->d_name, "ckpt_%ld.bi%1s", &step, tail) == 2 && strlen(e->d_name) == strlen(name))
+                old.push_back(e->d_name);
+        }
+        closedir(dir);
+    }
+    std::sort(old.begin(), old.end());
+    for (size_t i = 0; i + o.keep < old.size(); i++)
+        if (old[i] != name) unlink((o.out + "/" + old[i]).c_str());
+    return path;
+}
+
+// --- training
+
+static volatile sig_atomic_t stop_requested = 0;
+static void on_sigint(int) { stop_requested = 1; }
+
+// Lines to stdout and to OUT/log.txt.
+struct Log {
+    FILE* file = nullptr;
+    ~Log() { if (file) fclose(file); }
+    void open(const std::string& path) {
+        file = fopen(path.c_str(), "a");
+        require(file, "cannot open %s: %s", path.c_str(), strerror(errno));
+    }
+    void operator()(const char* fmt, ...) {
+        char line[1024];
+        va_list args;
+        va_start(args, fmt);
+        vsnprintf(line, sizeof(line), fmt, args);
+        va_end(args);
+        printf("%s\n", line);
+        fflush(stdout);
+        if (file) fprintf(file, "%s\n", line), fflush(file);
+    }
+};
+
+static std::string duration(double seconds) {
+    char text[32];
+    long s = (long)seconds;
+    if (s >= 3600) snprintf(text, sizeof(text), "%ldh%02ldm", s / 3600, s / 60 % 60);
+    else snprintf(text, sizeof(text), "%ldm%02lds", s / 60, s % 60);
+    return text;
+}
+
+static double now_seconds() {
+    timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+// The paper's schedule: the base rate divided by 10 for every drop so far, where drops
+// come from the plateau rule and from the --lr-steps epochs, at most max_drops in all.
+static int lr_drops(const Options& o, const TrainState& s, long epoch) {
+    int drops = s.plateau_drops;
+    for (int e : o.lr_steps) drops += epoch >= e;
+    return std::min(drops, o.max_drops);
+}
+static float learning_rate(const Options& o, const TrainState& s, long epoch) {
+    return (float)(o.lr * pow(0.1, lr_drops(o, s, epoch)));
+}
+
+struct Evaluation {
+    double loss = 0, top1_error = 0, top5_error = 0;
+    long images = 0;
+};
+
+// Centre-crop loss and top-1/top-5 error over the whole split (dropout in test mode).
+static Evaluation evaluate(Model& model, Loader& loader, uint64_t seed) {
+    Evaluation e;
+    long batches = loader.eval_batches(), top1 = 0, top5 = 0;
+    loader.prefetch(0);
+    for (long i = 0; i < batches; i++) {
+        const Batch& b = loader.take(i + 1 < batches ? i + 1 : -1);
+        model.load_batch(b);
+        model.forward(b.n, false, seed, 0);
+        StepResult r = model.finish(b.n);
+        e.loss += r.loss * b.n;
+        top1 += r.top1, top5 += r.top5, e.images += b.n;
+    }
+    e.loss /= e.images;
+    e.top1_error = 1.0 - (double)top1 / e.images;
+    e.top5_error = 1.0 - (double)top5 / e.images;
+    return e;
+}
+
+// Everything after the command line: open the data (and the checkpoint), check them,
+// build the model, then train or evaluate. Nothing is written before the inputs are checked.
+static void run(Options& o) {
+    require(!o.data.empty(), "--data DIR is required (a folder written by `python alexnet.py prepare`)");
+    struct stat st;
+    require(stat(o.data.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "--data %s: no such folder", o.data.c_str());
+    Dataset train(o.data, "train"), val(o.data, "val");
+    require(o.eval_only || train.count > 0, "%s holds no training shards (train_000.bin)", o.data.c_str());
+    require(!o.eval_only || val.count > 0, "%s holds no validation shards (val_000.bin)", o.data.c_str());
+    const Dataset& any = train.count > 0 ? train : val;
+    if (train.count > 0 && val.count > 0)
+        require(val.H == train.H && val.W == train.W && val.classes == train.classes,
+                "%s: the validation shards (%dx%d, %d classes) do not match the training shards (%dx%d, %d classes)",
+                o.data.c_str(), val.H, val.W, val.classes, train.H, train.W, train.classes);
+    Stats stats(o.data, any.H, any.W);
+
+    TrainState state;
+    std::unique_ptr<Checkpoint> checkpoint;
+    Arch arch;
+    if (!o.resume.empty()) {
+        checkpoint.reset(new Checkpoint(o.resume, o, state));
+        arch = checkpoint->arch;
+        require(arch.classes == any.classes, "%s has %d classes, the dataset %d", o.resume.c_str(),
+                arch.classes, any.classes);
+    } else {
+        require(!o.eval_only, "--eval needs a checkpoint: --resume FILE");
+        arch = find_preset(o.arch.c_str());
+        arch.classes = any.classes;
+    }
+    require(o.eval_only || o.batch <= train.count, "batch size %d is larger than the training set (%ld images)",
+            o.batch, train.count);
+    int devices[NUM_TOWERS] = {o.devices[0], o.devices.back()};
+    Model model(arch, o.batch, any.H, any.W, o.dropout, devices);
+    model.set_statistics(stats.mean.data(), stats.eigval, stats.eigvec);
+    if (checkpoint) model.upload_state(checkpoint->parameters(), checkpoint->momentum());
+    else model.init_params(o.seed);
+    checkpoint.reset();
+
+    Log log;
+    if (o.eval_only) {
+        Loader loader(val, o.batch, arch.crop, false, false, o.seed);
+        Evaluation e = evaluate(model, loader, o.seed);
+        log("eval %s | step %ld | val loss %.4f | top-1 error %.4f | top-5 error %.4f | %ld images",
+            o.resume.c_str(), state.step, e.loss, e.top1_error, e.top5_error, e.images);
+        return;
+    }
+
+    Loader loader(train, o.batch, arch.crop, true, o.augment, o.seed);
+    std::unique_ptr<Loader> val_loader;
+    if (val.count > 0) val_loader.reset(new Loader(val, o.batch, arch.crop, false, false, o.seed));
+    const long per_epoch = loader.steps_per_epoch();
+    const long eval_every = o.eval_every > 0 ? o.eval_every : per_epoch;
+    long total = o.epochs * per_epoch;
+    if (o.steps > 0) total = std::min(total, o.steps);
+
+    require(mkdir(o.out.c_str(), 0777) == 0 || errno == EEXIST, "cannot create %s: %s", o.out.c_str(), strerror(errno));
+    log.open(o.out + "/log.txt");
+    log("%s preset: %ld parameters, crop %d, %d classes | %ld training images (%ld steps of %d per epoch), "
+        "%ld validation | towers on devices %d and %d | %s step %ld of %ld",
+        PRESET_NAMES[arch.preset], arch_parameters(arch), arch.crop, arch.classes, train.count, per_epoch,
+        o.batch, val.count, devices[0], devices[1], o.resume.empty() ? "starting at" : "resuming at",
+        state.step, total);
+
+    std::string last_checkpoint = o.resume.empty() ? "none" : o.resume;
+    signal(SIGINT, on_sigint);
+    if (state.step < total) loader.prefetch(state.step);
+    const double start = now_seconds();
+    double interval_start = start;
+    long interval_images = 0, first_step = state.step;
+    bool evaluated = false;
+    while (state.step < total) {
+        const long step = state.step;
+        const Batch& b = loader.take(step + 1 < total ? step + 1 : -1);
+        const float lr = learning_rate(o, state, step / per_epoch);
+        model.load_batch(b);
+        model.forward(b.n, true, o.seed, step);
+        model.backward(b.n, o.seed, step);
+        model.update(lr, o.momentum, o.weight_decay);
+        StepResult r = model.finish(b.n);
+        if (!std::isfinite(r.loss)) {
+            log("step %ld: the loss is %g: stopping; the last good checkpoint (%s) is unchanged", step + 1,
+                r.loss, last_checkpoint.c_str());
+            fail("non-finite loss (%g) at step %ld; the last good checkpoint (%s) is unchanged", r.loss,
+                 step + 1, last_checkpoint.c_str());
+        }
+        state.step = step + 1;
+        state.loss = (float)r.loss;
+        interval_images += b.n;
+        evaluated = false;
+
+        if (state.step % o.log_every == 0 || state.step == total || state.step == first_step + 1) {
+            double t = now_seconds(), elapsed = t - start;
+            double eta = elapsed / (state.step - first_step) * (total - state.step);
+            log("step %ld/%ld | epoch %.2f | loss %.4f | lr %.2e | %.1f img/s | elapsed %s | eta %s",
+                state.step, total, (double)state.step / per_epoch, r.loss, lr,
+                interval_images / (t - interval_start), duration(elapsed).c_str(), duration(eta).c_str());
+            interval_start = t, interval_images = 0;
+        }
+        if (val_loader && state.step % eval_every == 0) {
+            Evaluation e = evaluate(model, *val_loader, o.seed);
+            evaluated = true;
+            log("eval step %ld | val loss %.4f | top-1 error %.4f | top-5 error %.4f | %ld images",
+                state.step, e.loss, e.top1_error, e.top5_error, e.images);
+            if (e.top1_error < state.best_error) {
+                state.best_error = (float)e.top1_error, state.bad_evals = 0;
+            } else if (o.patience > 0 && ++state.bad_evals >= o.patience &&
+                       lr_drops(o, state, state.step / per_epoch) < o.max_drops) {
+                state.plateau_drops++, state.bad_evals = 0;
+                log("validation error has not improved for %d evaluations: learning rate divided by 10",
+                    o.patience);
+            }
+        }
+        const bool stop = stop_requested;
+        if ((o.save_every > 0 && state.step % o.save_every == 0) || state.step == total || stop) {
+            last_checkpoint = save_checkpoint(model, o, state);
+            log("checkpoint %s", last_checkpoint.c_str());
+        }
+        if (stop) {
+            log("interrupted: stopped after step %ld", state.step);
+            return;
+        }
+    }
+    if (val_loader && !evaluated) {  // a report only: the schedule changes at scheduled evaluations
+        Evaluation e = evaluate(model, *val_loader, o.seed);
+        log("eval step %ld | val loss %.4f | top-1 error %.4f | top-5 error %.4f | %ld images", state.step,
+            e.loss, e.top1_error, e.top5_error, e.images);
+    }
+    log("done: %ld steps in %s", state.step - first_step, duration(now_seconds() - start).c_str());
+}
 
 // ----------------------------------------------------------------------------
 // 14. C API: every op with host arrays in and out, for alexnet.py and the tests.
@@ -1385,12 +2769,149 @@ extern "C" int alexnet_sgd_update(float* w, float* v, const float* g, long n, fl
 // ----------------------------------------------------------------------------
 // 15. main
 
+// Every flag: name, argument, default (as shown by --help), help, and how it sets Options.
+struct Flag {
+    const char* name;
+    const char* arg;  // NULL: a switch
+    const char* fallback;
+    const char* help;
+    void (*set)(Options&, const char* flag, const char* value);
+};
+
+static long parse_long(const char* flag, const char* text, long lo, long hi) {
+    char* end = nullptr;
+    errno = 0;
+    long v = strtol(text, &end, 10);
+    require(*text && *end == 0 && errno == 0 && v >= lo && v <= hi,
+            "%s: expected an integer in [%ld, %ld], got '%s'", flag, lo, hi, text);
+    return v;
+}
+
+static float parse_float(const char* flag, const char* text, double lo, double hi, bool open_hi) {
+    char* end = nullptr;
+    errno = 0;
+    double v = strtod(text, &end);
+    require(*text && *end == 0 && errno == 0 && std::isfinite(v) && v >= lo && (open_hi ? v < hi : v <= hi),
+            "%s: expected a number in [%g, %g%s, got '%s'", flag, lo, hi, open_hi ? ")" : "]", text);
+    return (float)v;
+}
+
+static std::vector<int> parse_list(const char* flag, const char* text, long lo, long hi) {
+    std::vector<int> values;
+    std::string item;
+    for (const char* p = text;; p++) {
+        if (*p == ',' || *p == 0) {
+            values.push_back((int)parse_long(flag, item.c_str(), lo, hi));
+            item.clear();
+            if (*p == 0) break;
+        } else {
+            item += *p;
+        }
+    }
+    return values;
+}
+
+static const Flag FLAGS[] = {
+    {"--data", "DIR", "(required)", "dataset folder written by `python alexnet.py prepare`",
+     [](Options& o, const char*, const char* v) { o.data = v; }},
+    {"--arch", "NAME", "alexnet", "preset: alexnet (the paper, 224x224 crops) or small (28x28 crops of 32x32 images)",
+     [](Options& o, const char*, const char* v) { find_preset(v); o.arch = v; }},
+    {"--resume", "FILE", "(none)", "continue from a checkpoint (its options apply unless given here)",
+     [](Options& o, const char*, const char* v) { o.resume = v; }},
+    {"--out", "DIR", "out", "output folder: log.txt, ckpt_NNNNNNNN.bin, latest.bin",
+     [](Options& o, const char*, const char* v) { o.out = v; }},
+    {"--batch", "N", "128", "images per SGD step",
+     [](Options& o, const char* f, const char* v) { o.batch = (int)parse_long(f, v, 1, 1 << 16); }},
+    {"--lr", "X", "0.01", "learning rate",
+     [](Options& o, const char* f, const char* v) { o.lr = parse_float(f, v, 1e-12, 100, false); }},
+    {"--momentum", "X", "0.9", "momentum",
+     [](Options& o, const char* f, const char* v) { o.momentum = parse_float(f, v, 0, 1, true); }},
+    {"--weight-decay", "X", "0.0005", "weight decay (weights only, not biases)",
+     [](Options& o, const char* f, const char* v) { o.weight_decay = parse_float(f, v, 0, 1, false); }},
+    {"--dropout", "P", "0.5", "dropout probability in fc6 and fc7",
+     [](Options& o, const char* f, const char* v) { o.dropout = parse_float(f, v, 0, 1, true); }},
+    {"--epochs", "N", "90", "train for N epochs",
+     [](Options& o, const char* f, const char* v) { o.epochs = parse_long(f, v, 1, 1000000); }},
+    {"--steps", "N", "0", "stop when the step counter reaches N (0: no limit)",
+     [](Options& o, const char* f, const char* v) { o.steps = parse_long(f, v, 0, INT32_MAX); }},
+    {"--seed", "N", "1", "seed of the initialisation, shuffles, augmentation and dropout",
+     [](Options& o, const char* f, const char* v) { o.seed = (uint64_t)parse_long(f, v, 0, LONG_MAX); }},
+    {"--no-augment", nullptr, "off", "train on centre crops: no random crop, flip or lighting",
+     [](Options& o, const char*, const char*) { o.augment = false; }},
+    {"--eval-every", "N", "0", "validate every N steps (0: once per epoch)",
+     [](Options& o, const char* f, const char* v) { o.eval_every = parse_long(f, v, 0, INT32_MAX); }},
+    {"--save-every", "N", "1000", "checkpoint every N steps (0: only at the end); always at the end and on Ctrl-C",
+     [](Options& o, const char* f, const char* v) { o.save_every = parse_long(f, v, 0, INT32_MAX); }},
+    {"--keep", "K", "3", "keep the newest K checkpoints",
+     [](Options& o, const char* f, const char* v) { o.keep = (int)parse_long(f, v, 1, 1000000); }},
+    {"--log-every", "N", "10", "log a line every N steps",
+     [](Options& o, const char* f, const char* v) { o.log_every = (int)parse_long(f, v, 1, INT32_MAX); }},
+    {"--patience", "N", "3", "divide the learning rate by 10 after N validations without a better top-1 error (0: never)",
+     [](Options& o, const char* f, const char* v) { o.patience = (int)parse_long(f, v, 0, 1000000); }},
+    {"--max-drops", "N", "3", "divide the learning rate at most N times in all",
+     [](Options& o, const char* f, const char* v) { o.max_drops = (int)parse_long(f, v, 0, 100); }},
+    {"--lr-steps", "LIST", "(none)", "also divide the learning rate by 10 at these epochs, e.g. 25,51",
+     [](Options& o, const char* f, const char* v) {
+         o.lr_steps = parse_list(f, v, 1, 1000000);
+         require(o.lr_steps.size() <= MAX_LR_STEPS, "%s: at most %d epochs", f, (int)MAX_LR_STEPS);
+     }},
+    {"--devices", "LIST", "0,1 (0 with one device)", "devices of tower 0 and tower 1; one entry puts both towers on it",
+     [](Options& o, const char* f, const char* v) {
+         o.devices = parse_list(f, v, 0, 1023);
+         require(o.devices.size() <= NUM_TOWERS, "%s: at most 2 devices, got '%s'", f, v);
+     }},
+    {"--eval", nullptr, "off", "evaluate the --resume checkpoint on the validation set and exit",
+     [](Options& o, const char*, const char*) { o.eval_only = true; }},
+};
+
+static void print_help(const char* program) {
+    printf("usage: %s --data DIR [options]\n\n"
+           "Trains the two-tower AlexNet of Krizhevsky et al. (2012) with SGD.\n\noptions:\n", program);
+    for (const Flag& f : FLAGS) {
+        char left[64];
+        snprintf(left, sizeof(left), "%s%s%s", f.name, f.arg ? " " : "", f.arg ? f.arg : "");
+        printf("  %-20s %s (default: %s)\n", left, f.help, f.fallback);
+    }
+    printf("  %-20s this message\n", "--help");
+}
+
+// Fill o from the command line; false when --help was printed.
+static bool parse_args(int argc, char** argv, Options& o) {
+    for (int i = 1; i < argc; i++) {
+        std::string arg = argv[i], value;
+        if (arg == "--help" || arg == "-h") {
+            print_help(argv[0]);
+            return false;
+        }
+        size_t eq = arg.find('=');
+        bool inline_value = arg.rfind("--", 0) == 0 && eq != std::string::npos;
+        if (inline_value) value = arg.substr(eq + 1), arg = arg.substr(0, eq);
+        const Flag* flag = nullptr;
+        for (const Flag& f : FLAGS)
+            if (arg == f.name) flag = &f;
+        require(flag, "unknown argument '%s' (see --help)", argv[i]);
+        if (flag->arg && !inline_value) {
+            require(i + 1 < argc, "%s needs a value (%s)", flag->name, flag->arg);
+            value = argv[++i];
+        }
+        require(flag->arg || !inline_value, "%s takes no value", flag->name);
+        flag->set(o, flag->name, value.c_str());
+        o.given.insert(flag->name);
+    }
+    return true;
+}
+
 #ifndef ALEXNET_NO_MAIN  // dev/bench_kernels.cu includes this file and brings its own main
 int main(int argc, char** argv) {
     try {
+        Options options;
+        if (!parse_args(argc, argv, options)) return 0;
         int count = 0;
         if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) fail("no CUDA device found; use ./train_alexnet_cpu");
-        printf("train_alexnet: %d device(s); training arrives with the model\n", count);
+        if (options.devices.empty()) options.devices = count > 1 ? std::vector<int>{0, 1} : std::vector<int>{0};
+        for (int d : options.devices)
+            require(d < count, "--devices: device %d does not exist (%d device%s)", d, count, count == 1 ? "" : "s");
+        run(options);
         return 0;
     } catch (const std::exception& e) {
         fprintf(stderr, "error: %s\n", e.what());

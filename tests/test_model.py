@@ -1,0 +1,150 @@
+"""The two-tower model of train_alexnet.cu against the one-network NumPy reference
+(alexnet.py section 4): one SGD step through the executable, compared value by value."""
+import os
+
+import numpy as np
+import pytest
+
+import alexnet
+from model_fixtures import random_dataset, run
+
+LR, MOMENTUM, WEIGHT_DECAY, SEED = 0.01, 0.9, 5e-4, 7
+EPS32 = 2.0 ** -23  # float32 unit roundoff x 2
+
+# Tolerance of a momentum value, relative to the largest |gradient step| of its tensor.
+# The step is -lr (g + wd w) with g from float32 sums. The longest one is conv1's weight
+# gradient at batch 2: 2 x 55 x 55 = 6050 products, worst case 6050 x 2^-24 = 3.6e-4 of
+# the sum of |terms|; cancellation in sums with mixed signs (biases) makes the error
+# relative to the result up to a few times larger. 2e-3 holds that with room, and still
+# catches any real mistake (a wrong tower order, mask or term is an O(1) error).
+GRADIENT_RTOL = 2e-3
+
+
+def _f64(tensors):
+    return {name: value.astype(np.float64) for name, value in tensors.items()}
+
+
+def one_step(tmp_path, preset, size, batch, classes, dropout, momentum_std=1e-3):
+    """Run one SGD step of `preset` through the executable and the NumPy reference from the
+    same random parameters and momentum: ((loss, params, momentum) of the executable,
+    (loss, params, momentum) of NumPy in float64, initial momentum)."""
+    images, labels, _ = random_dataset(tmp_path / "data", batch, size=size, classes=classes)
+    stats = alexnet.read_stats(str(tmp_path / "data" / "stats.bin"))
+    arch = alexnet.architecture(preset, classes)
+    rng = np.random.default_rng(SEED)
+    params = alexnet.init_params(arch, rng)
+    momentum = {k: (momentum_std * rng.standard_normal(v.shape)).astype(np.float32) for k, v in params.items()}
+    settings = dict(batch=batch, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, dropout=dropout,
+                    augment=0, seed=SEED)
+    alexnet.save_checkpoint(str(tmp_path / "init.bin"), dict(arch, **settings), params, momentum)
+
+    result = run("--data", tmp_path / "data", "--resume", tmp_path / "init.bin", "--steps", 1,
+                 "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    header, cuda_params, cuda_momentum = alexnet.load_checkpoint(str(tmp_path / "out" / "ckpt_00000001.bin"))
+    assert header["step"] == 1
+
+    order = alexnet.training_batch_indices(batch, batch, SEED, 0)
+    crop = arch["crop"]
+    offsets = np.full((batch, 2), (size - crop) // 2)
+    x = alexnet.augment_images(images[order], stats.mean, offsets, np.zeros(batch, np.uint8),
+                               np.zeros((batch, 3), np.float32), stats.eigval, stats.eigvec, crop)
+    reference = alexnet.model_step(arch, _f64(params), _f64(momentum), x.astype(np.float64), labels[order],
+                                   LR, MOMENTUM, WEIGHT_DECAY, dropout, SEED, 0)
+    return (header["loss"], cuda_params, cuda_momentum), reference, (arch, params, momentum, x, labels[order])
+
+
+def assert_step_matches(cuda, reference, initial_momentum):
+    (cuda_loss, cuda_params, cuda_momentum), (ref_loss, ref_params, ref_momentum) = cuda, reference
+    # the loss: a float32 log-sum-exp over <= 1000 logits and a mean over the batch
+    assert abs(cuda_loss - ref_loss) <= 1e-5 * abs(ref_loss), (cuda_loss, ref_loss)
+    for name in ref_params:
+        old = initial_momentum[name].astype(np.float64)
+        step = ref_momentum[name] - MOMENTUM * old  # the gradient part: -lr (g + wd w)
+        # float32 rounding of momentum*v + step, plus the gradient's own error
+        bound_v = EPS32 * (MOMENTUM * np.abs(old) + np.abs(step)) + GRADIENT_RTOL * np.abs(step).max()
+        err_v = np.abs(cuda_momentum[name] - ref_momentum[name])
+        assert np.all(err_v <= bound_v), f"{name} momentum: worst error {err_v.max():.3g} (x bound {(err_v / bound_v).max():.3g})"
+        bound_w = EPS32 * np.abs(ref_params[name]) + bound_v
+        err_w = np.abs(cuda_params[name] - ref_params[name])
+        assert np.all(err_w <= bound_w), f"{name} parameter: worst error {err_w.max():.3g}"
+
+
+def test_alexnet_step_matches_numpy(tmp_path):
+    """The paper's network (61M parameters, 1000 classes), batch 2, dropout 0."""
+    cuda, reference, (_, _, momentum, _, _) = one_step(tmp_path, "alexnet", 256, 2, 1000, dropout=0.0)
+    assert_step_matches(cuda, reference, momentum)
+
+
+@pytest.mark.slow
+def test_alexnet_step_with_dropout_matches_numpy(tmp_path):
+    cuda, reference, (_, _, momentum, _, _) = one_step(tmp_path, "alexnet", 256, 2, 1000, dropout=0.5)
+    assert_step_matches(cuda, reference, momentum)
+
+
+def test_small_step_with_dropout_matches_numpy(tmp_path):
+    """Dropout masks of both towers' fc6 and fc7 from the shared Philox rule; the same
+    step without dropout gives a different loss, so the masks are really applied."""
+    cuda, reference, (arch, params, momentum, x, labels) = one_step(tmp_path, "small", 32, 8, 10, dropout=0.5)
+    assert_step_matches(cuda, reference, momentum)
+    no_dropout_loss = alexnet.model_step(arch, _f64(params), _f64(momentum), x.astype(np.float64), labels,
+                                         LR, MOMENTUM, WEIGHT_DECAY, 0.0, SEED, 0)[0]
+    assert abs(no_dropout_loss - reference[0]) > 1e-3
+
+
+def test_odd_number_of_classes(tmp_path):
+    """fc8 with 7 outputs: tower 0 holds rows [0, 3), tower 1 rows [3, 7)."""
+    cuda, reference, (_, _, momentum, _, _) = one_step(tmp_path, "small", 32, 4, 7, dropout=0.0)
+    assert_step_matches(cuda, reference, momentum)
+
+
+def test_alexnet_has_the_papers_parameter_count():
+    shapes = alexnet.parameter_shapes(alexnet.architecture("alexnet", 1000))
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 60_965_224  # REFERENCE.md
+    assert shapes["conv2.weight"] == (256, 48, 5, 5) and shapes["fc6.weight"] == (4096, 9216)
+
+
+def test_executable_presets_and_init_match_python(tmp_path):
+    """A fresh run writes the preset's architecture into the header, and initialises as the
+    paper does: weights ~ N(0, std^2), biases 1 in conv2, conv4, conv5, fc6, fc7, else 0."""
+    random_dataset(tmp_path / "data", 16, size=32, classes=10)
+    result = run("--data", tmp_path / "data", "--arch", "small", "--batch", 16, "--steps", 1,
+                 "--lr", 1e-12, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    header, params, momentum = alexnet.load_checkpoint(str(tmp_path / "out" / "latest.bin"))
+    arch = alexnet.architecture("small", 10)
+    for key, value in arch.items():
+        assert header[key] == pytest.approx(value), key
+    for name, value in params.items():
+        layer = alexnet.LAYERS.index(name.split(".")[0])
+        if name.endswith("bias"):  # lr 1e-12: the step moved nothing visibly
+            np.testing.assert_allclose(value, alexnet.BIAS_INIT[layer], atol=1e-6)
+        elif value.size >= 1000:  # sample std within 5 standard errors of init_std
+            assert abs(value.std() - arch["init_std"]) < 5 * arch["init_std"] / np.sqrt(2 * value.size), name
+            assert abs(value.mean()) < 5 * arch["init_std"] / np.sqrt(value.size), name
+
+
+def test_checkpoint_round_trip_and_damage(tmp_path):
+    arch = alexnet.architecture("small", 10)
+    rng = np.random.default_rng(0)
+    params = alexnet.init_params(arch, rng)
+    momentum = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+    path = str(tmp_path / "c.bin")
+    alexnet.save_checkpoint(path, dict(arch, step=12345678901, lr=0.5, lr_steps=(3, 7)), params, momentum)
+    header, p, m = alexnet.load_checkpoint(path)
+    assert header["step"] == 12345678901 and header["lr"] == 0.5 and header["lr_steps"] == (3, 7)
+    assert header["arch"] == "small" and header["batch"] == 128  # the executables' default
+    for name in params:
+        assert np.array_equal(p[name], params[name]) and np.array_equal(m[name], momentum[name])
+
+    data = open(path, "rb").read()
+    for damaged, message in ((data[:-4], "truncated"), (data[:500], "truncated"),
+                             (b"\0" * 4 + data[4:], "not an AlexNet checkpoint")):
+        with open(path, "wb") as f:
+            f.write(damaged)
+        with pytest.raises(alexnet.AlexNetError, match=message):
+            alexnet.load_checkpoint(path)
+    with pytest.raises(alexnet.AlexNetError, match="cannot open"):
+        alexnet.load_checkpoint(str(tmp_path / "missing.bin"))
+    with pytest.raises(alexnet.AlexNetError, match="unknown preset"):
+        alexnet.architecture("vgg", 10)

@@ -1,0 +1,272 @@
+"""The training executable: learning, exact resume, device placement, checkpoints,
+Ctrl-C, non-finite losses, the command line and every kind of bad input."""
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import alexnet
+from model_fixtures import EXE, ROOT, learnable_dataset, random_dataset, run
+
+
+def checkpoint_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """64 random 32x32 training images and 16 validation images, 10 classes."""
+    folder = tmp_path_factory.mktemp("small") / "data"
+    random_dataset(folder, 64, val=16, size=32, classes=10)
+    return folder
+
+
+def short_run(data, out, *flags, env=None, steps=6):
+    """A few augmented, dropout-on steps of the small preset with evaluations (so the
+    learning-rate state is exercised) and checkpoints every 3 steps."""
+    return run("--data", data, "--arch", "small", "--batch", 8, "--steps", steps, "--eval-every", 2,
+               "--patience", 1, "--save-every", 3, "--lr", 0.02, "--out", out, *flags, env=env)
+
+
+def _losses_and_final_error(stdout):
+    losses = [float(line.split("| loss ")[1].split()[0]) for line in stdout.splitlines() if line.startswith("step ")]
+    final = [line for line in stdout.splitlines() if line.startswith("eval step")][-1]
+    return losses, float(final.split("top-1 error ")[1].split()[0])
+
+
+def test_small_preset_learns(tmp_path):
+    """Coloured squares, 512 images, batch 32, 60 steps on centre crops without dropout:
+    the training loss falls well below chance (ln 10 = 2.30) and so does the validation
+    error (90%)."""
+    learnable_dataset(tmp_path / "data", 512, val=100)
+    result = run("--data", tmp_path / "data", "--arch", "small", "--batch", 32, "--steps", 60, "--no-augment",
+                 "--dropout", 0, "--log-every", 5, "--eval-every", 60, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    losses, error = _losses_and_final_error(result.stdout)
+    assert losses[0] > 2.0 and np.mean(losses[-3:]) < 1.0, losses
+    assert error < 0.5
+
+
+@pytest.mark.slow
+def test_small_preset_learns_with_the_papers_recipe(tmp_path):
+    """The same with random crops, flips, PCA lighting and dropout 0.5, for longer."""
+    learnable_dataset(tmp_path / "data", 2048, val=200)
+    result = run("--data", tmp_path / "data", "--arch", "small", "--batch", 32, "--steps", 400,
+                 "--log-every", 20, "--eval-every", 400, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    losses, error = _losses_and_final_error(result.stdout)
+    assert np.mean(losses[-3:]) < 1.0, losses
+    assert error < 0.3
+
+
+def test_resume_is_bitwise_exact(tmp_path, small_data):
+    whole = short_run(small_data, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    first = short_run(small_data, tmp_path / "part", steps=3)
+    assert first.returncode == 0, first.stderr
+    resumed = short_run(small_data, tmp_path / "resumed", "--resume", tmp_path / "part" / "ckpt_00000003.bin")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 3" in resumed.stdout
+    assert checkpoint_bytes(tmp_path / "whole" / "ckpt_00000006.bin") == \
+        checkpoint_bytes(tmp_path / "resumed" / "ckpt_00000006.bin")
+    def after_step_3(out):  # the log lines both runs write for steps 4..6 (not the timings)
+        return [line.split(" | lr")[0] for line in out.splitlines() if line.startswith(("step 6", "eval step 4", "eval step 6"))]
+    assert len(after_step_3(whole.stdout)) == 3 and after_step_3(whole.stdout) == after_step_3(resumed.stdout)
+
+
+def test_one_device_and_two_devices_give_the_same_bits(tmp_path, small_data):
+    """Both towers on device 0 vs one tower per emulated device, under different thread
+    and block orders of the CPU runtime."""
+    two = short_run(small_data, tmp_path / "two", "--devices", "0,1", env={"CUDA_CPU_SCHEDULE": "forward"})
+    one = short_run(small_data, tmp_path / "one", "--devices", "0",
+                    env={"CUDA_CPU_SCHEDULE": "random", "CUDA_CPU_SEED": "99"})
+    swapped = short_run(small_data, tmp_path / "swapped", "--devices", "1,0", env={"CUDA_CPU_SCHEDULE": "reverse"})
+    for result in (two, one, swapped):
+        assert result.returncode == 0, result.stderr
+    reference = checkpoint_bytes(tmp_path / "two" / "ckpt_00000006.bin")
+    assert checkpoint_bytes(tmp_path / "one" / "ckpt_00000006.bin") == reference
+    assert checkpoint_bytes(tmp_path / "swapped" / "ckpt_00000006.bin") == reference
+
+
+def test_checkpoints_latest_and_keep(tmp_path, small_data):
+    out = tmp_path / "out"
+    result = run("--data", small_data, "--arch", "small", "--batch", 8, "--steps", 5, "--save-every", 1,
+                 "--keep", 2, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ["ckpt_00000004.bin", "ckpt_00000005.bin", "latest.bin", "log.txt"]
+    assert os.path.realpath(out / "latest.bin") == os.path.realpath(out / "ckpt_00000005.bin")
+    log = (out / "log.txt").read_text()
+    assert "step 5/5" in log and "img/s" in log and "eta" in log
+
+
+def test_eval_mode(tmp_path, small_data):
+    out = tmp_path / "out"
+    assert run("--data", small_data, "--arch", "small", "--batch", 8, "--steps", 2, "--out", out).returncode == 0
+    before = sorted(os.listdir(out))
+    result = run("--data", small_data, "--eval", "--resume", out / "latest.bin", "--batch", 5)
+    assert result.returncode == 0, result.stderr
+    assert "16 images" in result.stdout and "top-5 error" in result.stdout  # 5 + 5 + 5 + 1: a partial batch
+    assert sorted(os.listdir(out)) == before
+
+
+def test_sigint_finishes_the_step_and_checkpoints(tmp_path, small_data):
+    out = tmp_path / "out"
+    process = subprocess.Popen([EXE, "--data", str(small_data), "--arch", "small", "--batch", "8",
+                                "--steps", "100000", "--log-every", "1", "--save-every", "0", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("step 2/"):
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "interrupted: stopped after step" in stdout
+    header, _, _ = alexnet.load_checkpoint(str(out / "latest.bin"))
+    assert 2 <= header["step"] < 100000
+    assert os.path.exists(out / f"ckpt_{header['step']:08d}.bin")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, small_data):
+    out = tmp_path / "out"
+    assert run("--data", small_data, "--arch", "small", "--batch", 8, "--steps", 2, "--out", out).returncode == 0
+    good = checkpoint_bytes(out / "ckpt_00000002.bin")
+    header, params, momentum = alexnet.load_checkpoint(str(out / "latest.bin"))
+    params["fc8.bias"][:] = np.inf  # every logit becomes inf: the loss is NaN at once
+    alexnet.save_checkpoint(str(tmp_path / "bad.bin"), header, params, momentum)
+    result = run("--data", small_data, "--resume", tmp_path / "bad.bin", "--steps", 4, "--out", out)
+    assert result.returncode != 0
+    assert "non-finite loss" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(out)) == ["ckpt_00000002.bin", "latest.bin", "log.txt"]
+    assert checkpoint_bytes(out / "latest.bin") == good
+
+
+def test_help_lists_every_flag_with_its_default():
+    result = run("--help")
+    assert result.returncode == 0
+    for flag in ("--data", "--arch", "--resume", "--out", "--batch", "--lr", "--momentum", "--weight-decay",
+                 "--dropout", "--epochs", "--steps", "--seed", "--no-augment", "--eval-every", "--save-every",
+                 "--devices", "--eval", "--keep", "--patience", "--lr-steps"):
+        lines = [l for l in result.stdout.splitlines() if l.strip().startswith(flag + " ") or l.strip() == flag]
+        assert lines and "(default: " in lines[0], flag
+
+
+def test_train_command_runs_the_cpu_executable(tmp_path, small_data):
+    """`python alexnet.py train FLAGS` passes FLAGS through (no GPU here: the CPU build)."""
+    script = os.path.join(ROOT, "alexnet.py")
+    result = subprocess.run([sys.executable, script, "train", "--data", str(small_data), "--arch", "small",
+                             "--batch", "8", "--steps", "1", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert os.path.exists(tmp_path / "out" / "ckpt_00000001.bin")
+    result = subprocess.run([sys.executable, script, "train", "--bogus"], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip() == "error: unknown argument '--bogus' (see --help)"
+
+
+def test_gpu_executable_without_a_gpu_fails_cleanly():
+    path = os.path.join(ROOT, "train_alexnet")
+    if not os.path.exists(path):
+        pytest.skip("the GPU executable is not built (nvcc not found)")
+    if alexnet._gpu_usable():
+        pytest.skip("this machine has a GPU")
+    result = subprocess.run([path, "--data", "x"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == ["error: no CUDA device found; use ./train_alexnet_cpu"]
+
+
+# --- bad input: one line on stderr, a non-zero exit, and nothing written
+
+def _damage(folder, name, transform):
+    path = folder / name
+    data = path.read_bytes()
+    path.write_bytes(transform(data))
+
+
+def _with_label(value):
+    def transform(data):
+        labels = np.frombuffer(data, "<i4", count=4, offset=1024).copy()
+        labels[2] = value
+        return data[:1024] + labels.tobytes() + data[1024 + 16:]
+    return transform
+
+
+BAD_DATA = {
+    "missing folder": (None, "no such folder"),
+    "no shards": (lambda d: os.remove(d / "train_000.bin"), "no training shards"),
+    "foreign shard": (lambda d: _damage(d, "train_000.bin", lambda b: b"GIF89a" + b[6:]), "not a dataset shard"),
+    "truncated shard": (lambda d: _damage(d, "train_000.bin", lambda b: b[:-100]), "truncated"),
+    "label out of range": (lambda d: _damage(d, "train_000.bin", _with_label(10)), "out of range"),
+    "negative label": (lambda d: _damage(d, "train_000.bin", _with_label(-1)), "out of range"),
+    "missing stats": (lambda d: os.remove(d / "stats.bin"), "stats.bin"),
+    "truncated stats": (lambda d: _damage(d, "stats.bin", lambda b: b[:-4]), "stats.bin"),
+    "val shard of another size": (lambda d: alexnet.write_shard(str(d / "val_000.bin"), np.zeros(2, int),
+                                                                np.zeros((2, 16, 16, 3), np.uint8), 10),
+                                  "do not match"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data(tmp_path, case):
+    damage, message = BAD_DATA[case]
+    data = tmp_path / "data"
+    random_dataset(data, 16, val=4, size=32, classes=10)
+    if damage is None:
+        data = tmp_path / "nothing"
+    else:
+        damage(data)
+    result = run("--data", data, "--arch", "small", "--batch", 8, "--steps", 1, "--out", tmp_path / "out")
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert message in result.stderr, result.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_data):
+    """A checkpoint of 2 steps of the small preset and its output folder."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    assert run("--data", small_data, "--arch", "small", "--batch", 8, "--steps", 2, "--out", out).returncode == 0
+    return out
+
+
+def _truncated(tmp_path, trained):
+    path = tmp_path / "cut.bin"
+    path.write_bytes(checkpoint_bytes(trained / "ckpt_00000002.bin")[:-8])
+    return path
+
+
+def _foreign(tmp_path, trained):
+    path = tmp_path / "foreign.bin"
+    path.write_bytes(checkpoint_bytes(trained / "log.txt") * 300)
+    return path
+
+
+BAD_RUNS = {
+    "unknown preset": (lambda t, c: ["--arch", "vgg16"], "unknown preset 'vgg16'"),
+    "batch larger than the dataset": (lambda t, c: ["--arch", "small", "--batch", 65], "larger than the training set"),
+    "unknown flag": (lambda t, c: ["--learning-rate", "0.1"], "unknown argument '--learning-rate'"),
+    "bad integer": (lambda t, c: ["--batch", "eight"], "--batch: expected an integer"),
+    "bad number": (lambda t, c: ["--lr", "-1"], "--lr: expected a number"),
+    "missing value": (lambda t, c: ["--lr"], "--lr needs a value"),
+    "bad device": (lambda t, c: ["--arch", "small", "--devices", "0,7"], "device 7 does not exist"),
+    "missing checkpoint": (lambda t, c: ["--resume", t / "none.bin"], "cannot open"),
+    "truncated checkpoint": (lambda t, c: ["--resume", _truncated(t, c)], "truncated"),
+    "foreign checkpoint": (lambda t, c: ["--resume", _foreign(t, c)], "not an AlexNet checkpoint"),
+    "preset differs from checkpoint": (lambda t, c: ["--resume", c / "latest.bin", "--arch", "alexnet"],
+                                       "holds the small preset"),
+    "eval without checkpoint": (lambda t, c: ["--eval"], "--eval needs a checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_bad_arguments(tmp_path, small_data, trained, case):
+    flags, message = BAD_RUNS[case]
+    before = {name: checkpoint_bytes(trained / name) for name in os.listdir(trained)}
+    result = run("--data", small_data, "--steps", 3, "--out", trained, *flags(tmp_path, trained))
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert message in result.stderr, result.stderr
+    assert {name: checkpoint_bytes(trained / name) for name in os.listdir(trained)} == before
