@@ -8,6 +8,7 @@
 #   dev/gpu_check.sh --only 5,6      only these steps
 #   dev/gpu_check.sh --summary FILE  where the summary goes (default: $OUT/gpu_check_summary.txt
 #                                    when OUT is set, else build/gpu_check_summary.txt)
+#   GPU_CHECK_BUDGET=480             seconds after which no further step starts
 #
 # Steps: 1 GPU, driver, nvcc, SMs; build for the local architecture only
 #        2 the pytest suite against the GPU library (ALEXNET_LIB=./libalexnet.so)
@@ -54,6 +55,7 @@ fi
 TORCH_PYTHON=${TORCH_PYTHON:-python3}
 mkdir -p "$(dirname "$SUMMARY")" build || exit 1
 GFLOP_PER_IMAGE=4.136           # training step, REFERENCE.md "Compute"
+BUDGET=${GPU_CHECK_BUDGET:-480}  # seconds: no step starts after this (the device call's limit is 600)
 WORK=build/gpu_check            # scratch: datasets, runs, logs
 RESULTS=()                      # one line per step, printed at the end
 GPU_NAME="" ; PEAK_TFLOPS="" ; OURS_IPS="" ; SMOKE_IPS="" ; SMOKE_VERDICT="" ; SMOKE_ARGS=()
@@ -153,12 +155,12 @@ step2() {
     fi
     [ -f "$lib" ] || { result 2 "FAIL ($lib missing)"; return 1; }
     local log=$WORK/pytest.log status
-    ALEXNET_LIB=$lib run 300 "$PYTHON" -m pytest "${args[@]}" tests 2>&1 | tee "$log"
+    ALEXNET_LIB=$lib run 200 "$PYTHON" -m pytest "${args[@]}" tests 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     local tally
     tally=$(grep -E '(passed|failed|error)' "$log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
     if [ "$status" = 0 ]; then result 2 "PASS ($tally; ALEXNET_LIB=$(basename "$lib"))"
-    elif [ "$status" = 124 ]; then result 2 "FAIL (timed out after 300 s; $tally)"; return 1
+    elif [ "$status" = 124 ]; then result 2 "FAIL (timed out after 200 s; $tally)"; return 1
     else result 2 "FAIL (exit $status; $tally)"; return 1; fi
 }
 
@@ -200,7 +202,7 @@ sanitize() {
     shift 2
     log=$WORK/sanitizer_${label//[^a-z]/_}.log
     say "--- $label: $*"
-    timeout -k 10 150 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 10 "$@" > "$log" 2>&1
+    timeout -k 10 120 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 10 "$@" > "$log" 2>&1
     status=$?
     grep -E '^========= |rror' "$log" | tail -15
     case $status in
@@ -291,7 +293,7 @@ step6() {
     [ -n "$OURS_IPS" ] || note="no measurement: the training run gave no images/s"
     say "ours: ${OURS_IPS:-?} images/s ($note)"
     say "--- PyTorch, the same architecture, batch 128, FP32"
-    run 330 "$TORCH_PYTHON" dev/bench_torch.py --batch 128 --steps 30 --warmup 5 --compile-limit 60 \
+    run 330 "$TORCH_PYTHON" dev/bench_torch.py --batch 128 --steps 20 --warmup 3 --compile-limit 60 \
         --ours "${OURS_IPS:-0}" --peak "${PEAK_TFLOPS:-0}" 2>&1 | tee "$WORK/bench_torch.log"
     [ "${PIPESTATUS[0]}" = 0 ] || bad=1
     TORCH_LINES=$(grep -E '^(torch|ours)' "$WORK/bench_torch.log")
@@ -311,6 +313,10 @@ main() {
     for step in 1 2 3 4 5 6; do
         if { [ -n "$ONLY" ] && [[ $ONLY != *",$step,"* ]]; } || [[ $SKIP == *" $step "* ]]; then
             result $step "SKIP (by option)"
+            continue
+        fi
+        if [ $((SECONDS - start)) -ge "$BUDGET" ]; then
+            result $step "SKIP (the time budget of $BUDGET s is used up; rerun with --only $step)"
             continue
         fi
         say ""
