@@ -119,7 +119,8 @@ step1() {
     local clock sms
     clock=$(echo "$info" | cut -d, -f5 | tr -dc '0-9')
     say "nvcc: $(nvcc --version | tail -1)"
-    build test-build bench-kernels GPU_ARCH="$ARCH" || { result 1 "FAIL (build)"; return 1; }
+    local built=PASS
+    build test-build bench-kernels GPU_ARCH="$ARCH" || built="FAIL (build: see above)"
     # The SM count from our own benchmark's header (a first CUDA call through our build).
     sms=$(build/gpu/bench_kernels --batch 1 --only no-such-op 2>&1 | grep -oE '[0-9]+ SMs' | cut -d' ' -f1)
     say "SMs: ${sms:=?}, max SM clock ${clock} MHz, architecture sm_$ARCH"
@@ -128,7 +129,8 @@ step1() {
     local spills
     spills=$(cat build/gpu/ptxas.log build/gpu/bench_ptxas.log 2>/dev/null | grep -cE '[1-9][0-9]* bytes spill')
     say "ptxas: $spills function(s) with register spills"
-    result 1 "PASS ($GPU_NAME, $sms SMs, sm_$ARCH, $(nvcc --version | tail -1 | sed 's/Build //'), spills: $spills)"
+    result 1 "$built ($GPU_NAME, $sms SMs, sm_$ARCH, $(nvcc --version | tail -1 | sed 's/Build //'), spills: $spills)"
+    [ "$built" = PASS ]
 }
 
 # FP32 peak: datasheet values for the lent cards, else SMs x 128 lanes x 2 FLOP x clock.
