@@ -130,3 +130,63 @@ def test_train_log_verdict():
     broken = lines[:5] + ["step 6/10 | epoch 0.1 | loss nan | lr 1.00e-02 | 600.0 img/s"] + lines[6:]
     assert verdict(broken).startswith("FAIL (losses NOT FINITE")
     assert verdict(lines[:1]).startswith("FAIL (fewer than two")
+
+
+def _has_torch():
+    try:
+        import torch  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _has_torch(), reason="PyTorch is not installed here (the GPU machine has it)")
+def test_torch_reference_is_our_architecture():
+    """dev/bench_torch.py's network is preset alexnet: the same parameter shapes in the
+    same order, and with the same weights the same activations and losses as the NumPy
+    reference model (dropout off). He-scaled weights and inputs of scale 50 make every
+    layer matter (LRN's sum of squares reaches its k=2 term, logits are O(10)), unlike
+    the paper's init, whose logits are all near 0. Both sides are float32; the tolerance,
+    2e-3 of the largest value, covers fp32 sums of up to 9216 terms (9216 * 2^-24 = 5.5e-4
+    each) compounded over the eight layers."""
+    import torch
+    import alexnet as A
+    bench = load("bench_torch")
+    arch = A.architecture("alexnet", 1000)
+    shapes = A.parameter_shapes(arch)
+    model = bench.alexnet(torch)
+    layers = [m for m in model if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) == 8
+    theirs = {}
+    for name, layer in zip(A.LAYERS, layers):
+        theirs[f"{name}.weight"], theirs[f"{name}.bias"] = layer.weight, layer.bias
+    assert list(theirs) == list(shapes)
+    assert {k: tuple(v.shape) for k, v in theirs.items()} == shapes
+    assert sum(v.numel() for v in theirs.values()) == 60965224
+
+    rng = np.random.default_rng(0)
+    params = {}
+    for name, shape in shapes.items():
+        fan_in = int(np.prod(shape[1:])) if name.endswith("weight") else 1
+        params[name] = (rng.normal(0, np.sqrt(2 / fan_in), shape) if name.endswith("weight")
+                        else rng.normal(0, 0.1, shape)).astype(np.float32)
+        with torch.no_grad():
+            theirs[name].copy_(torch.from_numpy(params[name]))
+    x = (rng.standard_normal((2, 3, 224, 224)) * 50).astype(np.float32)
+    labels = np.array([3, 997], np.int32)
+    losses, _, cache = A.model_forward(arch, params, x, labels, dropout=0.0, train=True)
+
+    seen = {}
+    lrn2, fc8 = model[7], layers[7]
+    lrn2.register_forward_hook(lambda m, i, o: seen.__setitem__("conv2.lrn", o))
+    fc8.register_forward_hook(lambda m, i, o: seen.__setitem__("fc8.in", i[0]))
+    model.eval()  # dropout off
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))
+        their_losses = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels).long(),
+                                                         reduction="none").numpy()
+    for key in ("conv2.lrn", "fc8.in"):
+        ours, other = cache[key], seen[key].numpy()
+        assert np.max(np.abs(ours - other)) <= 2e-3 * np.max(np.abs(other)), key
+    assert np.max(np.abs(their_losses)) > 1.0  # the check below is not about near-constant values
+    np.testing.assert_allclose(losses, their_losses, rtol=2e-3, atol=0)
