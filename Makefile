@@ -21,7 +21,8 @@ PY       := $(VENV)/bin/python
 CPU_FLAGS  := -std=c++17 -O2 -g -pthread -fPIC -Wall -Wextra -Wno-unused-parameter -Wno-unused-function -Wno-unknown-pragmas
 ASAN_FLAGS := -std=c++17 -O1 -g -pthread -fPIC -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -Wno-unknown-pragmas
 # Architectures this nvcc can build (nvcc 13 dropped sm_70); the others are skipped, loudly.
-NVCC_ARCHS := $(if $(NVCC),$(shell $(NVCC) --list-gpu-arch 2>/dev/null | sed -n 's/^compute_//p'))
+# An nvcc too old for --list-gpu-arch is trusted with all of GPU_ARCH.
+NVCC_ARCHS := $(if $(NVCC),$(or $(shell $(NVCC) --list-gpu-arch 2>/dev/null | sed -n 's/^compute_//p'),$(GPU_ARCH)))
 GPU_BUILT  := $(filter $(NVCC_ARCHS),$(GPU_ARCH))
 GPU_SKIP   := $(filter-out $(NVCC_ARCHS),$(GPU_ARCH))
 NVCC_FLAGS := -std=c++17 -O3 -lineinfo -Xptxas -v -Xcompiler -fPIC $(foreach a,$(GPU_BUILT),-gencode arch=compute_$(a),code=sm_$(a))

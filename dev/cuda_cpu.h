@@ -180,6 +180,9 @@ namespace {
 constexpr int kMaxThreads = 1024;
 constexpr int kMaxDevices = 16;
 constexpr size_t kStaticSharedLimit = 48 * 1024;
+// Under ASan, poisoned gaps between shared arrays catch an overrun into the next one.
+constexpr size_t kSharedRedzone = CUDA_CPU_ASAN ? 64 : 0;
+constexpr size_t kSharedArena = CUDA_CPU_ASAN ? 2 * kStaticSharedLimit : kStaticSharedLimit;
 constexpr size_t kDynamicSharedOptinLimit = 227 * 1024;
 constexpr size_t kParamLimit = 4096;
 constexpr size_t kStackBytes = 256 * 1024;
@@ -221,9 +224,12 @@ cuda_cpu_switch:
     .p2align 4
     .type cuda_cpu_fiber_start, @function
 cuda_cpu_fiber_start:
+    .cfi_startproc
+    .cfi_undefined rip
     movq %r12, %rdi
     callq *%r13
     ud2
+    .cfi_endproc
     .size cuda_cpu_fiber_start, .-cuda_cpu_fiber_start
     .popsection
 )");
@@ -482,10 +488,11 @@ struct Worker {
     std::vector<int> free_stacks;
     int dead_stack = -1;
     // shared memory
-    char* smem = nullptr;         // static arena, kStaticSharedLimit bytes
-    size_t smem_used = 0, smem_dirty = 0;
+    char* smem = nullptr;         // static arena, kSharedArena bytes
+    size_t smem_used = 0;         // arena bytes the block's SHARED arrays occupy
+    size_t smem_declared = 0;     // what the block's SHARED arrays take on a GPU
     std::vector<SharedSlot> smem_slots;
-    std::unique_ptr<char[]> dyn_storage;  // dynamic shared memory, exactly the launch's size
+    std::unique_ptr<char, decltype(&free)> dyn_storage{nullptr, &free};  // dynamic shared memory, exactly the launch's size
     size_t dyn_capacity = 0;
     char* dyn_smem = nullptr;
     // memory faults inside kernels
@@ -499,8 +506,8 @@ struct Worker {
     size_t main_stack_size = 0;
 #endif
     Worker() {
-        smem = (char*)aligned_alloc(128, kStaticSharedLimit);
-        memset(smem, 0xFF, kStaticSharedLimit);
+        smem = (char*)aligned_alloc(128, kSharedArena);
+        memset(smem, 0xFF, kSharedArena);
     }
 };
 
@@ -762,9 +769,11 @@ static uint64_t warp_op(WarpOp op, uint32_t mask, uint64_t value, int32_t param,
         block_fail(w, cudaErrorLaunchFailure, thread_name(w, t) + where() + " waits for " + thread_name(w, other) + ", which has exited");
         fiber_abandon(w);
     }
-    for (uint32_t m = w.warp_waiting[warp] & members; m; m &= m - 1) {
+    // every waiting lane that this one names, or that names this one, must do the same
+    for (uint32_t m = w.warp_waiting[warp]; m; m &= m - 1) {
         const ThreadSlot& o = w.t[warp * 32 + __builtin_ctz(m)];
-        if (o.mask != mask || o.op != op) {
+        bool related = (members >> __builtin_ctz(m) & 1u) || (o.mask >> lane & 1u);
+        if (related && (o.mask != mask || o.op != op)) {
             char buf[64];
             snprintf(buf, sizeof(buf), " (mask 0x%08x vs 0x%08x)", mask, o.mask);
             block_fail(w, cudaErrorLaunchFailure, "mismatched warp operation: " + thread_name(w, t) + where() + buf + ", " +
@@ -810,15 +819,17 @@ static void* shared_static(const void* key, size_t bytes, size_t align) {
     Worker& w = *wp;
     for (const SharedSlot& s : w.smem_slots)
         if (s.key == key) return w.smem + s.offset;
-    size_t offset = (w.smem_used + align - 1) & ~(align - 1);
-    if (offset + bytes > kStaticSharedLimit) {
+    size_t declared = ((w.smem_declared + align - 1) & ~(align - 1)) + bytes;
+    size_t offset = (w.smem_used + kSharedRedzone + align - 1) & ~(align - 1);
+    if (declared > kStaticSharedLimit || offset + bytes > kSharedArena) {
         block_fail(w, cudaErrorLaunchOutOfResources,
                    "static shared memory of kernel " + std::string(w.call->name) + " exceeds 48 KB (" +
-                       std::to_string(offset + bytes) + " bytes)");
+                       std::to_string(declared) + " bytes)");
         fiber_abandon(w);
     }
     w.smem_slots.push_back(SharedSlot{key, offset});
     w.smem_used = offset + bytes;
+    w.smem_declared = declared;
 #if CUDA_CPU_ASAN
     __asan_unpoison_memory_region(w.smem + offset, bytes);
 #endif
@@ -910,22 +921,27 @@ static void run_block(Worker& w, Grid& g, uint64_t b) {
         w.t[i].state = kUnstarted;
     }
     if (g.schedule == kRandom) shuffle(w.order.data(), w.n, w.seed);
-    // shared memory: back to NaN bytes
-    size_t dirty = std::max(w.smem_dirty, w.smem_used);
+    // shared memory: back to NaN bytes (the block before used [0, smem_used) of the arena)
 #if CUDA_CPU_ASAN
-    __asan_unpoison_memory_region(w.smem, kStaticSharedLimit);
+    __asan_unpoison_memory_region(w.smem, kSharedArena);
 #endif
-    memset(w.smem, 0xFF, dirty);
+    memset(w.smem, 0xFF, w.smem_used);
 #if CUDA_CPU_ASAN
-    __asan_poison_memory_region(w.smem, kStaticSharedLimit);
+    __asan_poison_memory_region(w.smem, kSharedArena);
 #endif
-    w.smem_dirty = dirty;
     w.smem_used = 0;
+    w.smem_declared = 0;
     w.smem_slots.clear();
     if (g.smem) {
         if (w.dyn_capacity != g.smem) {  // exactly the launch's size, so ASan sees overruns
-            w.dyn_storage.reset(new char[g.smem]);
-            w.dyn_capacity = g.smem;
+            void* p = nullptr;
+            w.dyn_capacity = posix_memalign(&p, 128, g.smem) == 0 ? g.smem : 0;
+            w.dyn_storage.reset((char*)p);
+            if (!w.dyn_capacity) {
+                block_fail(w, cudaErrorLaunchOutOfResources, "cannot allocate " + std::to_string(g.smem) + " bytes of dynamic shared memory");
+                end_block(w, g);
+                return;
+            }
         }
         memset(w.dyn_storage.get(), 0xFF, g.smem);
         w.dyn_smem = w.dyn_storage.get();
@@ -944,7 +960,7 @@ static void run_block(Worker& w, Grid& g, uint64_t b) {
         if (w.failed) break;
         if (!switch_next(w, &w.main_sp, true)) {
             if (w.live > 0) {
-                // nothing can run: name one waiting thread and the one it waits for
+                // nothing can run: name a thread at a block barrier and one at a warp operation
                 std::string msg = "deadlock:";
                 for (int i = 0; i < w.n; i++) {
                     const ThreadSlot& s = w.t[i];
@@ -1042,16 +1058,19 @@ static void run_blocks(Grid& g) {
     w.fault_armed = false;
 }
 
-// Persistent worker threads; the launching thread works too. Never destroyed (the
-// threads are detached and may still wait when static destructors run).
+// Persistent worker threads; the launching thread works too. Helpers that wake up late
+// (a busy machine) find the grid closed and go back to sleep: the launcher only waits
+// for helpers that are running blocks. Never destroyed (the threads are detached and
+// may still wait when static destructors run).
 struct Pool {
     std::mutex launch_mu;  // one grid at a time
     std::mutex mu;
     std::condition_variable wake, done;
     int threads = 0;
     uint64_t generation = 0;
-    int wanted = 0;   // pool threads taking part in the current grid
-    int running = 0;
+    int wanted = 0;     // pool threads asked to help with the current grid
+    int active = 0;     // pool threads running its blocks
+    bool open = false;  // helpers may still join it
     Grid* grid = nullptr;
 };
 static Pool& pool() {
@@ -1065,7 +1084,8 @@ static Pool& pool() {
                            new (&pool().wake) std::condition_variable;
                            new (&pool().done) std::condition_variable;
                            pool().threads = 0;
-                           pool().running = 0;
+                           pool().active = 0;
+                           pool().open = false;
                        });
         return q;
     }();
@@ -1078,11 +1098,13 @@ static void pool_thread(int index, uint64_t seen) {
     for (;;) {
         p.wake.wait(lock, [&] { return p.generation != seen && index < p.wanted; });
         seen = p.generation;
+        if (!p.open) continue;
+        p.active++;
         Grid* g = p.grid;
         lock.unlock();
         run_blocks(*g);
         lock.lock();
-        if (--p.running == 0) p.done.notify_all();
+        if (--p.active == 0) p.done.notify_all();
     }
 }
 
@@ -1096,14 +1118,15 @@ static void run_grid(Grid& g) {
         while (p.threads < helpers) std::thread(pool_thread, p.threads++, p.generation).detach();
         p.grid = &g;
         p.wanted = helpers;
-        p.running = helpers;
+        p.open = true;
         p.generation++;
         p.wake.notify_all();
     }
     run_blocks(g);
     if (helpers > 0) {
         std::unique_lock<std::mutex> lock(p.mu);
-        p.done.wait(lock, [&] { return p.running == 0; });
+        p.open = false;
+        p.done.wait(lock, [&] { return p.active == 0; });
         p.wanted = 0;
     }
 }
@@ -1148,7 +1171,8 @@ namespace {
 
 struct Streams {
     std::recursive_mutex mu;
-    std::vector<CUstream_st*> all;  // never freed: events may still point at them
+    std::vector<CUstream_st*> all;  // live streams; destroyed ones stay allocated, as events may point at them
+    uint64_t pending = 0;           // queued ops of all streams
     CUstream_st legacy[kMaxDevices];
     Streams() {
         for (int i = 0; i < kMaxDevices; i++) {
@@ -1174,12 +1198,14 @@ static void run_until(CUstream_st* s, uint64_t seq) {
         for (auto& dep : op.after) run_until(dep.first, dep.second);
         op.run();
         s->done++;
+        streams().pending--;
     }
 }
 
 static void run_all(int device) {  // device < 0: every device
     Streams& st = streams();
     std::lock_guard<std::recursive_mutex> lock(st.mu);
+    if (!st.pending) return;
     for (CUstream_st* s : st.all)
         if (device < 0 || s->device == device) run_until(s, s->enqueued);
 }
@@ -1197,13 +1223,14 @@ static void stream_run(CUstream_st* s, std::function<void()> op, std::vector<std
     }
     if (s == &st.legacy[s->device]) {
         for (CUstream_st* b : st.all)
-            if (b != s && b->device == s->device && !b->destroyed && !(b->flags & cudaStreamNonBlocking)) after.push_back({b, b->enqueued});
+            if (b != s && b->device == s->device && !(b->flags & cudaStreamNonBlocking)) after.push_back({b, b->enqueued});
     } else if (!(s->flags & cudaStreamNonBlocking)) {
         CUstream_st* legacy = &st.legacy[s->device];
         after.push_back({legacy, legacy->enqueued});
     }
     s->queue.push_back(StreamOp{std::move(op), std::move(after)});
     s->enqueued++;
+    st.pending++;
 }
 
 static void stream_sync(CUstream_st* s) {
@@ -1788,7 +1815,10 @@ static inline cudaError_t cudaStreamDestroy(cudaStream_t stream) {
     using namespace ::cuda_cpu;
     if (!stream || stream->destroyed) return set_error(cudaErrorInvalidResourceHandle, "cudaStreamDestroy: not a live stream");
     stream_sync(stream);  // its work still completes, as on the GPU
+    std::lock_guard<std::recursive_mutex> lock(streams().mu);
     stream->destroyed = true;
+    auto& all = streams().all;
+    all.erase(std::find(all.begin(), all.end(), stream));
     return cudaSuccess;
 }
 static inline cudaError_t cudaStreamSynchronize(cudaStream_t stream) {

@@ -103,6 +103,8 @@ extern "C" int rt_transpose(const float* in, int rows, int cols, int with_barrie
 // 1: thread 3 returns while the others wait at the barrier
 // 2: lanes 0-15 wait at __syncthreads() while lanes 16-31 wait at a shuffle with them: deadlock
 // 3: lane 0 shuffles with a mask that leaves out its own lane
+// 4: lane 5 returns while the others shuffle with it
+// 5: lanes 0-15 shuffle among themselves, lanes 16-31 with the whole warp
 __global__ void barrier_misuse(int scenario, float* out) {
     int t = threadIdx.x;
     float v = (float)t;
@@ -115,8 +117,13 @@ __global__ void barrier_misuse(int scenario, float* out) {
     } else if (scenario == 2) {
         if (t < 16) __syncthreads();
         else v = __shfl_xor_sync(0xFFFFFFFFu, v, 1);
-    } else {
+    } else if (scenario == 3) {
         v = __shfl_sync(t == 0 ? 0xFFFFFFFEu : 0xFFFFFFFFu, v, 0);
+    } else if (scenario == 4) {
+        if (t == 5) return;
+        v = __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+    } else {
+        v = __shfl_xor_sync(t < 16 ? 0x0000FFFFu : 0xFFFFFFFFu, v, 1);
     }
     out[t] = v;
 }
@@ -211,14 +218,18 @@ extern "C" int rt_warp_sum(const double* x, int threads, double* out) {
 
 // --- memory -------------------------------------------------------------------------------
 
-// Reads shared memory and device memory that nobody wrote (both must be NaN), and
-// counts threads with an integer atomicAdd.
+// Reads shared memory that no thread of the block wrote (the block before it on the same
+// worker did) and device memory nobody wrote: all must be NaN. Counts threads with an
+// integer atomicAdd.
 __global__ void uninitialised(const float* fresh, float* out, int* count) {
-    SHARED(float, never_written, [64]);
+    SHARED(float, tile, [64]);
     EXTERN_SHARED(float, dynamic);
-    out[0] = never_written[threadIdx.x];
-    out[1] = dynamic[threadIdx.x];
-    out[2] = fresh[threadIdx.x];
+    float* mine = out + 3 * (blockIdx.x * 64 + threadIdx.x);
+    mine[0] = tile[threadIdx.x];
+    mine[1] = dynamic[threadIdx.x];
+    mine[2] = fresh[threadIdx.x];
+    tile[threadIdx.x] = 1.0f;
+    dynamic[threadIdx.x] = 1.0f;
     atomicAdd(count, 1);
 }
 
@@ -226,12 +237,12 @@ extern "C" int rt_uninitialised(int blocks, float* out, int* count) {
     float *fresh, *dout;
     int* dcount;
     TRY(cudaMalloc(&fresh, 64 * sizeof(float)));
-    TRY(cudaMalloc(&dout, 3 * sizeof(float)));
+    TRY(cudaMalloc(&dout, 3 * 64 * blocks * sizeof(float)));
     TRY(cudaMalloc(&dcount, sizeof(int)));
     TRY(cudaMemset(dcount, 0, sizeof(int)));
     KERNEL_LAUNCH(uninitialised, blocks, 64, 64 * sizeof(float), 0, fresh, dout, dcount);
     TRY(cudaGetLastError());
-    TRY(cudaMemcpy(out, dout, 3 * sizeof(float), cudaMemcpyDeviceToHost));
+    TRY(cudaMemcpy(out, dout, 3 * 64 * blocks * sizeof(float), cudaMemcpyDeviceToHost));
     TRY(cudaMemcpy(count, dcount, sizeof(int), cudaMemcpyDeviceToHost));
     return finish(cudaSuccess);
 }
@@ -240,6 +251,8 @@ extern "C" int rt_uninitialised(int blocks, float* out, int* count) {
 // array (where = 1): ASan must report it.
 __global__ void write_past_end(float* x, int n, int where) {
     SHARED(float, tile, [32]);
+    SHARED(float, next, [32]);  // right after tile: the overrun must not land in it unseen
+    next[threadIdx.x] = 0.0f;
     if (threadIdx.x == 0) {
         if (where == 0) x[n] = 1.0f;
         else (&tile[0])[n - 68] = 1.0f;  // n = 100: tile[32], through a pointer so that ASan, not UBSan, sees it
