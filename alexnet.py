@@ -1499,7 +1499,7 @@ _CDEFS += [
 ]
 
 
-def _f32(array, shape, what):
+def _float32(array, shape, what):
     """array as contiguous float32, after checking its shape (-1 matches any size)."""
     array = np.ascontiguousarray(array, dtype=np.float32)
     if array.ndim != len(shape) or any(w not in (-1, g) for w, g in zip(shape, array.shape)):
@@ -1520,8 +1520,8 @@ def _conv_dims(inp_shape, weight_shape, stride, pad, groups, out_hw):
 
 def cuda_conv_forward(inp, weight, bias, stride=1, pad=0, groups=1, out_hw=None, relu=False):
     _, lib = library()
-    inp, weight = _f32(inp, (-1,) * 4, "input"), _f32(weight, (-1,) * 4, "weight")
-    bias = _f32(bias, (weight.shape[0],), "bias")
+    inp, weight = _float32(inp, (-1,) * 4, "input"), _float32(weight, (-1,) * 4, "weight")
+    bias = _float32(bias, (weight.shape[0],), "bias")
     dims = _conv_dims(inp.shape, weight.shape, stride, pad, groups, out_hw)
     N, _, _, _, K, _, _, _, _, _, OH, OW = dims
     out = np.empty((N, K, OH, OW), np.float32)
@@ -1532,9 +1532,9 @@ def cuda_conv_forward(inp, weight, bias, stride=1, pad=0, groups=1, out_hw=None,
 
 def cuda_conv_backward_data(dout, weight, in_hw, stride=1, pad=0, groups=1):
     _, lib = library()
-    dout = _f32(dout, (-1,) * 4, "dout")
+    dout = _float32(dout, (-1,) * 4, "dout")
     N, K, OH, OW = dout.shape
-    weight = _f32(weight, (K, -1, -1, -1), "weight")
+    weight = _float32(weight, (K, -1, -1, -1), "weight")
     dims = _conv_dims((N, weight.shape[1] * groups, *in_hw), weight.shape, stride, pad, groups,
                       (OH, OW))
     dinp = np.empty(dims[:4], np.float32)
@@ -1544,9 +1544,9 @@ def cuda_conv_backward_data(dout, weight, in_hw, stride=1, pad=0, groups=1):
 
 def cuda_conv_backward_weights(dout, inp, kernel_hw, stride=1, pad=0, groups=1):
     _, lib = library()
-    dout = _f32(dout, (-1,) * 4, "dout")
+    dout = _float32(dout, (-1,) * 4, "dout")
     N, K, OH, OW = dout.shape
-    inp = _f32(inp, (N, -1, -1, -1), "input")
+    inp = _float32(inp, (N, -1, -1, -1), "input")
     weight_shape = (K, inp.shape[1] // max(groups, 1), *kernel_hw)
     dims = _conv_dims(inp.shape, weight_shape, stride, pad, groups, (OH, OW))
     dweight, dbias = np.empty(weight_shape, np.float32), np.empty(K, np.float32)
@@ -1557,8 +1557,8 @@ def cuda_conv_backward_weights(dout, inp, kernel_hw, stride=1, pad=0, groups=1):
 
 def cuda_fc_forward(inp, weight, bias, relu=False):
     _, lib = library()
-    inp, weight = _f32(inp, (-1, -1), "input"), _f32(weight, (-1, inp.shape[1]), "weight")
-    bias = _f32(bias, (weight.shape[0],), "bias")
+    inp, weight = _float32(inp, (-1, -1), "input"), _float32(weight, (-1, inp.shape[1]), "weight")
+    bias = _float32(bias, (weight.shape[0],), "bias")
     out = np.empty((inp.shape[0], weight.shape[0]), np.float32)
     _check(lib.alexnet_fc_forward(_ptr(out), _ptr(inp), _ptr(weight), _ptr(bias), *inp.shape,
                                   weight.shape[0], int(relu)))
@@ -1567,8 +1567,8 @@ def cuda_fc_forward(inp, weight, bias, relu=False):
 
 def cuda_fc_backward_data(dout, weight):
     _, lib = library()
-    dout, weight = _f32(dout, (-1, -1), "dout"), _f32(weight, (-1, -1), "weight")
-    _f32(dout, (-1, weight.shape[0]), "dout")
+    dout, weight = _float32(dout, (-1, -1), "dout"), _float32(weight, (-1, -1), "weight")
+    _float32(dout, (-1, weight.shape[0]), "dout")
     dinp = np.empty((dout.shape[0], weight.shape[1]), np.float32)
     _check(lib.alexnet_fc_backward_data(_ptr(dinp), _ptr(dout), _ptr(weight), *dinp.shape,
                                         weight.shape[0]))
@@ -1577,8 +1577,8 @@ def cuda_fc_backward_data(dout, weight):
 
 def cuda_fc_backward_weights(dout, inp):
     _, lib = library()
-    dout, inp = _f32(dout, (-1, -1), "dout"), _f32(inp, (-1, -1), "input")
-    _f32(inp, (dout.shape[0], -1), "input")
+    dout, inp = _float32(dout, (-1, -1), "dout"), _float32(inp, (-1, -1), "input")
+    _float32(inp, (dout.shape[0], -1), "input")
     dweight = np.empty((dout.shape[1], inp.shape[1]), np.float32)
     dbias = np.empty(dout.shape[1], np.float32)
     _check(lib.alexnet_fc_backward_weights(_ptr(dweight), _ptr(dbias), _ptr(dout), _ptr(inp),

@@ -274,10 +274,11 @@ __device__ __forceinline__ void unrolled(F&& f) {
 }
 
 // A Problem provides: GemmDims dims; the flags a_k_contiguous, b_k_contiguous and
-// row_sums; a(batch, m, k) and b(batch, k, n) for in-range indices; store(batch, split,
-// m, n, value); and, when row_sums is set, store_row_sum(batch, split, m, value), which
-// receives sum_k A[m][k] over the split's range (the bias gradient: when A is the output
-// gradient, the bias is a weight whose input is always 1).
+// row_sums; batch(z), the constants of GEMM z < dims.batches that the block computes
+// once (the conv group, say); a(batch, m, k) and b(batch, k, n) for in-range indices;
+// store(batch, split, m, n, value); and, when row_sums is set, store_row_sum(batch,
+// split, m, value), which receives sum_k A[m][k] over the split's range (the bias
+// gradient: when A is the output gradient, the bias is a weight whose input is 1).
 template <int TILE_M, typename Problem>
 __global__ void __launch_bounds__(GEMM_THREADS, 2) gemm_tile_kernel(Problem p) {
     constexpr int TILE_N = GemmTile<TILE_M>::N, TILE_K = GemmTile<TILE_M>::K;
@@ -292,7 +293,8 @@ __global__ void __launch_bounds__(GEMM_THREADS, 2) gemm_tile_kernel(Problem p) {
     const GemmDims d = p.dims;
     const int tid = threadIdx.x, tx = tid % STEP_N, ty = tid / STEP_N;
     const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
-    const int batch = blockIdx.z % d.batches, split = blockIdx.z / d.batches;
+    const auto batch = p.batch(blockIdx.z % d.batches);
+    const int split = blockIdx.z / d.batches;
     const int k_begin = split * d.depth_per_split;
     const int k_end = k_begin + d.depth_per_split < d.depth ? k_begin + d.depth_per_split : d.depth;
     const bool sums_rows = Problem::row_sums && blockIdx.x == 0 && tx == 0;
@@ -439,6 +441,7 @@ struct ConvForward {
     bool relu;
     static constexpr bool a_k_contiguous = true, b_k_contiguous = false, row_sums = false;
 
+    __device__ int batch(int z) const { return z; }  // the group
     __device__ float a(int g, int m, int k) const {
         return weight[((long)g * s.kg() + m) * dims.depth + k];
     }
@@ -478,36 +481,42 @@ struct ConvBackwardData {
     int phase_h, phase_w, taps_r, taps_s;  // pixels and taps of a phase, along y and x
     static constexpr bool a_k_contiguous = true, b_k_contiguous = false, row_sums = false;
 
-    // Phase py's first pixel y0 (smallest y >= 0 with (y + pad) % stride == py) and the
-    // output row oy0 that its tap py reads.
-    __device__ int first_pixel(int phase) const {
-        return ((phase - s.pad) % s.stride + s.stride) % s.stride;
+    // Constants of one (phase, group) GEMM, computed once per block: the phase's first
+    // pixel (y0, x0) (the smallest y >= 0 with (y + pad) % stride == py) and the output
+    // pixel (oy0, ox0) its first tap (py, px) reads.
+    struct Phase {
+        int g, py, px, y0, x0, oy0, ox0;
+    };
+    __device__ Phase batch(int z) const {
+        Phase ph;
+        ph.g = z % s.groups;
+        ph.py = z / s.groups / s.stride;
+        ph.px = z / s.groups % s.stride;
+        ph.y0 = ((ph.py - s.pad) % s.stride + s.stride) % s.stride;
+        ph.x0 = ((ph.px - s.pad) % s.stride + s.stride) % s.stride;
+        ph.oy0 = (ph.y0 + s.pad - ph.py) / s.stride;
+        ph.ox0 = (ph.x0 + s.pad - ph.px) / s.stride;
+        return ph;
     }
-    __device__ float a(int batch, int m, int k) const {  // w[k's filter][m][k's tap]
-        int g = batch % s.groups, phase = batch / s.groups;
+    __device__ float a(const Phase& ph, int m, int k) const {  // w[k's filter][m][k's tap]
         int filter = k / (taps_r * taps_s), tap = k % (taps_r * taps_s);
-        int r = phase / s.stride + tap / taps_s * s.stride;
-        int c = phase % s.stride + tap % taps_s * s.stride;
+        int r = ph.py + tap / taps_s * s.stride, c = ph.px + tap % taps_s * s.stride;
         if (r >= s.R || c >= s.S) return 0.0f;
-        return weight[(((long)g * s.kg() + filter) * s.cg() + m) * s.R * s.S + r * s.S + c];
+        return weight[(((long)ph.g * s.kg() + filter) * s.cg() + m) * s.R * s.S + r * s.S + c];
     }
-    __device__ float b(int batch, int k, int n) const {
-        int g = batch % s.groups, phase = batch / s.groups;
-        int py = phase / s.stride, px = phase % s.stride;
+    __device__ float b(const Phase& ph, int k, int n) const {
         int filter = k / (taps_r * taps_s), tap = k % (taps_r * taps_s);
         int image = n / (phase_h * phase_w), pix = n % (phase_h * phase_w);
-        int oy = (first_pixel(py) + s.pad - py) / s.stride + pix / phase_w - tap / taps_s;
-        int ox = (first_pixel(px) + s.pad - px) / s.stride + pix % phase_w - tap % taps_s;
+        int oy = ph.oy0 + pix / phase_w - tap / taps_s;
+        int ox = ph.ox0 + pix % phase_w - tap % taps_s;
         if (oy < 0 || oy >= s.OH || ox < 0 || ox >= s.OW) return 0.0f;
-        return dout[(((long)image * s.K + g * s.kg() + filter) * s.OH + oy) * s.OW + ox];
+        return dout[(((long)image * s.K + ph.g * s.kg() + filter) * s.OH + oy) * s.OW + ox];
     }
-    __device__ void store(int batch, int split, int m, int n, float v) const {
-        int g = batch % s.groups, phase = batch / s.groups;
+    __device__ void store(const Phase& ph, int split, int m, int n, float v) const {
         int image = n / (phase_h * phase_w), pix = n % (phase_h * phase_w);
-        int y = first_pixel(phase / s.stride) + pix / phase_w * s.stride;
-        int x = first_pixel(phase % s.stride) + pix % phase_w * s.stride;
+        int y = ph.y0 + pix / phase_w * s.stride, x = ph.x0 + pix % phase_w * s.stride;
         if (y < s.H && x < s.W)
-            dinp[(((long)image * s.C + g * s.cg() + m) * s.H + y) * s.W + x] = v;
+            dinp[(((long)image * s.C + ph.g * s.cg() + m) * s.H + y) * s.W + x] = v;
     }
 };
 
@@ -546,6 +555,7 @@ struct ConvBackwardWeights {
     const float *dout, *inp;
     static constexpr bool a_k_contiguous = true, b_k_contiguous = true, row_sums = true;
 
+    __device__ int batch(int z) const { return z; }  // the group
     __device__ float a(int g, int m, int k) const {
         int image = k / (s.OH * s.OW), opix = k % (s.OH * s.OW);
         return dout[((long)image * s.K + g * s.kg() + m) * s.OH * s.OW + opix];
@@ -850,6 +860,7 @@ struct FcForward {
     bool relu;
     static constexpr bool a_k_contiguous = true, b_k_contiguous = true, row_sums = false;
 
+    __device__ int batch(int) const { return 0; }  // a single GEMM
     __device__ float a(int, int m, int k) const { return inp[(long)m * dims.depth + k]; }
     __device__ float b(int, int k, int n) const { return weight[(long)n * dims.depth + k]; }
     __device__ void store(int, int, int m, int n, float v) const {
@@ -882,6 +893,7 @@ struct FcBackwardData {
     const float *dout, *weight;
     static constexpr bool a_k_contiguous = true, b_k_contiguous = false, row_sums = false;
 
+    __device__ int batch(int) const { return 0; }  // a single GEMM
     __device__ float a(int, int m, int k) const { return dout[(long)m * dims.depth + k]; }
     __device__ float b(int, int k, int n) const { return weight[(long)k * dims.cols + n]; }
     __device__ void store(int, int, int m, int n, float v) const {
@@ -906,6 +918,7 @@ struct FcBackwardWeights {
     const float *dout, *inp;
     static constexpr bool a_k_contiguous = false, b_k_contiguous = false, row_sums = true;
 
+    __device__ int batch(int) const { return 0; }  // a single GEMM
     __device__ float a(int, int m, int k) const { return dout[(long)k * dims.rows + m]; }
     __device__ float b(int, int k, int n) const { return inp[(long)k * dims.cols + n]; }
     __device__ void store(int, int, int m, int n, float v) const {

@@ -203,8 +203,8 @@ ALEXNET_CONVS = {
 }
 ALEXNET_FCS = {"fc6": (2, 9216, 2048), "fc7": (2, 4096, 2048), "fc8": (2, 4096, 1000)}
 
-# Sizes that divide no tile (64, 16x256, k-steps of 16): odd, C=3, K=1, batch 1,
-# stride > kernel (pixels no window covers), overhang, groups.
+# Sizes that divide no tile (64x64, 16x256, slices of 16 and 32): odd, C=3, K=1,
+# batch 1, stride > kernel (pixels no window covers), overhang, groups.
 AWKWARD_CONVS = [
     (1, 3, 11, 13, 1, 3, 3, 1, 1, 1, None),
     (3, 5, 9, 7, 17, 2, 3, 2, 0, 1, None),
@@ -213,6 +213,7 @@ AWKWARD_CONVS = [
     (1, 4, 17, 17, 6, 1, 1, 2, 0, 2, None),
     (5, 34, 6, 5, 18, 5, 3, 1, 2, 2, None),
     (1, 1, 1, 1, 1, 1, 1, 1, 0, 1, None),
+    (4, 4, 24, 24, 6, 3, 3, 1, 1, 2, None),      # weight gradient split in 2, with groups
 ]
 AWKWARD_FCS = [(1, 1, 1), (1, 37, 5), (3, 17, 65), (17, 65, 3), (67, 33, 129)]
 
