@@ -85,8 +85,9 @@ def read_shard(path):
     """A shard as memory-mapped arrays (nothing is read until used)."""
     h = _read_header(path, SHARD_MAGIC, "dataset shard")
     n, height, width, channels, classes = (int(v) for v in h[2:7])
-    if min(n, height, width, channels, classes) < 1 or channels != 3:
-        raise AlexNetError(f"{path}: impossible shard header (N={n} H={height} W={width} C={channels} classes={classes})")
+    if n < 0 or min(height, width, classes) < 1 or channels != 3:   # N = 0: every image was skipped
+        raise AlexNetError(f"{path}: impossible shard header "
+                           f"(N={n} H={height} W={width} C={channels} classes={classes})")
     size, expected = os.path.getsize(path), shard_bytes(n, height, width, channels)
     if size != expected:
         raise AlexNetError(f"{path}: {size} bytes, but its header says {expected} (truncated or corrupt shard)")
@@ -312,8 +313,9 @@ class PixelSums:
 # distance d(u, v) in the shape's own frame (unit = the shape's radius r, so d * r is in
 # pixels); every image has its own position (within the training crop margin), radius,
 # rotation, background colour and gradient, foreground colour, a clutter line and noise.
-# Colours are random with random sign of contrast, so no fixed pixel pattern belongs to a
-# class: a linear classifier on raw pixels stays near chance, a convnet learns the shapes.
+# Colours are random and the sign of the contrast varies per channel, so no fixed pixel
+# pattern belongs to a class: a linear classifier on raw pixels stays near chance, while
+# a convnet learns the shapes.
 
 SYNTHETIC_CLASSES = ("disc", "ring", "square", "frame", "triangle",
                      "plus", "crescent", "star", "stripes", "checker")
@@ -759,6 +761,13 @@ def prepare(source_name, path=None, out=None, workers=None, shard_images=None, o
     """Prepare a dataset folder (see section 1) from a source; returns the folder."""
     source = SOURCES[source_name](path, **{k: v for k, v in options.items() if v is not None})
     out = out or os.path.join("data", source_name)
+    try:
+        return _prepare(source_name, source, out, workers, shard_images, on_error, force)
+    except OSError as e:   # the output folder: not creatable, not writable, disk full
+        raise AlexNetError(f"{e.filename or out}: {e.strerror}")
+
+
+def _prepare(source_name, source, out, workers, shard_images, on_error, force):
     size, num_classes = source.size, len(source.classes)
     shard_images = shard_images or (SHARD_MAX_BYTES - HEADER_BYTES) // (4 + 3 * size * size)
     workers = workers or os.cpu_count() or 1
@@ -789,12 +798,14 @@ def prepare(source_name, path=None, out=None, workers=None, shard_images=None, o
 def _prepare_arguments(p):
     p.description = "Turn images into a dataset folder (shards, stats.bin, classes.txt)."
     p.add_argument("source", choices=sorted(SOURCES), help="synthetic (built in), cifar10 or imagenet")
-    p.add_argument("path", nargs="?", help="cifar10: the folder of data_batch_*.bin; imagenet: the folder of train/ and val/")
+    p.add_argument("path", nargs="?",
+                   help="cifar10: the folder of data_batch_*.bin; imagenet: the folder of train/ and val/")
     p.add_argument("--out", help="output folder (default data/SOURCE)")
     p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
     p.add_argument("--shard-images", type=int, help="images per shard (default: as many as fit in 1 GiB)")
     p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
-                   help="unreadable images: stop with an error (default) or leave them out and list them in DIR/skipped.txt")
+                   help="unreadable images: stop with an error (default), or leave them out "
+                        "and list them in DIR/skipped.txt")
     p.add_argument("--force", action="store_true", help="replace a dataset prepared from other inputs or settings")
     p.add_argument("--size", type=int, help="image side (synthetic: default 32; imagenet: default 256)")
     p.add_argument("--seed", type=int, help="synthetic: the images; imagenet: the order of training images (default 0)")

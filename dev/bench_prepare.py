@@ -11,8 +11,8 @@ then times, on the same files in the same run:
          and with all cores
 After one warm-up pass (files in the page cache), the three are timed in turn for
 --rounds rounds; the best time of each counts. Besides wall-clock images/s (per core:
-divided by the workers), it prints images per CPU-second (this process and its workers), which a
-busy machine disturbs much less than wall-clock time.
+divided by the workers), it prints images per CPU-second (this process and its workers),
+which a busy machine disturbs much less than wall-clock time.
 """
 import argparse
 import os
@@ -107,7 +107,8 @@ def main():
     base_wall, base_cpu = rows[0][2], rows[0][3]
     print(f"{n} JPEGs of {width}x{height} (and {height}x{width}), quality 90, mean {kb:.0f} KB; "
           f"{os.cpu_count()} cores; Pillow {Image.__version__}; load average {os.getloadavg()[0]:.1f}")
-    print(f"{'':18s} {'images/s':>9s} {'per core':>9s} {'vs naive':>9s}   {'images per CPU-second':>22s} {'vs naive':>9s}")
+    print(f"{'':18s} {'images/s':>9s} {'per core':>9s} {'vs naive':>9s}   "
+          f"{'images per CPU-second':>22s} {'vs naive':>9s}")
     for name, workers, speed, per_cpu in rows:
         print(f"{name:18s} {speed:9.0f} {speed / workers:9.0f} {speed / workers / base_wall:8.2f}x   "
               f"{per_cpu:22.0f} {per_cpu / base_cpu:8.2f}x")
