@@ -1,13 +1,14 @@
 """AlexNet, the Python side.
 
     python alexnet.py prepare SOURCE [PATH] --out DIR    # images -> dataset folder
+    python alexnet.py train --data DIR [FLAGS]           # train_alexnet(_cpu) with FLAGS
     python alexnet.py demo                               # the one-command demo
 
 Sections, in reading order:
   1. dataset files: the binary formats, read_shard, read_stats
   2. data preparation: synthetic, CIFAR-10, ImageNet
   3. NumPy reference of every layer (forward and backward), named like the CUDA kernels
-  4. NumPy reference of the whole two-tower model
+  4. NumPy reference of the whole two-tower model; checkpoints; the train command
   5. the shared library: cffi bindings to train_alexnet.cu's C API
   6. command line
 """
