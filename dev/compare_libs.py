@@ -185,8 +185,9 @@ def run_side(lib, env_pairs, args, path):
 
 
 def compare_outputs(a, b, errors_a, errors_b, lengths, exact, allowed):
-    """Table lines comparing outputs a and b ({"op/output": array}), and the number of problems."""
-    lines, bad = [], 0
+    """Table lines comparing outputs a and b ({"op/output": array}), the number of problems,
+    and the largest d with its output name."""
+    lines, bad, worst = [], 0, (0.0, "")
     for name in lengths:
         if name in errors_a or name in errors_b:
             lines.append(f"{name:40s} FAILED  A: {errors_a.get(name, 'ok')}  B: {errors_b.get(name, 'ok')}")
@@ -214,8 +215,10 @@ def compare_outputs(a, b, errors_a, errors_b, lengths, exact, allowed):
             else:
                 verdict = "DIFFERS"
             bad += verdict not in ("exact", "ok")
+            if d > worst[0]:
+                worst = (d, key)
             lines.append(f"{key:40s} {diff:11.3e} {scale:11.3e} {d:10.2e} {tol:10.2e}  {verdict}")
-    return lines, bad
+    return lines, bad, worst
 
 
 def compare(args):
@@ -230,9 +233,11 @@ def compare(args):
     print(f"B = {args.lib_b} {' '.join(args.env_b)}".rstrip())
     print(f"shapes {args.shapes}, batch {args.batch}; d = max|A-B| / max|B|")
     print(f"{'op / output':40s} {'max|A-B|':>11s} {'max|B|':>11s} {'d':>10s} {'tol':>10s}  verdict")
-    lines, bad = compare_outputs(a, b, errors_a, errors_b, lengths, args.exact, allowed)
+    lines, bad, (d, key) = compare_outputs(a, b, errors_a, errors_b, lengths, args.exact, allowed)
     print("\n".join(lines))
-    print(f"compare_libs: {'all ops agree' if bad == 0 else f'{bad} problem(s)'}")
+    exact = sum(line.endswith("  exact") for line in lines)
+    print(f"compare_libs: {len(lines)} outputs, {exact} bitwise equal, largest d {d:.2e}"
+          f"{f' ({key})' if key else ''}: {'all ops agree' if bad == 0 else f'{bad} problem(s)'}")
     return 1 if bad else 0
 
 

@@ -232,9 +232,10 @@ step4() {
             [ "${PIPESTATUS[0]}" = 0 ] || status=1
         done
     fi
-    line=$(grep -c -E 'DIFFERS|FAILED|NOT FINITE|shapes differ' "$WORK/compare.log")
-    if [ "$status" = 0 ]; then result 4 "PASS (every op within tolerance; $(grep -c ' exact$' "$WORK/compare.log") outputs bitwise equal)"
-    else result 4 "FAIL ($line problem line(s), exit $status; see $WORK/compare.log)"; return 1; fi
+    local summary
+    summary=$(grep '^compare_libs: ' "$WORK/compare.log" | sed 's/^compare_libs: //' | paste -sd';' - | sed 's/;/; /g')
+    if [ "$status" = 0 ]; then result 4 "PASS (${summary:-no summary})"
+    else result 4 "FAIL (${summary:-no summary}; exit $status; see $WORK/compare.log)"; return 1; fi
 }
 
 # --- 5. training smoke run --------------------------------------------------------------

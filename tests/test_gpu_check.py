@@ -86,16 +86,18 @@ def test_compare_verdicts():
     nan = {"conv/forward": np.array([1.0, np.nan, 4.0], np.float32)}
 
     def verdict(a, exact=False, allowed=()):
-        lines, bad = compare(a, b, {}, {}, lengths, exact, set(allowed))
+        lines, bad, _ = compare(a, b, {}, {}, lengths, exact, set(allowed))
         return lines[-1].split("  ")[-1], bad
 
     assert verdict(b) == ("exact", 0)
+    d, key = compare(far, b, {}, {}, lengths, False, set())[2]
+    assert key == "conv/forward" and d == pytest.approx(1e-3 / 4.0, rel=1e-4)  # float32 rounding of 4.001
     assert verdict(close) == ("ok", 0)
     assert verdict(far) == ("DIFFERS", 1)
     assert verdict(close, exact=True) == ("DIFFERS (must be bitwise equal)", 1)
     assert verdict(close, exact=True, allowed=["conv"]) == ("ok", 0)
     assert verdict(nan) == ("NOT FINITE", 1)
-    lines, bad = compare(b, b, {"conv": "AttributeError: no binding"}, {}, lengths, False, set())
+    lines, bad, _ = compare(b, b, {"conv": "AttributeError: no binding"}, {}, lengths, False, set())
     assert bad == 1 and "FAILED" in lines[0]
 
 
