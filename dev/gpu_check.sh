@@ -54,6 +54,10 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 TORCH_PYTHON=${TORCH_PYTHON:-python3}
 mkdir -p "$(dirname "$SUMMARY")" build || exit 1
+# CUDA's tools where an image installs them but leaves them off the PATH.
+for dir in /usr/local/cuda/bin /usr/local/cuda/compute-sanitizer; do
+    [ -d "$dir" ] && PATH=$PATH:$dir
+done
 GFLOP_PER_IMAGE=4.136           # training step, REFERENCE.md "Compute"
 BUDGET=${GPU_CHECK_BUDGET:-480}  # seconds: no step starts after this (the device call's limit is 600)
 WORK=build/gpu_check            # scratch: datasets, runs, logs
