@@ -186,6 +186,7 @@ constexpr size_t kSharedArena = CUDA_CPU_ASAN ? 2 * kStaticSharedLimit : kStatic
 constexpr size_t kDynamicSharedOptinLimit = 227 * 1024;
 constexpr size_t kParamLimit = 4096;
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStackGuard = 64 * 1024;  // wider than any sane frame, so no frame jumps over it
 
 // --- fiber switch --------------------------------------------------------------
 // cuda_cpu_switch(save, to): pushes the callee-saved registers, MXCSR and the x87
@@ -443,7 +444,7 @@ struct KernelCall {
 };
 
 struct Stack {
-    char* base;  // usable memory, above a guard page
+    char* base;  // usable memory, above the guard region
     size_t size;
 };
 
@@ -553,11 +554,10 @@ static int take_stack(Worker& w) {
         w.free_stacks.pop_back();
         return s;
     }
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    char* p = (char*)mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    char* p = (char*)mmap(nullptr, kStackGuard + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) return -1;
-    mprotect(p, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting
-    w.stacks.push_back(Stack{p + page, kStackBytes});
+    mprotect(p, kStackGuard, PROT_NONE);  // a stack overflow faults instead of corrupting
+    w.stacks.push_back(Stack{p + kStackGuard, kStackBytes});
     return (int)w.stacks.size() - 1;
 }
 
@@ -1028,9 +1028,8 @@ static void install_fault_handler(Worker& w) {
 static std::string fault_message(const Worker& w) {
     char buf[256];
     uintptr_t a = (uintptr_t)w.fault_address;
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
     for (const Stack& st : w.stacks)
-        if (a >= (uintptr_t)st.base - page && a < (uintptr_t)st.base)
+        if (a >= (uintptr_t)st.base - kStackGuard && a < (uintptr_t)st.base)
             return thread_name(w, w.cur) + ": stack overflow (a CUDA thread's stack is 256 KB here)";
     const char* what = w.fault_signal == SIGFPE ? "arithmetic exception" : w.fault_signal == SIGILL ? "illegal instruction" : "invalid memory access";
     snprintf(buf, sizeof(buf), ": %s at address %p", what, w.fault_address);
