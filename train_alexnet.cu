@@ -1590,7 +1590,7 @@ struct Model {
         cudaCheck(cudaStreamWaitEvent(towers[to].stream, towers[from].sent[x], 0));
     }
 
-    // Forward: every tower in [first, NUM_TOWERS) gets cat = [tower 0's src | tower 1's src]
+    // Forward: the towers in [0, receivers) get cat = [tower 0's src | tower 1's src]
     // (width[t] floats per image from tower t); recv holds the other tower's src.
     void gather(int x, int n, float* Tower::*src, float* Tower::*recv, float* Tower::*cat,
                 const int width[NUM_TOWERS], int receivers) {
@@ -2786,7 +2786,7 @@ extern "C" int alexnet_sgd_update(float* w, float* v, const float* g, long n, fl
 struct Flag {
     const char* name;
     const char* arg;  // NULL: a switch
-    const char* fallback;
+    const char* fallback;  // the default as --help shows it; NULL: the flag is required
     const char* help;
     void (*set)(Options&, const char* flag, const char* value);
 };
@@ -2825,11 +2825,11 @@ static std::vector<int> parse_list(const char* flag, const char* text, long lo, 
 }
 
 static const Flag FLAGS[] = {
-    {"--data", "DIR", "(required)", "dataset folder written by `python alexnet.py prepare`",
+    {"--data", "DIR", nullptr, "dataset folder written by `python alexnet.py prepare`",
      [](Options& o, const char*, const char* v) { o.data = v; }},
     {"--arch", "NAME", "alexnet", "preset: alexnet (the paper, 224x224 crops) or small (28x28 crops of 32x32 images)",
      [](Options& o, const char*, const char* v) { find_preset(v); o.arch = v; }},
-    {"--resume", "FILE", "(none)", "continue from a checkpoint (its options apply unless given here)",
+    {"--resume", "FILE", "none", "continue from a checkpoint (its options apply unless given here)",
      [](Options& o, const char*, const char* v) { o.resume = v; }},
     {"--out", "DIR", "out", "output folder: log.txt, ckpt_NNNNNNNN.bin, latest.bin",
      [](Options& o, const char*, const char* v) { o.out = v; }},
@@ -2863,7 +2863,7 @@ static const Flag FLAGS[] = {
      [](Options& o, const char* f, const char* v) { o.patience = (int)parse_long(f, v, 0, 1000000); }},
     {"--max-drops", "N", "3", "divide the learning rate at most N times in all",
      [](Options& o, const char* f, const char* v) { o.max_drops = (int)parse_long(f, v, 0, 100); }},
-    {"--lr-steps", "LIST", "(none)", "also divide the learning rate by 10 at these epochs, e.g. 25,51",
+    {"--lr-steps", "LIST", "none", "also divide the learning rate by 10 at these epochs, e.g. 25,51",
      [](Options& o, const char* f, const char* v) {
          o.lr_steps = parse_list(f, v, 1, 1000000);
          require(o.lr_steps.size() <= MAX_LR_STEPS, "%s: at most %d epochs", f, (int)MAX_LR_STEPS);
@@ -2883,7 +2883,8 @@ static void print_help(const char* program) {
     for (const Flag& f : FLAGS) {
         char left[64];
         snprintf(left, sizeof(left), "%s%s%s", f.name, f.arg ? " " : "", f.arg ? f.arg : "");
-        printf("  %-20s %s (default: %s)\n", left, f.help, f.fallback);
+        if (f.fallback) printf("  %-20s %s (default: %s)\n", left, f.help, f.fallback);
+        else printf("  %-20s %s (required)\n", left, f.help);
     }
     printf("  %-20s this message\n", "--help");
 }
