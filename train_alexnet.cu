@@ -1628,6 +1628,7 @@ struct Model {
         for (int t = 0; t < NUM_TOWERS; t++) {
             Tower& T = towers[t];
             if (1 - t < holders) receive(x, t, 1 - t);
+            cudaCheck(cudaSetDevice(T.device));
             if (t < holders)
                 split_features(T.*d, T.*dcat, holders == NUM_TOWERS ? T.*recv : nullptr, n,
                                width[0] + width[1], t == 0 ? 0 : width[0], width[t], T.stream);
@@ -1725,6 +1726,7 @@ struct Model {
         // tower 0 alone computes the softmax over both towers' logits
         gather(X_LOGITS, n, &Tower::logits, &Tower::recv_logits, &Tower::all_logits, width, 1);
         Tower& T0 = towers[0];
+        cudaCheck(cudaSetDevice(T0.device));
         softmax_cross_entropy(T0.losses, train ? T0.dall_logits : nullptr, T0.correct,
                               T0.all_logits, T0.labels, n, arch.classes, T0.stream);
     }
@@ -2463,7 +2465,9 @@ static void run(Options& o) {
             interval_start = t, interval_images = 0;
         }
         if (val_loader && state.step % eval_every == 0) {
+            const double eval_start = now_seconds();
             Evaluation e = evaluate(model, *val_loader, o.seed);
+            interval_start += now_seconds() - eval_start;  // images/s counts training only
             evaluated = true;
             log("eval step %ld | val loss %.4f | top-1 error %.4f | top-5 error %.4f | %ld images",
                 state.step, e.loss, e.top1_error, e.top5_error, e.images);
