@@ -132,8 +132,8 @@ test-asan: venv build/asan/libalexnet_cpu.so $(RUNTIME_TESTS)
 	ASAN_OPTIONS=detect_leaks=0 \
 	$(PY) -m pytest -q -m "not slow and not no_asan" tests
 
-demo: all
-	./train_alexnet_cpu
+demo: venv all
+	$(PY) alexnet.py demo
 
 clean:
 	rm -rf build train_alexnet train_alexnet_cpu libalexnet.so libalexnet_cpu.so

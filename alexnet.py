@@ -3,6 +3,9 @@
     python alexnet.py prepare SOURCE [PATH] --out DIR    # images -> dataset folder
     python alexnet.py train --data DIR [FLAGS]           # train_alexnet(_cpu) with FLAGS
     python alexnet.py demo                               # the one-command demo
+    python alexnet.py eval CKPT --data DIR               # centre-crop and 10-view errors
+    python alexnet.py predict CKPT IMAGE... --data DIR   # top-5 classes of images
+    python alexnet.py show filters|curves|predictions    # the paper's pictures as PNG
 
 Sections, in reading order:
   1. dataset files: the binary formats, read_shard, read_stats
@@ -10,7 +13,8 @@ Sections, in reading order:
   3. NumPy reference of every layer (forward and backward), named like the CUDA kernels
   4. NumPy reference of the whole two-tower model; checkpoints; the train command
   5. the shared library: cffi bindings to train_alexnet.cu's C API
-  6. command line
+  7. evaluation (centre crop, ten views), prediction, pictures, the demo
+  8. command line
 """
 import os
 import sys
@@ -1776,7 +1780,627 @@ def cuda_sgd_update(w, v, g, lr, momentum, weight_decay):
 
 
 # -----------------------------------------------------------------------------
-# 6. Command line
+# 7. Evaluation, prediction and pictures
+#
+# The paper tests on the centre crop, or on ten views: the four corner crops and the
+# centre crop, each also mirrored, with the ten softmax outputs averaged. Both run
+# through the library's model (train_alexnet.cu section 14d): the same kernels, the same
+# preprocessing (the augmentation kernel without lighting: crop, mirror, mean
+# subtraction) and the same view order as the executables' --eval (section 13b).
+# NumpyModel is the reference that the tests compare it with.
+
+# --- 7a. ten views, the models, the evaluation loop
+
+def ten_views(H, W, crop):
+    """The paper's ten test views of an H x W image as (y, x, flip): the corners and the
+    centre, then the same five mirrored. View 4 is the plain centre crop."""
+    cy, cx = (H - crop) // 2, (W - crop) // 2
+    corners = [(0, 0), (0, W - crop), (H - crop, 0), (H - crop, W - crop), (cy, cx)]
+    return [(y, x, flip) for flip in (0, 1) for y, x in corners]
+
+
+CENTRE_VIEW = 4  # index of the centre crop in ten_views
+
+_CDEFS.append("""
+int alexnet_model_open(void** model, const char* checkpoint, int batch, int H, int W, const float* mean);
+int alexnet_model_shape(void* model, int* crop, int* classes);
+int alexnet_model_probabilities(void* model, float* probs, const uint8_t* images, const int* offsets,
+                                const uint8_t* flips, int n);
+void alexnet_model_close(void* model);
+""")
+
+
+class LibraryModel:
+    """A checkpoint's network in the shared library (CPU or GPU build): softmax outputs for
+    batches of uint8 images [n][H][W][3] of the dataset's size, each cropped at (y, x),
+    mirrored when flip is 1 and mean-subtracted on the device, as the executables do."""
+
+    def __init__(self, checkpoint, mean, batch):
+        ffi, lib = library()
+        H, W, _ = mean.shape
+        handle = ffi.new("void **")
+        _check(lib.alexnet_model_open(handle, os.fsencode(checkpoint), batch, H, W,
+                                      _ptr(np.ascontiguousarray(mean, np.float32))))
+        self.handle, self.batch, self.shape = handle[0], batch, mean.shape
+        crop, classes = ffi.new("int *"), ffi.new("int *")
+        _check(lib.alexnet_model_shape(self.handle, crop, classes))
+        self.crop, self.classes = crop[0], classes[0]
+
+    def probabilities(self, images, offsets, flips):
+        """Softmax outputs [n][classes] (float32); offsets [n][2] as (y, x), flips [n]."""
+        _, lib = library()
+        if images.shape[1:] != self.shape or len(offsets) != len(images) or len(flips) != len(images):
+            raise AlexNetError(f"model probabilities: expected images [n]{list(self.shape)}, offsets [n][2] "
+                               f"and flips [n]; got {images.shape}, {np.shape(offsets)}, {np.shape(flips)}")
+        probs = np.empty((len(images), self.classes), np.float32)
+        _check(lib.alexnet_model_probabilities(
+            self.handle, _ptr(probs), _ptr(np.ascontiguousarray(images, np.uint8), "uint8_t"),
+            _ptr(np.ascontiguousarray(offsets, np.int32), "int"),
+            _ptr(np.ascontiguousarray(flips, np.uint8), "uint8_t"), len(images)))
+        return probs
+
+    def close(self):
+        if self.handle is not None:
+            library()[1].alexnet_model_close(self.handle)
+            self.handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class NumpyModel:
+    """The same function as LibraryModel from the NumPy references (section 3 and 4), in
+    float64: augment_images without lighting, model_forward in test mode, softmax."""
+
+    def __init__(self, checkpoint, mean):
+        self.arch, params, _ = load_checkpoint(checkpoint)
+        self.params = {k: v.astype(np.float64) for k, v in params.items()}
+        self.mean = np.asarray(mean, np.float32)
+        self.crop, self.classes = self.arch["crop"], self.arch["classes"]
+
+    def probabilities(self, images, offsets, flips):
+        n = len(images)
+        x = augment_images(np.asarray(images, np.uint8), self.mean, np.asarray(offsets, np.int32),
+                           np.asarray(flips, np.uint8), np.zeros((n, 3), np.float32),
+                           np.zeros(3, np.float32), np.eye(3, dtype=np.float32), self.crop)
+        _, _, cache = model_forward(self.arch, self.params, x.astype(np.float64),
+                                    np.zeros(n, np.int64), self.arch["dropout"], train=False)
+        logits = fc_forward(cache["fc8.in"], self.params["fc8.weight"], self.params["fc8.bias"],
+                            relu=False)
+        return softmax_forward(logits)
+
+
+def view_probabilities(model, images, views):
+    """Softmax outputs of every view [len(views)][n][classes] and their average (float64,
+    summed in view order as the executables do)."""
+    n = len(images)
+    per_view = [model.probabilities(images, np.tile(np.int32([y, x]), (n, 1)), np.full(n, flip, np.uint8))
+                for y, x, flip in views]
+    average = np.zeros((n, model.classes))
+    for p in per_view:
+        average += p
+    return per_view, average / len(views)
+
+
+class Scores:
+    """Running loss and top-1/top-5 error from probabilities: loss = -log p[label] (p
+    floored at 1e-30 so that a confident miss stays finite); ranks as topk_rank."""
+
+    def __init__(self):
+        self.loss, self.top1, self.top5, self.images = 0.0, 0, 0, 0
+
+    def add(self, probs, labels):
+        probs, rows = np.asarray(probs, np.float64), np.arange(len(labels))
+        self.loss += float(-np.log(np.maximum(probs[rows, labels], 1e-30)).sum())
+        rank = topk_rank(probs, labels)
+        self.top1 += int((rank < 1).sum())
+        self.top5 += int((rank < 5).sum())
+        self.images += len(labels)
+
+    def summary(self):
+        n = max(self.images, 1)
+        return dict(loss=self.loss / n, top1_error=1 - self.top1 / n, top5_error=1 - self.top5 / n,
+                    images=self.images)
+
+
+def evaluate(model, parts, views=10, batch=128, progress=False):
+    """Centre-crop and (views=10) ten-view scores of model over parts, pairs of uint8
+    images [N][H][W][3] (memory-mapped shards will do) and labels [N]:
+    {"centre crop": summary, "10 views": summary}."""
+    from tqdm import tqdm
+    scores = {"centre crop": Scores(), "10 views": Scores()} if views == 10 else {"centre crop": Scores()}
+    with tqdm(total=sum(len(labels) for _, labels in parts), unit="img", disable=not progress,
+              desc=f"{views}-view evaluation") as bar:
+        for images, labels in parts:
+            all_views = ten_views(*images.shape[1:3], model.crop)
+            chosen = all_views if views == 10 else [all_views[CENTRE_VIEW]]
+            centre = chosen.index(all_views[CENTRE_VIEW])
+            for start in range(0, len(images), batch):
+                chunk, truth = np.asarray(images[start:start + batch]), np.asarray(labels[start:start + batch])
+                per_view, average = view_probabilities(model, chunk, chosen)
+                scores["centre crop"].add(per_view[centre], truth)
+                if views == 10:
+                    scores["10 views"].add(average, truth)
+                bar.update(len(chunk))
+    return {name: s.summary() for name, s in scores.items()}
+
+
+# --- 7b. the commands eval and predict
+
+def _use_gpu_library():
+    """Let library() load the GPU build when a GPU is usable and ALEXNET_LIB names none."""
+    gpu_library = os.path.join(ROOT, "libalexnet.so")
+    if "ALEXNET_LIB" not in os.environ and os.path.exists(gpu_library) and _gpu_usable():
+        os.environ["ALEXNET_LIB"] = gpu_library
+
+
+def _dataset(data, split="val"):
+    """(shards, mean [H][W][3], class names) of a dataset folder; shards are memory-mapped
+    (images, labels) pairs, so that a split never has to fit in memory."""
+    shards = [(shard.pixels, shard.labels) for shard in map(read_shard, shard_paths(data, split))]
+    mean = np.array(read_stats(os.path.join(data, "stats.bin")).mean)
+    for images, _ in shards:
+        if images.shape[1:] != mean.shape:
+            raise AlexNetError(f"{data}: stats.bin is for {mean.shape} images, the {split} shards hold {images.shape[1:]}")
+    return shards, mean, read_classes(data)
+
+
+def _format_scores(name, s):
+    return (f"{name:>11} | val loss {s['loss']:.4f} | top-1 error {s['top1_error']:.4f} | "
+            f"top-5 error {s['top5_error']:.4f} | {s['images']} images")
+
+
+def _eval_arguments(p):
+    p.description = "Validation loss, top-1 and top-5 error of a checkpoint: centre crop and the paper's 10 views."
+    p.add_argument("checkpoint", help="a checkpoint (e.g. out/latest.bin)")
+    p.add_argument("--data", required=True, help="dataset folder (its val shards and stats.bin)")
+    p.add_argument("--views", type=int, choices=(1, 10), default=10, help="1: centre crop only (default: 10)")
+    p.add_argument("--batch", type=int, default=128, help="images per forward pass (default: 128)")
+
+
+def _eval(args):
+    if args.batch < 1:
+        raise AlexNetError("--batch must be at least 1")
+    _use_gpu_library()
+    shards, mean, _ = _dataset(args.data)
+    with LibraryModel(args.checkpoint, mean, args.batch) as model:
+        scores = evaluate(model, shards, args.views, args.batch, progress=True)
+    print(f"{args.checkpoint} on {args.data}")
+    for name, s in scores.items():
+        print(_format_scores(name, s))
+
+
+def _read_image(path, shape):
+    """An image file preprocessed as the validation images were (load_image: shorter side
+    to the dataset's size, central square); the crop and mean subtraction come later."""
+    if shape[0] != shape[1]:
+        raise AlexNetError(f"predict needs a dataset of square images, not {shape[0]}x{shape[1]}")
+    try:
+        return load_image(path, shape[0])
+    except (OSError, ValueError, SyntaxError) as e:
+        raise AlexNetError(f"cannot read {path}: {e}")
+
+
+def predict(model, images, views=1):
+    """Softmax outputs [n][classes] of uint8 images [n][H][W][3] (the centre crop, or the
+    average of the ten views)."""
+    H, W = images.shape[1:3]
+    chosen = ten_views(H, W, model.crop)
+    chosen = chosen if views == 10 else [chosen[CENTRE_VIEW]]
+    return np.concatenate([view_probabilities(model, images[i:i + model.batch], chosen)[1]
+                           for i in range(0, len(images), model.batch)])
+
+
+def _predict_arguments(p):
+    p.description = "Top-5 classes of images, preprocessed as the validation images."
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files of any size")
+    p.add_argument("--data", required=True, help="the training dataset folder (its stats.bin and classes.txt)")
+    p.add_argument("--views", type=int, choices=(1, 10), default=1,
+                   help="1: the centre crop (default), 10: the average of the ten views")
+    p.add_argument("--top", type=int, default=5, help="classes to show per image (default: 5)")
+
+
+def _predict(args):
+    _use_gpu_library()
+    mean = np.array(read_stats(os.path.join(args.data, "stats.bin")).mean)
+    names = read_classes(args.data)
+    images = np.stack([_read_image(path, mean.shape) for path in args.images])
+    with LibraryModel(args.checkpoint, mean, min(len(images), 128)) as model:
+        probs = predict(model, images, args.views)
+    for path, p in zip(args.images, probs):
+        print(path)
+        for k in np.argsort(-p, kind="stable")[:args.top]:
+            print(f"  {p[k]:7.2%}  {names[k]}")
+
+
+COMMANDS["eval"] = (_eval_arguments, _eval)
+COMMANDS["predict"] = (_predict_arguments, _predict)
+
+
+# --- 7c. pictures (Pillow)
+
+def _font(size):
+    """Pillow's built-in scalable font (Pillow >= 10.1), else its small bitmap font."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def normalise_filters(weight):
+    """conv1 kernels [K][3][R][S] as uint8 RGB pictures [K][R][S][3]: each kernel
+    stretched on its own from its minimum (0) to its maximum (255), as Figure 3 shows them."""
+    w = np.asarray(weight, np.float64)
+    lo = w.min(axis=(1, 2, 3), keepdims=True)
+    span = w.max(axis=(1, 2, 3), keepdims=True) - lo
+    v = np.where(span > 0, (w - lo) / np.where(span > 0, span, 1), 0.5)
+    return np.round(255 * v).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+FILTER_PAD = 3  # pixels between kernels; a tower's block is 4 * FILTER_PAD below the other's
+
+
+def filter_grid_geometry(K, R, scale=None, columns=None):
+    """(scale, columns, rows per tower, cell size) of the filter grid for K kernels of R x R:
+    kernels are enlarged by an integer factor to about 48 pixels."""
+    scale = scale or max(1, -(-48 // R))
+    columns = columns or min(16, K // 2)
+    return scale, columns, -(-(K // 2) // columns), R * scale + FILTER_PAD
+
+
+def filter_cell(k, K, R, scale=None, columns=None):
+    """Top-left pixel (x, y) of kernel k in the grid: tower 0's K/2 kernels in the upper
+    block, tower 1's in the lower, row by row."""
+    scale, columns, rows, cell = filter_grid_geometry(K, R, scale, columns)
+    tower, i = divmod(k, K // 2)
+    row, col = divmod(i, columns)
+    y = FILTER_PAD + tower * (rows * cell + 3 * FILTER_PAD) + row * cell
+    return FILTER_PAD + col * cell, y
+
+
+def filters_image(weight, scale=None, columns=None):
+    """The paper's Figure 3 for conv1 weights [K][3][R][R]: a PIL image."""
+    from PIL import Image
+    K, _, R, _ = weight.shape
+    scale, columns, rows, cell = filter_grid_geometry(K, R, scale, columns)
+    width = FILTER_PAD + columns * cell
+    height = FILTER_PAD + 2 * rows * cell + 3 * FILTER_PAD
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    for k, pixels in enumerate(normalise_filters(weight)):
+        tile = Image.fromarray(pixels, "RGB").resize((R * scale, R * scale), Image.NEAREST)
+        image.paste(tile, filter_cell(k, K, R, scale, columns))
+    return image
+
+
+def read_training_log(path):
+    """The curves of a training log (OUT/log.txt): {"train": [(epoch, loss, top1, top5)],
+    "val": [(epoch, loss, top1, top5)], "lr": [(epoch, lr)]}; top1/top5 are None where the
+    log has none. A log that restarts from step 0 keeps only the last run; a resumed run
+    replaces the steps it repeats."""
+    import re
+    number = r"([-+0-9.eEinfa]+)"
+    header = re.compile(r"\((\d+) steps of \d+ per epoch\).* (starting|resuming) at step")
+    step_line = re.compile(rf"^step (\d+)/\d+ \| epoch {number} \| loss {number}")
+    eval_line = re.compile(rf"^eval step (\d+) \| val loss {number} \| top-1 error {number} \| "
+                           rf"top-5 error {number}")
+    top = re.compile(rf"top-1 error {number} \| top-5 error {number}")
+    lr = re.compile(rf"\| lr {number}")
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise AlexNetError(f"cannot read {path}: {e.strerror}")
+    per_epoch, train, val, rates = None, {}, {}, {}
+    for line in lines:
+        if m := header.search(line):
+            per_epoch = int(m.group(1))
+            if m.group(2) == "starting":
+                train, val, rates = {}, {}, {}
+        elif m := step_line.match(line):
+            step = int(m.group(1))
+            t = top.search(line)
+            errors = tuple(float(v) for v in t.groups()) if t else (None, None)
+            train[step] = (float(m.group(2)), float(m.group(3)), *errors)
+            if r := lr.search(line):
+                rates[step] = (float(m.group(2)), float(r.group(1)))
+        elif m := eval_line.match(line):
+            step = int(m.group(1))
+            epoch = step / per_epoch if per_epoch else float(step)
+            val[step] = (epoch, *(float(v) for v in m.groups()[1:]))
+    if not train:
+        raise AlexNetError(f"{path} has no training steps to draw")
+    return {"train": [train[s] for s in sorted(train)], "val": [val[s] for s in sorted(val)],
+            "lr": [rates[s] for s in sorted(rates)]}
+
+
+def _nice_ticks(lo, hi, count=5):
+    """Round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    import math
+    if hi <= lo:
+        hi = lo + 1
+    raw = (hi - lo) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.floor(lo / step) * step
+    return [first + i * step for i in range(int(math.ceil((hi - first) / step - 1e-9)) + 1)]
+
+
+def _tick_label(v):
+    return f"{v:g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.0e}"
+
+
+class _Chart:
+    """One chart drawn with Pillow primitives: frame, ticks and labels, lines, legend."""
+
+    def __init__(self, draw, box, xs, ys, title, xlabel):
+        self.draw, self.font, self.small = draw, _font(16), _font(13)
+        self.xt, self.yt = _nice_ticks(min(xs), max(xs)), _nice_ticks(min(ys), max(ys))
+        left, top, right, bottom = box
+        self.box = (left + 60, top + 52, right - 10, bottom - 45)
+        l, t, r, b = self.box
+        draw.rectangle(self.box, outline=(0, 0, 0))
+        draw.text(((l + r) / 2, top + 5), title, fill=(0, 0, 0), font=self.font, anchor="mt")
+        draw.text(((l + r) / 2, bottom - 5), xlabel, fill=(0, 0, 0), font=self.small, anchor="mb")
+        for v in self.xt:
+            x = self.x(v)
+            draw.line([(x, b), (x, b + 5)], fill=(0, 0, 0))
+            draw.line([(x, t), (x, b)], fill=(232, 232, 232))
+            draw.text((x, b + 8), _tick_label(v), fill=(0, 0, 0), font=self.small, anchor="mt")
+        for v in self.yt:
+            y = self.y(v)
+            draw.line([(l - 5, y), (l, y)], fill=(0, 0, 0))
+            draw.line([(l + 1, y), (r - 1, y)], fill=(232, 232, 232))
+            draw.text((l - 8, y), _tick_label(v), fill=(0, 0, 0), font=self.small, anchor="rm")
+        self.legend_items = []
+
+    def x(self, v):
+        l, _, r, _ = self.box
+        return l + (v - self.xt[0]) / (self.xt[-1] - self.xt[0]) * (r - l)
+
+    def y(self, v):
+        _, t, _, b = self.box
+        return b - (v - self.yt[0]) / (self.yt[-1] - self.yt[0]) * (b - t)
+
+    def line(self, points, colour, label, width=2, dots=False):
+        points = [(self.x(a), self.y(b)) for a, b in points if b is not None]
+        if len(points) > 1:
+            self.draw.line(points, fill=colour, width=width)
+        if dots or len(points) == 1:
+            for x, y in points:
+                self.draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        if points:
+            self.legend_items.append((label, colour, width))
+
+    def mark(self, epoch, text):
+        """A dashed vertical line at epoch with a label: the learning-rate drops."""
+        x, (_, t, _, b) = self.x(epoch), self.box
+        for y in range(int(t), int(b), 8):
+            self.draw.line([(x, y), (x, min(y + 4, b))], fill=(120, 120, 120))
+        self.draw.text((x + 3, t + 3), text, fill=(90, 90, 90), font=self.small, anchor="lt")
+
+    def legend(self):
+        """One row of samples and labels between the title and the frame."""
+        x, (_, t, _, _) = self.box[0], self.box
+        for label, colour, width in self.legend_items:
+            self.draw.line([(x, t - 12), (x + 24, t - 12)], fill=colour, width=width)
+            self.draw.text((x + 30, t - 12), label, fill=(0, 0, 0), font=self.small, anchor="lm")
+            x += 30 + self.draw.textlength(label, font=self.small) + 22
+
+
+CURVES_SIZE = (1400, 520)
+
+
+def curves_image(curves):
+    """Loss and top-1/top-5 error on train and validation against epochs, the learning-rate
+    drops marked: a PIL image of CURVES_SIZE."""
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", CURVES_SIZE, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    train, val, half = curves["train"], curves["val"], CURVES_SIZE[0] // 2
+    epochs = [e for e, *_ in train] + [e for e, *_ in val] + [0.0]
+    drops = [(b[0], b[1]) for a, b in zip(curves["lr"], curves["lr"][1:]) if b[1] < a[1]]
+    charts = []
+    losses = [v[1] for v in train + val if np.isfinite(v[1])]
+    loss = _Chart(draw, (0, 0, half, CURVES_SIZE[1]), epochs, [0.0] + losses, "loss", "epoch")
+    loss.line([(e, l) for e, l, *_ in train], (31, 119, 180), "train")
+    loss.line([(e, l) for e, l, *_ in val], (214, 39, 40), "validation", width=3, dots=True)
+    charts.append(loss)
+    error = _Chart(draw, (half, 0, CURVES_SIZE[0], CURVES_SIZE[1]), epochs, [0.0, 1.0], "error", "epoch")
+    blue, orange = (31, 119, 180), (255, 127, 14)
+    error.line([(e, t1) for e, _, t1, _ in train], blue, "train top-1", width=1)
+    error.line([(e, t5) for e, _, _, t5 in train], orange, "train top-5", width=1)
+    error.line([(e, t1) for e, _, t1, _ in val], blue, "validation top-1", width=3, dots=True)
+    error.line([(e, t5) for e, _, _, t5 in val], orange, "validation top-5", width=3, dots=True)
+    charts.append(error)
+    for chart in charts:
+        for epoch, rate in drops:
+            chart.mark(epoch, f"lr {rate:.0e}")
+        chart.legend()
+    return image
+
+
+PREDICTION_CELL = (230, 270)  # one image with its label and top-5 bars
+
+
+def predictions_image(images, labels, probs, class_names, columns=4):
+    """The paper's Figure 4: each image (enlarged to 128 pixels) with its true label under
+    it and its five most probable classes as bars, the true class's bar in red."""
+    from PIL import Image, ImageDraw
+    cw, ch = PREDICTION_CELL
+    rows = -(-len(images) // columns)
+    image = Image.new("RGB", (cw * min(columns, len(images)), ch * rows), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font, bold = _font(13), _font(15)
+    for i, (pixels, label, p) in enumerate(zip(images, labels, probs)):
+        x0, y0 = (i % columns) * cw, (i // columns) * ch
+        picture = Image.fromarray(np.asarray(pixels, np.uint8), "RGB")
+        picture = picture.resize((128, 128), Image.NEAREST if picture.width <= 64 else Image.BICUBIC)
+        image.paste(picture, (x0 + (cw - 128) // 2, y0 + 8))
+        draw.text((x0 + cw / 2, y0 + 142), class_names[label], fill=(0, 0, 0), font=bold, anchor="mt")
+        for j, k in enumerate(np.argsort(-p, kind="stable")[:5]):
+            y = y0 + 166 + 19 * j
+            colour = (240, 128, 128) if k == label else (174, 199, 232)
+            draw.rectangle([x0 + 10, y, x0 + 10 + (cw - 20) * float(p[k]), y + 15], fill=colour)
+            draw.rectangle([x0 + 10, y, x0 + cw - 10, y + 15], outline=(200, 200, 200))
+            draw.text((x0 + 13, y + 8), f"{class_names[k]} {p[k]:.2f}", fill=(0, 0, 0), font=font,
+                      anchor="lm")
+    return image
+
+
+def draw_filters(checkpoint, out=None):
+    """Write the conv1 filter grid of a checkpoint (default: filters.png beside it); returns the path."""
+    _, params, _ = load_checkpoint(checkpoint)
+    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "filters.png")
+    filters_image(params["conv1.weight"]).save(out)
+    return out
+
+
+def draw_curves(run, out=None):
+    """Write the training curves of a run folder (its log.txt) or a log file (default:
+    curves.png in the run folder); returns the path."""
+    log = os.path.join(run, "log.txt") if os.path.isdir(run) else run
+    out = out or os.path.join(os.path.dirname(os.path.abspath(log)), "curves.png")
+    curves_image(read_training_log(log)).save(out)
+    return out
+
+
+def draw_predictions(checkpoint, data, out=None, count=8, seed=0, views=10):
+    """Write Figure 4 for `count` validation images picked with `seed` (default:
+    predictions.png beside the checkpoint); returns the path."""
+    shards, mean, names = _dataset(data)
+    sizes = [len(labels) for _, labels in shards]
+    pick = np.sort(np.random.default_rng(seed).choice(sum(sizes), min(count, sum(sizes)), replace=False))
+    where = np.searchsorted(np.cumsum(sizes), pick, side="right")  # shard of each picked image
+    starts = np.cumsum([0] + sizes)
+    images = np.stack([shards[s][0][i - starts[s]] for s, i in zip(where, pick)])
+    labels = np.array([shards[s][1][i - starts[s]] for s, i in zip(where, pick)])
+    with LibraryModel(checkpoint, mean, len(images)) as model:
+        probs = predict(model, images, views)
+    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "predictions.png")
+    predictions_image(images, labels, probs, names).save(out)
+    return out
+
+
+def _show_arguments(p):
+    p.description = "PNG pictures: conv1 filters (Figure 3), training curves, predictions (Figure 4)."
+    sub = p.add_subparsers(dest="picture", required=True)
+    f = sub.add_parser("filters", help="the conv1 kernels of a checkpoint, tower 0 above tower 1")
+    f.add_argument("checkpoint")
+    c = sub.add_parser("curves", help="loss and top-1/top-5 error against epochs from a run's log")
+    c.add_argument("run", metavar="OUT", help="a training output folder (its log.txt) or a log file")
+    r = sub.add_parser("predictions", help="validation images with their top-5 predictions")
+    r.add_argument("checkpoint")
+    r.add_argument("--data", required=True, help="dataset folder")
+    r.add_argument("--count", type=int, default=8, help="images to show (default: 8)")
+    r.add_argument("--seed", type=int, default=0, help="which images (default: 0)")
+    r.add_argument("--views", type=int, choices=(1, 10), default=10, help="1: centre crop only (default: 10)")
+    for s in (f, c, r):
+        s.add_argument("--out", help="the PNG to write (default: beside the input)")
+
+
+def _show(args):
+    if args.picture == "filters":
+        path = draw_filters(args.checkpoint, args.out)
+    elif args.picture == "curves":
+        path = draw_curves(args.run, args.out)
+    else:
+        _use_gpu_library()
+        if args.count < 1:
+            raise AlexNetError("--count must be at least 1")
+        path = draw_predictions(args.checkpoint, args.data, args.out, args.count, args.seed, args.views)
+    print(f"wrote {path}")
+
+
+COMMANDS["show"] = (_show_arguments, _show)
+
+
+# --- 7d. the demo
+
+# The demo's training run: the small preset on the synthetic set, sized to finish in a
+# few minutes on two CPU cores (README, "Quick start").
+DEMO_TRAINING = dict(batch=32, lr=0.008, steps=600, eval_every=150)
+
+
+def _demo_arguments(p):
+    p.description = ("The one-command demo (make demo): prepare the synthetic set, train the small "
+                     "preset (GPU if usable, else the CPU build), evaluate, draw filters and curves.")
+    p.add_argument("--data", default=os.path.join(ROOT, "data", "synthetic"), help="dataset folder (made if missing)")
+    p.add_argument("--out", default=os.path.join(ROOT, "out", "demo"), help="output folder")
+    for name, value in DEMO_TRAINING.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                       help=f"training: {name.replace('_', ' ')} (default: {value})")
+    p.add_argument("--prepare-flags", default="", metavar="FLAGS",
+                   help="extra flags for `prepare synthetic` when the dataset is made, in one string")
+
+
+def _elapsed(seconds):
+    return f"{int(seconds) // 60}m{seconds % 60:04.1f}s"
+
+
+def _demo(args):
+    import shlex
+    import subprocess
+    import time
+    start = time.time()
+    gpu = _gpu_usable() and os.path.exists(os.path.join(ROOT, "train_alexnet"))
+    executable = os.path.join(ROOT, "train_alexnet" if gpu else "train_alexnet_cpu")
+    if not os.path.exists(executable):
+        raise AlexNetError(f"{executable} not found: run `make demo`")
+    if gpu:
+        _use_gpu_library()
+
+    if os.path.exists(os.path.join(args.data, "stats.bin")):
+        print(f"[1/4] reusing the synthetic dataset in {args.data}")
+    else:
+        print(f"[1/4] preparing the synthetic dataset in {args.data}")
+        if main(["prepare", "synthetic", "--out", args.data, *shlex.split(args.prepare_flags)]) != 0:
+            raise AlexNetError("preparing the synthetic dataset failed")
+
+    print(f"[2/4] training the small preset on the {'GPU' if gpu else 'CPU build'} into {args.out}")
+    os.makedirs(args.out, exist_ok=True)
+    for name in os.listdir(args.out):  # a fresh run: old checkpoints and log lines would mix in
+        if name == "log.txt" or name == "latest.bin" or (name.startswith("ckpt_") and name.endswith(".bin")):
+            os.remove(os.path.join(args.out, name))
+    flags = ["--data", args.data, "--arch", "small", "--out", args.out, "--batch", str(args.batch),
+             "--lr", str(args.lr), "--steps", str(args.steps), "--eval-every", str(args.eval_every),
+             "--save-every", "0", "--log-every", str(max(1, args.eval_every // 4))]
+    if subprocess.call([executable, *flags]) != 0:
+        raise AlexNetError("training failed (see the lines above)")
+    train_seconds = time.time() - start
+    checkpoint = os.path.join(args.out, "latest.bin")
+
+    print("[3/4] evaluating the last checkpoint on the validation set")
+    shards, mean, names = _dataset(args.data)
+    with LibraryModel(checkpoint, mean, 128) as model:
+        scores = evaluate(model, shards, 10, 128, progress=True)
+
+    print("[4/4] drawing the filters, the curves and some predictions")
+    pictures = [draw_filters(checkpoint), draw_curves(args.out), draw_predictions(checkpoint, args.data)]
+
+    total = time.time() - start
+    centre, ten = scores["centre crop"], scores["10 views"]
+    print(f"\ndemo done in {_elapsed(total)} (training {_elapsed(train_seconds)}, "
+          f"on the {'GPU' if gpu else 'CPU build'})")
+    print(f"  data        {args.data}: {ten['images']} validation images of {mean.shape[0]}x{mean.shape[1]}, "
+          f"{len(names)} classes")
+    print(f"  checkpoint  {checkpoint}")
+    print(f"  log         {os.path.join(args.out, 'log.txt')}")
+    print(f"  pictures    {'  '.join(pictures)}")
+    print(_format_scores("centre crop", centre))
+    print(_format_scores("10 views", ten))
+    print(f"validation accuracy: {1 - ten['top1_error']:.1%} (10 views), {1 - centre['top1_error']:.1%} (centre crop)")
+
+
+COMMANDS["demo"] = (_demo_arguments, _demo)
+
+
+# -----------------------------------------------------------------------------
+# 8. Command line
 
 def main(argv=None):
     import argparse

@@ -2366,6 +2366,126 @@ static Evaluation evaluate(Model& model, Loader& loader, uint64_t seed) {
     return e;
 }
 
+// --- 13b. Evaluation with ten views
+//
+// The paper's test-time averaging: each validation image is seen through ten views, the
+// four corner crops and the centre crop, each also mirrored, and the ten softmax outputs
+// are averaged before the loss and the top-k are taken. A view is only a crop offset and
+// a flip for the augmentation kernel. The softmax runs on tower 0, which holds both
+// towers' logits; the averaging runs on the host in double, adding the views in order,
+// exactly as alexnet.py's view_probabilities does, so that the two agree. View 4 is the
+// plain centre crop: its scores come with the same forward passes.
+
+enum { NUM_VIEWS = 10, CENTRE_VIEW = 4 };
+
+// View v (0..9) of an H x W image for crops of crop x crop: offsets (y, x) and the mirror.
+static void view_geometry(int v, int H, int W, int crop, int* y, int* x, uint8_t* flip) {
+    const int ys[5] = {0, 0, H - crop, H - crop, (H - crop) / 2};
+    const int xs[5] = {0, W - crop, 0, W - crop, (W - crop) / 2};
+    *y = ys[v % 5], *x = xs[v % 5], *flip = v >= 5;
+}
+
+// The softmax outputs of the model for n stored-size images, each cropped at its
+// offsets and mirrored where its flip is 1: the test-mode forward of both towers, then
+// softmax_forward on tower 0 into a buffer of the model's, copied to host_probs [n][K].
+struct Predictor {
+    Model& model;
+    float* probs;  // [capacity][classes] on tower 0
+    std::vector<float> alphas;  // no lighting at test time
+
+    explicit Predictor(Model& m) : model(m), alphas(3 * m.capacity, 0.0f) {
+        cudaCheck(cudaSetDevice(m.towers[0].device));
+        probs = m.towers[0].alloc<float>((long)m.capacity * m.arch.classes);
+    }
+
+    void run(float* host_probs, const uint8_t* images, const int* labels, const int* offsets,
+             const uint8_t* flips, int n) {
+        Batch b;
+        b.n = n;
+        b.images = const_cast<uint8_t*>(images);
+        b.labels = const_cast<int*>(labels);
+        b.offsets = const_cast<int*>(offsets);
+        b.flips = const_cast<uint8_t*>(flips);
+        b.alphas = alphas.data();
+        model.load_batch(b);
+        model.forward(n, false, 0, 0);
+        Tower& T0 = model.towers[0];
+        const int K = model.arch.classes;
+        cudaCheck(cudaSetDevice(T0.device));
+        softmax_forward(probs, T0.all_logits, n, K, T0.stream);
+        cudaCheck(cudaMemcpyAsync(host_probs, probs, (size_t)n * K * sizeof(float),
+                                  cudaMemcpyDeviceToHost, T0.stream));
+        model.finish(n);  // waits for both towers
+    }
+};
+
+// Running loss (-log p[label], p floored at 1e-30 so that a confident miss stays finite)
+// and top-1/top-5 counts. The rank of the label counts the classes above it plus the
+// equal ones at lower indices: the same tie rule as topk_rank in alexnet.py.
+struct Scores {
+    double loss = 0;
+    long top1 = 0, top5 = 0, images = 0;
+
+    void add(const double* p, int label, int K) {
+        loss -= log(std::max(p[label], 1e-30));
+        int rank = 0;
+        for (int k = 0; k < K; k++) rank += p[k] > p[label] || (p[k] == p[label] && k < label);
+        top1 += rank < 1, top5 += rank < 5, images++;
+    }
+    Evaluation result() const {
+        Evaluation e;
+        e.images = images;
+        e.loss = loss / images;
+        e.top1_error = 1.0 - (double)top1 / images;
+        e.top5_error = 1.0 - (double)top5 / images;
+        return e;
+    }
+};
+
+struct ViewEvaluation {
+    Evaluation centre, ten;
+};
+
+// Centre-crop and ten-view scores over the whole split; a progress line on a terminal.
+static ViewEvaluation evaluate_ten_views(Model& model, Loader& loader) {
+    const int K = model.arch.classes, cap = model.capacity, H = model.image_h, W = model.image_w;
+    Predictor predictor(model);
+    std::vector<float> probs((size_t)cap * K);
+    std::vector<double> average((size_t)cap * K), centre(K);
+    std::vector<int> offsets(2 * cap);
+    std::vector<uint8_t> flips(cap);
+    Scores centre_scores, ten_scores;
+    const bool progress = isatty(fileno(stderr));
+    const long batches = loader.eval_batches();
+    loader.prefetch(0);
+    for (long i = 0; i < batches; i++) {
+        const Batch& b = loader.take(i + 1 < batches ? i + 1 : -1);
+        std::fill(average.begin(), average.end(), 0.0);
+        for (int v = 0; v < NUM_VIEWS; v++) {
+            for (int j = 0; j < b.n; j++)
+                view_geometry(v, H, W, model.arch.crop, &offsets[2 * j], &offsets[2 * j + 1], &flips[j]);
+            predictor.run(probs.data(), b.images, b.labels, offsets.data(), flips.data(), b.n);
+            for (long j = 0; j < (long)b.n * K; j++) average[j] += probs[j];
+            if (v == CENTRE_VIEW)
+                for (int j = 0; j < b.n; j++) {
+                    std::copy(&probs[(size_t)j * K], &probs[(size_t)(j + 1) * K], centre.begin());
+                    centre_scores.add(centre.data(), b.labels[j], K);
+                }
+        }
+        for (int j = 0; j < b.n; j++) {
+            for (int k = 0; k < K; k++) average[(size_t)j * K + k] /= NUM_VIEWS;
+            ten_scores.add(&average[(size_t)j * K], b.labels[j], K);
+        }
+        if (progress)
+            fprintf(stderr, "\r10-view evaluation: %ld/%ld images", ten_scores.images,
+                    (long)loader.data.count);
+    }
+    if (progress) fprintf(stderr, "\n");
+    return {centre_scores.result(), ten_scores.result()};
+}
+
+// --- 13c. The run: train, or evaluate a checkpoint
+
 // Everything after the command line: open the data (and the checkpoint), check them,
 // build the model, then train or evaluate. Nothing is written before the inputs are checked.
 static void run(Options& o) {
@@ -2407,9 +2527,11 @@ static void run(Options& o) {
     Log log;
     if (o.eval_only) {
         Loader loader(val, o.batch, arch.crop, false, false, o.seed);
-        Evaluation e = evaluate(model, loader, o.seed);
-        log("eval %s | step %ld | val loss %.4f | top-1 error %.4f | top-5 error %.4f | %ld images",
-            o.resume.c_str(), state.step, e.loss, e.top1_error, e.top5_error, e.images);
+        ViewEvaluation v = evaluate_ten_views(model, loader);
+        for (const Evaluation* e : {&v.centre, &v.ten})
+            log("eval %s | step %ld | %s | val loss %.4f | top-1 error %.4f | top-5 error %.4f | %ld images",
+                o.resume.c_str(), state.step, e == &v.centre ? "centre crop" : "10 views", e->loss,
+                e->top1_error, e->top5_error, e->images);
         return;
     }
 
@@ -2459,8 +2581,10 @@ static void run(Options& o) {
         if (state.step % o.log_every == 0 || state.step == total || state.step == first_step + 1) {
             double t = now_seconds(), elapsed = t - start;
             double eta = elapsed / (state.step - first_step) * (total - state.step);
-            log("step %ld/%ld | epoch %.2f | loss %.4f | lr %.2e | %.1f img/s | elapsed %s | eta %s",
-                state.step, total, (double)state.step / per_epoch, r.loss, lr,
+            log("step %ld/%ld | epoch %.2f | loss %.4f | top-1 error %.4f | top-5 error %.4f | lr %.2e | "
+                "%.1f img/s | elapsed %s | eta %s",
+                state.step, total, (double)state.step / per_epoch, r.loss, 1.0 - (double)r.top1 / b.n,
+                1.0 - (double)r.top5 / b.n, lr,
                 interval_images / (t - interval_start), duration(elapsed).c_str(), duration(eta).c_str());
             interval_start = t, interval_images = 0;
         }
@@ -2782,6 +2906,74 @@ extern "C" int alexnet_sgd_update(float* w, float* v, const float* g, long n, fl
         d_v.download(v);
     });
 }
+
+// --- 14d. C API: a checkpoint's class probabilities, for alexnet.py eval and predict
+//
+// A model opened once from a checkpoint (towers on devices 0 and 1, or both on 0 with one
+// device), then asked for the softmax outputs of batches of stored-size images with their
+// crops and mirrors: the Predictor of section 13b, the same path as --eval.
+
+struct OpenModel {
+    std::unique_ptr<Model> model;
+    std::unique_ptr<Predictor> predictor;
+    std::vector<int> labels;  // the forward pass computes a loss: any valid label will do
+};
+
+extern "C" int alexnet_model_open(void** handle, const char* checkpoint, int batch, int H, int W,
+                                  const float* mean) {
+    return api_call([&] {
+        require_pointers("model_open", {{"handle", handle}, {"checkpoint", checkpoint}, {"mean", mean}});
+        *handle = nullptr;
+        require(batch >= 1 && H >= 1 && W >= 1, "model_open: need a positive batch and image size (batch=%d H=%d W=%d)",
+                batch, H, W);
+        Options o;
+        TrainState state;
+        Checkpoint c(checkpoint, o, state);
+        int count = 0;
+        cudaCheck(cudaGetDeviceCount(&count));
+        require(count > 0, "model_open: no CUDA device");
+        const int devices[NUM_TOWERS] = {0, count > 1 ? 1 : 0};
+        std::unique_ptr<OpenModel> m(new OpenModel);
+        m->model.reset(new Model(c.arch, batch, H, W, o.dropout, devices));
+        const float no_eigval[3] = {0, 0, 0}, identity[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1};
+        m->model->set_statistics(mean, no_eigval, identity);
+        m->model->upload_state(c.parameters(), c.momentum());
+        m->predictor.reset(new Predictor(*m->model));
+        m->labels.assign(batch, 0);
+        *handle = m.release();
+    });
+}
+
+extern "C" int alexnet_model_shape(void* handle, int* crop, int* classes) {
+    return api_call([&] {
+        require_pointers("model_shape", {{"handle", handle}, {"crop", crop}, {"classes", classes}});
+        const Arch& a = ((OpenModel*)handle)->model->arch;
+        *crop = a.crop, *classes = a.classes;
+    });
+}
+
+// probs [n][classes] for images [n][H][W][3] cropped at offsets [n][2] = (y, x), mirrored
+// where flips[i] is 1; n at most the batch given to alexnet_model_open.
+extern "C" int alexnet_model_probabilities(void* handle, float* probs, const uint8_t* images,
+                                           const int* offsets, const uint8_t* flips, int n) {
+    return api_call([&] {
+        require_pointers("model_probabilities", {{"handle", handle}, {"probs", probs}, {"images", images},
+                                                 {"offsets", offsets}, {"flips", flips}});
+        OpenModel& m = *(OpenModel*)handle;
+        const Model& model = *m.model;
+        require(n >= 1 && n <= model.capacity, "model_probabilities: %d images for a model opened with batch %d",
+                n, model.capacity);
+        const int crop = model.arch.crop;
+        for (int i = 0; i < n; i++)
+            require(offsets[2 * i] >= 0 && offsets[2 * i] <= model.image_h - crop && offsets[2 * i + 1] >= 0 &&
+                        offsets[2 * i + 1] <= model.image_w - crop && flips[i] <= 1,
+                    "model_probabilities: image %d: crop at (%d, %d) flip %d does not fit %dx%d crops of %dx%d images",
+                    i, offsets[2 * i], offsets[2 * i + 1], flips[i], crop, crop, model.image_h, model.image_w);
+        m.predictor->run(probs, images, m.labels.data(), offsets, flips, n);
+    });
+}
+
+extern "C" void alexnet_model_close(void* handle) { delete (OpenModel*)handle; }
 
 // ----------------------------------------------------------------------------
 // 15. main
