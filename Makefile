@@ -5,6 +5,8 @@
 #   make test-slow  the heavier tests
 #   make test-asan  the test suite on an AddressSanitizer/UBSan CPU build
 #   make bench      CPU-runtime benchmark (dev/bench_sgemm.cu)
+#   make bench-kernels  the per-kernel benchmark (CPU build; GPU build when nvcc is found)
+#   make gpu-check  dev/gpu_check.sh: build, test, sanitize, compare and benchmark on a GPU
 #   make clean
 # No step needs a GPU: nvcc compiles and links without one.
 
@@ -26,7 +28,7 @@ GPU_SKIP   := $(filter-out $(NVCC_ARCHS),$(GPU_ARCH))
 NVCC_FLAGS := -std=c++17 -O3 -lineinfo -Xptxas -v -Xcompiler -fPIC $(foreach a,$(GPU_BUILT),-gencode arch=compute_$(a),code=sm_$(a))
 SOURCES    := train_alexnet.cu dev/cuda_cpu.h
 
-.PHONY: all cpu gpu demo test test-slow test-asan venv bench clean
+.PHONY: all cpu gpu demo test test-slow test-asan venv bench clean bench-kernels bench-kernels-cpu bench-kernels-gpu gpu-check test-build test-build-cpu
 all: cpu gpu
 
 # --- CPU build: the same .cu through g++ and the CUDA-on-CPU runtime ---------
@@ -84,6 +86,28 @@ gpu:
 	@echo "$(if $(NVCC),nvcc supports none of sm_$(GPU_ARCH),nvcc not found): skipped the GPU build (train_alexnet, libalexnet.so)"
 endif
 
+# --- per-kernel benchmark: dev/bench_kernels.cu includes train_alexnet.cu ------
+bench-kernels: bench-kernels-cpu bench-kernels-gpu
+bench-kernels-cpu: build/cpu/bench_kernels
+
+build/cpu/bench_kernels: dev/bench_kernels.cu $(SOURCES)
+	@mkdir -p $(@D)
+	$(CXX) $(CPU_FLAGS) -x c++ $< -o $@
+
+ifneq ($(GPU_BUILT),)
+bench-kernels-gpu: build/gpu/bench_kernels
+
+build/gpu/bench_kernels: dev/bench_kernels.cu train_alexnet.cu
+	@mkdir -p $(@D)
+	$(NVCC) $(NVCC_FLAGS) $< -o $@ 2> build/gpu/bench_ptxas.log || { cat build/gpu/bench_ptxas.log; exit 1; }
+else
+bench-kernels-gpu:
+	@echo "$(if $(NVCC),nvcc supports none of sm_$(GPU_ARCH),nvcc not found): skipped build/gpu/bench_kernels"
+endif
+
+gpu-check:
+	bash dev/gpu_check.sh
+
 # --- Python environment and tests ---------------------------------------------
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -91,7 +115,12 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	@touch $@
 
-test: venv all $(RUNTIME_TESTS)
+# Everything the test suite runs, without the venv (dev/gpu_check.sh builds these; the
+# GPU machine has no internet for a venv).
+test-build-cpu: cpu $(RUNTIME_TESTS) build/cpu/bench_kernels
+test-build: test-build-cpu gpu
+
+test: venv test-build
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-slow: venv all $(RUNTIME_TESTS)

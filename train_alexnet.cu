@@ -3111,6 +3111,7 @@ static bool parse_args(int argc, char** argv, Options& o) {
     return true;
 }
 
+#ifndef ALEXNET_NO_MAIN  // dev/bench_kernels.cu includes this file and brings its own main
 int main(int argc, char** argv) {
     try {
         Options options;
@@ -3127,3 +3128,4 @@ int main(int argc, char** argv) {
         return 1;
     }
 }
+#endif

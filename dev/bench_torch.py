@@ -1,0 +1,225 @@
+"""PyTorch reference throughput for the paper's AlexNet training step.
+
+The identical architecture to preset "alexnet" (REFERENCE.md), written as one
+network: grouped nn.Conv2d where a layer reads only its own tower (conv2, conv4,
+conv5), nn.LocalResponseNorm(5, 1e-4, 0.75, 2) applied to each tower's channels
+separately, nn.MaxPool2d(3, 2), dropout 0.5 after fc6 and fc7, conv1 on a 224 crop
+with 3 zero rows/columns past the bottom/right edge (55x55 output). Paper init
+(weights N(0, 0.01^2); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0); SGD with
+momentum 0.9 and weight decay 5e-4 on the weights only. One training step =
+forward, cross-entropy, backward, SGD update, batch 128, on data already on the
+device, timed with CUDA events after warm-up.
+
+Two differences from our step that cost nothing measurable: nn.Dropout rescales the
+survivors (ours does not) and torch.optim.SGD folds the learning rate differently.
+Convolutions and matmuls run in strict FP32 (TF32 off) unless --tf32.
+
+    python dev/bench_torch.py                         # every mode, each in its own process
+    python dev/bench_torch.py --mode eager --steps 20 # one mode in this process
+Each mode prints one line: "torch <mode>: <images/s> images/s (<ms> ms/step, ...)".
+"""
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+
+MODES = ["eager", "channels_last", "compile"]
+GFLOP_PER_IMAGE = 4.136  # training step, REFERENCE.md "Compute"
+
+
+def alexnet(torch):
+    nn = torch.nn
+
+    class TowerLRN(nn.Module):
+        """Cross-map LRN within each tower: the window never crosses into the other tower."""
+        def __init__(self):
+            super().__init__()
+            self.lrn = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
+
+        def forward(self, x):
+            n, c, h, w = x.shape
+            return self.lrn(x.reshape(n * 2, c // 2, h, w)).reshape(n, c, h, w)
+
+    def conv(c, k, size, stride=1, pad=0, groups=1, bias=0.0):
+        layer = nn.Conv2d(c, k, size, stride=stride, padding=pad, groups=groups)
+        nn.init.normal_(layer.weight, 0.0, 0.01)
+        nn.init.constant_(layer.bias, bias)
+        return layer
+
+    def fc(i, o, bias=0.0):
+        layer = nn.Linear(i, o)
+        nn.init.normal_(layer.weight, 0.0, 0.01)
+        nn.init.constant_(layer.bias, bias)
+        return layer
+
+    return nn.Sequential(
+        nn.ZeroPad2d((0, 3, 0, 3)),  # 224 + 3 zeros bottom/right -> conv1 output 55
+        conv(3, 96, 11, stride=4), nn.ReLU(inplace=True), TowerLRN(), nn.MaxPool2d(3, 2),
+        conv(96, 256, 5, pad=2, groups=2, bias=1.0), nn.ReLU(inplace=True), TowerLRN(),
+        nn.MaxPool2d(3, 2),
+        conv(256, 384, 3, pad=1), nn.ReLU(inplace=True),
+        conv(384, 384, 3, pad=1, groups=2, bias=1.0), nn.ReLU(inplace=True),
+        conv(384, 256, 3, pad=1, groups=2, bias=1.0), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        nn.Flatten(),
+        fc(9216, 4096, bias=1.0), nn.ReLU(inplace=True), nn.Dropout(0.5),
+        fc(4096, 4096, bias=1.0), nn.ReLU(inplace=True), nn.Dropout(0.5),
+        fc(4096, 1000),
+    )
+
+
+def run_mode(args):
+    """Time one mode in this process; print the result line."""
+    import torch
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    model = alexnet(torch).to(device)
+    x = torch.randn(args.batch, 3, 224, 224, device=device) * 50.0
+    y = torch.randint(0, 1000, (args.batch,), device=device)
+    if args.mode == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    opt = torch.optim.SGD([{"params": weights, "weight_decay": 5e-4},
+                           {"params": biases, "weight_decay": 0.0}], lr=0.01, momentum=0.9)
+    forward = torch.compile(model) if args.mode == "compile" else model
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(forward(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        loss = step()
+    sync()
+    print(f"WARMED {time.perf_counter() - t0:.1f}", flush=True)
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(args.steps):
+            loss = step()
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end) / args.steps
+    else:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            loss = step()
+        ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    loss = float(loss)  # reported, not judged: random labels at lr 0.01 may diverge
+    images = args.batch * 1e3 / ms
+    name = args.mode + ("+tf32" if args.tf32 else "")
+    print(f"torch {name}: {images:.1f} images/s ({ms:.2f} ms/step, batch {args.batch}, "
+          f"{images * GFLOP_PER_IMAGE / 1e3:.2f} TFLOP/s, loss {loss:.4f}, {args.device})", flush=True)
+    return 0
+
+
+def run_child(mode, args, compile_limit):
+    """Run one mode in a subprocess. Kill it when warm-up (for compile: compilation)
+    exceeds compile_limit seconds; return its result line or the reason it has none."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--batch", str(args.batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+           "--seed", str(args.seed)] + (["--tf32"] if args.tf32 else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, warmed = [], threading.Event()
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("WARMED"):
+                warmed.set()
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    if not warmed.wait(compile_limit) and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+        return f"torch {mode}: skipped (warm-up did not finish within {compile_limit:.0f} s)"
+    try:
+        proc.wait(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return f"torch {mode}: skipped (timed steps did not finish within {args.timeout:.0f} s)"
+    thread.join()
+    results = [line for line in lines if line.startswith("torch ")]
+    if proc.returncode == 0 and results:
+        return results[-1]
+    tail = " | ".join(lines[-3:]) if lines else "no output"
+    return f"torch {mode}: failed (exit {proc.returncode}): {tail}"
+
+
+def summarize(lines, ours, peak):
+    """Lines comparing our images/s with each PyTorch result line, and our TFLOP/s
+    against the FP32 peak (when given)."""
+    out = []
+    for line in lines:
+        name, sep, rest = line.partition(": ")
+        words = rest.split()
+        if name.startswith("torch ") and len(words) > 1 and words[1] == "images/s":
+            theirs = float(words[0])
+            out.append(f"ours / {name} = {ours / theirs:.2f} ({ours:.1f} vs {theirs:.1f} images/s)")
+    tflops = ours * GFLOP_PER_IMAGE / 1e3
+    out.append(f"ours: {ours:.1f} images/s = {tflops:.2f} TFLOP/s" +
+               (f" = {100 * tflops / peak:.1f}% of the FP32 peak {peak:.1f} TFLOP/s" if peak else ""))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=MODES, help="time one mode in this process (default: each mode in a subprocess)")
+    parser.add_argument("--modes", default=",".join(MODES), help="modes to run in subprocesses (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: %(default)s)")
+    parser.add_argument("--device", default="cuda", help="cuda or cpu (default: %(default)s)")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 in cuDNN and matmuls (default: strict FP32)")
+    parser.add_argument("--compile-limit", type=float, default=60.0,
+                        help="seconds torch.compile (the warm-up) may take before the mode is skipped (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds each mode's timed steps may take (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ours", type=float, default=0.0,
+                        help="our training step's images/s: also print the ratios ours/PyTorch")
+    parser.add_argument("--peak", type=float, default=0.0, help="the GPU's FP32 peak in TFLOP/s (with --ours)")
+    args = parser.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print("torch: skipped (PyTorch is not installed)")
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("torch: skipped (no CUDA device visible to PyTorch)")
+        return 0
+    if args.mode:
+        return run_mode(args)
+    if args.device.startswith("cuda"):
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, "
+              f"cuDNN {torch.backends.cudnn.version()}, {'TF32' if args.tf32 else 'FP32'}", flush=True)
+    modes = [m for m in args.modes.split(",") if m]
+    for mode in modes:
+        if mode not in MODES:
+            parser.error(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    lines = []
+    for mode in modes:
+        limit = args.compile_limit if mode == "compile" else args.timeout
+        lines.append(run_child(mode, args, limit))
+        print(lines[-1], flush=True)
+    if args.ours > 0:
+        print("\n".join(summarize(lines, args.ours, args.peak)))
+    return int(any(": failed" in line for line in lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
