@@ -2124,7 +2124,7 @@ struct Options {
     std::string data, out = "out", resume, arch = "alexnet";
     int batch = 128;
     float lr = 0.01f, momentum = 0.9f, weight_decay = 0.0005f, dropout = 0.5f;
-    long epochs = 90, steps = 0, eval_every = 0, save_every = 1000;
+    long epochs = 90, steps = 0, eval_every = 0, save_every = 1000, bench = 0;
     uint64_t seed = 1;
     bool augment = true, eval_only = false;
     int keep = 3, log_every = 10, patience = 3, max_drops = 3;
@@ -2488,6 +2488,40 @@ static ViewEvaluation evaluate_ten_views(Model& model, Loader& loader) {
 
 // Everything after the command line: open the data (and the checkpoint), check them,
 // build the model, then train or evaluate. Nothing is written before the inputs are checked.
+// --bench N: the training step alone (forward, backward, SGD update) on one batch that
+// stays on the device, so neither the loader nor the upload is timed; CUDA events on
+// tower 0's stream bracket N steps after 3 warm-up steps (each step ends synchronised
+// on both towers, so the events span the whole step).
+static void benchmark(Model& model, Loader& loader, const Options& o, Log& log) {
+    loader.prefetch(0);
+    const Batch& b = loader.take(-1);
+    model.load_batch(b);
+    auto step = [&](long i) {
+        model.forward(b.n, true, o.seed, i);
+        model.backward(b.n, o.seed, i);
+        model.update(o.lr, o.momentum, o.weight_decay);
+        return model.finish(b.n);
+    };
+    for (long i = 0; i < 3; i++) step(i);
+    cudaStream_t stream = model.towers[0].stream;
+    cudaCheck(cudaSetDevice(model.towers[0].device));
+    cudaEvent_t begin, end;
+    cudaCheck(cudaEventCreate(&begin));
+    cudaCheck(cudaEventCreate(&end));
+    cudaCheck(cudaEventRecord(begin, stream));
+    StepResult r;
+    for (long i = 0; i < o.bench; i++) r = step(3 + i);
+    cudaCheck(cudaSetDevice(model.towers[0].device));
+    cudaCheck(cudaEventRecord(end, stream));
+    cudaCheck(cudaEventSynchronize(end));
+    float ms = 0.0f;
+    cudaCheck(cudaEventElapsedTime(&ms, begin, end));
+    cudaCheck(cudaEventDestroy(begin));
+    cudaCheck(cudaEventDestroy(end));
+    log("bench | %ld steps of batch %d | %.3f ms per step | %.1f images/s | last loss %.4f", o.bench, b.n,
+        ms / o.bench, 1000.0 * o.bench * b.n / ms, r.loss);
+}
+
 static void run(Options& o) {
     require(!o.data.empty(), "--data DIR is required (a folder written by `python alexnet.py prepare`)");
     struct stat st;
@@ -2536,6 +2570,10 @@ static void run(Options& o) {
     }
 
     Loader loader(train, o.batch, arch.crop, true, o.augment, o.seed);
+    if (o.bench > 0) {
+        benchmark(model, loader, o, log);
+        return;
+    }
     std::unique_ptr<Loader> val_loader;
     if (val.count > 0) val_loader.reset(new Loader(val, o.batch, arch.crop, false, false, o.seed));
     const long per_epoch = loader.steps_per_epoch();
@@ -3071,6 +3109,8 @@ static const Flag FLAGS[] = {
      }},
     {"--eval", nullptr, "off", "evaluate the --resume checkpoint on the validation set and exit",
      [](Options& o, const char*, const char*) { o.eval_only = true; }},
+    {"--bench", "N", "0", "time N training steps on one batch kept on the device, print images/s and exit",
+     [](Options& o, const char* f, const char* v) { o.bench = parse_long(f, v, 1, INT32_MAX); }},
 };
 
 static void print_help(const char* program) {

@@ -52,6 +52,23 @@ def test_small_preset_learns(tmp_path):
     assert val_loss < 1.5 and val_error < 0.6, (val_loss, val_error)
 
 
+def test_bench_trains_on_one_device_resident_batch(tmp_path, small_data):
+    """--bench N repeats the full step on the loader's first batch: the first step of a
+    normal run sees the same batch, and 3 + 30 steps on it must drive its loss far below
+    that first loss (memorisation), with a positive rate and nothing written to --out."""
+    flags = ("--data", small_data, "--arch", "small", "--batch", 8, "--no-augment", "--dropout", 0, "--lr", 0.02)
+    first = run(*flags, "--steps", 1, "--eval-every", 100, "--out", tmp_path / "run")
+    assert first.returncode == 0, first.stderr
+    first_loss = _losses_and_final_validation(first.stdout)[0][0]
+    result = run(*flags, "--bench", 30, "--out", tmp_path / "bench")
+    assert result.returncode == 0, result.stderr
+    line = [l for l in result.stdout.splitlines() if l.startswith("bench |")][-1]
+    rate = float(line.split(" images/s")[0].split("| ")[-1])
+    last_loss = float(line.split("last loss ")[1])
+    assert rate > 0 and np.isfinite(last_loss) and last_loss < 0.5 * first_loss, (first_loss, line)
+    assert not os.path.exists(tmp_path / "bench")
+
+
 @pytest.mark.slow
 def test_small_preset_learns_with_the_papers_recipe(tmp_path):
     """The same with random crops, flips, PCA lighting and dropout 0.5, for longer."""
