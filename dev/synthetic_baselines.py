@@ -10,7 +10,7 @@ seed 0) unless --data names one, then prints the validation accuracy of
   convnet  a small convnet (3 conv + 2 fc layers, Adam) trained with PyTorch on the CPU
            for --epochs (or until --seconds), on random 28x28 crops with flips, tested
            on the centre crop (the small preset's input handling) after every epoch.
-           Needs `pip install torch` (dev only). An epoch takes ~10 s on 2 idle cores.
+           Needs `pip install torch` (dev only). An epoch takes ~3 s on 2 idle cores.
 """
 import argparse
 import os

@@ -287,8 +287,10 @@ def test_demo_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
     assert "preparing the synthetic dataset" in first
     for name in ("latest.bin", "log.txt", "filters.png", "curves.png", "predictions.png"):
         assert os.path.exists(os.path.join(out, name)), name
-    assert re.search(r"validation accuracy: [0-9.]+% \(10 views\)", first)
-    assert A.main(flags) == 0  # again: the dataset is reused, the run starts afresh
+    assert re.search(r"validation accuracy: [0-9.]+% \(centre crop\)\n", first)
+    assert "(10 views)" not in first
+    assert A.main(flags + ["--ten-views"]) == 0  # again: the dataset is reused, the run starts afresh
     second = capsys.readouterr().out
     assert "reusing the synthetic dataset" in second
+    assert re.search(r"validation accuracy: [0-9.]+% \(centre crop\), [0-9.]+% \(10 views\)", second)
     assert A.read_training_log(os.path.join(out, "log.txt"))["train"][-1][0] == pytest.approx(2 / 3, abs=0.01)
