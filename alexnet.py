@@ -711,17 +711,17 @@ def _resume(pool, out, plan, manifest, sums, workers, num_classes):
     return done
 
 
-def _write_shards(pool, out, todo, manifest, sums, workers, num_classes, on_error, desc):
-    """Load the items of the planned shards `todo` in worker tasks and write the shards,
+def _write_shards(pool, out, pending, manifest, sums, workers, num_classes, on_error, desc):
+    """Load the items of the planned shards `pending` in worker tasks and write the shards,
     recording each finished one in the manifest."""
     from tqdm import tqdm
     tasks = [(split.load, split.items[i:min(i + split.chunk, end)], split.labels[i:min(i + split.chunk, end)],
               split.size, split.size, split.name == "train")
-             for split, _, start, end in todo for i in range(start, end, split.chunk)]
+             for split, _, start, end in pending for i in range(start, end, split.chunk)]
     results = _ordered(pool, _run_task, tasks, 2 * workers)
-    with tqdm(total=sum(end - start for _, _, start, end in todo), unit="img", desc=desc,
+    with tqdm(total=sum(end - start for _, _, start, end in pending), unit="img", desc=desc,
               disable=None, smoothing=0.1) as progress:
-        for split, name, start, end in todo:
+        for split, name, start, end in pending:
             writer, skipped = ShardWriter(os.path.join(out, name), end - start, split.size, split.size, num_classes), []
             try:
                 for _ in range(start, end, split.chunk):
@@ -792,8 +792,8 @@ def _prepare(source_name, source, out, workers, shard_images, on_error, force):
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     try:
         done = _resume(pool, out, plan, manifest, sums, workers, num_classes)
-        todo = [shard for shard in plan if shard[1] not in done]
-        _write_shards(pool, out, todo, manifest, sums, workers, num_classes, on_error, f"prepare {source_name}")
+        pending = [shard for shard in plan if shard[1] not in done]
+        _write_shards(pool, out, pending, manifest, sums, workers, num_classes, on_error, f"prepare {source_name}")
     finally:
         if pool is not None:
             pool.terminate()

@@ -1,7 +1,7 @@
 /*
 AlexNet (Krizhevsky, Sutskever & Hinton, NIPS 2012) in one CUDA file.
 
-Every kernel is written here by hand, the way cuda-convnet was: no cuDNN, no cuBLAS.
+Every kernel is written here by hand, the way cuda-convnet was: no vendor libraries.
 The file reads top to bottom in the order data flows through the network:
 
   0. CUDA or the CUDA-on-CPU runtime, error checking, device buffers
@@ -107,6 +107,23 @@ struct DeviceArray {
         cudaCheck(cudaMemcpy(host, ptr, bytes(), cudaMemcpyDeviceToHost));
     }
 };
+
+// Milliseconds that `work` takes on `stream`, between two CUDA events (for benchmarks).
+template <typename Work>
+static float elapsed_ms(cudaStream_t stream, Work&& work) {
+    cudaEvent_t start, stop;
+    cudaCheck(cudaEventCreate(&start));
+    cudaCheck(cudaEventCreate(&stop));
+    cudaCheck(cudaEventRecord(start, stream));
+    work();
+    cudaCheck(cudaEventRecord(stop, stream));
+    cudaCheck(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    cudaCheck(cudaEventElapsedTime(&ms, start, stop));
+    cudaCheck(cudaEventDestroy(start));
+    cudaCheck(cudaEventDestroy(stop));
+    return ms;
+}
 
 // ----------------------------------------------------------------------------
 // 1. Counter-based random numbers (Philox4x32-10)
@@ -2503,21 +2520,12 @@ static void benchmark(Model& model, Loader& loader, const Options& o, Log& log) 
         return model.finish(b.n);
     };
     for (long i = 0; i < 3; i++) step(i);
-    cudaStream_t stream = model.towers[0].stream;
     cudaCheck(cudaSetDevice(model.towers[0].device));
-    cudaEvent_t begin, end;
-    cudaCheck(cudaEventCreate(&begin));
-    cudaCheck(cudaEventCreate(&end));
-    cudaCheck(cudaEventRecord(begin, stream));
     StepResult r;
-    for (long i = 0; i < o.bench; i++) r = step(3 + i);
-    cudaCheck(cudaSetDevice(model.towers[0].device));
-    cudaCheck(cudaEventRecord(end, stream));
-    cudaCheck(cudaEventSynchronize(end));
-    float ms = 0.0f;
-    cudaCheck(cudaEventElapsedTime(&ms, begin, end));
-    cudaCheck(cudaEventDestroy(begin));
-    cudaCheck(cudaEventDestroy(end));
+    const float ms = elapsed_ms(model.towers[0].stream, [&] {
+        for (long i = 0; i < o.bench; i++) r = step(3 + i);
+        cudaCheck(cudaSetDevice(model.towers[0].device));
+    });
     log("bench | %ld steps of batch %d | %.3f ms per step | %.1f images/s | last loss %.4f", o.bench, b.n,
         ms / o.bench, 1000.0 * o.bench * b.n / ms, r.loss);
 }

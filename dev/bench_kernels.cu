@@ -75,17 +75,9 @@ struct Bench {
              const std::function<void()>& launch) {
         if (!strstr(name, opt.only)) return;
         for (int i = 0; i < opt.warmup; i++) launch();
-        cudaEvent_t start, stop;
-        cudaCheck(cudaEventCreate(&start));
-        cudaCheck(cudaEventCreate(&stop));
-        cudaCheck(cudaEventRecord(start, stream));
-        for (int i = 0; i < opt.iters; i++) launch();
-        cudaCheck(cudaEventRecord(stop, stream));
-        cudaCheck(cudaEventSynchronize(stop));
-        float total = 0.0f;
-        cudaCheck(cudaEventElapsedTime(&total, start, stop));
-        cudaCheck(cudaEventDestroy(start));
-        cudaCheck(cudaEventDestroy(stop));
+        float total = elapsed_ms(stream, [&] {
+            for (int i = 0; i < opt.iters; i++) launch();
+        });
         double ms = total / opt.iters;
         printf("%-28s %-32s %10.3f ms %10.1f %s\n", name, shape, ms, work / ms / 1e6,
                flops ? "GFLOP/s" : "GB/s");
