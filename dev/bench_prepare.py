@@ -9,6 +9,13 @@ then times, on the same files in the same run:
          256 (same bilinear filter), crop the centre, one process, nothing written
   ours   the whole `prepare imagenet` (decode, resize, shards, statistics), with 1 worker
          and with all cores
+and, one process, two parts of ours that bound it:
+  load_image   decode (draft mode) and resize only: no statistics, no shards
+  decode only  Pillow's decode at full size and nothing else: the ceiling of any
+               pipeline that must decode every pixel, as at 500x375, where draft mode
+               cannot reduce without the shorter side falling below 256
+  decode at 1/8  the decoder's smallest scale: what remains is mostly the entropy
+               (Huffman) decoding, which no JPEG decoder can skip at any scale
 After one warm-up pass (files in the page cache), the three are timed in turn for
 --rounds rounds; the best time of each counts. Besides wall-clock images/s (per core:
 divided by the workers), it prints images per CPU-second (this process and its workers),
@@ -68,6 +75,13 @@ def naive(path, size=256):
     return np.asarray(im.crop((left, top, left + size, top + size)))
 
 
+def decode(path, scale=1):
+    with Image.open(path) as im:
+        if scale > 1:
+            im.draft("RGB", (im.width // scale, im.height // scale))
+        im.load()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=800, help="training images (val: a tenth more)")
@@ -96,6 +110,9 @@ def main():
         n = len(files)
         runs = [("naive, 1 process", 1, lambda: [naive(p) for p in files])]
         runs += [(f"ours, {w} worker{'s' * (w > 1)}", w, partial(ours, w)) for w in sorted({1, args.workers})]
+        runs += [("load_image", 1, lambda: [alexnet.load_image(p) for p in files]),
+                 ("decode only", 1, lambda: [decode(p) for p in files]),
+                 ("decode at 1/8", 1, lambda: [decode(p, 8) for p in files])]
         wall, cpu = {name: float("inf") for name, _, _ in runs}, {name: float("inf") for name, _, _ in runs}
         for _ in range(args.rounds):   # interleaved, so that a change of machine load hits all alike
             for name, _, function in runs:
