@@ -197,47 +197,76 @@ def shard_checksum(shard):
     return zlib.crc32(np.ascontiguousarray(shard.labels, dtype="<i4"), crc)
 
 
+def crc32_combine(crc_a, crc_b, length_b):
+    """zlib.crc32 of A + B from crc_a = crc32(A), crc_b = crc32(B) and B's length. For
+    messages of one length crc32 is affine (xor-linear plus a constant), so crc(A + B) =
+    crc(A + zeros) ^ crc(zeros + B) ^ crc(zeros + zeros); leading zeros change only the
+    constant, so the last two terms are crc(B) ^ crc(zeros of B's length)."""
+    zeros = bytes(length_b)
+    return zlib.crc32(zeros, crc_a) ^ crc_b ^ zlib.crc32(zeros)
+
+
+def _write_at(path, offset, data):
+    """Write an array's bytes into an existing file at a byte offset (from any process)."""
+    view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+    finally:
+        os.close(fd)
+
+
 class ShardWriter:
-    """Streams one shard to `path + ".tmp"` and renames it when complete.
-    Images arrive in chunks; `expected` images are planned, fewer if some were skipped
-    (the pixels then move down over the unused label slots before the rename)."""
+    """One shard, written to `path + ".tmp"` and renamed when complete. Image k of the
+    `expected` planned ones has its slot at `offset(k)`; the worker tasks write chunks of
+    images straight into their slots (`_write_at`), so that pixels never travel back to
+    the main process, which records each chunk's labels and checksum in order (`add`).
+    A chunk with unreadable images leaves its last slots empty: `close` then moves the
+    later pixels down over them and over the unused label slots before the rename."""
 
     def __init__(self, path, expected, height, width, num_classes):
-        self.path, self.expected, self.shape, self.num_classes = path, expected, (height, width, 3), num_classes
-        self.labels, self.crc = [], 0
-        self.file = open(path + ".tmp", "w+b")
-        self.file.seek(HEADER_BYTES + 4 * expected)
+        self.path, self.tmp, self.expected, self.num_classes = path, path + ".tmp", expected, num_classes
+        self.shape, self.image_bytes = (height, width, 3), height * width * 3
+        self.labels, self.chunks, self.crc = [], [], 0   # chunks: (first slot, images)
+        open(self.tmp, "wb").close()
 
-    def write(self, labels, pixels):
-        assert pixels.shape[1:] == self.shape and len(labels) == len(pixels)
+    def offset(self, slot):
+        return HEADER_BYTES + 4 * self.expected + slot * self.image_bytes
+
+    def add(self, slot, labels, crc):
+        """Record the chunk written at `slot`: its labels and the crc32 of its pixels."""
         self.labels.append(np.asarray(labels, dtype="<i4"))
-        pixels = np.ascontiguousarray(pixels)
-        self.crc = zlib.crc32(pixels, self.crc)
-        self.file.write(pixels)
+        self.chunks.append((slot, len(labels)))
+        self.crc = crc32_combine(self.crc, crc, len(labels) * self.image_bytes)
 
     def close(self):
         """Finish the file and rename it; returns (images, shard_checksum)."""
-        f, labels = self.file, np.concatenate(self.labels or [np.zeros(0, "<i4")])
-        n, image_bytes = len(labels), int(np.prod(self.shape))
-        if n < self.expected:   # move the pixels down by the unused label slots
-            src, dst, left = HEADER_BYTES + 4 * self.expected, HEADER_BYTES + 4 * n, n * image_bytes
-            while left:
-                f.seek(src)
-                block = f.read(min(left, 1 << 26))
-                f.seek(dst)
-                f.write(block)
-                src, dst, left = src + len(block), dst + len(block), left - len(block)
-            f.truncate(shard_bytes(n, *self.shape))
-        f.seek(0)
-        f.write(_header(SHARD_MAGIC, n, *self.shape, self.num_classes))
-        f.write(labels.tobytes())
-        f.close()
-        os.replace(self.path + ".tmp", self.path)
+        labels = np.concatenate(self.labels or [np.zeros(0, "<i4")])
+        n = len(labels)
+        with open(self.tmp, "r+b") as f:
+            if n < self.expected:   # compact: each chunk right after the one before
+                dst = HEADER_BYTES + 4 * n
+                for slot, images in self.chunks:
+                    src, left = self.offset(slot), images * self.image_bytes
+                    while left and src != dst:   # dst < src: moving forward is safe
+                        f.seek(src)
+                        block = f.read(min(left, 1 << 26))
+                        f.seek(dst)
+                        f.write(block)
+                        src, dst, left = src + len(block), dst + len(block), left - len(block)
+                    dst += left
+                f.truncate(shard_bytes(n, *self.shape))
+            f.seek(0)
+            f.write(_header(SHARD_MAGIC, n, *self.shape, self.num_classes))
+            f.write(labels.tobytes())
+        os.replace(self.tmp, self.path)
         return n, zlib.crc32(labels, self.crc)
 
     def abandon(self):
-        self.file.close()
-        os.remove(self.path + ".tmp")
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
 
 
 
@@ -615,11 +644,14 @@ SOURCES = {"synthetic": synthetic_source, "cifar10": cifar10_source, "imagenet":
 # --- 2d. the worker pool and resumable sharding
 
 def _run_task(task):
-    """One worker task: load a chunk of items and, for the training split, its sums."""
-    load, items, labels, height, width, with_sums = task
+    """One worker task: load a chunk of items, write their pixels into their slots of the
+    shard file, and return the labels of those read, the errors, the chunk's sums (for the
+    training split) and the crc32 of the pixels written."""
+    load, items, labels, height, width, with_sums, path, offset = task
     pixels, ok, errors = load(items, labels)
+    _write_at(path, offset, pixels)
     sums = PixelSums(height, width).add(pixels) if with_sums else None
-    return pixels, labels[ok], errors, sums
+    return labels[ok], errors, sums, zlib.crc32(pixels)
 
 
 def _verify_shard(task):
@@ -642,8 +674,8 @@ def _verify_shard(task):
 
 
 def _ordered(pool, function, tasks, ahead):
-    """function(task) for every task, results in order, at most `ahead` in flight
-    (bounds the memory that finished chunks can take while the main process writes)."""
+    """function(task) for every task, results in order, at most `ahead` tasks in flight
+    (so that tasks are created, and their shard files opened, just ahead of the workers)."""
     if pool is None:
         yield from map(function, tasks)
         return
@@ -712,34 +744,48 @@ def _resume(pool, out, plan, manifest, sums, workers, num_classes):
 
 
 def _write_shards(pool, out, pending, manifest, sums, workers, num_classes, on_error, desc):
-    """Load the items of the planned shards `pending` in worker tasks and write the shards,
-    recording each finished one in the manifest."""
+    """Load the items of the planned shards `pending` in worker tasks that write the
+    pixels into the shard files, and finish the shards in order, recording each in the
+    manifest. On any error the workers are stopped first, then the unfinished files go."""
     from tqdm import tqdm
-    tasks = [(split.load, split.items[i:min(i + split.chunk, end)], split.labels[i:min(i + split.chunk, end)],
-              split.size, split.size, split.name == "train")
-             for split, _, start, end in pending for i in range(start, end, split.chunk)]
-    results = _ordered(pool, _run_task, tasks, 2 * workers)
-    with tqdm(total=sum(end - start for _, _, start, end in pending), unit="img", desc=desc,
-              disable=None, smoothing=0.1) as progress:
+    writers = {}
+
+    def tasks():   # a shard's file exists before the first task that writes into it
         for split, name, start, end in pending:
-            writer, skipped = ShardWriter(os.path.join(out, name), end - start, split.size, split.size, num_classes), []
-            try:
-                for _ in range(start, end, split.chunk):
-                    pixels, labels, errors, chunk_sums = next(results)
+            writer = writers[name] = ShardWriter(os.path.join(out, name), end - start, split.size,
+                                                 split.size, num_classes)
+            for i in range(start, end, split.chunk):
+                j = min(i + split.chunk, end)
+                yield (split.load, split.items[i:j], split.labels[i:j], split.size, split.size,
+                       split.name == "train", writer.tmp, writer.offset(i - start))
+
+    results = _ordered(pool, _run_task, tasks(), 2 * workers)
+    try:
+        with tqdm(total=sum(end - start for _, _, start, end in pending), unit="img", desc=desc,
+                  disable=None, smoothing=0.1) as progress:
+            for split, name, start, end in pending:
+                skipped = []
+                for i in range(start, end, split.chunk):
+                    labels, errors, chunk_sums, crc = next(results)
                     if errors and on_error == "stop":
                         raise AlexNetError(f"{errors[0][0]}: unreadable image ({errors[0][1]}); "
                                            "pass --on-error skip to leave such images out")
                     skipped += errors
-                    writer.write(labels, pixels)
+                    writers[name].add(i - start, labels, crc)
                     if chunk_sums is not None:
                         sums.merge(chunk_sums)
                     progress.update(len(labels) + len(errors))
-                images, crc = writer.close()
-            except BaseException:
-                writer.abandon()
-                raise
-            manifest["shards"][name] = {"images": images, "crc32": crc, "skipped": skipped}
-            _save_manifest(out, manifest)
+                images, crc = writers[name].close()
+                del writers[name]
+                manifest["shards"][name] = {"images": images, "crc32": crc, "skipped": skipped}
+                _save_manifest(out, manifest)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for writer in writers.values():
+            writer.abandon()
+        raise
 
 
 def _finish(out, source, manifest, sums):

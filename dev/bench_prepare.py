@@ -9,17 +9,18 @@ then times, on the same files in the same run:
          256 (same bilinear filter), crop the centre, one process, nothing written
   ours   the whole `prepare imagenet` (decode, resize, shards, statistics), with 1 worker
          and with all cores
-and, one process, two parts of ours that bound it:
+and, one process, three parts of ours that bound it:
   load_image   decode (draft mode) and resize only: no statistics, no shards
   decode only  Pillow's decode at full size and nothing else: the ceiling of any
                pipeline that must decode every pixel, as at 500x375, where draft mode
                cannot reduce without the shorter side falling below 256
   decode at 1/8  the decoder's smallest scale: what remains is mostly the entropy
                (Huffman) decoding, which no JPEG decoder can skip at any scale
-After one warm-up pass (files in the page cache), the three are timed in turn for
---rounds rounds; the best time of each counts. Besides wall-clock images/s (per core:
-divided by the workers), it prints images per CPU-second (this process and its workers),
-which a busy machine disturbs much less than wall-clock time.
+After one warm-up pass (files in the page cache), all are timed in turn for --rounds
+rounds; the best time of each counts. Besides wall-clock images/s (per core: divided by
+the workers), it prints images per CPU-second (this process and its workers), which a
+busy machine disturbs much less than wall-clock time, and the main process's own CPU
+time per image: with workers, what limits how many of them it can keep busy.
 """
 import argparse
 import os
@@ -60,9 +61,9 @@ def make_imagenet(root, count, width, height, classes=8, seed=0):
 
 
 def cpu_seconds():
-    """CPU time of this process and its finished children (the pool's workers)."""
+    """CPU time of (this process, this process and its finished children: the pool's workers)."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    return t.user + t.system, t.user + t.system + t.children_user + t.children_system
 
 
 def naive(path, size=256):
@@ -113,22 +114,24 @@ def main():
         runs += [("load_image", 1, lambda: [alexnet.load_image(p) for p in files]),
                  ("decode only", 1, lambda: [decode(p) for p in files]),
                  ("decode at 1/8", 1, lambda: [decode(p, 8) for p in files])]
-        wall, cpu = {name: float("inf") for name, _, _ in runs}, {name: float("inf") for name, _, _ in runs}
+        wall, cpu, main_cpu = ({name: float("inf") for name, _, _ in runs} for _ in range(3))
         for _ in range(args.rounds):   # interleaved, so that a change of machine load hits all alike
             for name, _, function in runs:
                 start, start_cpu = time.perf_counter(), cpu_seconds()
                 function()
                 wall[name] = min(wall[name], time.perf_counter() - start)
-                cpu[name] = min(cpu[name], cpu_seconds() - start_cpu)
-        rows = [(name, workers, n / wall[name], n / cpu[name]) for name, workers, _ in runs]
+                end_cpu = cpu_seconds()
+                cpu[name] = min(cpu[name], end_cpu[1] - start_cpu[1])
+                main_cpu[name] = min(main_cpu[name], end_cpu[0] - start_cpu[0])
+        rows = [(name, workers, n / wall[name], n / cpu[name], 1e3 * main_cpu[name] / n) for name, workers, _ in runs]
     base_wall, base_cpu = rows[0][2], rows[0][3]
     print(f"{n} JPEGs of {width}x{height} (and {height}x{width}), quality 90, mean {kb:.0f} KB; "
           f"{os.cpu_count()} cores; Pillow {Image.__version__}; load average {os.getloadavg()[0]:.1f}")
     print(f"{'':18s} {'images/s':>9s} {'per core':>9s} {'vs naive':>9s}   "
-          f"{'images per CPU-second':>22s} {'vs naive':>9s}")
-    for name, workers, speed, per_cpu in rows:
+          f"{'images per CPU-second':>22s} {'vs naive':>9s} {'main process ms/image':>22s}")
+    for name, workers, speed, per_cpu, main_ms in rows:
         print(f"{name:18s} {speed:9.0f} {speed / workers:9.0f} {speed / workers / base_wall:8.2f}x   "
-              f"{per_cpu:22.0f} {per_cpu / base_cpu:8.2f}x")
+              f"{per_cpu:22.0f} {per_cpu / base_cpu:8.2f}x {main_ms:22.2f}")
 
 if __name__ == "__main__":
     main()

@@ -327,10 +327,43 @@ def test_resume_skips_verified_shards_and_redoes_the_rest(tmp_path, capsys):
     assert file_bytes(out) == fresh   # the same bytes as a run without interruption, stats included
 
 
+# --- the streaming shard writer ---
+
+def test_crc32_combine_matches_crc32_of_the_concatenation():
+    import zlib
+    rng = np.random.default_rng(3)
+    for a_len, b_len in [(0, 0), (0, 5), (7, 0), (1, 1), (1000, 3), (5, 70000)]:
+        a, b = rng.bytes(a_len), rng.bytes(b_len)
+        assert alexnet.crc32_combine(zlib.crc32(a), zlib.crc32(b), b_len) == zlib.crc32(a + b)
+
+
+def test_shard_writer_fills_slots_out_of_order_and_closes_the_gaps(tmp_path):
+    """Chunks written into their slots in any order, some shorter than planned (skipped
+    images): the shard holds them in slot order with no gap, and the checksum is the one
+    that resume verifies."""
+    import zlib
+    rng = np.random.default_rng(4)
+    planned = [(0, 3, 3), (3, 3, 1), (6, 3, 0), (9, 2, 2)]   # (first slot, planned, written)
+    chunks = [(slot, rng.integers(0, 10, written).astype(np.int32),
+               rng.integers(0, 256, (written, 4, 5, 3), dtype=np.uint8)) for slot, _, written in planned]
+    writer = alexnet.ShardWriter(str(tmp_path / "train_000.bin"), 11, 4, 5, 10)
+    for slot, _, pixels in reversed(chunks):   # the workers may finish in any order
+        alexnet._write_at(writer.tmp, writer.offset(slot), pixels)
+    for slot, labels, pixels in chunks:        # the main process records them in order
+        writer.add(slot, labels, zlib.crc32(pixels))
+    images, crc = writer.close()
+    header, labels, pixels = parse_shard(tmp_path / "train_000.bin")
+    assert images == 6 and header[:7] == (20121001, 1, 6, 4, 5, 3, 10)
+    assert np.array_equal(labels, np.concatenate([c[1] for c in chunks]))
+    assert np.array_equal(pixels, np.concatenate([c[2] for c in chunks]))
+    assert crc == alexnet.shard_checksum(alexnet.read_shard(str(tmp_path / "train_000.bin")))
+    assert os.listdir(tmp_path) == ["train_000.bin"]
+
+
 # --- bad input: one clear line, exit code 1, nothing under a final name ---
 
-def assert_error(capsys, out, *argv, message):
-    code, text = run(capsys, "prepare", *argv, "--out", str(out), "--workers", "1")
+def assert_error(capsys, out, *argv, message, workers=1):
+    code, text = run(capsys, "prepare", *argv, "--out", str(out), "--workers", str(workers))
     assert code == 1
     assert text.startswith("error: ") and text.count("\n") == 1, text
     assert message in text, text
@@ -378,18 +411,19 @@ def add_truncated(root):
     return path
 
 
-def test_unreadable_image_stop_and_skip(tmp_path, capsys):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unreadable_image_stop_and_skip(tmp_path, capsys, workers):
     files, val = make_imagenet(tmp_path / "in", flat_val=False)
     broken = add_truncated(tmp_path / "in")
     out = tmp_path / "out"
     args = ["imagenet", str(tmp_path / "in"), "--size", "8", "--shard-images", "3"]
-    text = assert_error(capsys, out, *args, message=f"{broken}: unreadable image")
+    text = assert_error(capsys, out, *args, message=f"{broken}: unreadable image", workers=workers)
     assert "pass --on-error skip" in text
     left = [f for f in os.listdir(out) if f.endswith(".bin")]
     for f in left:   # whatever finished before the stop is a complete, valid shard
         assert alexnet.read_shard(str(out / f)).labels.shape == (3,)
 
-    text = prepare_ok(capsys, *args, "--out", str(out), "--on-error", "skip", "--workers", "1")
+    text = prepare_ok(capsys, *args, "--out", str(out), "--on-error", "skip", "--workers", str(workers))
     assert "skipped 1 unreadable images" in text
     log = (out / "skipped.txt").read_text().splitlines()
     assert len(log) == 1 and log[0].startswith(f"{broken}\t")
