@@ -47,10 +47,12 @@ COMMANDS = {}  # name -> (add_arguments(parser), run(args)); each section regist
 
 import hashlib
 import json
-import multiprocessing
 import re
+import signal
 import zlib
 from collections import deque, namedtuple
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 
 SHARD_MAGIC = 20121001
@@ -673,6 +675,18 @@ def _verify_shard(task):
     return sums
 
 
+def _ignore_sigint():
+    """Workers leave Ctrl-C to the main process, which stops them and cleans up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool):
+    """Cancel the tasks not yet started and wait for the running ones (at most a chunk
+    each), so that no worker writes into a file after this returns."""
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _ordered(pool, function, tasks, ahead):
     """function(task) for every task, results in order, at most `ahead` tasks in flight
     (so that tasks are created, and their shard files opened, just ahead of the workers)."""
@@ -681,11 +695,11 @@ def _ordered(pool, function, tasks, ahead):
         return
     tasks, pending = iter(tasks), deque()
     for task in tasks:
-        pending.append(pool.apply_async(function, (task,)))
+        pending.append(pool.submit(function, task))
         if len(pending) >= ahead:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def _fingerprint(source_name, source, shard_images):
@@ -780,9 +794,7 @@ def _write_shards(pool, out, pending, manifest, sums, workers, num_classes, on_e
                 manifest["shards"][name] = {"images": images, "crc32": crc, "skipped": skipped}
                 _save_manifest(out, manifest)
     except BaseException:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        _stop_workers(pool)
         for writer in writers.values():
             writer.abandon()
         raise
@@ -835,15 +847,18 @@ def _prepare(source_name, source, out, workers, shard_images, on_error, force):
     plan = [(split, f"{split.name}_{k:03d}.bin", start, min(start + shard_images, len(split.items)))
             for split in source.splits for k, start in enumerate(range(0, len(split.items), shard_images))]
     sums = PixelSums(size, size)
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, initializer=_ignore_sigint) if workers > 1 else None
     try:
+        if pool is not None:   # fork every worker now, before the progress bar starts a thread
+            pool.submit(int).result()
         done = _resume(pool, out, plan, manifest, sums, workers, num_classes)
         pending = [shard for shard in plan if shard[1] not in done]
         _write_shards(pool, out, pending, manifest, sums, workers, num_classes, on_error, f"prepare {source_name}")
+    except BrokenProcessPool:
+        raise AlexNetError("a worker process died (killed, or out of memory?); "
+                           "run the same command again to resume")
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        _stop_workers(pool)
     _finish(out, source, manifest, sums)
     return out
 

@@ -432,6 +432,38 @@ def test_unreadable_image_stop_and_skip(tmp_path, capsys, workers):
     assert sum(alexnet.read_shard(p).labels.shape[0] for p in alexnet.shard_paths(str(out), "train")) == 9
 
 
+def load_or_die(items, labels):
+    """A Split.load whose worker process dies (as if killed) on the item "die"."""
+    if "die" in items:
+        os._exit(1)
+    pixels = np.stack([np.full((8, 8, 3), int(item), np.uint8) for item in items])
+    return pixels, np.ones(len(items), bool), []
+
+
+def test_a_worker_that_dies_stops_the_run_cleanly(tmp_path):
+    import signal
+    items = ["1", "2", "3", "4", "die", "6"]
+    splits = [alexnet.Split("train", items, np.zeros(6, np.int32), load_or_die, 2, 8),
+              alexnet.Split("val", ["7"], np.zeros(1, np.int32), load_or_die, 2, 8)]
+    source = alexnet.Source(splits, ["only"], 8, {})
+
+    def hung(*_):
+        raise TimeoutError("prepare hung after a worker died")
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        with pytest.raises(alexnet.AlexNetError, match="a worker process died"):
+            alexnet._prepare("test", source, str(tmp_path), 2, 2, "stop", False)
+    finally:
+        signal.alarm(0)
+    # shards finished before the death (which ones depends on timing) are complete and
+    # correct; nothing else is left behind
+    files = sorted(os.listdir(tmp_path))
+    assert set(files) <= {"prepare.json", "train_000.bin", "train_001.bin"}, files
+    for k, f in enumerate(f for f in files if f.endswith(".bin")):
+        assert alexnet.read_shard(str(tmp_path / f)).pixels[:, 0, 0, 0].tolist() == [2 * k + 1, 2 * k + 2]
+
+
 def test_bad_cifar_and_options(tmp_path, capsys):
     out = tmp_path / "out"
     make_cifar(tmp_path / "c")
