@@ -210,7 +210,7 @@ def crc32_combine(crc_a, crc_b, length_b):
 
 def _write_at(path, offset, data):
     """Write an array's bytes into an existing file at a byte offset (from any process)."""
-    view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    view = memoryview(np.asarray(data).reshape(-1).view(np.uint8))   # flat: empty arrays too
     fd = os.open(path, os.O_WRONLY)
     try:
         while view:
@@ -651,6 +651,7 @@ def _run_task(task):
     training split) and the crc32 of the pixels written."""
     load, items, labels, height, width, with_sums, path, offset = task
     pixels, ok, errors = load(items, labels)
+    pixels = np.ascontiguousarray(pixels)   # what crc32 reads is what _write_at writes
     _write_at(path, offset, pixels)
     sums = PixelSums(height, width).add(pixels) if with_sums else None
     return labels[ok], errors, sums, zlib.crc32(pixels)
