@@ -464,6 +464,53 @@ def test_a_worker_that_dies_stops_the_run_cleanly(tmp_path):
         assert alexnet.read_shard(str(tmp_path / f)).pixels[:, 0, 0, 0].tolist() == [2 * k + 1, 2 * k + 2]
 
 
+SLOW_PREPARE = """
+import os, sys, time
+import numpy as np
+import alexnet
+
+def load_slowly(items, labels):
+    open(os.path.join(sys.argv[2], "started"), "w").close()
+    time.sleep(0.2)
+    return np.zeros((len(items), 8, 8, 3), np.uint8), np.ones(len(items), bool), []
+
+if __name__ == "__main__":
+    splits = [alexnet.Split(name, [str(i) for i in range(200)], np.zeros(200, np.int32), load_slowly, 2, 8)
+              for name in ("train", "val")]
+    try:
+        alexnet._prepare("test", alexnet.Source(splits, ["only"], 8, {}), sys.argv[1], 2, 10, "stop", False)
+    except KeyboardInterrupt:
+        sys.exit(130)
+"""
+
+
+def test_ctrl_c_stops_the_workers_quietly_and_leaves_no_temporary_file(tmp_path):
+    """Ctrl-C reaches the whole process group: the workers ignore it, the main process
+    stops them, removes the unfinished shard files and exits; no worker traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    script, out = tmp_path / "slow_prepare.py", tmp_path / "out"
+    script.write_text(SLOW_PREPARE)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(alexnet.__file__)))
+    process = subprocess.Popen([sys.executable, str(script), str(out), str(tmp_path)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)   # a few chunks in: some shards finished, one being written
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr.decode()
+    assert b"Traceback" not in stderr and b"Process" not in stderr, stderr.decode()
+    left = sorted(os.listdir(out))
+    assert not [f for f in left if f.endswith(".tmp")] and "stats.bin" not in left, left
+    for f in left:
+        if f.endswith(".bin"):
+            assert alexnet.read_shard(str(out / f)).labels.shape == (10,)
+
+
 def test_bad_cifar_and_options(tmp_path, capsys):
     out = tmp_path / "out"
     make_cifar(tmp_path / "c")
