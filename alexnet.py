@@ -1665,6 +1665,23 @@ def cuda_fc_backward_weights(dout, inp):
                                            *inp.shape, dout.shape[1]))
     return dweight, dbias
 
+
+_CDEFS.append("int alexnet_gemm_plan(int op, int N, int C, int H, int W, int K, int R, int S, "
+              "int stride, int pad, int OH, int OW, long* out);")
+GEMM_OPS = ("conv_forward", "conv_backward_data", "conv_backward_weights",
+            "fc_forward", "fc_backward_data", "fc_backward_weights")
+
+
+def cuda_gemm_plan(op, N, C, K, H=1, R=1, stride=1, pad=0):
+    """How the library runs one layer's matrix product on the current device: a dict of
+    tile_m, tile_n, splits (of the reduction), tiles (per split) and slots (blocks the
+    device holds at once). Square images and filters; fc layers: C = in, K = out features."""
+    OH = conv_output_size(H, R, stride, pad)
+    ffi, lib = library()
+    out = ffi.new("long[5]")
+    _check(lib.alexnet_gemm_plan(GEMM_OPS.index(op), N, C, H, H, K, R, R, stride, pad, OH, OH, out))
+    return dict(zip(("tile_m", "tile_n", "splits", "tiles", "slots"), list(out)))
+
 # --- 5b. bindings: the other layers
 
 _CDEFS.append("""

@@ -79,12 +79,39 @@ static void cuda_check(cudaError_t err, const char* file, int line) {
 }
 #define cudaCheck(call) cuda_check((call), __FILE__, __LINE__)
 
+// ALEXNET_SYNC_LAUNCHES=1: wait for every kernel and check it, so that a fault names
+// the kernel that caused it instead of surfacing at some later call.
+static bool sync_launches() {
+    static const bool on = [] {
+        const char* v = getenv("ALEXNET_SYNC_LAUNCHES");
+        return v && *v && strcmp(v, "0") != 0;
+    }();
+    return on;
+}
+
+static void launch_check(const char* kernel, const char* file, int line) {
+    cuda_check(cudaGetLastError(), file, line);
+    if (!sync_launches()) return;
+    cudaError_t err = cudaDeviceSynchronize();
+    if (err != cudaSuccess)
+        fail("CUDA error in kernel %s launched at %s:%d: %s", kernel, file, line,
+             cudaGetErrorString(err));
+}
+
 // Launch a kernel and check the launch.
 #define LAUNCH(kernel, grid, block, smem, stream, ...)                  \
     do {                                                              \
         KERNEL_LAUNCH(kernel, grid, block, smem, stream, __VA_ARGS__); \
-        cudaCheck(cudaGetLastError());                                \
+        launch_check(#kernel, __FILE__, __LINE__);                    \
     } while (0)
+
+// Full unrolling of a loop with a constant trip count, so that small arrays indexed by
+// its counter live in registers (nvcc's pragma; g++ needs its own spelling).
+#ifdef __CUDACC__
+#define UNROLL _Pragma("unroll")
+#else
+#define UNROLL _Pragma("GCC unroll 16")
+#endif
 
 static inline int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
 
@@ -213,9 +240,9 @@ void augment_images(float* out, const uint8_t* images, const float* mean, const 
 
 // All convolution and fully connected work is one tiled matrix product
 //     C[m][n] = sum_k A[m][k] * B[k][n]
-// in which A and B are never materialised: a "problem" struct says how element (m, k)
-// of A and (k, n) of B are gathered from the tensors (implicit GEMM), and how C is
-// stored (bias, ReLU). One core, gemm_tile_kernel, serves all of:
+// in which A and B are never materialised: a "problem" struct says where element
+// (m, k) of A and (k, n) of B live in the tensors (implicit GEMM), and how C is
+// stored (bias, ReLU, layout). One core, gemm_kernel, serves all of:
 //
 //   problem                  rows m        columns n        reduction k
 //   conv_forward             out channel   (image, oy, ox)  (in channel, r, s)
@@ -225,175 +252,409 @@ void augment_images(float* out, const uint8_t* images, const float* mean, const 
 //   fc_backward_data         image         in feature       out feature
 //   fc_backward_weights      out feature   in feature       image
 //
-// Thread mapping: a block of 256 threads computes a TILE_M x TILE_N tile of C (64x64,
-// or 16x256 when C has at most 16 rows, e.g. fc layers at small batch), each thread a
-// 4x4 micro-tile held in registers at rows ty + i*TILE_M/4 and columns tx + j*TILE_N/4,
-// so that consecutive threads store consecutive columns and read consecutive
-// shared-memory words. The reduction advances in steps of TILE_K (32; 16 for 16x256
-// tiles, which keeps B at 16 loads per thread): the block stages a TILE_M x TILE_K
-// slice of A and a TILE_K x TILE_N slice of B in shared memory; the next slices are
-// fetched into registers while the current ones are multiplied, hiding global-memory
-// latency. (Deep slices also mean few barriers per multiply-add, which the CPU
-// runtime, switching fibers at every barrier, needs as much as the GPU.)
-// blockIdx.z enumerates (split, batch): batches are independent GEMMs (conv groups,
-// stride phases), and a long reduction may be split into ranges whose partial
-// products a second kernel adds up in a fixed order (deterministic, no atomics).
+// Gathers without division. Every operand element sits at
+//     data[origin(mn).offset + step(k).offset]
+// and reads as 0 unless y = origin(mn).y + step(k).y and x = origin(mn).x + step(k).x
+// fall inside a height x width box (this is how padding, image borders and strided
+// taps are expressed). A thread's row or column mn is fixed for the whole reduction, so
+// its origin is computed once, divisions and all, before the loop. The steps of a
+// slice's k are the same for every thread: GEMM_TILE_K threads per operand write them
+// to a small table in shared memory, walking k as mixed-radix digits
+//     k = (d0 * radix1 + d1) * radix2 + d2,
+//     step(k) = (d0*stride0 + d1*stride1 + d2*stride2,  d1*step_y,  d2*step_x),
+// which advance by GEMM_TILE_K per slice with carries, not divisions. In the loop a
+// load is then one table read, two adds, a box test and the load itself.
 
-constexpr int GEMM_THREADS = 256;
-constexpr int GEMM_TILE_AREA = 64 * 64;  // TILE_M * TILE_N
-constexpr int GEMM_MICRO = 4;            // 4x4 outputs per thread: 256 * 16 = the tile area
-constexpr int GEMM_SPLIT_ALIGN = 32;     // split ranges are whole slices of either tile shape
+constexpr int GEMM_TILE_K = 16;        // reduction slice
+constexpr int GEMM_PARTS = 4;          // the next slice is fetched in this many parts
+constexpr int GEMM_MICRO = 8;          // each thread computes 8x8 outputs
+constexpr int GEMM_PAD = 4;            // row padding: 16-byte aligned, conflict-free stores
+constexpr int GEMM_OUTSIDE = -(1 << 29);  // a y that no box contains (rows/k out of range);
+                                          // two of them still add up without overflow
+constexpr int GEMM_MAX_SPLITS = 64;
+constexpr int GEMM_MIN_SPLIT_DEPTH = 128;  // keeps each split's loop long
 
-template <int TILE_M>
-struct GemmTile {  // the tile's columns and slice depth for TILE_M rows
-    static constexpr int N = GEMM_TILE_AREA / TILE_M, K = TILE_M == 16 ? 16 : 32;
+// How one operand is gathered (see above). Contiguous operands (weights, fc
+// activations) use one digit: radix1 = radix2 = 1, offset k * stride0, no box.
+struct GemmGather {
+    const float* data;
+    int radix1 = 1, radix2 = 1;
+    int stride0 = 1, stride1 = 0, stride2 = 0;
+    int step_y = 0, step_x = 0;
+    int height = INT_MAX, width = INT_MAX;
+    int carry0 = 0, carry1 = 0, carry2 = 0;  // GEMM_TILE_K in these digits (gemm_launch)
+};
+
+// Where row or column mn of an operand starts: see GemmGather.
+struct GemmOrigin {
+    int offset, y, x;
 };
 
 // Sizes of one GEMM (of each batch) and how its reduction is split.
 struct GemmDims {
     int rows, cols, depth;  // C is rows x cols, summed over depth
-    int batches;            // independent GEMMs of these sizes
-    int splits;             // the reduction is cut into ranges of depth_per_split
-    int depth_per_split;    // a multiple of GEMM_SPLIT_ALIGN
+    int batches;            // independent GEMMs of these sizes (conv groups, stride phases)
+    int splits = 1;         // the reduction is cut into ranges of depth_per_split
+    int depth_per_split = 0;
 };
 
-static GemmDims gemm_dims(int rows, int cols, int depth, int batches, int splits) {
-    int slices = ceil_div(depth, GEMM_SPLIT_ALIGN);
-    int slices_per_split = ceil_div(slices, splits);
-    // recount, so that no split is left with an empty range
-    return GemmDims{rows, cols, depth, batches, ceil_div(slices, slices_per_split),
-                    slices_per_split * GEMM_SPLIT_ALIGN};
-}
+// A block of THREADS computes a TILE_M x TILE_N tile of C.
+template <int TILE_M, int TILE_N>
+struct GemmTile {
+    static constexpr int THREADS = TILE_M * TILE_N / (GEMM_MICRO * GEMM_MICRO);
+    // Blocks per SM that the registers must allow: 256-thread tiles get up to 128 registers
+    // a thread (16 warps per SM), 128-thread tiles, which stage more values per thread,
+    // up to 168 (12 warps).
+    static constexpr int MIN_BLOCKS = THREADS >= 256 ? 2 : 3;
+    static constexpr size_t SHARED_BYTES =  // two step tables and two tiles per operand
+        2 * 2 * GEMM_TILE_K * sizeof(int4)
+        + 2 * GEMM_TILE_K * (TILE_M + TILE_N + 2 * GEMM_PAD) * sizeof(float);
+};
 
-// Which operand index is consecutive in memory decides how a block's threads walk a
-// TILE x TILE_K slice: along k (thread t takes k = t % TILE_K) or along m/n (t takes
-// m = t % TILE), so that neighbouring threads read neighbouring addresses.
-// Load i of thread t (i < TILE * TILE_K / GEMM_THREADS) is element (mn, k).
-template <int TILE, int TILE_K, bool K_CONTIGUOUS>
-struct TileWalk {
-    static constexpr int loads = TILE * TILE_K / GEMM_THREADS;
-    static __device__ __forceinline__ int mn(int tid, int i) {
-        return K_CONTIGUOUS ? tid / TILE_K + i * (GEMM_THREADS / TILE_K) : tid % TILE;
+// Which element of a TILE x GEMM_TILE_K slice thread `tid` loads as its i-th (i < LOADS).
+// Every thread keeps a single row/column mn. When consecutive k are adjacent in memory
+// (K_CONTIGUOUS), a thread takes LOADS consecutive k and neighbouring threads the rest of
+// the row, else neighbouring threads take neighbouring mn: either way a warp reads whole
+// 32-byte sectors.
+template <int TILE, int THREADS, bool K_CONTIGUOUS>
+struct GemmWalk {
+    static constexpr int LOADS = TILE * GEMM_TILE_K / THREADS;
+    static constexpr int PER_ROW = GEMM_TILE_K / LOADS;  // threads that share a row (K_CONTIGUOUS)
+    static_assert(K_CONTIGUOUS ? GEMM_TILE_K % LOADS == 0 : THREADS % TILE == 0, "tile shape");
+    static __device__ __forceinline__ int mn(int tid) {
+        return K_CONTIGUOUS ? tid / PER_ROW : tid % TILE;
     }
     static __device__ __forceinline__ int k(int tid, int i) {
-        return K_CONTIGUOUS ? tid % TILE_K : tid / TILE + i * (GEMM_THREADS / TILE);
+        return K_CONTIGUOUS ? tid % PER_ROW * LOADS + i : tid / TILE + i * (THREADS / TILE);
     }
 };
 
-// f(0), ..., f(N-1) with constant arguments, so that small register arrays stay in
-// registers under any compiler (g++ -O2 keeps loop-indexed arrays in memory).
-template <int N, typename F>
-__device__ __forceinline__ void unrolled(F&& f) {
-    if constexpr (N > 0) {
-        unrolled<N - 1>(f);
-        f(N - 1);
-    }
+// The element at origin o + step, or 0 outside the box. Inside it the offset is
+// non-negative, so it indexes as an unsigned 32-bit number: one add and one widening
+// multiply-add make the address.
+__device__ __forceinline__ float gemm_load(const GemmGather& g, GemmOrigin o, int4 step) {
+    bool inside = ((unsigned)(o.y + step.y) < (unsigned)g.height) & ((unsigned)(o.x + step.z) < (unsigned)g.width);
+    return inside ? g.data[(unsigned)(o.offset + step.x)] : 0.0f;
 }
 
-// A Problem provides: GemmDims dims; the flags a_k_contiguous, b_k_contiguous and
-// row_sums; batch(z), the constants of GEMM z < dims.batches that the block computes
-// once (the conv group, say); a(batch, m, k) and b(batch, k, n) for in-range indices;
-// store(batch, split, m, n, value); and, when row_sums is set, store_row_sum(batch,
-// split, m, value), which receives sum_k A[m][k] over the split's range (the bias
-// gradient: when A is the output gradient, the bias is a weight whose input is 1).
-template <int TILE_M, typename Problem>
-__global__ void __launch_bounds__(GEMM_THREADS, 2) gemm_tile_kernel(Problem p) {
-    constexpr int TILE_N = GemmTile<TILE_M>::N, TILE_K = GemmTile<TILE_M>::K;
-    constexpr int STEP_M = TILE_M / GEMM_MICRO, STEP_N = TILE_N / GEMM_MICRO;
-    using WalkA = TileWalk<TILE_M, TILE_K, Problem::a_k_contiguous>;
-    using WalkB = TileWalk<TILE_N, TILE_K, Problem::b_k_contiguous>;
-    // row stride TILE + 32/TILE_K: a warp of the k-contiguous walk stores TILE_K rows
-    // x 32/TILE_K columns, which then land in 32 distinct banks
-    constexpr int PAD = 32 / TILE_K;
-    SHARED(float, a_tile, [TILE_K][TILE_M + PAD]);
-    SHARED(float, b_tile, [TILE_K][TILE_N + PAD]);
+// A plain strided operand (one digit, no box) needs no table: element k of the row at
+// origin o is data[o.offset + k * stride0], or 0 past the split's end.
+__device__ __forceinline__ float gemm_load_strided(const GemmGather& g, GemmOrigin o, int k, int k_end) {
+    return k < k_end ? g.data[(unsigned)(o.offset + k * g.stride0)] : 0.0f;
+}
+
+// The k of one step-table entry as digits, advanced slice by slice without division.
+struct GemmDigits {
+    int d0, d1, d2;
+    __device__ void start(const GemmGather& g, int k) {  // before the loop: divisions allowed
+        d2 = k % g.radix2;
+        d1 = k / g.radix2 % g.radix1;
+        d0 = k / g.radix2 / g.radix1;
+    }
+    __device__ int4 step(const GemmGather& g, bool inside) const {
+        if (!inside) return make_int4(0, GEMM_OUTSIDE, 0, 0);
+        return make_int4(d0 * g.stride0 + d1 * g.stride1 + d2 * g.stride2, d1 * g.step_y,
+                         d2 * g.step_x, 0);
+    }
+    __device__ void advance(const GemmGather& g) {  // k += GEMM_TILE_K
+        d2 += g.carry2;
+        if (d2 >= g.radix2) d2 -= g.radix2, d1++;
+        d1 += g.carry1;
+        if (d1 >= g.radix1) d1 -= g.radix1, d0++;
+        d0 += g.carry0;
+    }
+};
+
+// A Problem provides: GemmDims dims; GemmGather a, b; the flags a_k_contiguous and
+// b_k_contiguous (the walk each operand's loads take); batch(z), the constants of GEMM
+// z < dims.batches that a block computes once (the conv group, say); a_origin(batch, m)
+// and b_origin(batch, n) for in-range m, n; and store(batch, m, n, value), which writes
+// the finished C[m][n] (adding the bias, say).
+//
+// Thread mapping: block (blockIdx.x, blockIdx.y) computes the TILE_M x TILE_N tile of C
+// at rows blockIdx.y*TILE_M, columns blockIdx.x*TILE_N; blockIdx.z = split*batches + batch.
+// Thread tid = ty * TILE_N/8 + tx holds 8x8 outputs in registers: rows ty*4 + {0..3}
+// and TILE_M/2 + ty*4 + {0..3}, columns likewise from tx. Per k it reads them as four
+// 128-bit shared loads (two quads of A's column, two of B's row) for 64 FFMA, and the
+// quads of a warp's threads are consecutive (no bank conflicts).
+// Pipeline: while the block multiplies the slice in shared buffer s % 2, each thread
+// gathers its part of slice s+1 into registers (global latency hidden behind 512 FFMA)
+// and stores it to the other buffer; the step tables run one slice further ahead.
+// One barrier per slice. The sum over k runs in k order within each split; splits
+// write partial tiles to `partial` ([split][batch][rows][cols]), which
+// gemm_split_sum_kernel adds in split order: the same bits on every run.
+template <int TILE_M, int TILE_N, typename Problem>
+__global__ void __launch_bounds__(GemmTile<TILE_M, TILE_N>::THREADS,
+                                  GemmTile<TILE_M, TILE_N>::MIN_BLOCKS)
+gemm_kernel(Problem p, float* partial) {
+    constexpr int K = GEMM_TILE_K, THREADS = GemmTile<TILE_M, TILE_N>::THREADS;
+    using WalkA = GemmWalk<TILE_M, THREADS, Problem::a_k_contiguous>;
+    using WalkB = GemmWalk<TILE_N, THREADS, Problem::b_k_contiguous>;
+    EXTERN_SHARED(float4, smem);  // GemmTile::SHARED_BYTES, in 16-byte units:
+    constexpr int A_TILE = 4 * K, B_TILE = A_TILE + K * (TILE_M + GEMM_PAD) / 2;
+    auto a_steps = reinterpret_cast<int4(*)[K]>(smem);                                 // [2][K]
+    auto b_steps = reinterpret_cast<int4(*)[K]>(smem + 2 * K);                         // [2][K]
+    auto a_tile = reinterpret_cast<float(*)[K][TILE_M + GEMM_PAD]>(smem + A_TILE);  // [2][K][.]
+    auto b_tile = reinterpret_cast<float(*)[K][TILE_N + GEMM_PAD]>(smem + B_TILE);  // [2][K][.]
+
     const GemmDims d = p.dims;
-    const int tid = threadIdx.x, tx = tid % STEP_N, ty = tid / STEP_N;
-    const int m0 = blockIdx.y * TILE_M, n0 = blockIdx.x * TILE_N;
-    const auto batch = p.batch(blockIdx.z % d.batches);
-    const int split = blockIdx.z / d.batches;
+    const int tid = threadIdx.x, tx = tid % (TILE_N / 8), ty = tid / (TILE_N / 8);
+    const int z = blockIdx.z % d.batches, split = blockIdx.z / d.batches;
+    const auto batch = p.batch(z);
     const int k_begin = split * d.depth_per_split;
     const int k_end = k_begin + d.depth_per_split < d.depth ? k_begin + d.depth_per_split : d.depth;
-    const bool sums_rows = Problem::row_sums && blockIdx.x == 0 && tx == 0;
+    const int slices = (k_end - k_begin + K - 1) / K;
 
-    float a_next[WalkA::loads], b_next[WalkB::loads];
-    auto fetch = [&](int k0) {  // slices [k0, k0 + TILE_K) into registers, zeros outside
-        for (int i = 0; i < WalkA::loads; i++) {
-            int m = m0 + WalkA::mn(tid, i), k = k0 + WalkA::k(tid, i);
-            a_next[i] = (m < d.rows && k < k_end) ? p.a(batch, m, k) : 0.0f;
+    const int m = blockIdx.y * TILE_M + WalkA::mn(tid), n = blockIdx.x * TILE_N + WalkB::mn(tid);
+    // Rows and columns past the edge read as 0 (table operands) or as row 0 (strided
+    // operands): either way they only reach outputs that are never stored.
+    const GemmOrigin a_origin = m < d.rows ? p.a_origin(batch, m) : GemmOrigin{0, GEMM_OUTSIDE, 0};
+    const GemmOrigin b_origin = n < d.cols ? p.b_origin(batch, n) : GemmOrigin{0, GEMM_OUTSIDE, 0};
+
+    // Lanes 0..K-1 of warp 0 write A's step table, those of warp 1 B's (table operands).
+    const int lane = tid % 32, warp = tid / 32;
+    const bool writes_a = !Problem::a_strided && warp == 0 && lane < K;
+    const bool writes_b = !Problem::b_strided && warp == 1 && lane < K;
+    GemmDigits digits;
+    if (writes_a) digits.start(p.a, k_begin + lane);
+    if (writes_b) digits.start(p.b, k_begin + lane);
+    auto write_steps = [&](int s, int buf) {  // the table of slice s, into buffer buf = s % 2
+        bool inside = k_begin + s * K + lane < k_end;
+        if (writes_a && s < slices) {
+            a_steps[buf][lane] = digits.step(p.a, inside);
+            digits.advance(p.a);
         }
-        for (int i = 0; i < WalkB::loads; i++) {
-            int n = n0 + WalkB::mn(tid, i), k = k0 + WalkB::k(tid, i);
-            b_next[i] = (n < d.cols && k < k_end) ? p.b(batch, k, n) : 0.0f;
+        if (writes_b && s < slices) {
+            b_steps[buf][lane] = digits.step(p.b, inside);
+            digits.advance(p.b);
         }
     };
 
+    // The next slice comes in GEMM_PARTS parts, each fetched while a part of the current
+    // slice is multiplied, so that few values wait in registers.
+    constexpr int PART_A = WalkA::LOADS / GEMM_PARTS, PART_B = WalkB::LOADS / GEMM_PARTS;
+    float a_next[PART_A], b_next[PART_B];
+    auto fetch = [&](int s, int buf, int part) {  // part of slice s into registers
+        UNROLL for (int i = 0; i < PART_A; i++) {
+            int k = WalkA::k(tid, part * PART_A + i);
+            if constexpr (Problem::a_strided)
+                a_next[i] = gemm_load_strided(p.a, a_origin, k_begin + s * K + k, k_end);
+            else
+                a_next[i] = gemm_load(p.a, a_origin, a_steps[buf][k]);
+        }
+        UNROLL for (int i = 0; i < PART_B; i++) {
+            int k = WalkB::k(tid, part * PART_B + i);
+            if constexpr (Problem::b_strided)
+                b_next[i] = gemm_load_strided(p.b, b_origin, k_begin + s * K + k, k_end);
+            else
+                b_next[i] = gemm_load(p.b, b_origin, b_steps[buf][k]);
+        }
+    };
+    auto stash = [&](int buf, int part) {  // the registers into tile buffer buf
+        UNROLL for (int i = 0; i < PART_A; i++)
+            a_tile[buf][WalkA::k(tid, part * PART_A + i)][WalkA::mn(tid)] = a_next[i];
+        UNROLL for (int i = 0; i < PART_B; i++)
+            b_tile[buf][WalkB::k(tid, part * PART_B + i)][WalkB::mn(tid)] = b_next[i];
+    };
     float acc[GEMM_MICRO][GEMM_MICRO] = {};
-    float row_sum[GEMM_MICRO] = {};
-    fetch(k_begin);
-    for (int k0 = k_begin; k0 < k_end; k0 += TILE_K) {
-        for (int i = 0; i < WalkA::loads; i++)
-            a_tile[WalkA::k(tid, i)][WalkA::mn(tid, i)] = a_next[i];
-        for (int i = 0; i < WalkB::loads; i++)
-            b_tile[WalkB::k(tid, i)][WalkB::mn(tid, i)] = b_next[i];
-        __syncthreads();
-        if (k0 + TILE_K < k_end) fetch(k0 + TILE_K);
-        for (int kk = 0; kk < TILE_K; kk++) {
-            float a_frag[GEMM_MICRO], b_frag[GEMM_MICRO];
-            unrolled<GEMM_MICRO>([&](int i) {
-                a_frag[i] = a_tile[kk][ty + i * STEP_M];
-                b_frag[i] = b_tile[kk][tx + i * STEP_N];
-            });
-            unrolled<GEMM_MICRO>([&](int i) {
-                unrolled<GEMM_MICRO>([&](int j) { acc[i][j] += a_frag[i] * b_frag[j]; });
-                if (sums_rows) row_sum[i] += a_frag[i];
-            });
+    auto multiply = [&](int buf, int part) {  // acc += part of the slice in buffer buf
+        constexpr int STEPS = K / GEMM_PARTS;
+        UNROLL for (int kk = part * STEPS; kk < (part + 1) * STEPS; kk++) {
+            const float* a_row = a_tile[buf][kk];
+            const float* b_row = b_tile[buf][kk];
+            float4 a_lo = *reinterpret_cast<const float4*>(a_row + ty * 4);
+            float4 a_hi = *reinterpret_cast<const float4*>(a_row + TILE_M / 2 + ty * 4);
+            float4 b_lo = *reinterpret_cast<const float4*>(b_row + tx * 4);
+            float4 b_hi = *reinterpret_cast<const float4*>(b_row + TILE_N / 2 + tx * 4);
+            const float a[GEMM_MICRO] = {a_lo.x, a_lo.y, a_lo.z, a_lo.w, a_hi.x, a_hi.y, a_hi.z, a_hi.w};
+            const float b[GEMM_MICRO] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
+            UNROLL for (int i = 0; i < GEMM_MICRO; i++)
+                UNROLL for (int j = 0; j < GEMM_MICRO; j++) acc[i][j] += a[i] * b[j];
+        }
+    };
+
+    write_steps(0, 0);
+    __syncthreads();
+    UNROLL for (int part = 0; part < GEMM_PARTS; part++) {
+        fetch(0, 0, part);
+        stash(0, part);
+    }
+    write_steps(1, 1);
+    __syncthreads();
+
+    // Slice s: multiply buffer buf = s % 2 while slice s+1 moves into the other one.
+    auto slice = [&](int s, int buf) {
+        const bool more = s + 1 < slices;
+        UNROLL for (int part = 0; part < GEMM_PARTS; part++) {
+            if (more) fetch(s + 1, buf ^ 1, part);
+            if (part == 0) write_steps(s + 2, buf);  // the table slice s was fetched from
+            multiply(buf, part);
+            if (more) stash(buf ^ 1, part);  // the tiles slice s-1 was multiplied from
         }
         __syncthreads();
+    };
+    for (int s = 0; s < slices; s += 2) {  // two at a time: constant buffer addresses
+        slice(s, 0);
+        if (s + 1 < slices) slice(s + 1, 1);
     }
 
-    for (int i = 0; i < GEMM_MICRO; i++) {
-        int m = m0 + ty + i * STEP_M;
-        if (m >= d.rows) continue;
-        for (int j = 0; j < GEMM_MICRO; j++) {
-            int n = n0 + tx + j * STEP_N;
-            if (n < d.cols) p.store(batch, split, m, n, acc[i][j]);
+    UNROLL for (int i = 0; i < GEMM_MICRO; i++) {
+        int row = blockIdx.y * TILE_M + (i / 4) * (TILE_M / 2) + ty * 4 + i % 4;
+        if (row >= d.rows) continue;
+        UNROLL for (int j = 0; j < GEMM_MICRO; j++) {
+            int col = blockIdx.x * TILE_N + (j / 4) * (TILE_N / 2) + tx * 4 + j % 4;
+            if (col >= d.cols) continue;
+            if (d.splits == 1) p.store(batch, row, col, acc[i][j]);
+            else partial[((long)blockIdx.z * d.rows + row) * d.cols + col] = acc[i][j];
         }
-        if constexpr (Problem::row_sums)
-            if (sums_rows) p.store_row_sum(batch, split, m, row_sum[i]);
     }
 }
 
-// Skinny products (at most 16 rows) take 16x256 tiles, the rest 64x64.
-static int gemm_tile_rows(int rows) { return rows <= 16 ? 16 : 64; }
+// C[m][n] of a split product: the splits' partial results added in split order, then
+// stored by the problem. Thread i handles element i = (batch, m, n) (coalesced reads).
+template <typename Problem>
+__global__ void gemm_split_sum_kernel(Problem p, const float* partial) {
+    const GemmDims d = p.dims;
+    long per_split = (long)d.batches * d.rows * d.cols;
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= per_split) return;
+    float sum = 0.0f;
+    for (int s = 0; s < d.splits; s++) sum += partial[s * per_split + i];
+    int col = (int)(i % d.cols), row = (int)(i / d.cols % d.rows), z = (int)(i / d.cols / d.rows);
+    p.store(p.batch(z), row, col, sum);
+}
 
-template <int TILE_M, typename Problem>
-static void gemm_launch_tiles(const Problem& p, cudaStream_t stream) {
+// --- choosing the tile and the split from the device
+// 128x128 tiles, unless a product with few rows (or columns) wastes over a quarter less
+// on padding with 64x128 (or 128x64). Then the reduction is split when the tiles alone
+// would leave SMs idle: among 1..GEMM_MAX_SPLITS splits, each at least
+// GEMM_MIN_SPLIT_DEPTH deep and within the workspace, the fewest that fill the waves of
+// resident blocks (SMs x blocks per SM, from the occupancy calculator) to 90%, else the
+// best filling. The CPU runtime answers both queries for an H100 (132 SMs), so the
+// choices made there are those of an H100.
+
+struct Workspace {  // device floats that split products may use for partial results
+    float* ptr = nullptr;
+    size_t floats = 0;
+};
+
+struct GemmPlan {
+    int tile_m, tile_n;
+    GemmDims dims;
+    long tiles, slots;  // tiles per split; blocks the GPU holds at once
+};
+
+template <int TILE_M, int TILE_N, typename Problem>
+static int gemm_blocks_per_sm() {
+    int blocks = 0;
+    cudaCheck(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &blocks, gemm_kernel<TILE_M, TILE_N, Problem>, GemmTile<TILE_M, TILE_N>::THREADS,
+        GemmTile<TILE_M, TILE_N>::SHARED_BYTES));
+    return std::max(blocks, 1);
+}
+
+static long gemm_tiles(const GemmDims& d, int tile_m, int tile_n) {
+    return (long)ceil_div(d.rows, tile_m) * ceil_div(d.cols, tile_n) * d.batches;
+}
+
+// workspace_floats < 0: as many as the best split wants (to size a workspace).
+template <typename Problem>
+static GemmPlan gemm_plan(const Problem& p, long workspace_floats) {
+    GemmPlan plan{128, 128, p.dims, 0, 0};
+    GemmDims& d = plan.dims;
+    long big = gemm_tiles(d, 128, 128) * 4;  // areas in 64x64 units
+    long wide = gemm_tiles(d, 64, 128) * 2, tall = gemm_tiles(d, 128, 64) * 2;
+    if (4 * std::min(wide, tall) < 3 * big) {
+        if (wide <= tall) plan.tile_m = 64;
+        else plan.tile_n = 64;
+    }
+    int device = 0, sms = 0;
+    cudaCheck(cudaGetDevice(&device));
+    cudaCheck(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    int per_sm = plan.tile_m == 64 ? gemm_blocks_per_sm<64, 128, Problem>()
+                 : plan.tile_n == 64 ? gemm_blocks_per_sm<128, 64, Problem>()
+                                     : gemm_blocks_per_sm<128, 128, Problem>();
+    const long slots = (long)sms * per_sm, tiles = gemm_tiles(d, plan.tile_m, plan.tile_n);
+    plan.tiles = tiles, plan.slots = slots;
+    long per_split = (long)d.batches * d.rows * d.cols;
+    int most = std::min(GEMM_MAX_SPLITS, std::max(1, d.depth / GEMM_MIN_SPLIT_DEPTH));
+    if (workspace_floats >= 0) most = std::min<long>(most, std::max(1L, workspace_floats / per_split));
+    int best = 1;
+    double best_fill = 0.0;
+    for (int s = 1; s <= most; s++) {
+        long blocks = tiles * s;
+        double fill = (double)blocks / ((double)ceil_div(blocks, slots) * slots);
+        if (fill > best_fill) best = s, best_fill = fill;
+        if (fill >= 0.9) break;
+    }
+    int slices = ceil_div(d.depth, GEMM_TILE_K);
+    int slices_per_split = ceil_div(slices, best);
+    d.splits = ceil_div(slices, slices_per_split);  // no split left with an empty range
+    d.depth_per_split = slices_per_split * GEMM_TILE_K;
+    return plan;
+}
+
+// Floats of workspace that gemm_launch may use for this product.
+template <typename Problem>
+static size_t gemm_workspace(const Problem& p) {
+    GemmDims d = gemm_plan(p, -1).dims;
+    return d.splits > 1 ? (size_t)d.splits * d.batches * d.rows * d.cols : 0;
+}
+
+static void gemm_carries(GemmGather& g) {  // GEMM_TILE_K as digits of radix1, radix2
+    g.carry2 = GEMM_TILE_K % g.radix2;
+    g.carry1 = GEMM_TILE_K / g.radix2 % g.radix1;
+    g.carry0 = GEMM_TILE_K / g.radix2 / g.radix1;
+}
+
+template <int TILE_M, int TILE_N, typename Problem>
+static void gemm_launch_tiles(const Problem& p, float* partial, cudaStream_t stream) {
     const GemmDims& d = p.dims;
     require(ceil_div(d.rows, TILE_M) <= 65535 && (long)d.batches * d.splits <= 65535,
             "gemm: grid too large (%d rows, %d batches x splits)", d.rows, d.batches * d.splits);
-    dim3 grid(ceil_div(d.cols, GemmTile<TILE_M>::N), ceil_div(d.rows, TILE_M),
-              d.batches * d.splits);
-    LAUNCH((gemm_tile_kernel<TILE_M, Problem>), grid, GEMM_THREADS, 0, stream, p);
+    dim3 grid(ceil_div(d.cols, TILE_N), ceil_div(d.rows, TILE_M), d.batches * d.splits);
+    LAUNCH((gemm_kernel<TILE_M, TILE_N, Problem>), grid, (GemmTile<TILE_M, TILE_N>::THREADS),
+           (GemmTile<TILE_M, TILE_N>::SHARED_BYTES), stream, p, partial);
 }
 
 template <typename Problem>
-static void gemm_launch(const Problem& p, cudaStream_t stream) {
-    if (gemm_tile_rows(p.dims.rows) == 16) gemm_launch_tiles<16>(p, stream);
-    else gemm_launch_tiles<64>(p, stream);
+static void gemm_launch(Problem p, Workspace workspace, cudaStream_t stream) {
+    gemm_carries(p.a);
+    gemm_carries(p.b);
+    GemmPlan plan = gemm_plan(p, workspace.ptr ? (long)workspace.floats : 0);
+    p.dims = plan.dims;
+    float* partial = p.dims.splits > 1 ? workspace.ptr : nullptr;
+    if (plan.tile_m == 64) gemm_launch_tiles<64, 128>(p, partial, stream);
+    else if (plan.tile_n == 64) gemm_launch_tiles<128, 64>(p, partial, stream);
+    else gemm_launch_tiles<128, 128>(p, partial, stream);
+    if (partial) {
+        long n = (long)p.dims.batches * p.dims.rows * p.dims.cols;
+        LAUNCH(gemm_split_sum_kernel<Problem>, ceil_div(n, 256), 256, 0, stream, p, partial);
+    }
 }
 
-// Output element [i] of a split reduction: the sum of the splits' partial results,
-// always added in split order. Thread i handles element i (coalesced across splits).
-// The first n_first elements go to first[], the rest to second[].
-__global__ void split_sum_kernel(float* first, float* second, const float* partial,
-                                 int n_first, int n_total, int splits) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n_total) return;
+// Bias gradient: dbias[k] = sum_{n < N, i < inner} dout[n][k][i] (inner = OH*OW for a
+// conv, 1 for an fc layer). One block per k: each thread sums a fixed strided subset,
+// then the block adds the 256 partial sums in a fixed tree: the same bits every run.
+__global__ void bias_backward_kernel(float* dbias, const float* dout, int N, int K, int inner) {
+    SHARED(float, partial, [256]);
+    const int k = blockIdx.x, tid = threadIdx.x;
     float sum = 0.0f;
-    for (int s = 0; s < splits; s++) sum += partial[(long)s * n_total + i];
-    if (i < n_first) first[i] = sum;
-    else second[i - n_first] = sum;
+    for (long j = tid; j < (long)N * inner; j += 256) {
+        long n = j / inner, i = j % inner;
+        sum += dout[(n * K + k) * inner + i];
+    }
+    partial[tid] = sum;
+    __syncthreads();
+    for (int half = 128; half > 0; half /= 2) {
+        if (tid < half) partial[tid] += partial[tid + half];
+        __syncthreads();
+    }
+    if (tid == 0) dbias[k] = partial[0];
+}
+
+void bias_backward(float* dbias, const float* dout, int N, int K, int inner, cudaStream_t stream) {
+    LAUNCH(bias_backward_kernel, K, 256, 0, stream, dbias, dout, N, K, inner);
 }
 
 // Convolution geometry, as in the launchers' arguments. The input is [N][C][H][W],
@@ -405,16 +666,6 @@ struct ConvShape {
     int N, C, H, W, K, R, S, stride, pad, groups, OH, OW;
     __host__ __device__ int cg() const { return C / groups; }  // channels per group
     __host__ __device__ int kg() const { return K / groups; }  // filters per group
-
-    // im2col: element ((c, r, s), (image, oy, ox)) of the unrolled input of group g
-    __device__ float unrolled_input(const float* inp, int g, int crs, int pixel) const {
-        int image = pixel / (OH * OW), opix = pixel % (OH * OW);
-        int c = crs / (R * S), rs = crs % (R * S);
-        int y = (opix / OW) * stride - pad + rs / S;
-        int x = (opix % OW) * stride - pad + rs % S;
-        if (y < 0 || y >= H || x < 0 || x >= W) return 0.0f;
-        return inp[(((long)image * C + g * cg() + c) * H + y) * W + x];
-    }
 };
 
 // Shapes the convolution launchers accept; the C API reports the same messages.
@@ -431,6 +682,10 @@ static void conv_check_shape(const ConvShape& s) {
             s.pad, s.R, s.S);
     require(s.R <= s.H + 2 * s.pad && s.S <= s.W + 2 * s.pad,
             "conv: %dx%d filter larger than the padded %dx%d input", s.R, s.S, s.H, s.W);
+    // image sides far below GEMM_OUTSIDE, so that no gathered y or x wraps around
+    require(s.H <= 65536 && s.W <= 65536 && (long)s.R * s.stride <= 65536
+            && (long)s.S * s.stride <= 65536,
+            "conv: image sides, filter sides and strides beyond 65536 are not supported");
     auto fits = [&](int out, int in, int k) {
         long span = (long)in + 2 * s.pad - k;
         return out == 1 + span / s.stride || out == 1 + ceil_div(span, s.stride);
@@ -445,39 +700,52 @@ static void conv_check_shape(const ConvShape& s) {
             "conv: tensors over 2^31 elements are not supported");
 }
 
+// The unrolled input (im2col) as a gather along k = (c, r, s) from the origin of an
+// output pixel: offset c*H*W + r*W + s, y = oy*stride - pad + r, x likewise.
+static GemmGather conv_input_by_crs(const float* inp, const ConvShape& s) {
+    GemmGather g{inp};
+    g.radix1 = s.R, g.radix2 = s.S;
+    g.stride0 = s.H * s.W, g.stride1 = s.W, g.stride2 = 1;
+    g.step_y = 1, g.step_x = 1;
+    g.height = s.H, g.width = s.W;
+    return g;
+}
+
 // Forward: out[n][k][oy][ox] = [relu](bias[k] + sum_{c,r,s} w[k][c][r][s] *
 // inp[n][g*C/groups + c][oy*stride - pad + r][ox*stride - pad + s]), g = k's group.
 // GEMM per group: A = the group's weights [K/groups][C/groups*R*S] (rows contiguous),
-// B = the unrolled input, gathered on the fly (consecutive columns are neighbouring
-// output pixels, hence neighbouring input pixels).
+// B = the unrolled input (consecutive columns are neighbouring output pixels, hence
+// neighbouring input pixels).
 struct ConvForward {
     GemmDims dims;
+    GemmGather a, b;
     ConvShape s;
     float* out;
-    const float *inp, *weight, *bias;
+    const float* bias;
     bool relu;
-    static constexpr bool a_k_contiguous = true, b_k_contiguous = false, row_sums = false;
+    static constexpr bool a_k_contiguous = true, b_k_contiguous = false;
+    static constexpr bool a_strided = true, b_strided = false;
+
+    ConvForward(const ConvShape& s_, float* out_, const float* inp, const float* weight,
+                const float* bias_, bool relu_)
+        : dims{s_.kg(), s_.N * s_.OH * s_.OW, s_.cg() * s_.R * s_.S, s_.groups},
+          a{weight}, b(conv_input_by_crs(inp, s_)), s(s_), out(out_), bias(bias_), relu(relu_) {}
 
     __device__ int batch(int z) const { return z; }  // the group
-    __device__ float a(int g, int m, int k) const {
-        return weight[((long)g * s.kg() + m) * dims.depth + k];
+    __device__ GemmOrigin a_origin(int g, int m) const {
+        return {(g * s.kg() + m) * dims.depth, 0, 0};
     }
-    __device__ float b(int g, int k, int n) const { return s.unrolled_input(inp, g, k, n); }
-    __device__ void store(int g, int split, int m, int n, float v) const {
+    __device__ GemmOrigin b_origin(int g, int n) const {  // output pixel (image, oy, ox)
+        int image = n / (s.OH * s.OW), oy = n / s.OW % s.OH, ox = n % s.OW;
+        int y = oy * s.stride - s.pad, x = ox * s.stride - s.pad;
+        return {((image * s.C + g * s.cg()) * s.H + y) * s.W + x, y, x};
+    }
+    __device__ void store(int g, int m, int n, float v) const {
         int k = g * s.kg() + m, image = n / (s.OH * s.OW), opix = n % (s.OH * s.OW);
         v += bias[k];
         out[((long)image * s.K + k) * s.OH * s.OW + opix] = relu ? fmaxf(v, 0.0f) : v;
     }
 };
-
-void conv_forward(float* out, const float* inp, const float* weight, const float* bias,
-                  int N, int C, int H, int W, int K, int R, int S, int stride, int pad,
-                  int groups, int OH, int OW, bool relu, cudaStream_t stream) {
-    ConvShape s{N, C, H, W, K, R, S, stride, pad, groups, OH, OW};
-    conv_check_shape(s);
-    GemmDims d = gemm_dims(s.kg(), N * OH * OW, s.cg() * R * S, groups, 1);
-    gemm_launch(ConvForward{d, s, out, inp, weight, bias, relu}, stream);
-}
 
 // Backward data: dinp[n][c][y][x] = sum over filters k of c's group and taps (r, s)
 // with y = oy*stride - pad + r, x = ox*stride - pad + s for an output pixel (oy, ox)
@@ -487,16 +755,36 @@ void conv_forward(float* out, const float* inp, const float* weight, const float
 // (x+pad) % stride); within a phase every pixel uses the same ceil(R/stride) x
 // ceil(S/stride) taps and the product is dense (conv1: 16x less work than gathering
 // zeros). GEMM per (phase, group): rows = input channels, columns = the phase's pixels
-// (image, i, j) with y = y0 + i*stride, reduction over (k, tap); B gathers
-// dout[n][k][oy0 + i - jr][ox0 + j - js] for tap r = py + jr*stride, or 0 outside.
+// (image, i, j) with y = y0 + i*stride, reduction over k = (filter, jr, js), the tap
+// r = py + jr*stride, s = px + js*stride (A reads 0 past the filter's edge); B is
+// dout[n][filter][oy0 + i - jr][ox0 + j - js], or 0 outside the output.
 // Pixels that no window covers get 0.
 struct ConvBackwardData {
     GemmDims dims;
+    GemmGather a, b;
     ConvShape s;
     float* dinp;
-    const float *dout, *weight;
-    int phase_h, phase_w, taps_r, taps_s;  // pixels and taps of a phase, along y and x
-    static constexpr bool a_k_contiguous = true, b_k_contiguous = false, row_sums = false;
+    int phase_h, phase_w;  // pixels of a phase along y and x
+    static constexpr bool a_k_contiguous = true, b_k_contiguous = false;
+    static constexpr bool a_strided = false, b_strided = false;
+
+    ConvBackwardData(const ConvShape& s_, float* dinp_, const float* dout, const float* weight)
+        : s(s_), dinp(dinp_) {
+        phase_h = ceil_div(s.H, s.stride), phase_w = ceil_div(s.W, s.stride);
+        int taps_r = ceil_div(s.R, s.stride), taps_s = ceil_div(s.S, s.stride);
+        dims = GemmDims{s.cg(), s.N * phase_h * phase_w, s.kg() * taps_r * taps_s,
+                        s.groups * s.stride * s.stride};
+        a = GemmGather{weight};  // w[g*kg + filter][m][r][s]
+        a.radix1 = taps_r, a.radix2 = taps_s;
+        a.stride0 = s.cg() * s.R * s.S, a.stride1 = s.stride * s.S, a.stride2 = s.stride;
+        a.step_y = s.stride, a.step_x = s.stride;
+        a.height = s.R, a.width = s.S;
+        b = GemmGather{dout};  // dout[image][g*kg + filter][oy][ox]
+        b.radix1 = taps_r, b.radix2 = taps_s;
+        b.stride0 = s.OH * s.OW, b.stride1 = -s.OW, b.stride2 = -1;
+        b.step_y = -1, b.step_x = -1;
+        b.height = s.OH, b.width = s.OW;
+    }
 
     // Constants of one (phase, group) GEMM, computed once per block: the phase's first
     // pixel (y0, x0) (the smallest y >= 0 with (y + pad) % stride == py) and the output
@@ -515,21 +803,15 @@ struct ConvBackwardData {
         ph.ox0 = (ph.x0 + s.pad - ph.px) / s.stride;
         return ph;
     }
-    __device__ float a(const Phase& ph, int m, int k) const {  // w[k's filter][m][k's tap]
-        int filter = k / (taps_r * taps_s), tap = k % (taps_r * taps_s);
-        int r = ph.py + tap / taps_s * s.stride, c = ph.px + tap % taps_s * s.stride;
-        if (r >= s.R || c >= s.S) return 0.0f;
-        return weight[(((long)ph.g * s.kg() + filter) * s.cg() + m) * s.R * s.S + r * s.S + c];
+    __device__ GemmOrigin a_origin(const Phase& ph, int m) const {  // tap (py, px) of channel m
+        return {((ph.g * s.kg() * s.cg() + m) * s.R + ph.py) * s.S + ph.px, ph.py, ph.px};
     }
-    __device__ float b(const Phase& ph, int k, int n) const {
-        int filter = k / (taps_r * taps_s), tap = k % (taps_r * taps_s);
-        int image = n / (phase_h * phase_w), pix = n % (phase_h * phase_w);
-        int oy = ph.oy0 + pix / phase_w - tap / taps_s;
-        int ox = ph.ox0 + pix % phase_w - tap % taps_s;
-        if (oy < 0 || oy >= s.OH || ox < 0 || ox >= s.OW) return 0.0f;
-        return dout[(((long)image * s.K + ph.g * s.kg() + filter) * s.OH + oy) * s.OW + ox];
+    __device__ GemmOrigin b_origin(const Phase& ph, int n) const {  // pixel (image, i, j)
+        int image = n / (phase_h * phase_w), i = n / phase_w % phase_h, j = n % phase_w;
+        int oy = ph.oy0 + i, ox = ph.ox0 + j;
+        return {((image * s.K + ph.g * s.kg()) * s.OH + oy) * s.OW + ox, oy, ox};
     }
-    __device__ void store(const Phase& ph, int split, int m, int n, float v) const {
+    __device__ void store(const Phase& ph, int m, int n, float v) const {
         int image = n / (phase_h * phase_w), pix = n % (phase_h * phase_w);
         int y = ph.y0 + pix / phase_w * s.stride, x = ph.x0 + pix % phase_w * s.stride;
         if (y < s.H && x < s.W)
@@ -537,91 +819,83 @@ struct ConvBackwardData {
     }
 };
 
-void conv_backward_data(float* dinp, const float* dout, const float* weight,
-                        int N, int C, int H, int W, int K, int R, int S, int stride, int pad,
-                        int groups, int OH, int OW, cudaStream_t stream) {
-    ConvShape s{N, C, H, W, K, R, S, stride, pad, groups, OH, OW};
-    conv_check_shape(s);
-    int phase_h = ceil_div(H, stride), phase_w = ceil_div(W, stride);
-    int taps_r = ceil_div(R, stride), taps_s = ceil_div(S, stride);
-    require((long)groups * stride * stride <= 65535, "conv_backward_data: stride %d too large",
-            stride);
-    GemmDims d = gemm_dims(s.cg(), N * phase_h * phase_w, s.kg() * taps_r * taps_s,
-                           groups * stride * stride, 1);
-    gemm_launch(ConvBackwardData{d, s, dinp, dout, weight, phase_h, phase_w, taps_r, taps_s},
-                stream);
-}
-
-// Backward weights and bias: dw[k][c][r][s] = sum_{n,oy,ox} dout[n][k][oy][ox] *
-// inp[n][g*C/groups + c][oy*stride - pad + r][ox*stride - pad + s] and
-// db[k] = sum_{n,oy,ox} dout[n][k][oy][ox]. GEMM per group: A = the output gradient
-// [K/groups][N*OH*OW], B = the unrolled input transposed; both are read along the
-// reduction (output pixels). The bias gradient is the row sum of A, taken by the
-// blocks of the first column tile. The reduction is long (conv1: 55*55*N) and the
-// output small, so it is split until the grid has about GEMM_TARGET_BLOCKS blocks;
-// split p writes its partial dw and db to workspace[p] = [K*C/groups*R*S + K] floats
-// and split_sum_kernel adds them in split order.
-constexpr int GEMM_TARGET_BLOCKS = 264;          // two waves of 132 SMs (H100)
-constexpr int GEMM_MIN_DEPTH_PER_SPLIT = 1024;  // keep the split partial sums long
-
+// Backward weights: dw[k][c][r][s] = sum_{n,oy,ox} dout[n][k][oy][ox] *
+// inp[n][g*C/groups + c][oy*stride - pad + r][ox*stride - pad + s]. GEMM per group:
+// A = the output gradient [K/groups][N*OH*OW], B = the unrolled input transposed: its
+// columns are the taps (c, r, s) and its reduction k = (image, oy, ox), so B's origin
+// is the tap and its steps walk the output pixels. The reduction is long (conv1:
+// 55*55*N) and the output small, so this is the product that splits most.
+// The bias gradient is bias_backward's.
 struct ConvBackwardWeights {
     GemmDims dims;
+    GemmGather a, b;
     ConvShape s;
-    float *dweight, *dbias;  // split p writes dweight + p*split_stride, dbias + p*split_stride
-    long split_stride;
-    const float *dout, *inp;
-    static constexpr bool a_k_contiguous = true, b_k_contiguous = true, row_sums = true;
+    float* dweight;
+    static constexpr bool a_k_contiguous = true, b_k_contiguous = true;
+    static constexpr bool a_strided = false, b_strided = false;
+
+    ConvBackwardWeights(const ConvShape& s_, float* dweight_, const float* dout, const float* inp)
+        : dims{s_.kg(), s_.cg() * s_.R * s_.S, s_.N * s_.OH * s_.OW, s_.groups},
+          a{dout}, b{inp}, s(s_), dweight(dweight_) {
+        a.radix1 = s.OH * s.OW;  // k = (image, output pixel)
+        a.stride0 = s.K * s.OH * s.OW, a.stride1 = 1;
+        b.radix1 = s.OH, b.radix2 = s.OW;  // k = (image, oy, ox)
+        b.stride0 = s.C * s.H * s.W, b.stride1 = s.stride * s.W, b.stride2 = s.stride;
+        b.step_y = s.stride, b.step_x = s.stride;
+        b.height = s.H, b.width = s.W;
+    }
 
     __device__ int batch(int z) const { return z; }  // the group
-    __device__ float a(int g, int m, int k) const {
-        int image = k / (s.OH * s.OW), opix = k % (s.OH * s.OW);
-        return dout[((long)image * s.K + g * s.kg() + m) * s.OH * s.OW + opix];
+    __device__ GemmOrigin a_origin(int g, int m) const {
+        return {(g * s.kg() + m) * s.OH * s.OW, 0, 0};
     }
-    __device__ float b(int g, int k, int n) const { return s.unrolled_input(inp, g, n, k); }
-    __device__ void store(int g, int split, int m, int n, float v) const {
-        dweight[split * split_stride + ((long)g * s.kg() + m) * dims.cols + n] = v;
+    __device__ GemmOrigin b_origin(int g, int n) const {  // tap (c, r, s) at output pixel 0
+        int c = n / (s.R * s.S), r = n / s.S % s.R, t = n % s.S;
+        int y = r - s.pad, x = t - s.pad;
+        return {((g * s.cg() + c) * s.H + y) * s.W + x, y, x};
     }
-    __device__ void store_row_sum(int g, int split, int m, float v) const {
-        dbias[split * split_stride + g * s.kg() + m] = v;
+    __device__ void store(int g, int m, int n, float v) const {
+        dweight[((long)g * s.kg() + m) * dims.cols + n] = v;
     }
 };
 
-static GemmDims conv_backward_weights_dims(const ConvShape& s) {
-    int rows = s.kg(), cols = s.cg() * s.R * s.S, depth = s.N * s.OH * s.OW;
-    int tile_rows = gemm_tile_rows(rows);
-    int tiles = ceil_div(rows, tile_rows) * ceil_div(cols, GEMM_TILE_AREA / tile_rows) * s.groups;
-    int splits = ceil_div(GEMM_TARGET_BLOCKS, tiles);
-    if (splits > depth / GEMM_MIN_DEPTH_PER_SPLIT) splits = depth / GEMM_MIN_DEPTH_PER_SPLIT;
-    return gemm_dims(rows, cols, depth, s.groups, splits > 1 ? splits : 1);
-}
-
-// Floats of workspace conv_backward_weights needs for these dims (0: none).
-size_t conv_backward_weights_workspace(int N, int C, int H, int W, int K, int R, int S,
-                                       int stride, int pad, int groups, int OH, int OW) {
+// Floats of workspace that the three convolution launchers need for this shape.
+size_t conv_workspace(int N, int C, int H, int W, int K, int R, int S, int stride, int pad,
+                      int groups, int OH, int OW) {
     ConvShape s{N, C, H, W, K, R, S, stride, pad, groups, OH, OW};
     conv_check_shape(s);
-    GemmDims d = conv_backward_weights_dims(s);
-    return d.splits > 1 ? (size_t)d.splits * ((size_t)K * d.cols + K) : 0;
+    return std::max({gemm_workspace(ConvForward(s, nullptr, nullptr, nullptr, nullptr, false)),
+                     gemm_workspace(ConvBackwardData(s, nullptr, nullptr, nullptr)),
+                     gemm_workspace(ConvBackwardWeights(s, nullptr, nullptr, nullptr))});
+}
+
+void conv_forward(float* out, const float* inp, const float* weight, const float* bias,
+                  int N, int C, int H, int W, int K, int R, int S, int stride, int pad,
+                  int groups, int OH, int OW, bool relu, Workspace workspace,
+                  cudaStream_t stream) {
+    ConvShape s{N, C, H, W, K, R, S, stride, pad, groups, OH, OW};
+    conv_check_shape(s);
+    gemm_launch(ConvForward(s, out, inp, weight, bias, relu), workspace, stream);
+}
+
+void conv_backward_data(float* dinp, const float* dout, const float* weight,
+                        int N, int C, int H, int W, int K, int R, int S, int stride, int pad,
+                        int groups, int OH, int OW, Workspace workspace, cudaStream_t stream) {
+    ConvShape s{N, C, H, W, K, R, S, stride, pad, groups, OH, OW};
+    conv_check_shape(s);
+    require((long)groups * stride * stride <= 65535, "conv_backward_data: stride %d too large",
+            stride);
+    gemm_launch(ConvBackwardData(s, dinp, dout, weight), workspace, stream);
 }
 
 void conv_backward_weights(float* dweight, float* dbias, const float* dout, const float* inp,
                            int N, int C, int H, int W, int K, int R, int S, int stride,
-                           int pad, int groups, int OH, int OW, float* workspace,
+                           int pad, int groups, int OH, int OW, Workspace workspace,
                            cudaStream_t stream) {
     ConvShape s{N, C, H, W, K, R, S, stride, pad, groups, OH, OW};
     conv_check_shape(s);
-    GemmDims d = conv_backward_weights_dims(s);
-    int n_weight = K * d.cols;
-    if (d.splits == 1) {
-        gemm_launch(ConvBackwardWeights{d, s, dweight, dbias, 0, dout, inp}, stream);
-        return;
-    }
-    require(workspace != nullptr, "conv_backward_weights: needs a workspace of %zu floats",
-            conv_backward_weights_workspace(N, C, H, W, K, R, S, stride, pad, groups, OH, OW));
-    gemm_launch(ConvBackwardWeights{d, s, workspace, workspace + n_weight, n_weight + K, dout, inp},
-                stream);
-    LAUNCH(split_sum_kernel, ceil_div(n_weight + K, 256), 256, 0, stream,
-           dweight, dbias, workspace, n_weight, n_weight + K, d.splits);
+    gemm_launch(ConvBackwardWeights(s, dweight, dout, inp), workspace, stream);
+    bias_backward(dbias, dout, N, K, OH * OW, stream);
 }
 
 // ----------------------------------------------------------------------------
@@ -865,24 +1139,86 @@ void maxpool_backward(float* dinp, const float* dout, const float* inp, int N, i
 // 7. Fully connected
 
 // The three fully connected products on the GEMM core of section 3, with
-// inp [N][in], weight [out][in], bias [out], out [N][out].
-//
+// inp [N][in], weight [out][in], bias [out], out [N][out]. Every operand is a plain
+// strided matrix: GemmGather{data} with stride0 = the distance between consecutive k.
+// At batch 128 the forward and backward-data products have few tiles and a long
+// reduction, so gemm_launch splits them (split-K).
+static GemmGather fc_matrix(const float* data, int k_stride) {
+    GemmGather g{data};
+    g.stride0 = k_stride;
+    return g;
+}
+
 // Forward: out[n][o] = [relu](bias[o] + sum_i inp[n][i] * w[o][i]).
 // GEMM rows = images, columns = output features; A = inp and B = w transposed are
 // both read along the reduction (rows of inp and of w are contiguous).
 struct FcForward {
     GemmDims dims;
+    GemmGather a, b;
     float* out;
-    const float *inp, *weight, *bias;
+    const float* bias;
     bool relu;
-    static constexpr bool a_k_contiguous = true, b_k_contiguous = true, row_sums = false;
+    static constexpr bool a_k_contiguous = true, b_k_contiguous = true;
+    static constexpr bool a_strided = true, b_strided = true;
+
+    FcForward(int N, int in, int out_features, float* out_, const float* inp, const float* weight,
+              const float* bias_, bool relu_)
+        : dims{N, out_features, in, 1}, a(fc_matrix(inp, 1)), b(fc_matrix(weight, 1)),
+          out(out_), bias(bias_), relu(relu_) {}
 
     __device__ int batch(int) const { return 0; }  // a single GEMM
-    __device__ float a(int, int m, int k) const { return inp[(long)m * dims.depth + k]; }
-    __device__ float b(int, int k, int n) const { return weight[(long)n * dims.depth + k]; }
-    __device__ void store(int, int, int m, int n, float v) const {
+    __device__ GemmOrigin a_origin(int, int m) const { return {m * dims.depth, 0, 0}; }
+    __device__ GemmOrigin b_origin(int, int n) const { return {n * dims.depth, 0, 0}; }
+    __device__ void store(int, int m, int n, float v) const {
         v += bias[n];
         out[(long)m * dims.cols + n] = relu ? fmaxf(v, 0.0f) : v;
+    }
+};
+
+// Backward data: dinp[n][i] = sum_o dout[n][o] * w[o][i].
+// GEMM rows = images, columns = input features, reduction over output features;
+// A = dout is read along the reduction, B = w along the columns.
+struct FcBackwardData {
+    GemmDims dims;
+    GemmGather a, b;
+    float* dinp;
+    static constexpr bool a_k_contiguous = true, b_k_contiguous = false;
+    static constexpr bool a_strided = true, b_strided = true;
+
+    FcBackwardData(int N, int in, int out_features, float* dinp_, const float* dout,
+                   const float* weight)
+        : dims{N, in, out_features, 1}, a(fc_matrix(dout, 1)), b(fc_matrix(weight, in)),
+          dinp(dinp_) {}
+
+    __device__ int batch(int) const { return 0; }  // a single GEMM
+    __device__ GemmOrigin a_origin(int, int m) const { return {m * dims.depth, 0, 0}; }
+    __device__ GemmOrigin b_origin(int, int n) const { return {n, 0, 0}; }
+    __device__ void store(int, int m, int n, float v) const {
+        dinp[(long)m * dims.cols + n] = v;
+    }
+};
+
+// Backward weights: dw[o][i] = sum_n dout[n][o] * inp[n][i].
+// GEMM rows = output features, columns = input features, reduction over the batch;
+// A = dout transposed and B = inp are both read along their rows (a batch row is
+// contiguous). The bias gradient is bias_backward's.
+struct FcBackwardWeights {
+    GemmDims dims;
+    GemmGather a, b;
+    float* dweight;
+    static constexpr bool a_k_contiguous = false, b_k_contiguous = false;
+    static constexpr bool a_strided = true, b_strided = true;
+
+    FcBackwardWeights(int N, int in, int out_features, float* dweight_, const float* dout,
+                      const float* inp)
+        : dims{out_features, in, N, 1}, a(fc_matrix(dout, out_features)), b(fc_matrix(inp, in)),
+          dweight(dweight_) {}
+
+    __device__ int batch(int) const { return 0; }  // a single GEMM
+    __device__ GemmOrigin a_origin(int, int m) const { return {m, 0, 0}; }
+    __device__ GemmOrigin b_origin(int, int n) const { return {n, 0, 0}; }
+    __device__ void store(int, int m, int n, float v) const {
+        dweight[(long)m * dims.cols + n] = v;
     }
 };
 
@@ -894,61 +1230,35 @@ static void fc_check_shape(int N, int in, int out_features) {
             "fc: tensors over 2^31 elements are not supported");
 }
 
-void fc_forward(float* out, const float* inp, const float* weight, const float* bias,
-                int N, int in, int out_features, bool relu, cudaStream_t stream) {
+// Floats of workspace that the three fully connected launchers need for this shape.
+size_t fc_workspace(int N, int in, int out_features) {
     fc_check_shape(N, in, out_features);
-    gemm_launch(FcForward{gemm_dims(N, out_features, in, 1, 1), out, inp, weight, bias, relu},
-                stream);
+    return std::max({gemm_workspace(FcForward(N, in, out_features, nullptr, nullptr, nullptr,
+                                              nullptr, false)),
+                     gemm_workspace(FcBackwardData(N, in, out_features, nullptr, nullptr, nullptr)),
+                     gemm_workspace(FcBackwardWeights(N, in, out_features, nullptr, nullptr,
+                                                      nullptr))});
 }
 
-// Backward data: dinp[n][i] = sum_o dout[n][o] * w[o][i].
-// GEMM rows = images, columns = input features, reduction over output features;
-// A = dout is read along the reduction, B = w along the columns.
-struct FcBackwardData {
-    GemmDims dims;
-    float* dinp;
-    const float *dout, *weight;
-    static constexpr bool a_k_contiguous = true, b_k_contiguous = false, row_sums = false;
-
-    __device__ int batch(int) const { return 0; }  // a single GEMM
-    __device__ float a(int, int m, int k) const { return dout[(long)m * dims.depth + k]; }
-    __device__ float b(int, int k, int n) const { return weight[(long)k * dims.cols + n]; }
-    __device__ void store(int, int, int m, int n, float v) const {
-        dinp[(long)m * dims.cols + n] = v;
-    }
-};
+void fc_forward(float* out, const float* inp, const float* weight, const float* bias,
+                int N, int in, int out_features, bool relu, Workspace workspace,
+                cudaStream_t stream) {
+    fc_check_shape(N, in, out_features);
+    gemm_launch(FcForward(N, in, out_features, out, inp, weight, bias, relu), workspace, stream);
+}
 
 void fc_backward_data(float* dinp, const float* dout, const float* weight, int N, int in,
-                      int out_features, cudaStream_t stream) {
+                      int out_features, Workspace workspace, cudaStream_t stream) {
     fc_check_shape(N, in, out_features);
-    gemm_launch(FcBackwardData{gemm_dims(N, in, out_features, 1, 1), dinp, dout, weight}, stream);
+    gemm_launch(FcBackwardData(N, in, out_features, dinp, dout, weight), workspace, stream);
 }
 
-// Backward weights and bias: dw[o][i] = sum_n dout[n][o] * inp[n][i] and
-// db[o] = sum_n dout[n][o], the row sums of A = dout transposed.
-// GEMM rows = output features, columns = input features, reduction over the batch;
-// A and B are both read along their rows/columns (a batch row is contiguous). The
-// reduction is only N long and the output large, so it is never split.
-struct FcBackwardWeights {
-    GemmDims dims;
-    float *dweight, *dbias;
-    const float *dout, *inp;
-    static constexpr bool a_k_contiguous = false, b_k_contiguous = false, row_sums = true;
-
-    __device__ int batch(int) const { return 0; }  // a single GEMM
-    __device__ float a(int, int m, int k) const { return dout[(long)k * dims.rows + m]; }
-    __device__ float b(int, int k, int n) const { return inp[(long)k * dims.cols + n]; }
-    __device__ void store(int, int, int m, int n, float v) const {
-        dweight[(long)m * dims.cols + n] = v;
-    }
-    __device__ void store_row_sum(int, int, int m, float v) const { dbias[m] = v; }
-};
-
 void fc_backward_weights(float* dweight, float* dbias, const float* dout, const float* inp,
-                         int N, int in, int out_features, cudaStream_t stream) {
+                         int N, int in, int out_features, Workspace workspace,
+                         cudaStream_t stream) {
     fc_check_shape(N, in, out_features);
-    gemm_launch(FcBackwardWeights{gemm_dims(out_features, in, N, 1, 1), dweight, dbias, dout, inp},
-                stream);
+    gemm_launch(FcBackwardWeights(N, in, out_features, dweight, dout, inp), workspace, stream);
+    bias_backward(dbias, dout, N, out_features, 1, stream);
 }
 
 // ----------------------------------------------------------------------------
@@ -1369,7 +1679,8 @@ struct Tower {
     // gradients (d + the activation they belong to)
     float *dlogits, *dcat8, *send8, *recvg8, *dd7, *da7, *dcat7, *send7, *recvg7, *dd6, *da6;
     float *dcat6, *send6, *recvg6, *dp5, *da5, *da4, *da3, *dcat3, *send3, *recvg3, *dp2;
-    float *dl2, *da2, *dp1, *dl1, *da1, *workspace;
+    float *dl2, *da2, *dp1, *dl1, *da1;
+    Workspace workspace;  // partial sums of split matrix products
     // tower 0 only: both towers' logits, the loss and its gradient
     float *recv_logits, *all_logits, *dall_logits, *send_dlogits, *losses;
     int *labels, *correct;
@@ -1505,8 +1816,8 @@ struct Model {
         T.dl2 = T.alloc<float>(lrn2), T.da2 = T.alloc<float>(lrn2), T.dp1 = T.alloc<float>(pool1);
         T.dl1 = T.alloc<float>(lrn1), T.da1 = T.alloc<float>(lrn1);
         size_t workspace = 1;
-        for (int l = 0; l < NUM_CONV; l++) workspace = std::max(workspace, conv_workspace(s[l], capacity));
-        T.workspace = T.alloc<float>(workspace);
+        for (int l = 0; l < NUM_LAYERS; l++) workspace = std::max(workspace, layer_workspace(s[l], l, capacity));
+        T.workspace = Workspace{T.alloc<float>(workspace), workspace};
 
         const long pixels = (long)image_h * image_w * 3;
         T.images = T.alloc<uint8_t>(N * pixels);
@@ -1527,9 +1838,9 @@ struct Model {
         }
     }
 
-    static size_t conv_workspace(const LayerShape& c, int N) {
-        return conv_backward_weights_workspace(N, c.C, c.H, c.W, c.K, c.R, c.R, c.stride, c.pad, 1,
-                                               c.OH, c.OW);
+    static size_t layer_workspace(const LayerShape& c, int l, int N) {
+        if (l >= NUM_CONV) return fc_workspace(N, c.C, c.K);
+        return conv_workspace(N, c.C, c.H, c.W, c.K, c.R, c.R, c.stride, c.pad, 1, c.OH, c.OW);
     }
 
     void set_statistics(const float* mean, const float* eigval, const float* eigvec) {
@@ -1674,9 +1985,9 @@ struct Model {
     }
 
     static void conv(const LayerShape& c, float* out, const float* inp, const float* w,
-                     const float* b, int n, cudaStream_t stream) {
+                     const float* b, int n, const Tower& T) {
         conv_forward(out, inp, w, b, n, c.C, c.H, c.W, c.K, c.R, c.R, c.stride, c.pad, 1, c.OH,
-                     c.OW, true, stream);
+                     c.OW, true, T.workspace, T.stream);
     }
     // The LRN and the pooling after conv1 and conv2.
     void lrn_pool(const LayerShape& c, float* scale, float* lrn_out, float* pool_out,
@@ -1698,9 +2009,9 @@ struct Model {
             Tower& T = towers[t];
             const LayerShape* s = T.shape;
             cudaCheck(cudaSetDevice(T.device));
-            conv(s[0], T.a1, T.x, T.weight(0), T.bias(0), n, T.stream);
+            conv(s[0], T.a1, T.x, T.weight(0), T.bias(0), n, T);
             lrn_pool(s[0], T.s1, T.l1, T.p1, T.a1, n, T.stream);
-            conv(s[1], T.a2, T.p1, T.weight(1), T.bias(1), n, T.stream);
+            conv(s[1], T.a2, T.p1, T.weight(1), T.bias(1), n, T);
             lrn_pool(s[1], T.s2, T.l2, T.p2, T.a2, n, T.stream);
             width[t] = (int)(s[2].in_size() / 2);
         }
@@ -1709,9 +2020,9 @@ struct Model {
             Tower& T = towers[t];
             const LayerShape* s = T.shape;
             cudaCheck(cudaSetDevice(T.device));
-            conv(s[2], T.a3, T.cat3, T.weight(2), T.bias(2), n, T.stream);
-            conv(s[3], T.a4, T.a3, T.weight(3), T.bias(3), n, T.stream);
-            conv(s[4], T.a5, T.a4, T.weight(4), T.bias(4), n, T.stream);
+            conv(s[2], T.a3, T.cat3, T.weight(2), T.bias(2), n, T);
+            conv(s[3], T.a4, T.a3, T.weight(3), T.bias(3), n, T);
+            conv(s[4], T.a5, T.a4, T.weight(4), T.bias(4), n, T);
             pool(s[4], T.p5, T.a5, n, T.stream);
             width[t] = (int)(s[5].C / 2);
         }
@@ -1726,7 +2037,7 @@ struct Model {
                 const LayerShape& s = T.shape[NUM_CONV + f];
                 cudaCheck(cudaSetDevice(T.device));
                 fc_forward(T.*fc_act[f], T.*fc_in[f], T.weight(NUM_CONV + f), T.bias(NUM_CONV + f),
-                           n, s.C, s.K, true, T.stream);
+                           n, s.C, s.K, true, T.workspace, T.stream);
                 dropout_forward(T.*fc_drop[f], T.*fc_act[f], (long)n * s.K, dropout, seed,
                                 dropout_layer(f, t), step, train, T.stream);
                 width[t] = s.K;
@@ -1737,7 +2048,8 @@ struct Model {
             Tower& T = towers[t];
             const LayerShape& s = T.shape[7];
             cudaCheck(cudaSetDevice(T.device));
-            fc_forward(T.logits, T.cat8, T.weight(7), T.bias(7), n, s.C, s.K, false, T.stream);
+            fc_forward(T.logits, T.cat8, T.weight(7), T.bias(7), n, s.C, s.K, false, T.workspace,
+                       T.stream);
             width[t] = s.K;
         }
         // tower 0 alone computes the softmax over both towers' logits
@@ -1808,7 +2120,7 @@ struct Model {
             Tower& T = towers[t];
             const LayerShape& s = T.shape[l];
             cudaCheck(cudaSetDevice(T.device));
-            fc_backward_data(T.*dcat, T.*dout, T.weight(l), n, s.C, s.K, T.stream);
+            fc_backward_data(T.*dcat, T.*dout, T.weight(l), n, s.C, s.K, T.workspace, T.stream);
             width[t] = l == NUM_CONV ? (int)(s.C / 2) : T.shape[l - 1].K;
         }
         scatter_send(x, n, dcat, send_buf, recv, d, width, NUM_TOWERS);
@@ -1816,7 +2128,8 @@ struct Model {
             Tower& T = towers[t];
             const LayerShape& s = T.shape[l];
             cudaCheck(cudaSetDevice(T.device));
-            fc_backward_weights(T.dweight(l), T.dbias(l), T.*dout, T.*inp, n, s.C, s.K, T.stream);
+            fc_backward_weights(T.dweight(l), T.dbias(l), T.*dout, T.*inp, n, s.C, s.K, T.workspace,
+                                T.stream);
         }
         scatter_finish(x, n, dcat, recv, d, width, NUM_TOWERS);
     }
@@ -1839,7 +2152,7 @@ struct Model {
                               Tower& T) {
         if (dinp)
             conv_backward_data(dinp, dout, weight, n, c.C, c.H, c.W, c.K, c.R, c.R, c.stride,
-                               c.pad, 1, c.OH, c.OW, T.stream);
+                               c.pad, 1, c.OH, c.OW, T.workspace, T.stream);
         if (dweight)
             conv_backward_weights(dweight, dbias, dout, inp, n, c.C, c.H, c.W, c.K, c.R, c.R,
                                   c.stride, c.pad, 1, c.OH, c.OW, T.workspace, T.stream);
@@ -2694,6 +3007,49 @@ static long conv_input_size(const ConvShape& s) { return (long)s.N * s.C * s.H *
 static long conv_output_size(const ConvShape& s) { return (long)s.N * s.K * s.OH * s.OW; }
 static long conv_weight_size(const ConvShape& s) { return (long)s.K * s.cg() * s.R * s.S; }
 
+// The workspace of one call (none when the product is not split).
+struct ApiWorkspace {
+    DeviceArray<float> array;
+    explicit ApiWorkspace(size_t floats) : array(floats) {}
+    Workspace get() const { return Workspace{array.ptr, array.count}; }
+};
+
+// What the GEMM core's tiles need, for dev/sass.py's occupancy column.
+extern "C" size_t alexnet_gemm_shared_bytes(int tile_m, int tile_n) {
+    if (tile_m == 128 && tile_n == 128) return GemmTile<128, 128>::SHARED_BYTES;
+    if (tile_m == 64 && tile_n == 128) return GemmTile<64, 128>::SHARED_BYTES;
+    if (tile_m == 128 && tile_n == 64) return GemmTile<128, 64>::SHARED_BYTES;
+    return 0;
+}
+// The tile and split that gemm_launch chooses on the current device, for the tests:
+// op 0, 1, 2 = conv forward, backward data, backward weights (groups 1); 3, 4, 5 = fc
+// forward, backward data, backward weights with C = in and K = out features (the other
+// sizes ignored). out = {tile_m, tile_n, splits, tiles per split, blocks per wave}.
+extern "C" int alexnet_gemm_plan(int op, int N, int C, int H, int W, int K, int R, int S,
+                                 int stride, int pad, int OH, int OW, long* out) {
+    return api_call([&] {
+        require(op >= 0 && op < 6 && out, "gemm_plan: op must be 0..5");
+        GemmPlan plan;
+        if (op < 3) {
+            ConvShape s{N, C, H, W, K, R, S, stride, pad, 1, OH, OW};
+            conv_check_shape(s);
+            plan = op == 0 ? gemm_plan(ConvForward(s, nullptr, nullptr, nullptr, nullptr, false), -1)
+                   : op == 1 ? gemm_plan(ConvBackwardData(s, nullptr, nullptr, nullptr), -1)
+                             : gemm_plan(ConvBackwardWeights(s, nullptr, nullptr, nullptr), -1);
+        } else {
+            fc_check_shape(N, C, K);
+            plan = op == 3 ? gemm_plan(FcForward(N, C, K, nullptr, nullptr, nullptr, nullptr, false), -1)
+                   : op == 4 ? gemm_plan(FcBackwardData(N, C, K, nullptr, nullptr, nullptr), -1)
+                             : gemm_plan(FcBackwardWeights(N, C, K, nullptr, nullptr, nullptr), -1);
+        }
+        long values[5] = {plan.tile_m, plan.tile_n, plan.dims.splits, plan.tiles, plan.slots};
+        std::copy(values, values + 5, out);
+    });
+}
+
+extern "C" int alexnet_gemm_threads(int tile_m, int tile_n) { return tile_m * tile_n / (GEMM_MICRO * GEMM_MICRO); }
+extern "C" int alexnet_gemm_tile_k(void) { return GEMM_TILE_K; }
+
 extern "C" int alexnet_conv_forward(float* out, const float* inp, const float* weight,
                                     const float* bias, int N, int C, int H, int W, int K, int R,
                                     int S, int stride, int pad, int groups, int OH, int OW,
@@ -2704,8 +3060,9 @@ extern "C" int alexnet_conv_forward(float* out, const float* inp, const float* w
         require(out && inp && weight && bias, "conv_forward: null pointer argument");
         DeviceArray<float> d_out(conv_output_size(s)), d_inp(inp, conv_input_size(s)),
             d_weight(weight, conv_weight_size(s)), d_bias(bias, K);
+        ApiWorkspace ws(conv_workspace(N, C, H, W, K, R, S, stride, pad, groups, OH, OW));
         conv_forward(d_out.ptr, d_inp.ptr, d_weight.ptr, d_bias.ptr, N, C, H, W, K, R, S, stride,
-                     pad, groups, OH, OW, relu != 0, 0);
+                     pad, groups, OH, OW, relu != 0, ws.get(), 0);
         d_out.download(out);
     });
 }
@@ -2719,8 +3076,9 @@ extern "C" int alexnet_conv_backward_data(float* dinp, const float* dout, const 
         require(dinp && dout && weight, "conv_backward_data: null pointer argument");
         DeviceArray<float> d_dinp(conv_input_size(s)), d_dout(dout, conv_output_size(s)),
             d_weight(weight, conv_weight_size(s));
+        ApiWorkspace ws(conv_workspace(N, C, H, W, K, R, S, stride, pad, groups, OH, OW));
         conv_backward_data(d_dinp.ptr, d_dout.ptr, d_weight.ptr, N, C, H, W, K, R, S, stride, pad,
-                           groups, OH, OW, 0);
+                           groups, OH, OW, ws.get(), 0);
         d_dinp.download(dinp);
     });
 }
@@ -2734,11 +3092,10 @@ extern "C" int alexnet_conv_backward_weights(float* dweight, float* dbias, const
         conv_check_shape(s);
         require(dweight && dbias && dout && inp, "conv_backward_weights: null pointer argument");
         DeviceArray<float> d_dweight(conv_weight_size(s)), d_dbias(K),
-            d_dout(dout, conv_output_size(s)), d_inp(inp, conv_input_size(s)),
-            workspace(conv_backward_weights_workspace(N, C, H, W, K, R, S, stride, pad, groups,
-                                                      OH, OW));
+            d_dout(dout, conv_output_size(s)), d_inp(inp, conv_input_size(s));
+        ApiWorkspace ws(conv_workspace(N, C, H, W, K, R, S, stride, pad, groups, OH, OW));
         conv_backward_weights(d_dweight.ptr, d_dbias.ptr, d_dout.ptr, d_inp.ptr, N, C, H, W, K, R,
-                              S, stride, pad, groups, OH, OW, workspace.ptr, 0);
+                              S, stride, pad, groups, OH, OW, ws.get(), 0);
         d_dweight.download(dweight);
         d_dbias.download(dbias);
     });
@@ -2751,8 +3108,9 @@ extern "C" int alexnet_fc_forward(float* out, const float* inp, const float* wei
         require(out && inp && weight && bias, "fc_forward: null pointer argument");
         DeviceArray<float> d_out((long)N * out_features), d_inp(inp, (long)N * in),
             d_weight(weight, (long)out_features * in), d_bias(bias, out_features);
+        ApiWorkspace ws(fc_workspace(N, in, out_features));
         fc_forward(d_out.ptr, d_inp.ptr, d_weight.ptr, d_bias.ptr, N, in, out_features,
-                   relu != 0, 0);
+                   relu != 0, ws.get(), 0);
         d_out.download(out);
     });
 }
@@ -2764,7 +3122,8 @@ extern "C" int alexnet_fc_backward_data(float* dinp, const float* dout, const fl
         require(dinp && dout && weight, "fc_backward_data: null pointer argument");
         DeviceArray<float> d_dinp((long)N * in), d_dout(dout, (long)N * out_features),
             d_weight(weight, (long)out_features * in);
-        fc_backward_data(d_dinp.ptr, d_dout.ptr, d_weight.ptr, N, in, out_features, 0);
+        ApiWorkspace ws(fc_workspace(N, in, out_features));
+        fc_backward_data(d_dinp.ptr, d_dout.ptr, d_weight.ptr, N, in, out_features, ws.get(), 0);
         d_dinp.download(dinp);
     });
 }
@@ -2776,8 +3135,9 @@ extern "C" int alexnet_fc_backward_weights(float* dweight, float* dbias, const f
         require(dweight && dbias && dout && inp, "fc_backward_weights: null pointer argument");
         DeviceArray<float> d_dweight((long)out_features * in), d_dbias(out_features),
             d_dout(dout, (long)N * out_features), d_inp(inp, (long)N * in);
+        ApiWorkspace ws(fc_workspace(N, in, out_features));
         fc_backward_weights(d_dweight.ptr, d_dbias.ptr, d_dout.ptr, d_inp.ptr, N, in,
-                            out_features, 0);
+                            out_features, ws.get(), 0);
         d_dweight.download(dweight);
         d_dbias.download(dbias);
     });

@@ -117,25 +117,26 @@ static void bench_conv(Bench& b, const ConvLayer& c) {
     const double flop = 2.0 * N * c.K * c.OH * c.OW * (double)c.C * c.R * c.S;
     RandomBuffer x(in, 1), w(wn, 2, -0.01f, 0.01f), bias(c.K, 3), dy(out, 4);
     DeviceArray<float> y(out), dx(in), dw(wn), db(c.K);
-    DeviceArray<float> workspace(std::max<size_t>(1, conv_backward_weights_workspace(
+    DeviceArray<float> workspace(std::max<size_t>(1, conv_workspace(
         N, c.C, c.H, c.W, c.K, c.R, c.S, c.stride, c.pad, 1, c.OH, c.OW)));
+    const Workspace ws{workspace.ptr, workspace.count};
     char shape[96], name[64];
     snprintf(shape, sizeof(shape), "%dx%dx%d -> %dx%dx%d k%d s%d p%d", c.C, c.H, c.W, c.K, c.OH,
              c.OW, c.R, c.stride, c.pad);
     snprintf(name, sizeof(name), "%s conv_forward", c.name);
     b.run(name, shape, flop, true, 1, [&] {
         conv_forward(y.ptr, x.ptr, w.ptr, bias.ptr, N, c.C, c.H, c.W, c.K, c.R, c.S, c.stride, c.pad,
-                     1, c.OH, c.OW, true, b.stream);
+                     1, c.OH, c.OW, true, ws, b.stream);
     });
     snprintf(name, sizeof(name), "%s conv_backward_data", c.name);
     b.run(name, shape, flop, true, c.backward_data ? 1 : 0, [&] {
         conv_backward_data(dx.ptr, dy.ptr, w.ptr, N, c.C, c.H, c.W, c.K, c.R, c.S, c.stride, c.pad, 1,
-                           c.OH, c.OW, b.stream);
+                           c.OH, c.OW, ws, b.stream);
     });
     snprintf(name, sizeof(name), "%s conv_backward_weights", c.name);
     b.run(name, shape, flop, true, 1, [&] {
         conv_backward_weights(dw.ptr, db.ptr, dy.ptr, x.ptr, N, c.C, c.H, c.W, c.K, c.R, c.S, c.stride,
-                              c.pad, 1, c.OH, c.OW, workspace.ptr, b.stream);
+                              c.pad, 1, c.OH, c.OW, ws, b.stream);
     });
 }
 
@@ -146,19 +147,21 @@ static void bench_fc(Bench& b, const FcLayer& f) {
     RandomBuffer x((long)N * f.in, 5), w((long)f.out * f.in, 6, -0.01f, 0.01f), bias(f.out, 7),
         dy((long)N * f.out, 8);
     DeviceArray<float> y((long)N * f.out), dx((long)N * f.in), dw((long)f.out * f.in), db(f.out);
+    DeviceArray<float> workspace(std::max<size_t>(1, fc_workspace(N, f.in, f.out)));
+    const Workspace ws{workspace.ptr, workspace.count};
     char shape[96], name[64];
     snprintf(shape, sizeof(shape), "%d -> %d", f.in, f.out);
     snprintf(name, sizeof(name), "%s fc_forward", f.name);
     b.run(name, shape, flop, true, 1, [&] {
-        fc_forward(y.ptr, x.ptr, w.ptr, bias.ptr, N, f.in, f.out, true, b.stream);
+        fc_forward(y.ptr, x.ptr, w.ptr, bias.ptr, N, f.in, f.out, true, ws, b.stream);
     });
     snprintf(name, sizeof(name), "%s fc_backward_data", f.name);
     b.run(name, shape, flop, true, 1, [&] {
-        fc_backward_data(dx.ptr, dy.ptr, w.ptr, N, f.in, f.out, b.stream);
+        fc_backward_data(dx.ptr, dy.ptr, w.ptr, N, f.in, f.out, ws, b.stream);
     });
     snprintf(name, sizeof(name), "%s fc_backward_weights", f.name);
     b.run(name, shape, flop, true, 1, [&] {
-        fc_backward_weights(dw.ptr, db.ptr, dy.ptr, x.ptr, N, f.in, f.out, b.stream);
+        fc_backward_weights(dw.ptr, db.ptr, dy.ptr, x.ptr, N, f.in, f.out, ws, b.stream);
     });
 }
 

@@ -142,6 +142,17 @@ enum cudaMemcpyKind {
 
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
+// The device attributes the runtime answers (CUDA's own numbering).
+enum cudaDeviceAttr {
+    cudaDevAttrMaxThreadsPerBlock = 1,
+    cudaDevAttrMaxSharedMemoryPerBlock = 8,
+    cudaDevAttrWarpSize = 10,
+    cudaDevAttrMultiProcessorCount = 16,
+    cudaDevAttrMaxThreadsPerMultiProcessor = 39,
+    cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+    cudaDevAttrMaxRegistersPerMultiprocessor = 82,
+};
+
 #define cudaStreamDefault 0x0u
 #define cudaStreamNonBlocking 0x1u
 #define cudaEventDefault 0x0u
@@ -187,6 +198,18 @@ constexpr size_t kDynamicSharedOptinLimit = 227 * 1024;
 constexpr size_t kParamLimit = 4096;
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kStackGuard = 64 * 1024;  // wider than any sane frame, so no frame jumps over it
+
+// The device that attributes and occupancy describe: an H100 SXM, so that code which
+// sizes its launches from the device makes the same choices here as on the GPU.
+constexpr int kSmCount = 132;
+constexpr int kMaxThreadsPerSm = 2048;
+constexpr int kMaxBlocksPerSm = 32;
+constexpr size_t kSharedPerSm = 228 * 1024;
+constexpr size_t kSharedReservedPerBlock = 1024;
+constexpr int kRegistersPerSm = 65536;
+// A kernel's register count is not known here: occupancy assumes 128 per thread, the
+// most that __launch_bounds__(256, 2) allows.
+constexpr int kAssumedRegistersPerThread = 128;
 
 // --- fiber switch --------------------------------------------------------------
 // cuda_cpu_switch(save, to): pushes the callee-saved registers, MXCSR and the x87
@@ -1557,9 +1580,42 @@ static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int devi
     prop->maxThreadsPerBlock = 1024;
     prop->maxThreadsDim[0] = 1024; prop->maxThreadsDim[1] = 1024; prop->maxThreadsDim[2] = 64;
     prop->maxGridSize[0] = 0x7FFFFFFF; prop->maxGridSize[1] = 65535; prop->maxGridSize[2] = 65535;
-    prop->multiProcessorCount = (int)std::max(1u, std::thread::hardware_concurrency());
+    prop->multiProcessorCount = ::cuda_cpu::kSmCount;
     prop->major = 9;
     prop->minor = 0;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+    using namespace ::cuda_cpu;
+    if (!value) return set_error(cudaErrorInvalidValue, "cudaDeviceGetAttribute: null pointer");
+    if (device < 0 || device >= device_count()) return set_error(cudaErrorInvalidDevice, "cudaDeviceGetAttribute(%d)", device);
+    switch (attr) {
+        case cudaDevAttrMaxThreadsPerBlock: *value = kMaxThreads; break;
+        case cudaDevAttrMaxSharedMemoryPerBlock: *value = (int)kStaticSharedLimit; break;
+        case cudaDevAttrWarpSize: *value = 32; break;
+        case cudaDevAttrMultiProcessorCount: *value = kSmCount; break;
+        case cudaDevAttrMaxThreadsPerMultiProcessor: *value = kMaxThreadsPerSm; break;
+        case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = (int)kSharedPerSm; break;
+        case cudaDevAttrMaxRegistersPerMultiprocessor: *value = kRegistersPerSm; break;
+        default: return set_error(cudaErrorInvalidValue, "cudaDeviceGetAttribute: attribute %d", (int)attr);
+    }
+    return cudaSuccess;
+}
+// Blocks of `block_size` threads and `dynamic_smem` bytes of dynamic shared memory that
+// fit on one SM at once: the least of the thread, block, register and shared-memory
+// limits of kSmCount's device (registers as kAssumedRegistersPerThread, allocated per
+// warp; static shared memory is not known before a launch and counts as 0).
+template <typename T>
+static inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, T* kernel, int block_size, size_t dynamic_smem) {
+    using namespace ::cuda_cpu;
+    if (!blocks || !kernel) return set_error(cudaErrorInvalidValue, "cudaOccupancyMaxActiveBlocksPerMultiprocessor: null pointer");
+    if (block_size <= 0 || block_size > kMaxThreads) return set_error(cudaErrorInvalidValue, "cudaOccupancyMaxActiveBlocksPerMultiprocessor: block size %d", block_size);
+    if (dynamic_smem > dynamic_shared_limit((const void*)kernel)) { *blocks = 0; return cudaSuccess; }
+    int warps = (block_size + 31) / 32;
+    int by_threads = kMaxThreadsPerSm / (warps * 32);
+    int by_registers = kRegistersPerSm / (warps * 32 * kAssumedRegistersPerThread);
+    int by_shared = (int)(kSharedPerSm / (dynamic_smem + kSharedReservedPerBlock));
+    *blocks = std::min({kMaxBlocksPerSm, by_threads, by_registers, by_shared});
     return cudaSuccess;
 }
 static inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {

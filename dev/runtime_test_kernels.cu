@@ -334,6 +334,31 @@ extern "C" int rt_launch(int kind, unsigned gx, unsigned gy, unsigned gz, unsign
     return finish(cudaSuccess);
 }
 
+// --- the device's description: attributes and occupancy ------------------------------------
+
+// Attributes 1, 8, 10, 16, 39, 81, 82 of `device` into out[0..6].
+extern "C" int rt_device_attributes(int device, int* out) {
+    const cudaDeviceAttr attrs[] = {cudaDevAttrMaxThreadsPerBlock, cudaDevAttrMaxSharedMemoryPerBlock,
+                                    cudaDevAttrWarpSize, cudaDevAttrMultiProcessorCount,
+                                    cudaDevAttrMaxThreadsPerMultiProcessor,
+                                    cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                                    cudaDevAttrMaxRegistersPerMultiprocessor};
+    for (int i = 0; i < 7; i++) TRY(cudaDeviceGetAttribute(&out[i], attrs[i], device));
+    return 0;
+}
+
+// Resident blocks per SM of empty_kernel (kind 0) or opted_in_kernel (kind 1, 100 KB of
+// dynamic shared memory allowed) with these block sizes and dynamic shared memory.
+extern "C" int rt_occupancy(int kind, int block_size, size_t smem, int* blocks) {
+    if (kind == 1) {
+        TRY(cudaFuncSetAttribute(opted_in_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 * 1024));
+        TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, opted_in_kernel, block_size, smem));
+    } else {
+        TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, empty_kernel, block_size, smem));
+    }
+    return 0;
+}
+
 // --- devices, streams, copies ---------------------------------------------------------------
 
 __global__ void scale(float* x, int n, float factor) {

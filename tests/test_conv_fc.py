@@ -338,3 +338,92 @@ def test_python_wrappers_reject_mismatched_arrays():
         alexnet.cuda_fc_forward(f32(rng, 2, 5), f32(rng, 3, 4), f32(rng, 3))
     with pytest.raises(AlexNetError, match="input"):
         alexnet.cuda_fc_backward_weights(f32(rng, 2, 5), f32(rng, 3, 4))
+
+
+# ---------------------------------------------------------------------------------------
+# How the matrix products are launched: tile and split choice from the device
+#
+# The library reads the SM count and the blocks per SM (occupancy) from the device; the
+# CPU runtime answers for an H100 (132 SMs; occupancy as in tests/test_runtime.py, with
+# 128 registers a thread). The rule, restated here from its documentation: 128x128
+# tiles unless 64x128 (or 128x64) pads at least a quarter less; then the fewest splits of
+# the reduction (each >= 128 deep, at most 64) whose blocks fill the waves to >= 90%,
+# else the best filling.
+
+SMS = 132
+TILE_SHARED = {(128, 128): 34816, (64, 128): 26624, (128, 64): 26624}  # 2 x 16 x (TM+TN+8) floats + tables
+
+
+def blocks_per_sm(tile_m, tile_n):
+    threads = tile_m * tile_n // 64
+    return min(32, 2048 // threads, 65536 // (threads * 128), 228 * 1024 // (TILE_SHARED[tile_m, tile_n] + 1024))
+
+
+def plan_reference(rows, cols, depth, batches):
+    def tiles(tm, tn):
+        return -(-rows // tm) * -(-cols // tn) * batches
+    tile = (128, 128)
+    wide, tall = tiles(64, 128) * 2, tiles(128, 64) * 2
+    if 4 * min(wide, tall) < 3 * tiles(128, 128) * 4:
+        tile = (64, 128) if wide <= tall else (128, 64)
+    slots, n = SMS * blocks_per_sm(*tile), tiles(*tile)
+    best, best_fill = 1, 0.0
+    for s in range(1, min(64, max(1, depth // 128)) + 1):
+        fill = n * s / (-(-n * s // slots) * slots)
+        if fill > best_fill:
+            best, best_fill = s, fill
+        if fill >= 0.9:
+            break
+    slices = -(-depth // 16)
+    per_split = -(-slices // best)
+    return dict(tile_m=tile[0], tile_n=tile[1], splits=-(-slices // per_split), tiles=n, slots=slots)
+
+
+# One tower of the paper's network at batch 128: conv (C, H, K, R, stride, pad), fc (in, out).
+TOWER_CONVS = [(3, 224, 48, 11, 4, 0), (48, 27, 128, 5, 1, 2), (256, 13, 192, 3, 1, 1),
+               (192, 13, 192, 3, 1, 1), (192, 13, 128, 3, 1, 1)]
+TOWER_FCS = [(9216, 2048), (4096, 2048), (4096, 500)]
+
+
+def gemm_sizes(op, N, C, K, H=1, R=1, stride=1, pad=0):
+    """(rows, cols, depth, batches) of each product, from the table in train_alexnet.cu."""
+    OH = conv_output_size(H, R, stride, pad)
+    phase, taps = -(-H // stride), -(-R // stride)
+    return {"conv_forward": (K, N * OH * OH, C * R * R, 1),
+            "conv_backward_data": (C, N * phase * phase, K * taps * taps, stride * stride),
+            "conv_backward_weights": (K, C * R * R, N * OH * OH, 1),
+            "fc_forward": (N, K, C, 1), "fc_backward_data": (N, C, K, 1),
+            "fc_backward_weights": (K, C, N, 1)}[op]
+
+
+def tower_products(N):
+    for C, H, K, R, stride, pad in TOWER_CONVS:
+        for op in alexnet.GEMM_OPS[:3]:
+            yield op, dict(N=N, C=C, K=K, H=H, R=R, stride=stride, pad=pad)
+    for fin, fout in TOWER_FCS:
+        for op in alexnet.GEMM_OPS[3:]:
+            yield op, dict(N=N, C=fin, K=fout)
+
+
+@pytest.mark.parametrize("N", [128, 2])
+def test_gemm_plans_follow_the_rule(N):
+    for op, shape in tower_products(N):
+        assert alexnet.cuda_gemm_plan(op, **shape) == plan_reference(*gemm_sizes(op, **shape)), (op, shape)
+
+
+def test_no_training_product_ends_in_a_mostly_empty_wave():
+    """At batch 128, every product of a training step keeps the GPU >= 90% busy over its
+    waves of blocks, unless its reduction is too short to split further."""
+    for op, shape in tower_products(128):
+        plan = alexnet.cuda_gemm_plan(op, **shape)
+        rows, cols, depth, batches = gemm_sizes(op, **shape)
+        blocks = plan["tiles"] * plan["splits"]
+        fill = blocks / (-(-blocks // plan["slots"]) * plan["slots"])
+        assert fill >= 0.9 or plan["splits"] >= min(64, depth // 128), (op, shape, plan, fill)
+
+
+def test_fc6_forward_at_batch_128_is_split_k():
+    """16 tiles of 128x128 for 264 resident blocks: the reduction over 9216 inputs is
+    split 15 ways, the fewest that fill the wave to 90% (240 blocks, 91%)."""
+    plan = alexnet.cuda_gemm_plan("fc_forward", N=128, C=9216, K=2048)
+    assert (plan["tile_m"], plan["tile_n"], plan["tiles"], plan["slots"], plan["splits"]) == (128, 128, 16, 264, 15)

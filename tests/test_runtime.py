@@ -36,6 +36,8 @@ int rt_stream_order(int n, int wait_event, int sync, float* result);
 int rt_events(float* elapsed_ms);
 int rt_barrier_votes(int k, int threads, int* out);
 int rt_kernel_arguments(int kind, float* result);
+int rt_device_attributes(int device, int* out);
+int rt_occupancy(int kind, int block_size, size_t smem, int* blocks);
 """
 
 # CUDA error codes (driver_types.h)
@@ -365,6 +367,61 @@ def test_launch_limits(rt, grid, block, smem, code):
     assert got == code, message
     if code:
         assert "empty_kernel" in message and "runtime_test_kernels.cu:" in message
+
+
+# The device the runtime describes: an H100 SXM (sm_90). Attribute order as in
+# rt_device_attributes: threads per block, shared memory per block, warp size, SMs,
+# threads per SM, shared memory per SM, registers per SM.
+H100 = dict(threads_per_block=1024, smem_per_block=48 * 1024, warp=32, sms=132,
+            threads_per_sm=2048, smem_per_sm=228 * 1024, regs_per_sm=65536)
+
+
+@pytest.mark.parametrize("device", [0, 1])
+def test_device_attributes_describe_an_h100(rt, device):
+    ffi, lib = rt
+    out = np.zeros(7, np.int32)
+    assert lib.rt_device_attributes(device, ptr(ffi, out)) == SUCCESS
+    assert out.tolist() == list(H100.values())
+
+
+def test_device_attributes_of_a_missing_device(rt):
+    ffi, lib = rt
+    out = np.zeros(7, np.int32)
+    assert lib.rt_device_attributes(7, ptr(ffi, out)) == INVALID_DEVICE
+
+
+def occupancy_reference(block_size, smem, smem_limit, regs_per_thread=128):
+    """Blocks per SM by CUDA's occupancy rules on an H100: 32 blocks, 2048 threads (whole
+    warps), registers per warp, and shared memory with 1 KB reserved per block."""
+    if smem > smem_limit:
+        return 0
+    warps = -(-block_size // 32)
+    return min(32, H100["threads_per_sm"] // (warps * 32), H100["regs_per_sm"] // (warps * 32 * regs_per_thread),
+               H100["smem_per_sm"] // (smem + 1024))
+
+
+@pytest.mark.parametrize("kind, block_size, smem", [
+    (0, 256, 0),            # registers: 2 blocks of 256 threads at 128 registers
+    (0, 128, 34816),        # registers: 4 (shared memory would allow 6)
+    (0, 32, 0),             # registers: 16
+    (0, 64, 40 * 1024),     # shared memory: 5
+    (0, 64, 48 * 1024 + 4), # over the 48 KB a kernel gets without opting in: none
+    (1, 64, 100 * 1024),    # opted in to 100 KB: 2 fit in 228 KB
+    (0, 1024, 0),           # 1024 threads x 128 registers exceed the register file: none
+])
+def test_occupancy_follows_the_h100_limits(rt, kind, block_size, smem):
+    ffi, lib = rt
+    blocks = np.zeros(1, np.int32)
+    assert lib.rt_occupancy(kind, block_size, smem, ptr(ffi, blocks)) == SUCCESS
+    limit = 100 * 1024 if kind == 1 else 48 * 1024
+    assert blocks[0] == occupancy_reference(block_size, smem, limit)
+
+
+def test_occupancy_rejects_a_bad_block_size(rt):
+    ffi, lib = rt
+    blocks = np.zeros(1, np.int32)
+    assert lib.rt_occupancy(0, 0, 0, ptr(ffi, blocks)) == INVALID_VALUE
+    assert lib.rt_occupancy(0, 1025, 0, ptr(ffi, blocks)) == INVALID_VALUE
 
 
 def test_dynamic_shared_memory_opt_in(rt):
