@@ -6,7 +6,10 @@
 #   make test-asan  the test suite on an AddressSanitizer/UBSan CPU build
 #   make bench      CPU-runtime benchmark (dev/bench_sgemm.cu)
 #   make bench-kernels  the per-kernel benchmark (CPU build; GPU build when nvcc is found)
+#   make dev-cuda   the kernel ladder dev/cuda/ (CPU build; GPU build when nvcc is found)
 #   make gpu-check  dev/gpu_check.sh: build, test, sanitize, compare and benchmark on a GPU
+#   make sass       dev/sass.py: registers, occupancy and instructions per slice of the matrix
+#                   kernels, read from the compiled SASS (SASS_ARGS="--check --out FILE" ...)
 #   make clean
 # No step needs a GPU: nvcc compiles and links without one.
 
@@ -28,7 +31,7 @@ GPU_SKIP   := $(filter-out $(NVCC_ARCHS),$(GPU_ARCH))
 NVCC_FLAGS := -std=c++17 -O3 -lineinfo -Xptxas -v -Xcompiler -fPIC $(foreach a,$(GPU_BUILT),-gencode arch=compute_$(a),code=sm_$(a))
 SOURCES    := train_alexnet.cu dev/cuda_cpu.h
 
-.PHONY: all cpu gpu demo test test-slow test-asan venv bench clean bench-kernels bench-kernels-cpu bench-kernels-gpu gpu-check test-build test-build-cpu
+.PHONY: all cpu gpu demo test test-slow test-asan venv bench clean bench-kernels bench-kernels-cpu bench-kernels-gpu dev-cuda dev-cuda-gpu gpu-check test-build test-build-cpu sass
 all: cpu gpu
 
 # --- CPU build: the same .cu through g++ and the CUDA-on-CPU runtime ---------
@@ -105,8 +108,38 @@ bench-kernels-gpu:
 	@echo "$(if $(NVCC),nvcc supports none of sm_$(GPU_ARCH),nvcc not found): skipped build/gpu/bench_kernels"
 endif
 
+# --- kernel ladder: dev/cuda/*.cu include train_alexnet.cu; the last version of each is its core ---
+LADDER     := conv_forward fc_forward
+LADDER_CPU := $(LADDER:%=build/cpu/dev_cuda/%)
+dev-cuda: $(LADDER_CPU) dev-cuda-gpu
+
+$(LADDER_CPU): build/cpu/dev_cuda/%: dev/cuda/%.cu dev/cuda/common.h $(SOURCES)
+	@mkdir -p $(@D)
+	$(CXX) $(CPU_FLAGS) -x c++ $< -o $@
+
+ifneq ($(GPU_BUILT),)
+dev-cuda-gpu: $(LADDER:%=build/gpu/dev_cuda/%)
+
+$(LADDER:%=build/gpu/dev_cuda/%): build/gpu/dev_cuda/%: dev/cuda/%.cu dev/cuda/common.h train_alexnet.cu
+	@mkdir -p $(@D)
+	$(NVCC) $(NVCC_FLAGS) $< -o $@ 2> $@.ptxas.log || { cat $@.ptxas.log; exit 1; }
+else
+dev-cuda-gpu:
+	@echo "$(if $(NVCC),nvcc supports none of sm_$(GPU_ARCH),nvcc not found): skipped build/gpu/dev_cuda/*"
+endif
+
 gpu-check:
 	bash dev/gpu_check.sh
+
+# --- static SASS report: nvcc compiles, the pip wheels' cuobjdump and nvdisasm read ---
+# libalexnet_cpu.so tells dev/sass.py the tile sizes (alexnet_gemm_*).
+SASS_TOOLS := $(VENV)/.sass-tools
+$(SASS_TOOLS): $(VENV)/.installed
+	$(PY) -m pip install -q --disable-pip-version-check nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
+	@touch $@
+
+sass: $(SASS_TOOLS) libalexnet_cpu.so
+	$(PY) dev/sass.py $(if $(NVCC),--nvcc $(NVCC)) $(SASS_ARGS)
 
 # --- Python environment and tests ---------------------------------------------
 venv: $(VENV)/.installed
@@ -117,7 +150,7 @@ $(VENV)/.installed: requirements.txt
 
 # Everything the test suite runs, without the venv (dev/gpu_check.sh builds these; the
 # GPU machine has no internet for a venv).
-test-build-cpu: cpu $(RUNTIME_TESTS) build/cpu/bench_kernels
+test-build-cpu: cpu $(RUNTIME_TESTS) build/cpu/bench_kernels $(LADDER_CPU)
 test-build: test-build-cpu gpu
 
 test: venv test-build

@@ -1,0 +1,160 @@
+/*
+Kernels for the fully connected forward pass, from the naive loop to the core that
+train_alexnet.cu runs:
+
+    out[n][o] = relu(bias[o] + sum_i in[n][i] * w[o][i])
+
+As a matrix product C = A B: A = the input [N][in], B = the weights transposed
+[in][out], C = the output [N][out]. At AlexNet's batch of 128 the product is short
+and wide with a long reduction (fc6: 128 x 2048, summed over 9216), so the tiles alone
+fill few SMs: the reduction is split (split-K) and the partial products added up after.
+
+Build and run (make dev-cuda builds both; the CPU build runs every kernel on the CPU):
+    g++ -std=c++17 -O2 -pthread -x c++ dev/cuda/fc_forward.cu -o fc_forward
+    nvcc -std=c++17 -O3 -arch=sm_90 dev/cuda/fc_forward.cu -o fc_forward
+    ./fc_forward [VERSION] [--layer fc6|fc7|fc8|small] [--batch N] [--iters N]
+
+version 1: naive, one thread per output
+./fc_forward 1
+
+version 2: train_alexnet.cu's GEMM core on the FcForward problem, 128x128 tiles, no split
+./fc_forward 2
+
+version 3: the core as the model calls it: fc_forward(), tile and split-K chosen from
+the device (the CPU build answers as a 132-SM H100)
+./fc_forward 3
+
+Every version is checked against a host reference (common.h says how), then timed.
+Exit status: 0 if every version passes, 1 on any FAIL, 2 on an error.
+*/
+#define ALEXNET_NO_MAIN
+#include "../../train_alexnet.cu"
+#include "common.h"
+
+namespace ladder {
+
+// ----------------------------------------------------------------------------
+// GPU kernels
+
+// Version 1: thread (n, o) = (blockIdx.y, blockIdx.x * 256 + threadIdx.x) sums its dot
+// product alone. A block's threads share the input row (one broadcast load per i) but
+// read 256 different weight rows, `in` floats apart: no two loads of a warp share a
+// 32-byte sector, and every weight is read again for every image.
+__global__ void fc_forward_kernel1(float* out, const float* inp, const float* w,
+                                   const float* bias, int in, int out_features) {
+    int n = blockIdx.y, o = blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= out_features) return;
+    float sum = 0.0f;
+    for (int i = 0; i < in; i++) sum += inp[(long)n * in + i] * w[(long)o * in + i];
+    out[(long)n * out_features + o] = fmaxf(sum + bias[o], 0.0f);
+}
+
+// Versions 2 and 3 are train_alexnet.cu's gemm_kernel on the FcForward problem
+// (sections 3 and 7): both operands are read along the reduction (rows of inp and of
+// w are contiguous), 8x8 outputs per thread, slices of 16 double-buffered in shared
+// memory. Version 3 adds split-K: blockIdx.z picks a range of the reduction, each
+// split writes its partial tile to the workspace, and gemm_split_sum_kernel adds the
+// splits in a fixed order (the same bits every run) before the bias and ReLU.
+
+// ----------------------------------------------------------------------------
+// Kernel launchers
+
+void fc_forward1(float* out, const float* inp, const float* w, const float* bias, int N, int in,
+                 int out_features, cudaStream_t stream) {
+    dim3 grid(ceil_div(out_features, 256), N);
+    LAUNCH(fc_forward_kernel1, grid, 256, 0, stream, out, inp, w, bias, in, out_features);
+}
+
+// The core with 128x128 tiles and one split, set up as gemm_launch does.
+void fc_forward2(float* out, const float* inp, const float* w, const float* bias, int N, int in,
+                 int out_features, cudaStream_t stream) {
+    FcForward p(N, in, out_features, out, inp, w, bias, true);
+    gemm_carries(p.a);
+    gemm_carries(p.b);
+    p.dims.splits = 1;
+    p.dims.depth_per_split = ceil_div(in, GEMM_TILE_K) * GEMM_TILE_K;
+    gemm_launch_tiles<128, 128>(p, nullptr, stream);
+}
+
+// ----------------------------------------------------------------------------
+// Layers, the host reference, main
+
+struct Layer {
+    const char* name;
+    int in, out;
+};
+
+// One tower of AlexNet (each layer reads both towers), and a small shape for the tests
+// whose reduction still splits.
+static const Layer LAYERS[] = {
+    {"fc6", 9216, 2048}, {"fc7", 4096, 2048}, {"fc8", 4096, 500}, {"small", 1000, 300}};
+
+static const char* USAGE =
+    "usage: fc_forward [VERSION] [--layer NAME] [--batch N] [--iters N]\n"
+    "  VERSION    1 naive, 2 train_alexnet.cu's core without split-K, 3 fc_forward (split-K)\n"
+    "             (default: all)\n"
+    "  --layer    fc6, fc7, fc8 (one AlexNet tower) or small (a test shape); default fc6\n"
+    "  --batch N  images (default: 128 on a GPU, 2 on the CPU build)\n"
+    "  --iters N  timed launches per version (default: 20 on a GPU, 1 on the CPU build)\n";
+
+static int run(int argc, char** argv) {
+    Args a;
+    a.layer = "fc6";
+    if (!parse_args(argc, argv, 3, USAGE, a)) return 0;
+    const Layer* l = nullptr;
+    for (const Layer& candidate : LAYERS)
+        if (a.layer == candidate.name) l = &candidate;
+    require(l, "unknown layer '%s' (see --help)", a.layer.c_str());
+    const int N = a.batch, in = l->in, outf = l->out;
+    fc_check_shape(N, in, outf);
+    const long outputs = (long)N * outf;
+
+    const float scale = 1.0f / sqrtf((float)in);
+    std::vector<float> inp = uniform((long)N * in, 1, -1.0f, 1.0f);
+    std::vector<float> w = uniform((long)outf * in, 2, -scale, scale);
+    std::vector<float> bias = uniform(outf, 3, -0.5f, 0.5f);
+    Reference ref(outputs, in, outf, [&](long j, double& sum, double& abs_sum) {
+        long n = j / outf, o = j % outf;
+        sum = bias[o], abs_sum = fabs(bias[o]);
+        for (long i = 0; i < in; i++) {
+            double term = (double)inp[n * in + i] * w[o * in + i];
+            sum += term, abs_sum += fabs(term);
+        }
+    });
+
+    DeviceArray<float> d_inp(inp.data(), inp.size()), d_w(w.data(), w.size()),
+        d_bias(bias.data(), bias.size()), out(outputs);
+    DeviceArray<float> workspace(std::max<size_t>(1, fc_workspace(N, in, outf)));
+    const Workspace ws{workspace.ptr, workspace.count};
+    cudaStream_t stream;
+    cudaCheck(cudaStreamCreate(&stream));
+    const GemmPlan plan = gemm_plan(FcForward(N, in, outf, out.ptr, d_inp.ptr, d_w.ptr, d_bias.ptr,
+                                              true), (long)ws.floats);
+    char automatic[64];
+    snprintf(automatic, sizeof(automatic), "fc_forward (auto: %dx%d, %d split%s)", plan.tile_m,
+             plan.tile_n, plan.dims.splits, plan.dims.splits > 1 ? "s" : "");
+
+    float *o = out.ptr, *x = d_inp.ptr, *wp = d_w.ptr, *b = d_bias.ptr;
+    const std::vector<Version> versions = {
+        {1, "naive", [&] { fc_forward1(o, x, wp, b, N, in, outf, stream); }},
+        {2, "core 128x128, 1 split", [&] { fc_forward2(o, x, wp, b, N, in, outf, stream); }},
+        {3, automatic, [&] { fc_forward(o, x, wp, b, N, in, outf, true, ws, stream); }},
+    };
+    char what[96];
+    snprintf(what, sizeof(what), "fc_forward %s: %d -> %d, batch %d", l->name, in, outf, N);
+    print_setup(what, ref, outputs);
+    int status = run_versions(a, versions, ref, out, 2.0 * outputs * in, stream);
+    cudaCheck(cudaStreamDestroy(stream));
+    return status;
+}
+
+}  // namespace ladder
+
+int main(int argc, char** argv) {
+    try {
+        return ladder::run(argc, argv);
+    } catch (const std::exception& e) {
+        fprintf(stderr, "error: %s\n", e.what());
+        return 2;
+    }
+}
