@@ -1,4 +1,4 @@
-"""PyTorch reference throughput for the paper's AlexNet training step.
+"""PyTorch reference throughput for the paper's AlexNet training step, in four modes.
 
 The identical architecture to preset "alexnet" (REFERENCE.md), written as one
 network: grouped nn.Conv2d where a layer reads only its own tower (conv2, conv4,
@@ -12,20 +12,45 @@ device, timed with CUDA events after warm-up.
 
 Two differences from our step that cost nothing measurable: nn.Dropout rescales the
 survivors (ours does not) and torch.optim.SGD folds the learning rate differently.
-Convolutions and matmuls run in strict FP32 (TF32 off) unless --tf32.
 
-    python dev/bench_torch.py                         # every mode, each in its own process
-    python dev/bench_torch.py --mode eager --steps 20 # one mode in this process
-Each mode prints one line: "torch <mode>: <images/s> images/s (<ms> ms/step, ...)".
+Modes (--modes; the first four by default, in this order, all in this process):
+  fp32           strict FP32: TF32 off in cuDNN and in matmuls, NCHW. The fair baseline
+                 (our kernels compute in FP32) and the headline ratio.
+  tf32           PyTorch's default: TF32 convolutions (cudnn.allow_tf32 True), FP32
+                 matmuls (cuda.matmul.allow_tf32 False), NCHW
+  channels_last  strict FP32 as in fp32, channels_last (NHWC) memory format
+  bf16           AMP: autocast to bfloat16, channels_last; FP32 weights and SGD update
+  compile        torch.compile of the fp32 network: only when asked for (it costs minutes
+                 of compilation), always last, in its own process, skipped when the
+                 compilation (the warm-up) takes over --compile-limit seconds
+
+    python dev/bench_torch.py                             # fp32, tf32, channels_last, bf16
+    python dev/bench_torch.py --modes fp32 --steps 20     # one mode
+    python dev/bench_torch.py --ours 2500 --peak 66.9     # and ours / torch for each mode
+Each mode prints one line: "torch <mode>: <images/s> images/s (<ms> ms/step, batch,
+precision and layout, TFLOP/s, loss)" or "torch <mode>: failed (...)"; with --ours,
+"ours / torch <mode> = R (...)" per mode, our TFLOP/s, and "headline: ours / torch fp32
+(strict FP32) = R". It needs PyTorch and a CUDA device: without either it prints one
+line saying so and exits with status 2.
 """
 import argparse
+import gc
 import os
 import subprocess
 import sys
 import threading
 import time
 
-MODES = ["eager", "channels_last", "compile"]
+# mode: (cuDNN TF32, matmul TF32, channels_last, AMP bf16, torch.compile, description)
+MODES = {
+    "fp32": (False, False, False, False, False, "strict FP32, NCHW"),
+    "tf32": (True, False, False, False, False, "PyTorch default: TF32 convolutions, FP32 matmuls, NCHW"),
+    "channels_last": (False, False, True, False, False, "strict FP32, channels_last"),
+    "bf16": (False, False, True, True, False, "AMP bf16 autocast, channels_last"),
+    "compile": (False, False, False, False, True, "torch.compile, strict FP32, NCHW"),
+}
+DEFAULT_MODES = ["fp32", "tf32", "channels_last", "bf16"]
+HEADLINE = "fp32"  # the fair baseline: FP32 arithmetic like ours
 GFLOP_PER_IMAGE = 4.136  # training step, REFERENCE.md "Compute"
 
 
@@ -69,69 +94,71 @@ def alexnet(torch):
     )
 
 
-def run_mode(args):
-    """Time one mode in this process; print the result line."""
-    import torch
+def time_mode(torch, mode, args, on_warm=None):
+    """Time one mode in this process; return its result line."""
+    tf32_conv, tf32_matmul, channels_last, amp, compiled, label = MODES[mode]
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.allow_tf32 = args.tf32
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = tf32_conv
+    torch.backends.cuda.matmul.allow_tf32 = tf32_matmul
+    device = torch.device("cuda")
     model = alexnet(torch).to(device)
     x = torch.randn(args.batch, 3, 224, 224, device=device) * 50.0
     y = torch.randint(0, 1000, (args.batch,), device=device)
-    if args.mode == "channels_last":
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
     opt = torch.optim.SGD([{"params": weights, "weight_decay": 5e-4},
                            {"params": biases, "weight_decay": 0.0}], lr=0.01, momentum=0.9)
-    forward = torch.compile(model) if args.mode == "compile" else model
+    forward = torch.compile(model) if compiled else model
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(forward(x), y)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(forward(x), y)
         loss.backward()
         opt.step()
         return loss
 
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         loss = step()
-    sync()
-    print(f"WARMED {time.perf_counter() - t0:.1f}", flush=True)
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(args.steps):
-            loss = step()
-        end.record()
-        end.synchronize()
-        ms = start.elapsed_time(end) / args.steps
-    else:
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            loss = step()
-        ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    torch.cuda.synchronize()
+    if on_warm:
+        on_warm(time.perf_counter() - t0)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(args.steps):
+        loss = step()
+    end.record()
+    end.synchronize()
+    ms = start.elapsed_time(end) / args.steps
     loss = float(loss)  # reported, not judged: random labels at lr 0.01 may diverge
     images = args.batch * 1e3 / ms
-    name = args.mode + ("+tf32" if args.tf32 else "")
-    print(f"torch {name}: {images:.1f} images/s ({ms:.2f} ms/step, batch {args.batch}, "
-          f"{images * GFLOP_PER_IMAGE / 1e3:.2f} TFLOP/s, loss {loss:.4f}, {args.device})", flush=True)
-    return 0
+    return (f"torch {mode}: {images:.1f} images/s ({ms:.2f} ms/step, batch {args.batch}, {label}, "
+            f"{images * GFLOP_PER_IMAGE / 1e3:.2f} TFLOP/s, loss {loss:.4f})")
+
+
+def run_here(torch, mode, args):
+    """time_mode, with any error turned into a "failed" line and the memory given back."""
+    try:
+        line = time_mode(torch, mode, args)
+    except Exception as e:  # e.g. out of memory, or bf16 unsupported: the other modes still run
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        line = f"torch {mode}: failed ({type(e).__name__}: {first})"
+    gc.collect()
+    torch.cuda.empty_cache()
+    return line
 
 
 def run_child(mode, args, compile_limit):
-    """Run one mode in a subprocess. Kill it when warm-up (for compile: compilation)
+    """Run one mode (compile) in a subprocess. Kill it when the warm-up (the compilation)
     exceeds compile_limit seconds; return its result line or the reason it has none."""
     cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--batch", str(args.batch),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-           "--seed", str(args.seed)] + (["--tf32"] if args.tf32 else [])
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, warmed = [], threading.Event()
 
@@ -161,60 +188,62 @@ def run_child(mode, args, compile_limit):
 
 
 def summarize(lines, ours, peak):
-    """Lines comparing our images/s with each PyTorch result line, and our TFLOP/s
-    against the FP32 peak (when given)."""
-    out = []
+    """Lines comparing our images/s with each PyTorch result line, our TFLOP/s against the
+    FP32 peak (when given), and the headline ratio (ours / strict FP32) when measured."""
+    out, ratios = [], {}
     for line in lines:
         name, sep, rest = line.partition(": ")
         words = rest.split()
         if name.startswith("torch ") and len(words) > 1 and words[1] == "images/s":
             theirs = float(words[0])
+            ratios[name[len("torch "):]] = ours / theirs
             out.append(f"ours / {name} = {ours / theirs:.2f} ({ours:.1f} vs {theirs:.1f} images/s)")
     tflops = ours * GFLOP_PER_IMAGE / 1e3
     out.append(f"ours: {ours:.1f} images/s = {tflops:.2f} TFLOP/s" +
                (f" = {100 * tflops / peak:.1f}% of the FP32 peak {peak:.1f} TFLOP/s" if peak else ""))
+    if HEADLINE in ratios:
+        out.append(f"headline: ours / torch {HEADLINE} (strict FP32) = {ratios[HEADLINE]:.2f}")
     return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=MODES, help="time one mode in this process (default: each mode in a subprocess)")
-    parser.add_argument("--modes", default=",".join(MODES), help="modes to run in subprocesses (default: %(default)s)")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                        help=f"comma-separated, from {', '.join(MODES)} (default: %(default)s)")
+    parser.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)  # one mode: the compile child
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: %(default)s)")
-    parser.add_argument("--device", default="cuda", help="cuda or cpu (default: %(default)s)")
-    parser.add_argument("--tf32", action="store_true", help="allow TF32 in cuDNN and matmuls (default: strict FP32)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per mode (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     parser.add_argument("--compile-limit", type=float, default=60.0,
                         help="seconds torch.compile (the warm-up) may take before the mode is skipped (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds each mode's timed steps may take (default: %(default)s)")
+                        help="seconds the compile mode's timed steps may take (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ours", type=float, default=0.0,
-                        help="our training step's images/s: also print the ratios ours/PyTorch")
+                        help="our training step's images/s: also print the ratios ours / PyTorch")
     parser.add_argument("--peak", type=float, default=0.0, help="the GPU's FP32 peak in TFLOP/s (with --ours)")
     args = parser.parse_args(argv)
-    try:
-        import torch
-    except ImportError:
-        print("torch: skipped (PyTorch is not installed)")
-        return 0
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("torch: skipped (no CUDA device visible to PyTorch)")
-        return 0
-    if args.mode:
-        return run_mode(args)
-    if args.device.startswith("cuda"):
-        print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, "
-              f"cuDNN {torch.backends.cudnn.version()}, {'TF32' if args.tf32 else 'FP32'}", flush=True)
     modes = [m for m in args.modes.split(",") if m]
     for mode in modes:
         if mode not in MODES:
             parser.error(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    modes = [m for m in modes if m != "compile"] + (["compile"] if "compile" in modes else [])
+    try:
+        import torch
+    except ImportError:
+        print(f"bench_torch: PyTorch is not installed for {sys.executable}: nothing timed")
+        return 2
+    if not torch.cuda.is_available():
+        print(f"bench_torch: no CUDA device visible to PyTorch {torch.__version__}: it times on a GPU only")
+        return 2
+    if args.mode:  # the compile child
+        print(time_mode(torch, args.mode, args, lambda s: print(f"WARMED {s:.1f}", flush=True)), flush=True)
+        return 0
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, cuDNN {torch.backends.cudnn.version()}, "
+          f"batch {args.batch}, {args.steps} timed steps after {args.warmup} per mode", flush=True)
     lines = []
     for mode in modes:
-        limit = args.compile_limit if mode == "compile" else args.timeout
-        lines.append(run_child(mode, args, limit))
+        lines.append(run_child(mode, args, args.compile_limit) if mode == "compile" else run_here(torch, mode, args))
         print(lines[-1], flush=True)
     if args.ours > 0:
         print("\n".join(summarize(lines, args.ours, args.peak)))

@@ -1,24 +1,43 @@
 #!/usr/bin/env bash
-# The GPU kit: one command that checks and measures everything on a machine with an
-# NVIDIA GPU and nvcc (issue 7). Under 8 minutes on an H100.
+# The GPU kit: one command that builds, times and checks everything on a machine with an
+# NVIDIA GPU and nvcc, the most important numbers first. Under 8 minutes on an H100.
 #
-#   dev/gpu_check.sh                 all six steps on the GPU
-#   dev/gpu_check.sh --cpu           dry run on the CPU build: steps 2, 4, 5 (1, 3, 6 need a GPU)
-#   dev/gpu_check.sh --skip-3        leave out step 3 (any --skip-N, repeatable)
-#   dev/gpu_check.sh --only 5,6      only these steps
-#   dev/gpu_check.sh --summary FILE  where the summary goes (default: $OUT/gpu_check_summary.txt
-#                                    when OUT is set, else build/gpu_check_summary.txt)
-#   GPU_CHECK_BUDGET=480             seconds after which no further step starts
+#   dev/gpu_check.sh                 the six steps below, in this order
+#   dev/gpu_check.sh --cpu           dry run on the CPU build: steps 2, 4, 6 run; 1, 3, 5 report SKIP
+#   dev/gpu_check.sh --only 3        only these steps (a list: --only 2,3); they use the binaries
+#                                    already built: on a fresh machine add step 1 (--only 1,3)
+#   dev/gpu_check.sh --skip-5        leave out step 5 (any --skip-N, repeatable)
+#   dev/gpu_check.sh --torch-compile step 3 also times torch.compile, after everything else (+1-2 min)
+#   dev/gpu_check.sh --summary FILE  the verdict file (default: $OUT/summary.txt when OUT is set,
+#                                    else build/gpu_check_summary.txt; --cpu: build/gpu_check_cpu_summary.txt)
+#   GPU_CHECK_BUDGET=480             seconds for the whole run: no step runs past it, and none
+#                                    starts with under 20 s of it left (the step limits below add
+#                                    up to more: a slow step eats into the later ones' time)
 #
-# Steps: 1 GPU, driver, nvcc, SMs; build for the local architecture only
-#        2 the pytest suite against the GPU library (ALEXNET_LIB=./libalexnet.so)
-#        3 compute-sanitizer memcheck/racecheck/synccheck/initcheck over every kernel
-#        4 every op through the CPU and the GPU library on the same inputs: largest difference
-#        5 training smoke run: preset alexnet, synthetic data, batch 128, 50 steps
-#        6 throughput: our training step vs PyTorch eager/channels_last/torch.compile
-# A failing step is reported and the next one still runs; everything printed goes to
-# stdout and to the summary file, which ends with the results of every step.
-# Without cffi (the GPU machine's Python 3.12), it installs the wheels in .whl/
+# Steps, in this order, each under its own time limit:
+#   1 build        [240 s] the GPU, driver and nvcc; make -j<cores> GPU_ARCH=<this GPU's> of what
+#                  the later steps run (no ASan build); SMs, FP32 peak, register spills (ptxas)
+#   2 smoke        [ 90 s] ./train_alexnet --bench 3 on a synthetic batch of 128 with
+#                  ALEXNET_SYNC_LAUNCHES=1: every launch synchronised and checked, so a fault
+#                  names its kernel
+#   3 throughput   [180 s] our --bench 20 images/s (batch 128, both towers on GPU 0) and PyTorch's
+#                  in the same run, ours/torch for each PyTorch mode: fp32 (strict FP32, TF32 off:
+#                  the headline ratio), tf32 (PyTorch's default: TF32 convolutions, FP32 matmuls),
+#                  channels_last (strict FP32), bf16 (AMP autocast, channels_last); then
+#                  build/gpu/bench_kernels --batch 128 (GFLOP/s per kernel)
+#   4 correctness  [150 s] every op through the CPU and the GPU library on the same inputs
+#                  (largest difference); a 50-step training run whose loss must fall
+#   5 sanitizer    [150 s] compute-sanitizer memcheck over every kernel (batch 2) and two training
+#                  steps; racecheck over the shared-memory kernels (GEMM as conv5 and fc8, softmax)
+#                  at batch 1-2; synccheck and initcheck only when the budget leaves time for them
+#   6 pytest       [180 s] the test suite against the GPU library (ALEXNET_LIB=./libalexnet.so)
+#
+# Outputs: each step appends its verdict line to the summary file the moment it ends (so a
+# run cut short still reports every finished step) and copies its log into $OUT, flat:
+# summary.txt build.log smoke.log throughput.log compare.log sanitizer.log pytest.log
+# (7 files at most; without OUT the logs stay in build/gpu_check/, GPU_CHECK_WORK moves it).
+# A failing step is reported and the next one still runs; the exit status is 1 when a step
+# failed. Without cffi (the GPU machine's Python 3.12), it installs the wheels in .whl/
 # (dev/fetch_wheels.sh downloads them; the device call carries .whl).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -28,21 +47,25 @@ CPU=0
 ONLY=""
 SKIP=" "
 SUMMARY=""
+TORCH_COMPILE=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu) CPU=1 ;;
         --skip-[1-6]) SKIP="$SKIP${1#--skip-} " ;;
-        --only) [ $# -ge 2 ] || { echo "error: --only needs a list of steps, e.g. --only 2,4" >&2; exit 2; }
+        --only) [[ $# -ge 2 && $2 =~ ^[1-6](,[1-6])*$ ]] || {
+                    echo "error: --only needs a list of steps 1-6, e.g. --only 2,3" >&2; exit 2; }
                 ONLY=",$2,"; shift ;;
         --summary) [ $# -ge 2 ] || { echo "error: --summary needs a file" >&2; exit 2; }
                    SUMMARY=$2; shift ;;
+        --torch-compile) TORCH_COMPILE=1 ;;
         -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
+OUTDIR=${OUT:-}
 if [ -z "$SUMMARY" ]; then
-    if [ -n "${OUT:-}" ]; then SUMMARY=$OUT/gpu_check_summary.txt
+    if [ -n "$OUTDIR" ]; then SUMMARY=$OUTDIR/summary.txt
     elif [ $CPU = 1 ]; then SUMMARY=build/gpu_check_cpu_summary.txt
     else SUMMARY=build/gpu_check_summary.txt; fi
 fi
@@ -53,24 +76,55 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
 fi
 TORCH_PYTHON=${TORCH_PYTHON:-python3}
-mkdir -p "$(dirname "$SUMMARY")" build || exit 1
+WORK=${GPU_CHECK_WORK:-build/gpu_check}   # scratch: datasets, runs, logs
+mkdir -p "$(dirname "$SUMMARY")" "$WORK" build ${OUTDIR:+"$OUTDIR"} || exit 1
 # CUDA's tools where an image installs them but leaves them off the PATH.
 for dir in /usr/local/cuda/bin /usr/local/cuda/compute-sanitizer; do
     [ -d "$dir" ] && PATH=$PATH:$dir
 done
 GFLOP_PER_IMAGE=4.136           # training step, REFERENCE.md "Compute"
-BUDGET=${GPU_CHECK_BUDGET:-480}  # seconds: no step starts after this (the device call's limit is 600)
-WORK=build/gpu_check            # scratch: datasets, runs, logs
-RESULTS=()                      # one line per step, printed at the end
-GPU_NAME="" ; PEAK_TFLOPS="" ; OURS_IPS="" ; SMOKE_IPS="" ; SMOKE_VERDICT="" ; SMOKE_ARGS=()
-TORCH_LINES=""
+BUDGET=${GPU_CHECK_BUDGET:-480}  # seconds for the whole run (the device call's limit is 600)
+JOBS=${GPU_CHECK_JOBS:-$(nproc 2>/dev/null || echo 8)}
+NAMES=("" "build" "smoke" "throughput" "correctness" "sanitizer" "pytest")
+LIMITS=(0 240 90 180 150 150 180)
+[ $TORCH_COMPILE = 1 ] && LIMITS[3]=$((LIMITS[3] + 150))
+MIN_START=20                    # seconds of budget a step needs to be worth starting
+SANITIZER_EXTRA=120             # synccheck + initcheck: run only when this much is left over
+DATA=$WORK/data_smoke           # synthetic dataset of steps 2-4
+RESULTS=()                      # the summary's step lines, printed again at the end
+DETAILS=()                      # their indented detail lines (the PyTorch results)
+GPU_NAME="" ; GPU_ERROR="" ; ARCH="" ; CLOCK="" ; SMS="" ; PEAK_TFLOPS="" ; OURS_IPS=""
+T0=$SECONDS ; STEP_END=$SECONDS ; STEP_VERDICT="" ; STEP_DETAILS=()
 
 say() { printf '%s\n' "$*"; }
-NAMES=("" "GPU + build" "pytest" "compute-sanitizer" "CPU vs GPU library" "training smoke run" "throughput vs PyTorch")
-[ $CPU = 1 ] && NAMES[4]="CPU lib, 2 schedules"
-result() { RESULTS+=("$(printf 'step %s %-22s %s' "$1" "${NAMES[$1]}" "$2")"); }
-# Run a command with a time limit, echoing it first.
-run() { local limit=$1; shift; say "\$ $*"; timeout -k 10 "$limit" "$@"; }
+selected() { { [ -z "$ONLY" ] || [[ $ONLY == *",$1,"* ]]; } && [[ $SKIP != *" $1 "* ]]; }
+left() { echo $((BUDGET - (SECONDS - T0))); }
+verdict() { STEP_VERDICT=$1; }
+# Run a command under a time limit: its own, cut to what is left of the step's. Status 124
+# (or 137) when it timed out, 200 when no time was left to start it.
+run() {
+    local limit=$1 rest=$((STEP_END - SECONDS)); shift
+    [ "$rest" -lt "$limit" ] && limit=$rest
+    if [ "$limit" -lt 1 ]; then say "(no time left in this step for: $*)"; return 200; fi
+    say "\$ $*   (limit ${limit} s)"
+    timeout -k 5 "$limit" "$@"
+}
+# Copy a step's log from $WORK into $OUT (flat; the last 15 MB: the device returns 16 MB per file).
+keep_log() {
+    [ -n "$OUTDIR" ] && [ -f "$WORK/$1" ] && tail -c 15000000 "$WORK/$1" > "$OUTDIR/$1"
+    return 0
+}
+# Append a line to the summary file now, and keep it for the final report.
+summary_line() { printf '%s\n' "$1" >> "$SUMMARY"; }
+result() {
+    local line
+    line=$(printf 'step %s %-11s %s' "$1" "${NAMES[$1]}" "$2")
+    RESULTS+=("$line")
+    summary_line "$line"
+    say "$line"
+}
+is_number() { [[ $1 =~ ^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$ ]]; }
+timed_out() { [ "$1" = 124 ] || [ "$1" = 137 ] || [ "$1" = 200 ]; }
 
 # --- setup: cffi from .whl/ when this Python lacks it ---------------------------------
 setup_python() {
@@ -85,272 +139,373 @@ setup_python() {
         fi
     fi
     "$PYTHON" -c 'import cffi, numpy' 2>/dev/null && say "python: $("$PYTHON" --version 2>&1), cffi $("$PYTHON" -c 'import cffi; print(cffi.__version__)')" \
-        || say "python: $PYTHON cannot import cffi and numpy: steps 2, 4, 5 will fail"
+        || say "python: $PYTHON cannot import cffi and numpy: steps 4 and 6 will fail"
+}
+
+# The GPU from nvidia-smi: name, architecture, clock (every GPU step needs them, --only too).
+gpu_info() {
+    command -v nvidia-smi >/dev/null || { GPU_ERROR="no nvidia-smi"; return 1; }
+    local info
+    info=$(nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.sm --format=csv,noheader 2>&1 | head -1)
+    say "GPU: $info"
+    GPU_ERROR=""
+    GPU_NAME=$(echo "$info" | cut -d, -f1 | sed 's/^ *//; s/ *$//')
+    ARCH=$(echo "$info" | cut -d, -f4 | tr -d ' .')
+    CLOCK=$(echo "$info" | cut -d, -f5 | tr -dc '0-9')
+    [[ $ARCH =~ ^[0-9]+$ ]] || { GPU_ERROR="nvidia-smi: $info"; ARCH=""; return 1; }
+}
+
+# SMs from our own benchmark's header (a first CUDA call through our build), and the FP32
+# peak: datasheet values for the lent cards, else SMs x 128 lanes x 2 FLOP x clock.
+gpu_peak() {
+    [ -x build/gpu/bench_kernels ] && SMS=$(build/gpu/bench_kernels --batch 1 --only no-such-op 2>&1 | grep -oE '[0-9]+ SMs' | cut -d' ' -f1)
+    case "$GPU_NAME" in
+        *H100*PCIe*) PEAK_TFLOPS=51.2 ;;
+        *H100*NVL*) PEAK_TFLOPS=60.0 ;;
+        *H100*|*H200*) PEAK_TFLOPS=66.9 ;;
+        *) if [ -n "$SMS" ] && [ -n "$CLOCK" ]; then
+               PEAK_TFLOPS=$(awk -v s="$SMS" -v c="$CLOCK" 'BEGIN { printf "%.1f", s * 128 * 2 * c / 1e6 }')
+           fi ;;
+    esac
 }
 
 # make, or the same compiler commands where the machine has no make.
 build() {
     if command -v make >/dev/null; then
-        run 900 make -k -j8 "$@"
+        run "${LIMITS[1]}" make -k -j"$JOBS" "$@"
     else
         say "no make: building with direct compiler calls"
         local flags="-std=c++17 -O3 -lineinfo -Xptxas -v -Xcompiler -fPIC -gencode arch=compute_$ARCH,code=sm_$ARCH"
         mkdir -p build/gpu build/cpu
-        { nvcc $flags -c train_alexnet.cu -o build/gpu/train_alexnet.o 2> build/gpu/ptxas.log \
-            && nvcc $flags build/gpu/train_alexnet.o -o train_alexnet \
-            && nvcc $flags -shared build/gpu/train_alexnet.o -o libalexnet.so; } &
-        nvcc $flags dev/bench_kernels.cu -o build/gpu/bench_kernels 2> build/gpu/bench_ptxas.log &
+        if [ $CPU = 0 ]; then
+            { nvcc $flags -c train_alexnet.cu -o build/gpu/train_alexnet.o 2> build/gpu/ptxas.log \
+                && nvcc $flags build/gpu/train_alexnet.o -o train_alexnet \
+                && nvcc $flags -shared build/gpu/train_alexnet.o -o libalexnet.so; } &
+            nvcc $flags dev/bench_kernels.cu -o build/gpu/bench_kernels 2> build/gpu/bench_ptxas.log &
+            g++ -std=c++17 -O2 -g -pthread -fPIC -I. -x c++ -shared dev/runtime_test_kernels.cu -o build/libruntime_tests.so &
+        fi
         g++ -std=c++17 -O2 -g -pthread -fPIC -x c++ -shared train_alexnet.cu -o libalexnet_cpu.so &
         g++ -std=c++17 -O2 -g -pthread -x c++ train_alexnet.cu -o train_alexnet_cpu &
-        local ok=0; for job in $(jobs -p); do wait "$job" || ok=1; done; return $ok
+        g++ -std=c++17 -O2 -g -pthread -x c++ dev/bench_kernels.cu -o build/cpu/bench_kernels &
+        local ok=0 job; for job in $(jobs -p); do wait "$job" || ok=1; done; return $ok
     fi
+}
+
+# The synthetic dataset of steps 2-4, prepared once and reused while alexnet.py and the
+# sizes are unchanged. GPU: 384 training images of 256x256 (a --bench batch of 128, three
+# epochs of the training run); --cpu: 16 of 32x32 for the small preset.
+ensure_data() {
+    local prepare key
+    if [ $CPU = 1 ]; then prepare=(--size 32 --train-images 16 --val-images 8)
+    else prepare=(--size 256 --train-images 384 --val-images 128); fi
+    key="${prepare[*]} $(cksum < alexnet.py)"
+    [ -f "$DATA.ok" ] && [ "$(cat "$DATA.ok")" = "$key" ] && return 0
+    rm -rf "$DATA" "$DATA.ok"
+    run 120 "$PYTHON" alexnet.py prepare synthetic --out "$DATA" "${prepare[@]}" || return 1
+    printf '%s\n' "$key" > "$DATA.ok"
 }
 
 # --- 1. the GPU and the build ---------------------------------------------------------
 step1() {
+    local log=$WORK/build.log status
     if [ $CPU = 1 ]; then
         say "no GPU in --cpu mode: GPU report and nvcc build skipped; the CPU build:"
-        build test-build-cpu || return 1
-        result 1 "SKIP (--cpu: no GPU; CPU build ok)"
-        return 0
+        build cpu build/cpu/bench_kernels 2>&1 | tee "$log"
+        status=${PIPESTATUS[0]}
+        keep_log build.log
+        if [ "$status" = 0 ]; then verdict "SKIP (--cpu: no GPU; CPU build ok)"
+        else verdict "FAIL (--cpu: the CPU build failed, exit $status; see build.log)"; fi
+        return
     fi
-    command -v nvidia-smi >/dev/null || { result 1 "FAIL (no nvidia-smi)"; return 1; }
-    local info
-    info=$(nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.sm --format=csv,noheader | head -1)
-    say "GPU: $info"
-    GPU_NAME=$(echo "$info" | cut -d, -f1 | sed 's/^ *//; s/ *$//')
-    ARCH=$(echo "$info" | cut -d, -f4 | tr -d ' .')
-    local clock sms
-    clock=$(echo "$info" | cut -d, -f5 | tr -dc '0-9')
-    say "nvcc: $(nvcc --version | tail -1)"
-    local built=PASS
-    build test-build bench-kernels GPU_ARCH="$ARCH" || built="FAIL (build: see above)"
-    # The SM count from our own benchmark's header (a first CUDA call through our build).
-    sms=$(build/gpu/bench_kernels --batch 1 --only no-such-op 2>&1 | grep -oE '[0-9]+ SMs' | cut -d' ' -f1)
-    say "SMs: ${sms:=?}, max SM clock ${clock} MHz, architecture sm_$ARCH"
-    peak_tflops "$sms" "$clock"
-    say "FP32 peak: ${PEAK_TFLOPS:-?} TFLOP/s"
-    local spills
-    spills=$(cat build/gpu/ptxas.log build/gpu/bench_ptxas.log 2>/dev/null | grep -cE '[1-9][0-9]* bytes spill')
-    say "ptxas: $spills function(s) with register spills"
-    result 1 "$built ($GPU_NAME, $sms SMs, sm_$ARCH, $(nvcc --version | tail -1 | sed 's/Build //'), spills: $spills)"
-    [ "$built" = PASS ]
-}
-
-# FP32 peak: datasheet values for the lent cards, else SMs x 128 lanes x 2 FLOP x clock.
-peak_tflops() {
-    case "$GPU_NAME" in
-        *H100*PCIe*) PEAK_TFLOPS=51.2 ;;
-        *H100*NVL*) PEAK_TFLOPS=60.0 ;;
-        *H100*|*H200*) PEAK_TFLOPS=66.9 ;;
-        *) if [ "$1" != "?" ] && [ -n "$2" ]; then
-               PEAK_TFLOPS=$(awk -v s="$1" -v c="$2" 'BEGIN { printf "%.1f", s * 128 * 2 * c / 1e6 }')
-           else PEAK_TFLOPS=""; fi ;;
-    esac
-}
-
-# --- 2. the test suite against the GPU library --------------------------------------
-step2() {
-    # Not the dry-run tests (this script inside itself); the rest of test_gpu_check.py runs.
-    local lib=$ROOT/libalexnet.so args=(-q -p no:cacheprovider -m "not slow"
-        --deselect tests/test_gpu_check.py::test_cpu_dry_run --deselect tests/test_gpu_check.py::test_only_and_skip)
-    if [ $CPU = 1 ]; then
-        lib=$ROOT/libalexnet_cpu.so
-        # A quick subset (GPU_CHECK_CPU_TESTS overrides): the whole suite is `make test`.
-        args+=(-k "${GPU_CHECK_CPU_TESTS:-awkward or bad_arg}")
-    elif "$PYTHON" -c 'import xdist' 2>/dev/null; then
-        args+=(-n 8)
-    fi
-    [ -f "$lib" ] || { result 2 "FAIL ($lib missing)"; return 1; }
-    local log=$WORK/pytest.log status
-    ALEXNET_LIB=$lib run 200 "$PYTHON" -m pytest "${args[@]}" tests 2>&1 | tee "$log"
+    : > "$log"
+    if [ -z "$ARCH" ]; then verdict "FAIL (${GPU_ERROR:-no GPU found})"; return; fi
+    local nvcc_version
+    nvcc_version=$(nvcc --version 2>/dev/null | tail -1 | sed 's/^Build //')
+    say "nvcc: ${nvcc_version:-not found}" | tee -a "$log"
+    # What steps 2-6 run: train_alexnet, libalexnet.so, build/gpu/bench_kernels; the CPU
+    # library (step 4) and what the test suite loads (step 6). No ASan build.
+    build GPU_ARCH="$ARCH" gpu cpu bench-kernels build/libruntime_tests.so 2>&1 | tee -a "$log"
     status=${PIPESTATUS[0]}
-    local tally
-    tally=$(grep -E '(passed|failed|error)' "$log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
-    if [ "$status" = 0 ]; then result 2 "PASS ($tally; ALEXNET_LIB=$(basename "$lib"))"
-    elif [ "$status" = 124 ]; then result 2 "FAIL (timed out after 200 s; $tally)"; return 1
-    else result 2 "FAIL (exit $status; $tally)"; return 1; fi
+    gpu_peak
+    say "SMs: ${SMS:-?}, max SM clock ${CLOCK:-?} MHz, sm_$ARCH, FP32 peak ${PEAK_TFLOPS:-?} TFLOP/s"
+    local spills ptxas
+    spills=$(cat build/gpu/ptxas.log build/gpu/bench_ptxas.log 2>/dev/null | grep -cE '[1-9][0-9]* bytes spill')
+    say "ptxas: $spills line(s) with register spills (build/gpu/ptxas.log)"
+    for ptxas in build/gpu/ptxas.log build/gpu/bench_ptxas.log; do
+        [ -f "$ptxas" ] && { say "--- $ptxas"; cat "$ptxas"; } >> "$log"
+    done
+    keep_log build.log
+    local facts="$GPU_NAME, ${SMS:-?} SMs, sm_$ARCH, FP32 peak ${PEAK_TFLOPS:-?} TFLOP/s, ${nvcc_version:-no nvcc}, spills: $spills"
+    if [ "$status" = 0 ]; then verdict "PASS ($facts)"
+    elif timed_out "$status"; then verdict "FAIL (build timed out; $facts; see build.log)"
+    else verdict "FAIL (build failed, exit $status; $facts; see build.log)"; fi
 }
 
-# --- 3. compute-sanitizer over every kernel -------------------------------------------
+# --- 2. smoke run: three training steps, every launch synchronised ------------------
+step2() {
+    local log=$WORK/smoke.log exe=./train_alexnet args=(--arch alexnet --batch 128 --devices 0) status
+    [ $CPU = 1 ] && exe=./train_alexnet_cpu args=(--arch small --batch 16)
+    : > "$log"
+    ensure_data 2>&1 | tee -a "$log"
+    if [ "${PIPESTATUS[0]}" != 0 ]; then keep_log smoke.log; verdict "FAIL (prepare synthetic; see smoke.log)"; return; fi
+    if [ ! -x "$exe" ]; then verdict "FAIL ($exe missing: build it with step 1)"; return; fi
+    run 60 env ALEXNET_SYNC_LAUNCHES=1 "$exe" --data "$DATA" "${args[@]}" --bench 3 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    keep_log smoke.log
+    local line loss ips note=""
+    line=$(grep '^bench |' "$log" | tail -1)
+    loss=$(sed -n 's/.*last loss \([^ ]*\).*/\1/p' <<< "$line")
+    ips=$(grep -oE '[0-9.]+ images/s' <<< "$line" | cut -d' ' -f1)
+    grep -q ALEXNET_SYNC_LAUNCHES train_alexnet.cu || note="; ALEXNET_SYNC_LAUNCHES not in train_alexnet.cu yet: launches not synchronised"
+    if [ "$status" = 0 ] && [ -n "$line" ] && is_number "$loss"; then
+        verdict "PASS (--bench 3 ${args[*]} with ALEXNET_SYNC_LAUNCHES=1: last loss $loss, ${ips:-?} images/s with every launch synchronised$note)"
+    elif [ "$status" = 0 ]; then
+        verdict "FAIL (loss '${loss:-none}' is not a finite number$note; see smoke.log)"
+    else
+        local why
+        why=$(grep -iE 'error|fault|illegal|abort' "$log" | tail -1 | cut -c1-200)
+        timed_out "$status" && why="timed out${why:+; $why}"
+        verdict "FAIL (exit $status${why:+: $why}$note; see smoke.log)"
+    fi
+}
+
+# --- 3. throughput: ours vs PyTorch, then per kernel ---------------------------------
 step3() {
+    if [ $CPU = 1 ]; then verdict "SKIP (--cpu: throughput is timed on a GPU only)"; return; fi
+    local log=$WORK/throughput.log bad=() status
+    : > "$log"
+    ensure_data 2>&1 | tee -a "$log"
+    if [ "${PIPESTATUS[0]}" != 0 ]; then keep_log throughput.log; verdict "FAIL (prepare synthetic; see throughput.log)"; return; fi
+    [ -n "$PEAK_TFLOPS" ] || gpu_peak
+    say "--- ours: train_alexnet --bench 20, batch 128, both towers on GPU 0 (one device-resident batch, CUDA events after 3 warm-up steps)" | tee -a "$log"
+    run 60 ./train_alexnet --data "$DATA" --arch alexnet --batch 128 --devices 0 --bench 20 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    OURS_IPS=$(grep '^bench |' "$log" | grep -oE '[0-9.]+ images/s' | tail -1 | cut -d' ' -f1)
+    [ "$status" = 0 ] && [ -n "$OURS_IPS" ] || bad+=("ours: exit $status, no images/s")
+    say "--- PyTorch, the same network and step, batch 128: fp32 (strict FP32), tf32 (its default), channels_last (strict FP32), bf16 (AMP, channels_last)" | tee -a "$log"
+    run 150 "$TORCH_PYTHON" dev/bench_torch.py --batch 128 --steps 20 --warmup 3 \
+        --modes fp32,tf32,channels_last,bf16 --ours "${OURS_IPS:-0}" --peak "${PEAK_TFLOPS:-0}" 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    case $status in
+        0) ;;
+        2) bad+=("$(grep -m1 '^bench_torch: ' "$log" | sed 's/^bench_torch: /PyTorch: /')") ;;
+        *) timed_out "$status" && bad+=("PyTorch timed out") || bad+=("PyTorch: a mode failed (exit $status)") ;;
+    esac
+    say "--- per kernel: build/gpu/bench_kernels --batch 128 (GFLOP/s)" | tee -a "$log"
+    run 60 build/gpu/bench_kernels --batch 128 --iters 10 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    [ "$status" = 0 ] || bad+=("bench_kernels: exit $status")
+    if [ $TORCH_COMPILE = 1 ]; then
+        say "--- PyTorch torch.compile (--torch-compile), strict FP32" | tee -a "$log"
+        run 150 "$TORCH_PYTHON" dev/bench_torch.py --batch 128 --steps 20 --warmup 3 --modes compile \
+            --compile-limit 100 --ours "${OURS_IPS:-0}" --peak "${PEAK_TFLOPS:-0}" 2>&1 | tee -a "$log"
+        status=${PIPESTATUS[0]}
+        [ "$status" = 0 ] || bad+=("torch.compile: exit $status")
+    fi
+    keep_log throughput.log
+    local ratios="" ours_line kernels mode value
+    while read -r mode value; do
+        [ "$mode" = fp32 ] && mode="fp32 (headline)"
+        ratios+="${ratios:+, }$mode $value"
+    done < <(grep -oE '^ours / torch [a-z_0-9]+ = [0-9.]+' "$log" | sed 's/^ours \/ torch //; s/ = / /')
+    ours_line=$(grep -m1 -E '^ours: ' "$log" | sed 's/^ours: //')
+    [ -z "$ours_line" ] && [ -n "$OURS_IPS" ] && ours_line=$(awk -v i="$OURS_IPS" -v g=$GFLOP_PER_IMAGE -v p="${PEAK_TFLOPS:-0}" \
+        'BEGIN { t = i * g / 1e3; printf "%s images/s = %.2f TFLOP/s", i, t; if (p > 0) printf " = %.1f%% of the FP32 peak %s TFLOP/s", 100 * t / p, p }')
+    kernels=$(grep -oE '= [0-9.]+ images/s' "$log" | tail -1 | cut -d' ' -f2)
+    local text="ours ${ours_line:-${OURS_IPS:-?} images/s}; ours/torch: ${ratios:-none}; kernels alone: ${kernels:-?} images/s; $GFLOP_PER_IMAGE GFLOP/image"
+    STEP_DETAILS=()
+    while IFS= read -r mode; do STEP_DETAILS+=("    $mode"); done < <(grep -E '^torch [a-z_0-9]+: ' "$log")
+    if [ ${#bad[@]} = 0 ]; then verdict "PASS ($text)"
+    else verdict "FAIL ($(IFS=';'; echo "${bad[*]}" | sed 's/;/; /g'); $text; see throughput.log)"; fi
+}
+
+# --- 4. correctness: the same ops through two libraries, and a training run -----------
+# GPU: CPU vs GPU library, then the paper's recipe on the alexnet preset (384 synthetic
+# 256x256 images, batch 128, 50 steps, both towers on GPU 0). --cpu: the CPU library in two
+# thread/block orders (must be bitwise equal), then the small preset by full-batch gradient
+# descent (16 images, batch 16, no momentum, augmentation or dropout), where every step must
+# lower the loss on the same batch, so "falling" is a real check even in 6 steps.
+step4() {
+    local line log=$WORK/compare.log one=$WORK/compare_one.log bad=0 status shapes train_args compared=""
+    : > "$log"
+    if [ $CPU = 1 ]; then
+        say "--cpu: the CPU library against itself, forward vs reverse thread/block order (must be bitwise equal)"
+        run 60 "$PYTHON" dev/compare_libs.py libalexnet_cpu.so libalexnet_cpu.so --shapes small --batch 3 \
+            --env-a CUDA_CPU_SCHEDULE=forward --env-b CUDA_CPU_SCHEDULE=reverse --exact \
+            --allow-inexact "${GPU_CHECK_ATOMIC_OPS:-}" 2>&1 | tee "$one"
+        [ "${PIPESTATUS[0]}" = 0 ] || bad=1
+        cat "$one" >> "$log"
+        compared="2 schedules: $(grep '^compare_libs: ' "$one" | tail -1 | sed 's/^compare_libs: //')"
+        train_args=(./train_alexnet_cpu --arch small --batch 16 --steps 6 --lr 0.05 --momentum 0 --no-augment --dropout 0)
+    else
+        for shapes in small alexnet; do
+            run 60 "$PYTHON" dev/compare_libs.py libalexnet_cpu.so libalexnet.so --shapes $shapes --batch 2 2>&1 | tee "$one"
+            status=${PIPESTATUS[0]}
+            cat "$one" >> "$log"
+            line=$(grep '^compare_libs: ' "$one" | tail -1 | sed 's/^compare_libs: //')
+            [ "$status" = 0 ] || { bad=1; line="exit $status${line:+, $line}"; }
+            compared+="${compared:+; }$shapes shapes: ${line:-no result}"
+        done
+        train_args=(./train_alexnet --arch alexnet --batch 128 --steps 50 --devices 0)
+    fi
+    local trained="FAIL (no dataset)"
+    say "--- training run: ${train_args[*]}" | tee -a "$log"
+    ensure_data 2>&1 | tee -a "$log"
+    if [ "${PIPESTATUS[0]}" = 0 ]; then
+        rm -rf "$WORK/run_smoke"
+        run 90 "${train_args[0]}" --data "$DATA" --out "$WORK/run_smoke" "${train_args[@]:1}" --log-every 1 \
+            --eval-every 1000000 --save-every 0 > "$WORK/train.log" 2>&1
+        status=$?
+        cat "$WORK/train.log" | tee -a "$log"
+        trained=$("$PYTHON" dev/train_log.py "$WORK/train.log")
+        [ "$status" = 0 ] || trained="FAIL (exit $status) ${trained#* }"
+    fi
+    keep_log compare.log
+    [[ $trained == PASS* ]] || bad=1
+    local text="$compared; training ${train_args[*]:1:4}: $trained"
+    if [ "$bad" = 0 ]; then verdict "PASS ($text)"
+    else verdict "FAIL ($text; see compare.log)"; fi
+}
+
+# --- 5. compute-sanitizer ----------------------------------------------------------------
+step5() {
+    local log=$WORK/sanitizer.log
+    : > "$log"
     if [ $CPU = 1 ]; then
         say "--cpu: compute-sanitizer needs a GPU; instead every kernel runs once in the CPU build"
-        run 120 build/cpu/bench_kernels --batch 1 --iters 1 --warmup 0 || {
-            result 3 "FAIL (--cpu: compute-sanitizer needs a GPU; build/cpu/bench_kernels --batch 1 failed)"; return 1; }
-        result 3 "SKIP (--cpu: compute-sanitizer needs a GPU; every kernel ran once in the CPU build: ok)"
-        return 0
+        run 120 build/cpu/bench_kernels --batch 1 --iters 1 --warmup 0 2>&1 | tee -a "$log"
+        local status=${PIPESTATUS[0]}
+        keep_log sanitizer.log
+        if [ "$status" = 0 ]; then
+            verdict "SKIP (--cpu: compute-sanitizer needs a GPU; every kernel ran once in the CPU build: ok)"
+        else verdict "FAIL (--cpu: compute-sanitizer needs a GPU; build/cpu/bench_kernels --batch 1 failed, exit $status)"; fi
+        return
     fi
-    command -v compute-sanitizer >/dev/null || { result 3 "FAIL (not installed)"; return 1; }
-    [ -x build/gpu/bench_kernels ] || { result 3 "FAIL (build/gpu/bench_kernels missing)"; return 1; }
+    command -v compute-sanitizer >/dev/null || { verdict "FAIL (compute-sanitizer not installed)"; return; }
+    [ -x build/gpu/bench_kernels ] || { verdict "FAIL (build/gpu/bench_kernels missing: build it with step 1)"; return; }
     SANITIZED="" ; SANITIZE_BAD=0
-    local tool
-    for tool in memcheck racecheck synccheck initcheck; do
-        sanitize "$tool" "$tool(kernels)" build/gpu/bench_kernels --batch 2 --iters 1 --warmup 0
-    done
+    local kernels=(build/gpu/bench_kernels --iters 1 --warmup 0)
+    sanitize memcheck "memcheck(kernels)" 60 "${kernels[@]}" --batch 2
     # The model's own kernels, copies and loader: two steps of the small preset.
-    if ./train_alexnet --help 2>&1 | grep -q -- '--arch'; then
-        rm -rf "$WORK/data_sanitize" "$WORK/run_sanitize"
-        if run 120 "$PYTHON" alexnet.py prepare synthetic --out "$WORK/data_sanitize" --size 32 \
-                --train-images 32 --val-images 8 >/dev/null; then
-            sanitize memcheck "memcheck(training)" ./train_alexnet --data "$WORK/data_sanitize" \
-                --out "$WORK/run_sanitize" --arch small --batch 8 --steps 2 --devices 0 --save-every 0
-        else
-            SANITIZED+="memcheck(training) NO DATA, "; SANITIZE_BAD=1
-        fi
+    local data=$WORK/data_sanitize
+    rm -rf "$data" "$WORK/run_sanitize"
+    if run 60 "$PYTHON" alexnet.py prepare synthetic --out "$data" --size 32 --train-images 32 --val-images 8 >> "$log" 2>&1; then
+        sanitize memcheck "memcheck(training)" 60 ./train_alexnet --data "$data" --out "$WORK/run_sanitize" \
+            --arch small --batch 8 --steps 2 --devices 0 --save-every 0
+    else
+        SANITIZED+="memcheck(training) NO DATA, "; SANITIZE_BAD=1
     fi
+    # racecheck on the kernels with shared memory: the GEMM tile kernel (every conv and fc op)
+    # and the softmax reductions.
+    # The smallest layers that still cover every GEMM layout and partial tiles in M, N and K:
+    # conv5 (13x13 maps) at batch 1, fc8 (500 outputs) at batch 2.
+    sanitize racecheck "racecheck(conv5 b1)" 40 "${kernels[@]}" --batch 1 --only conv5
+    sanitize racecheck "racecheck(fc8 b2)" 40 "${kernels[@]}" --batch 2 --only fc8
+    sanitize racecheck "racecheck(softmax b2)" 30 "${kernels[@]}" --batch 2 --only softmax
+    # synccheck and initcheck only with time to spare beyond the later steps' share.
+    local reserve=0
+    selected 6 && reserve=${LIMITS[6]}
+    if [ $(($(left) - reserve)) -ge $SANITIZER_EXTRA ]; then
+        STEP_END=$((SECONDS + SANITIZER_EXTRA))
+        sanitize synccheck "synccheck(kernels)" 60 "${kernels[@]}" --batch 2
+        sanitize initcheck "initcheck(kernels)" 60 "${kernels[@]}" --batch 2
+    else
+        SANITIZED+="synccheck/initcheck not run (under ${SANITIZER_EXTRA} s of budget to spare; --only 5 runs them), "
+    fi
+    keep_log sanitizer.log
     SANITIZED=${SANITIZED%, }
-    if [ $SANITIZE_BAD = 0 ]; then result 3 "PASS ($SANITIZED)"
-    else result 3 "FAIL ($SANITIZED; logs in $WORK/sanitizer_*.log)"; return 1; fi
+    if [ $SANITIZE_BAD = 0 ]; then verdict "PASS ($SANITIZED)"
+    else verdict "FAIL ($SANITIZED; see sanitizer.log)"; fi
 }
 
-# compute-sanitizer --tool TOOL over a command; appends "LABEL ok|FAIL|TIMEOUT" to SANITIZED.
+# compute-sanitizer --tool TOOL LABEL LIMIT COMMAND...: appends the output to sanitizer.log
+# and "LABEL ok|FAIL|TIMEOUT" to SANITIZED.
 sanitize() {
-    local tool=$1 label=$2 status log
-    shift 2
-    log=$WORK/sanitizer_${label//[^a-z]/_}.log
+    local tool=$1 label=$2 limit=$3 status one=$WORK/sanitizer_one.log
+    shift 3
     say "--- $label: $*"
-    timeout -k 10 120 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 10 "$@" > "$log" 2>&1
+    run "$limit" compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 10 "$@" > "$one" 2>&1
     status=$?
-    grep -E '^========= |rror' "$log" | tail -15
+    grep -E '^========= |rror' "$one" | tail -15
+    { say "=== $label ($tool, exit $status): $*"; cat "$one"; } >> "$WORK/sanitizer.log"
     case $status in
         0) SANITIZED+="$label ok, " ;;
-        124) SANITIZED+="$label TIMEOUT, "; SANITIZE_BAD=1 ;;
+        124|137) SANITIZED+="$label TIMEOUT, "; SANITIZE_BAD=1 ;;
+        200) SANITIZED+="$label NOT RUN (no time left), "; SANITIZE_BAD=1 ;;
         *) SANITIZED+="$label FAIL($status), "; SANITIZE_BAD=1 ;;
     esac
 }
 
-# --- 4. the same ops through two libraries --------------------------------------------
-step4() {
-    local status=0 line
-    rm -f "$WORK/compare.log"
-    if [ $CPU = 1 ]; then
-        say "--cpu: the CPU library against itself, forward vs reverse thread/block order (must be bitwise equal)"
-        run 120 "$PYTHON" dev/compare_libs.py libalexnet_cpu.so libalexnet_cpu.so --shapes small --batch 3 \
-            --env-a CUDA_CPU_SCHEDULE=forward --env-b CUDA_CPU_SCHEDULE=reverse --exact \
-            --allow-inexact "${GPU_CHECK_ATOMIC_OPS:-}" 2>&1 | tee "$WORK/compare.log"
-        status=${PIPESTATUS[0]}
-    else
-        local shapes
-        for shapes in small alexnet; do
-            run 150 "$PYTHON" dev/compare_libs.py libalexnet_cpu.so libalexnet.so --shapes $shapes --batch 2 \
-                2>&1 | tee -a "$WORK/compare.log"
-            [ "${PIPESTATUS[0]}" = 0 ] || status=1
-        done
-    fi
-    local summary
-    summary=$(grep '^compare_libs: ' "$WORK/compare.log" | sed 's/^compare_libs: //' | paste -sd';' - | sed 's/;/; /g')
-    if [ "$status" = 0 ]; then result 4 "PASS (${summary:-no summary})"
-    else result 4 "FAIL (${summary:-no summary}; exit $status; see $WORK/compare.log)"; return 1; fi
-}
-
-# --- 5. training smoke run --------------------------------------------------------------
-# GPU: the paper's recipe on the alexnet preset, 384 synthetic 256x256 images, batch 128,
-# 50 steps, both towers on GPU 0. --cpu: the small preset by full-batch gradient descent
-# (16 images, batch 16, no momentum, augmentation or dropout), where every step must
-# lower the loss on the same batch, so "falling" is a real check even in 6 steps.
-step5() {
-    smoke_run
-    case $? in
-        2) result 5 "SKIP (no model yet: $SMOKE_EXE has no --arch)"; return 0 ;;
-        0) result 5 "$SMOKE_VERDICT [${SMOKE_ARGS[*]}]"; return 0 ;;
-        *) result 5 "$SMOKE_VERDICT [${SMOKE_ARGS[*]}]"; return 1 ;;
-    esac
-}
-
-# Prepare the data and train; sets SMOKE_VERDICT and SMOKE_IPS. Returns 2 without a model.
-smoke_run() {
-    SMOKE_EXE=./train_alexnet
-    [ $CPU = 1 ] && SMOKE_EXE=./train_alexnet_cpu
-    "$SMOKE_EXE" --help 2>&1 | grep -q -- '--arch' || return 2
-    local data=$WORK/data_smoke out=$WORK/run_smoke prepare
-    if [ $CPU = 1 ]; then
-        prepare=(--size 32 --train-images 16 --val-images 8)
-        SMOKE_ARGS=(--arch small --batch 16 --steps 6 --lr 0.05 --momentum 0 --no-augment --dropout 0)
-    else
-        prepare=(--size 256 --train-images 384 --val-images 128)
-        SMOKE_ARGS=(--arch alexnet --batch 128 --steps 50 --devices 0)
-    fi
-    rm -rf "$data" "$out"
-    if ! run 180 "$PYTHON" alexnet.py prepare synthetic --out "$data" "${prepare[@]}"; then
-        SMOKE_VERDICT="FAIL (prepare synthetic)"
-        return 1
-    fi
-    run 300 "$SMOKE_EXE" --data "$data" --out "$out" "${SMOKE_ARGS[@]}" --log-every 1 \
-        --eval-every 1000000 --save-every 0 2>&1 | tee "$WORK/train.log"
-    local status=${PIPESTATUS[0]}
-    SMOKE_VERDICT=$("$PYTHON" dev/train_log.py "$WORK/train.log")
-    [ "$status" = 0 ] || SMOKE_VERDICT="FAIL (exit $status) ${SMOKE_VERDICT#* }"
-    SMOKE_IPS=$(echo "$SMOKE_VERDICT" | grep -oE '[0-9.]+ images/s' | cut -d' ' -f1)
-    case $SMOKE_VERDICT in PASS*) return 0 ;; *) return 1 ;; esac
-}
-
-# --- 6. throughput: ours vs PyTorch ---------------------------------------------------
+# --- 6. the test suite against the GPU library --------------------------------------
 step6() {
+    # GPU_CHECK_INNER: the tests that run this script skip themselves.
+    local lib=$ROOT/libalexnet.so args=(-q -p no:cacheprovider -m "not slow")
     if [ $CPU = 1 ]; then
-        result 6 "SKIP (--cpu: timed on a GPU only)"
-        return 0
+        lib=$ROOT/libalexnet_cpu.so
+        # A quick subset (GPU_CHECK_CPU_TESTS overrides): the whole suite is `make test`.
+        args+=(-k "${GPU_CHECK_CPU_TESTS:-awkward or bad_arg}")
+    else
+        args+=(-k "not under_asan")  # the CPU runtime's ASan check: no ASan build here
+        "$PYTHON" -c 'import xdist' 2>/dev/null && args+=(-n 8)
     fi
-    local bad=0
-    say "--- per-kernel benchmark, batch 128"
-    run 120 build/gpu/bench_kernels --batch 128 --iters 10 2>&1 | tee "$WORK/bench_kernels.log"
-    [ "${PIPESTATUS[0]}" = 0 ] || bad=1
-    say "--- our training step: --bench (one device-resident batch, CUDA events, after warm-up)"
-    [ -d "$WORK/data_smoke" ] || smoke_run
-    run 180 ./train_alexnet --data "$WORK/data_smoke" --arch alexnet --batch 128 --devices 0 --bench 20 \
-        2>&1 | tee "$WORK/bench_train.log"
-    [ "${PIPESTATUS[0]}" = 0 ] || bad=1
-    OURS_IPS=$(grep -oE '[0-9.]+ images/s' "$WORK/bench_train.log" | tail -1 | cut -d' ' -f1)
-    local note="train_alexnet --bench 20, batch 128, both towers on GPU 0"
-    [ -n "$OURS_IPS" ] || note="no measurement: --bench printed no images/s"
-    say "ours: ${OURS_IPS:-?} images/s ($note)"
-    say "--- PyTorch, the same architecture, batch 128, FP32"
-    run 330 "$TORCH_PYTHON" dev/bench_torch.py --batch 128 --steps 20 --warmup 3 --compile-limit 60 \
-        --ours "${OURS_IPS:-0}" --peak "${PEAK_TFLOPS:-0}" 2>&1 | tee "$WORK/bench_torch.log"
-    [ "${PIPESTATUS[0]}" = 0 ] || bad=1
-    TORCH_LINES=$(grep -E '^(torch|ours)' "$WORK/bench_torch.log")
-    local ratios
-    ratios=$(grep -oE '^ours / torch [a-z_+0-9]+ = [0-9.]+' "$WORK/bench_torch.log" | sed 's/ours \/ torch //' | paste -sd' ' -)
-    local kernels
-    kernels=$(grep -oE '= [0-9.]+ images/s' "$WORK/bench_kernels.log" | cut -d' ' -f2)
-    result 6 "$([ $bad = 0 ] && echo PASS || echo FAIL) (ours ${OURS_IPS:-?} images/s; ours/torch: ${ratios:-none}; kernels alone: ${kernels:-?} images/s)"
-    return $bad
+    [ -f "$lib" ] || { verdict "FAIL ($lib missing)"; return; }
+    local log=$WORK/pytest.log status tally
+    run "${LIMITS[6]}" env GPU_CHECK_INNER=1 ALEXNET_LIB="$lib" "$PYTHON" -m pytest "${args[@]}" tests 2>&1 | tee "$log"
+    status=${PIPESTATUS[0]}
+    keep_log pytest.log
+    tally=$(grep -E '(passed|failed|error)' "$log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
+    if [ "$status" = 0 ]; then verdict "PASS ($tally; ALEXNET_LIB=$(basename "$lib"))"
+    elif timed_out "$status"; then verdict "FAIL (timed out; ${tally:-no tally}; see pytest.log)"
+    else verdict "FAIL (exit $status; ${tally:-no tally}; see pytest.log)"; fi
 }
 
 main() {
-    local start=$SECONDS step
-    mkdir -p "$WORK"
-    say "gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC') $( [ $CPU = 1 ] && echo '(--cpu dry run)') in $ROOT"
-    say "commit $(git log -1 --format='%h %s' 2>/dev/null || echo '?')"
-    say "summary: $SUMMARY"
+    local step line word failed=0
+    : > "$SUMMARY"
+    line="gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC')$([ $CPU = 1 ] && echo ' (--cpu dry run)'), commit $(git log -1 --format=%h 2>/dev/null || echo '?'), budget $BUDGET s"
+    say "$line"
+    summary_line "$line"
+    say "summary: $SUMMARY; logs: $WORK${OUTDIR:+ and $OUTDIR}"
     setup_python
+    if [ $CPU = 0 ]; then
+        gpu_info
+        summary_line "GPU: ${GPU_NAME:-none} ${ARCH:+(sm_$ARCH, max SM clock ${CLOCK:-?} MHz)}${GPU_ERROR:+($GPU_ERROR)}"
+    fi
     for step in 1 2 3 4 5 6; do
-        if { [ -n "$ONLY" ] && [[ $ONLY != *",$step,"* ]]; } || [[ $SKIP == *" $step "* ]]; then
+        if ! selected $step; then
             result $step "SKIP (by option)"
             continue
         fi
-        if [ $((SECONDS - start)) -ge "$BUDGET" ]; then
+        if [ "$(left)" -lt $MIN_START ]; then
             result $step "SKIP (the time budget of $BUDGET s is used up; rerun with --only $step)"
             continue
         fi
+        local start=$SECONDS
+        STEP_END=$((SECONDS + LIMITS[step]))
+        [ $STEP_END -gt $((T0 + BUDGET)) ] && STEP_END=$((T0 + BUDGET))
+        STEP_VERDICT="" ; STEP_DETAILS=()
         say ""
-        say "=== step $step  ($((SECONDS - start)) s)"
-        local before=${#RESULTS[@]}
-        "step$step" || say "step $step failed; going on"
-        [ ${#RESULTS[@]} -gt "$before" ] || result $step "FAIL (see its output above)"
+        say "=== step $step ${NAMES[$step]}  (at $((SECONDS - T0)) s; limit $((STEP_END - SECONDS)) s)"
+        "step$step"
+        result $step "${STEP_VERDICT:-FAIL (no verdict: see its output above)} [$((SECONDS - start)) s]"
+        for line in "${STEP_DETAILS[@]}"; do
+            DETAILS+=("$line")
+            summary_line "$line"
+        done
     done
     say ""
-    say "=== results ($((SECONDS - start)) s in all)"
-    [ -n "$GPU_NAME" ] && say "GPU: $GPU_NAME, FP32 peak ${PEAK_TFLOPS:-?} TFLOP/s"
-    [ -n "$TORCH_LINES" ] && say "$TORCH_LINES"
-    local line failed=0
+    say "=== results ($((SECONDS - T0)) s in all)"
     for line in "${RESULTS[@]}"; do
         say "$line"
-        [[ $line == *" FAIL"* ]] && failed=1
+        read -r _ _ _ word _ <<< "$line"  # step N name VERDICT (...)
+        [ "$word" = FAIL ] && failed=1
     done
-    say "gpu_check: $([ $failed = 0 ] && echo 'no step failed' || echo 'some step FAILED'); summary in $SUMMARY"
+    for line in "${DETAILS[@]}"; do say "$line"; done
+    line="gpu_check: $([ $failed = 0 ] && echo 'no step failed' || echo 'some step FAILED') in $((SECONDS - T0)) s; summary in $SUMMARY"
+    say "$line"
+    summary_line "$line"
     return $failed
 }
 
-main 2>&1 | tee "$SUMMARY"
+main 2>&1 | tee "$WORK/gpu_check.log"
 exit "${PIPESTATUS[0]}"

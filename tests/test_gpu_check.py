@@ -1,9 +1,12 @@
 """The GPU kit (dev/gpu_check.sh and its helpers), checked as far as a machine without
-a GPU allows: the --cpu dry run end to end, the option handling, and the comparison
-and report logic that the GPU run relies on."""
+a GPU allows: the --cpu dry run end to end, the order of the steps and the summary that
+each appends as it ends, the option handling, a GPU run on stand-ins for the GPU tools, and
+the comparison and report logic that the GPU run relies on."""
 import importlib.util
 import os
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -19,58 +22,271 @@ def load(name):
     return module
 
 
-def gpu_check(tmp_path, *args, timeout=150):
-    summary = tmp_path / "summary.txt"
-    proc = subprocess.run(["bash", SCRIPT, "--summary", str(summary), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-    return proc, summary.read_text() if summary.exists() else ""
+STEPS = ["build", "smoke", "throughput", "correctness", "sanitizer", "pytest"]  # the run's order
+# The runs of the script drive bash, make and Python: under the AddressSanitizer build's
+# LD_PRELOAD every one of those tools would be instrumented. Inside the script's own pytest
+# step (GPU_CHECK_INNER) the dry runs would run the script within itself.
+not_inside = pytest.mark.skipif(bool(os.environ.get("GPU_CHECK_INNER")), reason="inside dev/gpu_check.sh")
+
+
+def gpu_check(tmp_path, *args, timeout=150, env=None, script=SCRIPT):
+    """Run the script with OUT=tmp_path/out (the summary and logs go there) and its scratch
+    folder in tmp_path/work; return the process, the summary text and the files in OUT."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_WORK": str(tmp_path / "work"), **(env or {})}
+    proc = subprocess.run(["bash", script, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    summary = out / "summary.txt"
+    files = sorted(os.listdir(out)) if out.exists() else []
+    return proc, summary.read_text() if summary.exists() else "", files
 
 
 def step_lines(text):
-    """{step number: its result line} from the results block at the end."""
-    block = text.split("=== results", 1)[1]
-    return {int(line.split()[1]): line for line in block.splitlines() if line.startswith("step ")}
+    """[(step number, its line)] in the order of the summary's step lines."""
+    return [(int(line.split()[1]), line) for line in text.splitlines() if line.startswith("step ")]
 
 
-# The dry run drives the regular CPU build through bash, make and Python: under the
-# AddressSanitizer build's LD_PRELOAD every one of those tools would be instrumented.
+def check_summary(text, stdout):
+    """The summary: a header, the six step lines in order, each named, a closing line; the
+    results block at the end of stdout repeats them."""
+    lines = text.splitlines()
+    assert lines[0].startswith("gpu_check ") and lines[-1].startswith("gpu_check: "), text
+    steps = step_lines(text)
+    assert [n for n, _ in steps] == [1, 2, 3, 4, 5, 6], text
+    for n, line in steps:
+        assert line.split()[2] == STEPS[n - 1], line
+    results = stdout.split("=== results", 1)[1]
+    assert [line for line in results.splitlines() if line.startswith("step ")] == [line for _, line in steps]
+    return dict(steps)
+
+
 @pytest.mark.no_asan
+@not_inside
 def test_cpu_dry_run(tmp_path):
-    """The whole --cpu dry run: steps 2, 4, 5 pass on the CPU build, 1, 3, 6 are
-    skipped with a reason, and stdout and the summary file hold the same report."""
-    proc, text = gpu_check(tmp_path, "--cpu")
+    """The whole --cpu dry run: the six steps in order, 2, 4, 6 pass on the CPU build, 1, 3, 5
+    report SKIP with a reason, and every step's log lands in OUT (7 files at most: the
+    device machine returns 8)."""
+    proc, text, files = gpu_check(tmp_path, "--cpu")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert text == proc.stdout
-    steps = step_lines(text)
-    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
-    for n in (1, 3, 6):
-        assert "SKIP (--cpu" in steps[n], steps[n]
-    assert "PASS" in steps[2] and " passed" in steps[2], steps[2]
-    assert "PASS" in steps[4], steps[4]
-    train = os.path.join(ROOT, "train_alexnet_cpu")
-    has_model = "--arch" in subprocess.run([train, "--help"], capture_output=True, text=True).stdout
-    if has_model:
-        assert "PASS" in steps[5], steps[5]
-    else:
-        assert "SKIP (no model yet" in steps[5], steps[5]
-    assert "no step failed" in text
+    steps = check_summary(text, proc.stdout)
+    assert "SKIP (--cpu: no GPU; CPU build ok)" in steps[1]
+    assert "SKIP (--cpu: throughput is timed on a GPU only)" in steps[3]
+    assert "SKIP (--cpu: compute-sanitizer needs a GPU; every kernel ran once in the CPU build: ok)" in steps[5]
+    assert "PASS (--bench 3 --arch small --batch 16 with ALEXNET_SYNC_LAUNCHES=1: last loss " in steps[2]
+    assert "PASS (2 schedules: " in steps[4] and "training --arch small --batch 16: PASS (losses finite" in steps[4]
+    assert "PASS" in steps[6] and " passed" in steps[6], steps[6]
+    assert "no step failed" in text.splitlines()[-1]
+    assert files == ["build.log", "compare.log", "pytest.log", "sanitizer.log", "smoke.log", "summary.txt"]
 
 
 @pytest.mark.no_asan
+@not_inside
+def test_each_step_appends_its_line_when_it_ends(tmp_path):
+    """--cpu --only 2,4: step 2's verdict is in the summary while step 4 still runs; the
+    other steps are listed as skipped, in order; the smoke step ran the CPU executable for
+    3 --bench steps with every launch synchronised."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "GPU_CHECK_WORK": str(tmp_path / "work")}
+    proc = subprocess.Popen(["bash", SCRIPT, "--cpu", "--only", "2,4"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    text = ""
+    while "step 2 " not in text and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+        text = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
+    running = proc.poll() is None
+    stdout, _ = proc.communicate(timeout=150)
+    assert "step 2 " in text and running and "step 4 " not in text, text + stdout[-2000:]
+    assert proc.returncode == 0, stdout[-3000:]
+    final = (out / "summary.txt").read_text()
+    assert final.startswith(text)  # appended to, never rewritten
+    steps = check_summary(final, stdout)
+    for n in (1, 3, 5, 6):
+        assert steps[n].endswith("SKIP (by option)"), steps[n]
+    assert "PASS" in steps[2] and "PASS" in steps[4]
+    smoke = (out / "smoke.log").read_text()
+    assert "$ env ALEXNET_SYNC_LAUNCHES=1 ./train_alexnet_cpu --data " in smoke
+    assert "--arch small --batch 16 --bench 3" in smoke and "bench | 3 steps of batch 16" in smoke
+    assert sorted(os.listdir(out)) == ["compare.log", "smoke.log", "summary.txt"]
+
+
+@pytest.mark.no_asan
+@not_inside
 def test_only_and_skip(tmp_path):
-    proc, text = gpu_check(tmp_path, "--cpu", "--only", "1,3,6", "--skip-6")
+    """--only takes a list, --skip-N wins over it; the steps left out are still listed."""
+    proc, text, files = gpu_check(tmp_path, "--cpu", "--only", "3,5,6", "--skip-6")
     assert proc.returncode == 0, proc.stdout[-2000:]
-    steps = step_lines(text)
-    for n in (2, 4, 5, 6):
-        assert "SKIP (by option)" in steps[n], steps[n]
-    assert "SKIP (--cpu: no GPU; CPU build ok)" in steps[1]
-    assert "SKIP (--cpu: compute-sanitizer needs a GPU; every kernel ran once" in steps[3]
+    steps = check_summary(text, proc.stdout)
+    for n in (1, 2, 4, 6):
+        assert steps[n].endswith("SKIP (by option)"), steps[n]
+    assert "SKIP (--cpu: throughput is timed on a GPU only)" in steps[3]
+    assert "SKIP (--cpu: compute-sanitizer needs a GPU; every kernel ran once in the CPU build: ok)" in steps[5]
+    assert files == ["sanitizer.log", "summary.txt"]
 
 
-def test_bad_option(tmp_path):
-    proc, _ = gpu_check(tmp_path, "--skip-9")
+@pytest.mark.no_asan
+def test_budget_used_up(tmp_path):
+    """With no budget left no step starts, and each says how to rerun it; --summary FILE
+    puts the summary there instead of $OUT/summary.txt."""
+    summary = tmp_path / "elsewhere.txt"
+    proc, _, files = gpu_check(tmp_path, "--cpu", "--summary", str(summary), env={"GPU_CHECK_BUDGET": "0"}, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert files == []
+    steps = check_summary(summary.read_text(), proc.stdout)
+    for n in range(1, 7):
+        assert steps[n].endswith(f"SKIP (the time budget of 0 s is used up; rerun with --only {n})"), steps[n]
+
+
+def test_help_lists_the_steps_in_order():
+    proc = subprocess.run(["bash", SCRIPT, "--help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stderr == ""
+    text = proc.stdout
+    positions = [text.index(f"  {n} {name} ") for n, name in enumerate(STEPS, 1)]
+    assert positions == sorted(positions), text
+    for word in ("--cpu", "--only 3", "--only 2,3", "--skip-5", "--summary FILE", "--torch-compile",
+                 "GPU_CHECK_BUDGET=480", "ALEXNET_SYNC_LAUNCHES=1", "GPU_ARCH=", "summary.txt",
+                 "fp32 (strict FP32", "tf32 (PyTorch's default", "channels_last (strict FP32)",
+                 "bf16 (AMP", "memcheck", "racecheck", "ALEXNET_LIB=./libalexnet.so"):
+        assert word in text, word
+    assert not text.startswith("#") and "#!/" not in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--skip-9"], "error: unknown option '--skip-9' (see --help)"),
+    (["--only", "7"], "error: --only needs a list of steps 1-6, e.g. --only 2,3"),
+    (["--only", "2,"], "error: --only needs a list of steps 1-6, e.g. --only 2,3"),
+    (["--only"], "error: --only needs a list of steps 1-6, e.g. --only 2,3"),
+    (["--summary"], "error: --summary needs a file"),
+])
+def test_bad_option(tmp_path, args, message):
+    proc, _, files = gpu_check(tmp_path, *args, timeout=30)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: unknown option '--skip-9' (see --help)"]
+    assert proc.stderr.strip().splitlines() == [message]
+    assert files == []
+
+
+# --- the GPU path, with stand-ins for the GPU tools --------------------------------------
+# Fakes on PATH (nvidia-smi, nvcc, make, compute-sanitizer) and in place of the GPU
+# executables let the order, the time limits and the summary of a GPU run be checked here.
+# They run in a copy of the script (make writes ./train_alexnet and build/gpu/ next to it).
+FAKES = {
+    "nvidia-smi": 'echo "NVIDIA H100 80GB HBM3, 550.54.15, 81559 MiB, 9.0, 1980 MHz"',
+    "nvcc": 'echo "Build cuda_12.4.r12.4/compiler.34097967_0"',
+    "make": """echo "make $*" >> "$CALLS"
+mkdir -p build/gpu
+cp "$FAKES/train" train_alexnet; cp "$FAKES/bench" build/gpu/bench_kernels
+: > libalexnet.so; : > libalexnet_cpu.so
+printf 'ptxas info    : 0 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads\\n' > build/gpu/ptxas.log
+exit ${FAKE_MAKE_STATUS:-0}""",
+    "compute-sanitizer": """tool=""
+while [ $# -gt 0 ]; do case $1 in --tool) tool=$2; shift 2;; --*) shift 2;; *) break;; esac; done
+echo "sanitizer $tool $*" >> "$CALLS"
+"$@" > /dev/null 2>&1; status=$?
+echo "========= ERROR SUMMARY: 0 errors"; exit $status""",
+    "train": """echo "train $* sync=${ALEXNET_SYNC_LAUNCHES:-}" >> "$CALLS"
+if [ -n "${FAKE_CRASH:-}" ] && [ "${ALEXNET_SYNC_LAUNCHES:-}" = 1 ]; then
+    echo "error: lrn_forward_kernel: an illegal memory access was encountered" >&2; exit 1
+fi
+case " $* " in *" --bench "*) echo "bench | 3 steps of batch 128 | 50.000 ms per step | 2560.0 images/s | last loss 6.9078";; esac""",
+    "bench": """echo "bench_kernels $*" >> "$CALLS"
+echo "bench_kernels: NVIDIA H100 80GB HBM3, 132 SMs, batch 128, 10 timed calls per op"
+echo "sum over one training step (both towers, kernels back to back, no exchange): 40.00 ms = 3200.0 images/s"
+""",
+    "torch": """echo "torch $*" >> "$CALLS"
+exec "$REAL_PYTHON" - "$@" <<'EOF'
+import argparse, os, sys
+sys.path.insert(0, os.path.join(os.environ["ROOT"], "dev"))
+import bench_torch
+p = argparse.ArgumentParser()
+p.add_argument("script"); p.add_argument("--modes"); p.add_argument("--ours", type=float); p.add_argument("--peak", type=float)
+a, _ = p.parse_known_args()
+speed = {"fp32": 3000.0, "tf32": 4000.0, "channels_last": 3200.0, "bf16": 9000.0, "compile": 3500.0}
+lines = [f"torch {m}: {speed[m]:.1f} images/s (1.00 ms/step, batch 128)" for m in a.modes.split(",")]
+print("\\n".join(lines + bench_torch.summarize(lines, a.ours, a.peak)))
+EOF""",
+    # The project's Python, except that datasets are only folders (the fakes read none).
+    "python": """if [ "$1 $2" = "alexnet.py prepare" ]; then
+    while [ $# -gt 0 ]; do [ "$1" = --out ] && mkdir -p "$2" && echo "$2: fake dataset"; shift; done; exit 0
+fi
+exec "$REAL_PYTHON" "$@"
+""",
+}
+
+
+def fake_gpu_run(tmp_path, *args, env=None):
+    """dev/gpu_check.sh in a copy of the repository with the fakes; returns the process, the
+    summary, the files in OUT and the fakes' calls in order."""
+    import shutil
+    repo, fakes = tmp_path / "repo", tmp_path / "fakes"
+    (repo / "dev").mkdir(parents=True)
+    fakes.mkdir()
+    for name in ("dev/gpu_check.sh", "dev/bench_torch.py", "dev/train_log.py", "train_alexnet.cu"):
+        shutil.copy(os.path.join(ROOT, name), repo / name)
+    for name, body in FAKES.items():
+        path = fakes / name
+        path.write_text("#!/usr/bin/env bash\n" + body + "\n")
+        path.chmod(0o755)
+    calls = tmp_path / "calls.log"
+    env = {"PATH": f"{fakes}:{os.environ['PATH']}", "CALLS": str(calls), "FAKES": str(fakes), "ROOT": ROOT,
+           "REAL_PYTHON": sys.executable, "PYTHON": str(fakes / "python"), "TORCH_PYTHON": str(fakes / "torch"),
+           "GPU_CHECK_JOBS": "16", **(env or {})}
+    proc, text, files = gpu_check(tmp_path, *args, env=env, timeout=120, script=str(repo / "dev" / "gpu_check.sh"))
+    return proc, text, files, calls.read_text().splitlines() if calls.exists() else []
+
+
+@pytest.mark.no_asan
+def test_gpu_run_order_and_summary(tmp_path):
+    """Steps 1, 2, 3 and 5 of a GPU run on the fakes: the build for the local architecture
+    only, the synchronised smoke run, ours and PyTorch's four modes with the headline ratio
+    (ours / strict FP32), then the per-kernel benchmark; memcheck before racecheck, which
+    sees only a few kernels at batch 1-2."""
+    proc, text, files, calls = fake_gpu_run(tmp_path, "--skip-4", "--skip-6")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    steps = check_summary(text, proc.stdout)
+    assert text.splitlines()[1] == "GPU: NVIDIA H100 80GB HBM3 (sm_90, max SM clock 1980 MHz)"
+    assert steps[1].startswith("step 1 build       PASS (NVIDIA H100 80GB HBM3, 132 SMs, sm_90, "
+                               "FP32 peak 66.9 TFLOP/s, cuda_12.4"), steps[1]
+    assert "spills: 1" in steps[1]
+    assert "with ALEXNET_SYNC_LAUNCHES=1: last loss 6.9078" in steps[2]
+    assert ("ours 2560.0 images/s = 10.59 TFLOP/s = 15.8% of the FP32 peak 66.9 TFLOP/s; ours/torch: "
+            "fp32 (headline) 0.85, tf32 0.64, channels_last 0.80, bf16 0.28; kernels alone: 3200.0 images/s; "
+            "4.136 GFLOP/image") in steps[3], steps[3]
+    assert [line.strip().split(":")[0] for line in text.splitlines() if line.startswith("    torch ")] == \
+        ["torch fp32", "torch tf32", "torch channels_last", "torch bf16"]
+    assert "memcheck(kernels) ok, memcheck(training) ok, racecheck(" in steps[5]
+    assert files == ["build.log", "sanitizer.log", "smoke.log", "summary.txt", "throughput.log"]
+
+    kinds = [call.split()[0] for call in calls]
+    assert calls[0] == "make -k -j16 GPU_ARCH=90 gpu cpu bench-kernels build/libruntime_tests.so"
+    smoke = [c for c in calls if c.startswith("train ") and "--bench 3 " in c + " "]
+    bench = [c for c in calls if c.startswith("train ") and "--bench 20" in c]
+    assert len(smoke) == 1 and smoke[0].endswith("sync=1") and "--batch 128" in smoke[0]
+    assert len(bench) == 1 and bench[0].endswith("sync=") and "--batch 128 --devices 0" in bench[0]
+    assert calls.index(smoke[0]) < calls.index(bench[0])
+    torch = [c for c in calls if c.startswith("torch ")]
+    assert len(torch) == 1 and "--modes fp32,tf32,channels_last,bf16 --ours 2560.0 --peak 66.9" in torch[0]
+    per_kernel = calls.index("bench_kernels --batch 128 --iters 10")
+    assert calls.index(bench[0]) < calls.index(torch[0]) < per_kernel
+    sanitizers = [c for c in calls if c.startswith("sanitizer ")]
+    tools = [c.split()[1] for c in sanitizers]
+    assert tools[:2] == ["memcheck", "memcheck"] and "racecheck" in tools
+    assert tools.index("racecheck") > 1 and kinds.index("sanitizer") > per_kernel
+    for call in sanitizers:
+        if call.split()[1] == "racecheck":
+            assert "--only " in call and ("--batch 1" in call or "--batch 2" in call), call
+
+
+@pytest.mark.no_asan
+def test_gpu_run_failures_are_reported_and_the_run_goes_on(tmp_path):
+    """A failed build and a smoke run that faults: each step's line says why (the fault's
+    kernel from the synchronised launches), the later steps still run, the status is 1."""
+    proc, text, _, calls = fake_gpu_run(tmp_path, "--only", "1,2,3", env={"FAKE_MAKE_STATUS": "2", "FAKE_CRASH": "1"})
+    assert proc.returncode == 1
+    steps = check_summary(text, proc.stdout)
+    assert steps[1].startswith("step 1 build       FAIL (build failed, exit 2; NVIDIA H100"), steps[1]
+    assert "FAIL (exit 1: error: lrn_forward_kernel: an illegal memory access was encountered; see smoke.log)" in steps[2]
+    assert "PASS (ours 2560.0 images/s" in steps[3]
+    assert "some step FAILED" in text.splitlines()[-1]
 
 
 def test_compare_verdicts():
@@ -102,14 +318,52 @@ def test_compare_verdicts():
 
 
 def test_torch_report():
-    """The ratio and TFLOP/s lines that step 6 prints, from bench_torch's result lines."""
+    """The ratio, TFLOP/s and headline lines that step 3 prints, from bench_torch's result lines."""
     summarize = load("bench_torch").summarize
-    lines = ["torch eager: 2000.0 images/s (64.00 ms/step, batch 128, 8.27 TFLOP/s, loss 6.9, cuda)",
+    lines = ["torch fp32: 2000.0 images/s (64.00 ms/step, batch 128, strict FP32, NCHW, 8.27 TFLOP/s, loss 6.9)",
+             "torch tf32: 4000.0 images/s (32.00 ms/step, batch 128, PyTorch default: TF32 convolutions, "
+             "FP32 matmuls, NCHW, 16.54 TFLOP/s, loss 6.9)",
+             "torch bf16: failed (RuntimeError: out of memory)",
              "torch compile: skipped (warm-up did not finish within 60 s)"]
-    out = summarize(lines, 1000.0, 66.9)
-    assert out[0] == "ours / torch eager = 0.50 (1000.0 vs 2000.0 images/s)"
-    assert out[1] == "ours: 1000.0 images/s = 4.14 TFLOP/s = 6.2% of the FP32 peak 66.9 TFLOP/s"
-    assert len(out) == 2
+    assert summarize(lines, 1000.0, 66.9) == [
+        "ours / torch fp32 = 0.50 (1000.0 vs 2000.0 images/s)",
+        "ours / torch tf32 = 0.25 (1000.0 vs 4000.0 images/s)",
+        "ours: 1000.0 images/s = 4.14 TFLOP/s = 6.2% of the FP32 peak 66.9 TFLOP/s",
+        "headline: ours / torch fp32 (strict FP32) = 0.50"]
+    assert summarize(lines[1:], 1000.0, 0.0)[-1] == "ours: 1000.0 images/s = 4.14 TFLOP/s"  # no fp32: no headline
+
+
+def test_torch_modes():
+    """The four default modes, in order, and what each sets: strict FP32 is the baseline,
+    PyTorch's default allows TF32 in cuDNN only, torch.compile only on request."""
+    bench = load("bench_torch")
+    assert bench.DEFAULT_MODES == ["fp32", "tf32", "channels_last", "bf16"] and bench.HEADLINE == "fp32"
+    # (cuDNN TF32, matmul TF32, channels_last, AMP bf16, torch.compile)
+    assert bench.MODES["fp32"][:5] == (False, False, False, False, False)
+    assert bench.MODES["tf32"][:5] == (True, False, False, False, False)
+    assert bench.MODES["channels_last"][:5] == (False, False, True, False, False)
+    assert bench.MODES["bf16"][:5] == (False, False, True, True, False)
+    assert bench.MODES["compile"][:5] == (False, False, False, False, True)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--modes", "fp32,fp16"])
+    assert e.value.code == 2
+
+
+def _torch_on_a_gpu():
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(_torch_on_a_gpu(), reason="PyTorch sees a GPU here: bench_torch.py would time it")
+def test_bench_torch_without_a_gpu_says_so_in_one_line():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "dev", "bench_torch.py"), "--steps", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == "" and len(proc.stdout.splitlines()) == 1, proc.stdout
+    assert proc.stdout.startswith("bench_torch: ") and ("not installed" in proc.stdout or "no CUDA device" in proc.stdout)
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "build", "cpu", "bench_kernels")),
@@ -122,7 +376,7 @@ def test_bench_kernels_rejects_bad_flags():
 
 
 def test_train_log_verdict():
-    """Step 5's judgement of a training log: only step lines count (not the validation
+    """Step 4's judgement of a training log: only step lines count (not the validation
     loss), a fifth of the steps at each end, NaN fails, speed from the later steps."""
     verdict = load("train_log").verdict
     lines = [f"step {i + 1}/10 | epoch 0.1 | loss {2.3 - 0.1 * i:.4f} | lr 1.00e-02 | {100 * (i + 1):.1f} img/s"
