@@ -1684,7 +1684,10 @@ struct Tower {
     // tower 0 only: both towers' logits, the loss and its gradient
     float *recv_logits, *all_logits, *dall_logits, *send_dlogits, *losses;
     int *labels, *correct;
-    // the input batch (each tower augments its own copy of the images)
+    // the input batch, uploaded and augmented once per device: a tower on the same device
+    // as tower 0 reads tower 0's x (shares_input), ordered by the two events
+    bool shares_input = false;
+    cudaEvent_t input_ready, input_free;  // x is augmented (tower 0); done with x (tower 1)
     uint8_t* images;
     int* offsets;
     uint8_t* flips;
@@ -1744,6 +1747,8 @@ struct Model {
                 cudaEventDestroy(T.ready[x]);
                 cudaEventDestroy(T.sent[x]);
             }
+            cudaEventDestroy(T.input_ready);
+            cudaEventDestroy(T.input_free);
             cudaStreamDestroy(T.stream);
             cudaStreamDestroy(T.copy_stream);
         }
@@ -1771,6 +1776,9 @@ struct Model {
             cudaCheck(cudaEventCreate(&T.ready[x]));
             cudaCheck(cudaEventCreate(&T.sent[x]));
         }
+        cudaCheck(cudaEventCreateWithFlags(&T.input_ready, cudaEventDisableTiming));
+        cudaCheck(cudaEventCreateWithFlags(&T.input_free, cudaEventDisableTiming));
+        T.shares_input = t > 0 && T.device == towers[0].device;
         long offset = 0;
         for (int l = 0; l < NUM_LAYERS; l++) T.weight_offset[l] = offset, offset += s[l].weights();
         for (int l = 0; l < NUM_LAYERS; l++) T.bias_offset[l] = offset, offset += s[l].K;
@@ -1784,7 +1792,7 @@ struct Model {
         long pool1 = N * s[1].in_size(), pool2 = N * s[2].in_size() / 2;  // conv3 reads both
         long pool2_other = N * s[2].in_size() - pool2;
         long pool5 = N * s[5].in_size() / 2, pool5_other = N * s[5].in_size() - pool5;
-        T.x = T.alloc<float>(N * s[0].in_size());
+        T.x = T.shares_input ? towers[0].x : T.alloc<float>(N * s[0].in_size());
         T.a1 = T.alloc<float>(lrn1), T.s1 = T.alloc<float>(lrn1), T.l1 = T.alloc<float>(lrn1);
         T.p1 = T.alloc<float>(pool1);
         T.a2 = T.alloc<float>(lrn2), T.s2 = T.alloc<float>(lrn2), T.l2 = T.alloc<float>(lrn2);
@@ -1820,7 +1828,7 @@ struct Model {
         T.workspace = Workspace{T.alloc<float>(workspace), workspace};
 
         const long pixels = (long)image_h * image_w * 3;
-        T.images = T.alloc<uint8_t>(N * pixels);
+        T.images = T.shares_input ? nullptr : T.alloc<uint8_t>(N * pixels);
         T.offsets = T.alloc<int>(2 * N);
         T.flips = T.alloc<uint8_t>(N);
         T.alphas = T.alloc<float>(3 * N);
@@ -1969,16 +1977,27 @@ struct Model {
     void load_batch(const Batch& b) {
         require(b.n >= 1 && b.n <= capacity, "batch of %d images for a model of %d", b.n, capacity);
         const long pixels = (long)image_h * image_w * 3;
+        Tower& T0 = towers[0];
+        for (Tower& T : towers)  // tower 0 overwrites x only when the sharing tower is done with it
+            if (T.shares_input) {
+                cudaCheck(cudaSetDevice(T.device));
+                cudaCheck(cudaEventRecord(T.input_free, T.stream));
+                cudaCheck(cudaStreamWaitEvent(T0.stream, T.input_free, 0));
+            }
         for (Tower& T : towers) {
             cudaCheck(cudaSetDevice(T.device));
+            if (T.shares_input) {
+                cudaCheck(cudaStreamWaitEvent(T.stream, T0.input_ready, 0));
+                continue;
+            }
             cudaCheck(cudaMemcpyAsync(T.images, b.images, b.n * pixels, cudaMemcpyHostToDevice, T.stream));
             cudaCheck(cudaMemcpyAsync(T.offsets, b.offsets, 2 * b.n * sizeof(int), cudaMemcpyHostToDevice, T.stream));
             cudaCheck(cudaMemcpyAsync(T.flips, b.flips, b.n, cudaMemcpyHostToDevice, T.stream));
             cudaCheck(cudaMemcpyAsync(T.alphas, b.alphas, 3 * b.n * sizeof(float), cudaMemcpyHostToDevice, T.stream));
             augment_images(T.x, T.images, T.mean, T.offsets, T.flips, T.alphas, T.eigval, T.eigvec,
                            b.n, image_h, image_w, arch.crop, T.stream);
+            if (&T == &T0) cudaCheck(cudaEventRecord(T0.input_ready, T0.stream));
         }
-        Tower& T0 = towers[0];
         cudaCheck(cudaSetDevice(T0.device));
         cudaCheck(cudaMemcpyAsync(T0.labels, b.labels, b.n * sizeof(int), cudaMemcpyHostToDevice,
                                   T0.stream));

@@ -97,17 +97,19 @@ def test_resume_is_bitwise_exact(tmp_path, small_data):
 
 
 def test_one_device_and_two_devices_give_the_same_bits(tmp_path, small_data):
-    """Both towers on device 0 vs one tower per emulated device, under different thread
-    and block orders of the CPU runtime."""
+    """Both towers on device 0 (where tower 1 reads the batch that tower 0 uploaded and
+    augmented) vs one tower per emulated device, under different thread and block orders
+    of the CPU runtime, and with stream work deferred to the synchronisation points."""
     two = short_run(small_data, tmp_path / "two", "--devices", "0,1", env={"CUDA_CPU_SCHEDULE": "forward"})
     one = short_run(small_data, tmp_path / "one", "--devices", "0",
                     env={"CUDA_CPU_SCHEDULE": "random", "CUDA_CPU_SEED": "99"})
     swapped = short_run(small_data, tmp_path / "swapped", "--devices", "1,0", env={"CUDA_CPU_SCHEDULE": "reverse"})
-    for result in (two, one, swapped):
+    deferred = short_run(small_data, tmp_path / "deferred", "--devices", "0", env={"CUDA_CPU_DEFERRED": "1"})
+    for result in (two, one, swapped, deferred):
         assert result.returncode == 0, result.stderr
     reference = checkpoint_bytes(tmp_path / "two" / "ckpt_00000006.bin")
-    assert checkpoint_bytes(tmp_path / "one" / "ckpt_00000006.bin") == reference
-    assert checkpoint_bytes(tmp_path / "swapped" / "ckpt_00000006.bin") == reference
+    for run_name in ("one", "swapped", "deferred"):
+        assert checkpoint_bytes(tmp_path / run_name / "ckpt_00000006.bin") == reference, run_name
 
 
 def test_checkpoints_latest_and_keep(tmp_path, small_data):
