@@ -1662,6 +1662,14 @@ enum {
 // Dropout layer numbers for the shared Philox rule: fc6 of tower t is layer t, fc7 is 2 + t.
 static uint32_t dropout_layer(int fc, int tower) { return 2 * fc + tower; }
 
+struct DeviceBatch {  // one batch of stored images and its augmentation, on a device
+    uint8_t* images;      // [n][H][W][3]
+    int* offsets;         // [n][2] crop corner
+    uint8_t* flips;       // [n]
+    float* alphas;        // [n][3] PCA lighting
+    int* labels;          // [n]
+};
+
 struct Tower {
     int device;
     cudaStream_t stream;      // compute
@@ -1683,17 +1691,24 @@ struct Tower {
     Workspace workspace;  // partial sums of split matrix products
     // tower 0 only: both towers' logits, the loss and its gradient
     float *recv_logits, *all_logits, *dall_logits, *send_dlogits, *losses;
-    int *labels, *correct;
-    // the input batch, uploaded and augmented once per device: a tower on the same device
-    // as tower 0 reads tower 0's x (shares_input), ordered by the two events
+    int* correct;
+    // The input batch, uploaded and augmented once per device: a tower on the same device
+    // as tower 0 reads tower 0's x (shares_input). While a training step computes, the
+    // next batch is uploaded into `staged` on upload_stream; the next step swaps it in.
     bool shares_input = false;
-    cudaEvent_t input_ready, input_free;  // x is augmented (tower 0); done with x (tower 1)
-    uint8_t* images;
-    int* offsets;
-    uint8_t* flips;
-    float *alphas, *mean, *eigval, *eigvec;
+    DeviceBatch input, staged;  // labels: tower 0 only
+    cudaStream_t upload_stream;
+    cudaEvent_t augmented, uploaded, input_free;  // x written; staged filled; done with x (tower 1)
+    float *mean, *eigval, *eigvec;
     std::vector<void*> allocations;
 
+    void alloc_batch(DeviceBatch& b, long N, long pixels, bool labels) {
+        b.images = alloc<uint8_t>(N * pixels);
+        b.offsets = alloc<int>(2 * N);
+        b.flips = alloc<uint8_t>(N);
+        b.alphas = alloc<float>(3 * N);
+        b.labels = labels ? alloc<int>(N) : nullptr;
+    }
     float* weight(int l) { return params + weight_offset[l]; }
     float* bias(int l) { return params + bias_offset[l]; }
     float* dweight(int l) { return grads + weight_offset[l]; }
@@ -1717,6 +1732,7 @@ struct Model {
     Arch arch;
     int capacity, image_h, image_w;
     float dropout;
+    int staged_n = 0;            // images in the staged batch (0: none)
     Tower towers[NUM_TOWERS]{};  // value-initialised: unused buffers are NULL
     std::vector<float> host_losses;
 
@@ -1747,8 +1763,10 @@ struct Model {
                 cudaEventDestroy(T.ready[x]);
                 cudaEventDestroy(T.sent[x]);
             }
-            cudaEventDestroy(T.input_ready);
+            cudaEventDestroy(T.augmented);
+            cudaEventDestroy(T.uploaded);
             cudaEventDestroy(T.input_free);
+            cudaStreamDestroy(T.upload_stream);
             cudaStreamDestroy(T.stream);
             cudaStreamDestroy(T.copy_stream);
         }
@@ -1776,8 +1794,9 @@ struct Model {
             cudaCheck(cudaEventCreate(&T.ready[x]));
             cudaCheck(cudaEventCreate(&T.sent[x]));
         }
-        cudaCheck(cudaEventCreateWithFlags(&T.input_ready, cudaEventDisableTiming));
-        cudaCheck(cudaEventCreateWithFlags(&T.input_free, cudaEventDisableTiming));
+        cudaCheck(cudaStreamCreate(&T.upload_stream));
+        for (cudaEvent_t* e : {&T.augmented, &T.uploaded, &T.input_free})
+            cudaCheck(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
         T.shares_input = t > 0 && T.device == towers[0].device;
         long offset = 0;
         for (int l = 0; l < NUM_LAYERS; l++) T.weight_offset[l] = offset, offset += s[l].weights();
@@ -1828,10 +1847,10 @@ struct Model {
         T.workspace = Workspace{T.alloc<float>(workspace), workspace};
 
         const long pixels = (long)image_h * image_w * 3;
-        T.images = T.shares_input ? nullptr : T.alloc<uint8_t>(N * pixels);
-        T.offsets = T.alloc<int>(2 * N);
-        T.flips = T.alloc<uint8_t>(N);
-        T.alphas = T.alloc<float>(3 * N);
+        if (!T.shares_input) {
+            T.alloc_batch(T.input, N, pixels, t == 0);
+            T.alloc_batch(T.staged, N, pixels, t == 0);
+        }
         T.mean = T.alloc<float>(pixels);
         T.eigval = T.alloc<float>(3);
         T.eigvec = T.alloc<float>(9);
@@ -1841,7 +1860,6 @@ struct Model {
             T.all_logits = T.alloc<float>(N * K), T.dall_logits = T.alloc<float>(N * K);
             T.send_dlogits = T.alloc<float>(N * o[7].K);
             T.losses = T.alloc<float>(N);
-            T.labels = T.alloc<int>(N);
             T.correct = T.alloc<int>(2);
         }
     }
@@ -1974,11 +1992,66 @@ struct Model {
     // --- one step
 
     // Upload a batch to every tower and augment it into x (the crops) on each.
+    // Batch b -> each device's input (on the compute streams) -> augmented into x.
     void load_batch(const Batch& b) {
         require(b.n >= 1 && b.n <= capacity, "batch of %d images for a model of %d", b.n, capacity);
+        for (Tower& T : towers)
+            if (!T.shares_input) {
+                cudaCheck(cudaSetDevice(T.device));
+                upload(T.input, b, T.stream);
+            }
+        augment(b.n);
+    }
+
+    // The next batch, uploaded on the upload streams while the queued step computes; the
+    // host batch must stay untouched until wait_staged().
+    void stage(const Batch& b) {
+        require(b.n >= 1 && b.n <= capacity, "batch of %d images for a model of %d", b.n, capacity);
+        for (Tower& T : towers)
+            if (!T.shares_input) {
+                cudaCheck(cudaSetDevice(T.device));
+                cudaCheck(cudaStreamWaitEvent(T.upload_stream, T.augmented, 0));  // old contents read
+                upload(T.staged, b, T.upload_stream);
+                cudaCheck(cudaEventRecord(T.uploaded, T.upload_stream));
+            }
+        staged_n = b.n;
+    }
+    // The staged batch becomes the input, augmented into x; returns its size.
+    int load_staged() {
+        require(staged_n > 0, "load_staged: no batch was staged");
+        for (Tower& T : towers)
+            if (!T.shares_input) {
+                cudaCheck(cudaSetDevice(T.device));
+                cudaCheck(cudaStreamWaitEvent(T.stream, T.uploaded, 0));
+                std::swap(T.input, T.staged);
+            }
+        int n = staged_n;
+        staged_n = 0;
+        augment(n);
+        return n;
+    }
+    bool has_staged() const { return staged_n > 0; }
+    // Waits until the last staged upload has read its host batch.
+    void wait_staged() {
+        for (Tower& T : towers)
+            if (!T.shares_input) cudaCheck(cudaEventSynchronize(T.uploaded));
+    }
+
+    void upload(DeviceBatch& d, const Batch& b, cudaStream_t stream) {
         const long pixels = (long)image_h * image_w * 3;
+        cudaCheck(cudaMemcpyAsync(d.images, b.images, b.n * pixels, cudaMemcpyHostToDevice, stream));
+        cudaCheck(cudaMemcpyAsync(d.offsets, b.offsets, 2 * b.n * sizeof(int), cudaMemcpyHostToDevice, stream));
+        cudaCheck(cudaMemcpyAsync(d.flips, b.flips, b.n, cudaMemcpyHostToDevice, stream));
+        cudaCheck(cudaMemcpyAsync(d.alphas, b.alphas, 3 * b.n * sizeof(float), cudaMemcpyHostToDevice, stream));
+        if (d.labels)
+            cudaCheck(cudaMemcpyAsync(d.labels, b.labels, b.n * sizeof(int), cudaMemcpyHostToDevice, stream));
+    }
+
+    // Each device's input -> x. Tower 0 overwrites x only when a tower sharing it is done
+    // with the last batch; that tower reads x once tower 0 has written it.
+    void augment(int n) {
         Tower& T0 = towers[0];
-        for (Tower& T : towers)  // tower 0 overwrites x only when the sharing tower is done with it
+        for (Tower& T : towers)
             if (T.shares_input) {
                 cudaCheck(cudaSetDevice(T.device));
                 cudaCheck(cudaEventRecord(T.input_free, T.stream));
@@ -1987,20 +2060,14 @@ struct Model {
         for (Tower& T : towers) {
             cudaCheck(cudaSetDevice(T.device));
             if (T.shares_input) {
-                cudaCheck(cudaStreamWaitEvent(T.stream, T0.input_ready, 0));
+                cudaCheck(cudaStreamWaitEvent(T.stream, T0.augmented, 0));
                 continue;
             }
-            cudaCheck(cudaMemcpyAsync(T.images, b.images, b.n * pixels, cudaMemcpyHostToDevice, T.stream));
-            cudaCheck(cudaMemcpyAsync(T.offsets, b.offsets, 2 * b.n * sizeof(int), cudaMemcpyHostToDevice, T.stream));
-            cudaCheck(cudaMemcpyAsync(T.flips, b.flips, b.n, cudaMemcpyHostToDevice, T.stream));
-            cudaCheck(cudaMemcpyAsync(T.alphas, b.alphas, 3 * b.n * sizeof(float), cudaMemcpyHostToDevice, T.stream));
-            augment_images(T.x, T.images, T.mean, T.offsets, T.flips, T.alphas, T.eigval, T.eigvec,
-                           b.n, image_h, image_w, arch.crop, T.stream);
-            if (&T == &T0) cudaCheck(cudaEventRecord(T0.input_ready, T0.stream));
+            const DeviceBatch& d = T.input;
+            augment_images(T.x, d.images, T.mean, d.offsets, d.flips, d.alphas, T.eigval, T.eigvec, n,
+                           image_h, image_w, arch.crop, T.stream);
+            cudaCheck(cudaEventRecord(T.augmented, T.stream));
         }
-        cudaCheck(cudaSetDevice(T0.device));
-        cudaCheck(cudaMemcpyAsync(T0.labels, b.labels, b.n * sizeof(int), cudaMemcpyHostToDevice,
-                                  T0.stream));
     }
 
     static void conv(const LayerShape& c, float* out, const float* inp, const float* w,
@@ -2076,7 +2143,7 @@ struct Model {
         Tower& T0 = towers[0];
         cudaCheck(cudaSetDevice(T0.device));
         softmax_cross_entropy(T0.losses, train ? T0.dall_logits : nullptr, T0.correct,
-                              T0.all_logits, T0.labels, n, arch.classes, T0.stream);
+                              T0.all_logits, T0.input.labels, n, arch.classes, T0.stream);
     }
 
     // Backward pass for the n images of the last forward(train = true): writes every
@@ -2936,15 +3003,34 @@ static void run(Options& o) {
     double interval_start = start;
     long interval_images = 0, first_step = state.step;
     bool evaluated = false;
+    // However the loop ends, the last staged upload finishes reading the loader's batch
+    // before the loader is destroyed.
+    struct StagedUploads {
+        Model& model;
+        ~StagedUploads() {
+            for (Tower& T : model.towers)
+                if (T.uploaded) cudaEventSynchronize(T.uploaded);
+        }
+    } staged_uploads{model};
     while (state.step < total) {
         const long step = state.step;
-        const Batch& b = loader.take(step + 1 < total ? step + 1 : -1);
+        int n;
+        if (model.has_staged()) {
+            n = model.load_staged();
+        } else {
+            const Batch& b = loader.take(step + 1 < total ? step + 1 : -1);
+            n = b.n;
+            model.load_batch(b);
+        }
         const float lr = learning_rate(o, state, step / per_epoch);
-        model.load_batch(b);
-        model.forward(b.n, true, o.seed, step);
-        model.backward(b.n, o.seed, step);
+        model.forward(n, true, o.seed, step);
+        model.backward(n, o.seed, step);
         model.update(lr, o.momentum, o.weight_decay);
-        StepResult r = model.finish(b.n);
+        if (step + 1 < total) {  // batch step+1 uploads while this step computes
+            model.wait_staged();   // the host batch that take() refills has been read
+            model.stage(loader.take(step + 2 < total ? step + 2 : -1));
+        }
+        StepResult r = model.finish(n);
         if (!std::isfinite(r.loss)) {
             log("step %ld: the loss is %g: stopping; the last good checkpoint (%s) is unchanged", step + 1,
                 r.loss, last_checkpoint.c_str());
@@ -2953,7 +3039,7 @@ static void run(Options& o) {
         }
         state.step = step + 1;
         state.loss = (float)r.loss;
-        interval_images += b.n;
+        interval_images += n;
         evaluated = false;
 
         if (state.step % o.log_every == 0 || state.step == total || state.step == first_step + 1) {
@@ -2961,8 +3047,8 @@ static void run(Options& o) {
             double eta = elapsed / (state.step - first_step) * (total - state.step);
             log("step %ld/%ld | epoch %.2f | loss %.4f | top-1 error %.4f | top-5 error %.4f | lr %.2e | "
                 "%.1f img/s | elapsed %s | eta %s",
-                state.step, total, (double)state.step / per_epoch, r.loss, 1.0 - (double)r.top1 / b.n,
-                1.0 - (double)r.top5 / b.n, lr,
+                state.step, total, (double)state.step / per_epoch, r.loss, 1.0 - (double)r.top1 / n,
+                1.0 - (double)r.top5 / n, lr,
                 interval_images / (t - interval_start), duration(elapsed).c_str(), duration(eta).c_str());
             interval_start = t, interval_images = 0;
         }
