@@ -82,7 +82,7 @@ mkdir -p "$(dirname "$SUMMARY")" "$WORK" build ${OUTDIR:+"$OUTDIR"} || exit 1
 for dir in /usr/local/cuda/bin /usr/local/cuda/compute-sanitizer; do
     [ -d "$dir" ] && PATH=$PATH:$dir
 done
-GFLOP_PER_IMAGE=4.136           # training step, REFERENCE.md "Compute"
+GFLOP_PER_IMAGE=4.136           # one training step of the paper's network, per image (forward + backward)
 BUDGET=${GPU_CHECK_BUDGET:-480}  # seconds for the whole run (the device call's limit is 600)
 JOBS=${GPU_CHECK_JOBS:-$(nproc 2>/dev/null || echo 8)}
 NAMES=("" "build" "smoke" "throughput" "correctness" "sanitizer" "pytest")
