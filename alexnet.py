@@ -61,6 +61,8 @@ FORMAT_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = 4 * HEADER_INTS
 SHARD_MAX_BYTES = 1 << 30   # default bound on one shard file
+MAX_IMAGE_SIDE = 8192       # plausible ranges of header fields (the executable's too)
+MAX_CLASSES = 1000000
 
 Shard = namedtuple("Shard", "labels pixels num_classes")   # int32 [N], uint8 [N][H][W][C]
 Stats = namedtuple("Stats", "mean eigval eigvec")          # float32 [H][W][C], [3], [3][3]
@@ -92,9 +94,10 @@ def read_shard(path):
     """A shard as memory-mapped arrays (nothing is read until used)."""
     h = _read_header(path, SHARD_MAGIC, "dataset shard")
     n, height, width, channels, classes = (int(v) for v in h[2:7])
-    if n < 0 or min(height, width, classes) < 1 or channels != 3:   # N = 0: every image was skipped
-        raise AlexNetError(f"{path}: impossible shard header "
-                           f"(N={n} H={height} W={width} C={channels} classes={classes})")
+    if (n < 0 or not 1 <= height <= MAX_IMAGE_SIDE or not 1 <= width <= MAX_IMAGE_SIDE   # N = 0: every image was skipped
+            or channels != 3 or not 1 <= classes <= MAX_CLASSES):
+        raise AlexNetError(f"{path}: impossible shard header (N={n} H={height} W={width} C={channels} "
+                           f"classes={classes}; sides 1..{MAX_IMAGE_SIDE}, C 3, classes 1..{MAX_CLASSES})")
     size, expected = os.path.getsize(path), shard_bytes(n, height, width, channels)
     if size != expected:
         raise AlexNetError(f"{path}: {size} bytes, but its header says {expected} (truncated or corrupt shard)")
@@ -108,8 +111,9 @@ def read_stats(path):
     """The training-set statistics: mean image, RGB eigenvalues and eigenvectors."""
     h = _read_header(path, STATS_MAGIC, "statistics file")
     height, width, channels = (int(v) for v in h[2:5])
-    if min(height, width) < 1 or channels != 3:
-        raise AlexNetError(f"{path}: impossible statistics header (H={height} W={width} C={channels})")
+    if not 1 <= height <= MAX_IMAGE_SIDE or not 1 <= width <= MAX_IMAGE_SIDE or channels != 3:
+        raise AlexNetError(f"{path}: impossible statistics header (H={height} W={width} C={channels}; "
+                           f"sides 1..{MAX_IMAGE_SIDE}, C 3)")
     count = height * width * channels + 3 + 9
     size, expected = os.path.getsize(path), HEADER_BYTES + 4 * count
     if size != expected:

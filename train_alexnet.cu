@@ -263,12 +263,14 @@ void augment_images(float* out, const uint8_t* images, const float* mean, const 
 //     k = (d0 * radix1 + d1) * radix2 + d2,
 //     step(k) = (d0*stride0 + d1*stride1 + d2*stride2,  d1*step_y,  d2*step_x),
 // which advance by GEMM_TILE_K per slice with carries, not divisions. In the loop a
-// load is then one table read, two adds, a box test and the load itself.
+// load is then one table read, two adds, a box test and the load itself. Plain strided
+// operands (weights, fc activations: one digit, no box) need no table at all.
 
 constexpr int GEMM_TILE_K = 16;        // reduction slice
 constexpr int GEMM_PARTS = 4;          // the next slice is fetched in this many parts
 constexpr int GEMM_MICRO = 8;          // each thread computes 8x8 outputs
-constexpr int GEMM_PAD = 4;            // row padding: 16-byte aligned, conflict-free stores
+constexpr int GEMM_PAD = 4;            // row padding: rows stay 16-byte aligned, and the
+                                       // transposed stores of a warp spread over the banks
 constexpr int GEMM_OUTSIDE = -(1 << 29);  // a y that no box contains (rows/k out of range);
                                           // two of them still add up without overflow
 constexpr int GEMM_MAX_SPLITS = 64;
@@ -366,7 +368,8 @@ struct GemmDigits {
 };
 
 // A Problem provides: GemmDims dims; GemmGather a, b; the flags a_k_contiguous and
-// b_k_contiguous (the walk each operand's loads take); batch(z), the constants of GEMM
+// b_k_contiguous (the walk each operand's loads take) and a_strided and b_strided (the
+// operand is a plain strided matrix: no step table); batch(z), the constants of GEMM
 // z < dims.batches that a block computes once (the conv group, say); a_origin(batch, m)
 // and b_origin(batch, n) for in-range m, n; and store(batch, m, n, value), which writes
 // the finished C[m][n] (adding the bias, say).
@@ -378,9 +381,10 @@ struct GemmDigits {
 // 128-bit shared loads (two quads of A's column, two of B's row) for 64 FFMA, and the
 // quads of a warp's threads are consecutive (no bank conflicts).
 // Pipeline: while the block multiplies the slice in shared buffer s % 2, each thread
-// gathers its part of slice s+1 into registers (global latency hidden behind 512 FFMA)
-// and stores it to the other buffer; the step tables run one slice further ahead.
-// One barrier per slice. The sum over k runs in k order within each split; splits
+// gathers its part of slice s+1 in GEMM_PARTS parts, each loaded into registers before
+// a quarter of the slice's 1024 FFMA and stored to the other buffer after them (global
+// latency hidden behind the math); the step tables run one slice further ahead. One
+// barrier per slice. The sum over k runs in k order within each split; splits
 // write partial tiles to `partial` ([split][batch][rows][cols]), which
 // gemm_split_sum_kernel adds in split order: the same bits on every run.
 template <int TILE_M, int TILE_N, typename Problem>
@@ -2309,6 +2313,9 @@ struct Model {
 // background thread into pinned memory while the current step runs.
 
 enum { DATA_MAGIC = 20121001, STATS_MAGIC = 20121002, HEADER_INTS = 256 };
+// Plausible ranges of the header fields. Within them no size computed from a header
+// can overflow (N < 2^31 images of at most 8192 x 8192 x 3 bytes: < 2^59).
+enum { MAX_IMAGE_SIDE = 8192, MAX_CLASSES = 1000000 };
 
 // A read-only memory map of a whole file.
 struct MappedFile {
@@ -2361,8 +2368,10 @@ struct Dataset {
                     "%s is not a dataset shard (magic %d, version %d; expected %d, 1)",
                     path.c_str(), h[0], h[1], DATA_MAGIC);
             const int n = h[2], sh = h[3], sw = h[4], c = h[5], k = h[6];
-            require(n > 0 && sh > 0 && sw > 0 && c == 3 && k > 0,
-                    "%s has a bad header (N=%d H=%d W=%d C=%d classes=%d)", path.c_str(), n, sh, sw, c, k);
+            require(n > 0 && sh > 0 && sw > 0 && sh <= MAX_IMAGE_SIDE && sw <= MAX_IMAGE_SIDE && c == 3
+                        && k > 0 && k <= MAX_CLASSES,
+                    "%s has a bad header (N=%d H=%d W=%d C=%d classes=%d; sides 1..%d, C 3, classes 1..%d)",
+                    path.c_str(), n, sh, sw, c, k, (int)MAX_IMAGE_SIDE, (int)MAX_CLASSES);
             if (i == 0) H = sh, W = sw, classes = k;
             require(sh == H && sw == W && k == classes,
                     "%s: %dx%d images of %d classes, but %s has %dx%d of %d", path.c_str(), sh, sw, k,

@@ -558,6 +558,23 @@ def test_read_shard_rejects_damaged_files(tmp_path, capsys, damage, message):
         alexnet.read_stats(str(tmp_path / "train_000.bin"))
 
 
+@pytest.mark.parametrize("height,width,classes", [(8193, 1, 10), (1, 8193, 10), (2, 2, 1000001)])
+def test_read_shard_rejects_implausible_sizes(tmp_path, height, width, classes):
+    """Header fields beyond the plausible ranges are refused even where the file's size agrees."""
+    header = np.zeros(256, "<i4")
+    header[:7] = [alexnet.SHARD_MAGIC, 1, 1, height, width, 3, classes]
+    path = tmp_path / "big.bin"
+    path.write_bytes(header.tobytes() + bytes(4 + height * width * 3))
+    with pytest.raises(alexnet.AlexNetError, match="impossible shard header"):
+        alexnet.read_shard(str(path))
+    header[:5] = [alexnet.STATS_MAGIC, 1, height, width, 3]
+    header[5:7] = 0
+    path.write_bytes(header.tobytes() + bytes(4 * (height * width * 3 + 12)))
+    if classes <= alexnet.MAX_CLASSES:
+        with pytest.raises(alexnet.AlexNetError, match="impossible statistics header"):
+            alexnet.read_stats(str(path))
+
+
 def test_command_line_end_to_end(tmp_path):
     """The real entry point, in its own process, with worker processes."""
     import subprocess

@@ -202,8 +202,21 @@ def _with_label(value):
     return transform
 
 
+def _wrapping_sizes(folder):
+    """Shards and statistics whose header sizes (N=4, H=842443544, W=1824726041) make
+    the byte counts wrap around 2^64 to the files' real sizes, 1072 and 1104 bytes."""
+    header = np.zeros(256, "<i4")
+    header[:7] = [alexnet.SHARD_MAGIC, 1, 4, 842443544, 1824726041, 3, 10]
+    for name in ("train_000.bin", "val_000.bin"):
+        (folder / name).write_bytes(header.tobytes() + np.arange(4, dtype="<i4").tobytes() + bytes(32))
+    header[:5] = [alexnet.STATS_MAGIC, 1, 842443544, 1824726041, 3]
+    header[5:7] = 0
+    (folder / "stats.bin").write_bytes(header.tobytes() + bytes(80))
+
+
 BAD_DATA = {
     "missing folder": (None, "no such folder"),
+    "header sizes that wrap around": (_wrapping_sizes, "bad header"),
     "no shards": (lambda d: os.remove(d / "train_000.bin"), "no training shards"),
     "foreign shard": (lambda d: _damage(d, "train_000.bin", lambda b: b"GIF89a" + b[6:]), "not a dataset shard"),
     "truncated shard": (lambda d: _damage(d, "train_000.bin", lambda b: b[:-100]), "truncated"),
