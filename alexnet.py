@@ -1147,12 +1147,17 @@ def softmax_forward(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
+NAN_RANK = np.iinfo(np.int32).max   # the rank of a label in a row with a NaN: never in the top k
+
+
 def topk_rank(logits, labels):
     """Position of each label in a stable descending sort of its row: the number of logits
-    above it plus the number of equal logits at lower class indices."""
+    above it plus the number of equal logits at lower class indices; NAN_RANK for a row
+    with a NaN (comparisons with NaN are false, which would rank its label first)."""
     target = logits[np.arange(len(labels)), labels][:, None]
     lower = np.arange(logits.shape[1])[None, :] < labels[:, None]
-    return ((logits > target) | ((logits == target) & lower)).sum(axis=1)
+    rank = ((logits > target) | ((logits == target) & lower)).sum(axis=1)
+    return np.where(np.isnan(logits).any(axis=1), NAN_RANK, rank)
 
 
 def softmax_cross_entropy(logits, labels):

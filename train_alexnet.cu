@@ -1324,8 +1324,10 @@ void dropout_backward(float* dinp, const float* dout, long n, float p, uint64_t 
 //   dlogits = (prob - onehot(label)) / N                   (gradient of the batch-mean loss)
 // Top-k: rank = #{j : x[j] > x[label]} + #{j < label : x[j] == x[label]}, i.e. the
 // label's position in a stable descending sort (ties rank the lower class first);
-// top-1 correct iff rank < 1, top-5 iff rank < 5. Reductions: warp shuffles, then one
-// partial per warp in shared memory, combined in a fixed order (deterministic).
+// top-1 correct iff rank < 1, top-5 iff rank < 5; a row with a NaN logit is never
+// correct (comparisons with NaN are false, which would rank its label first).
+// Reductions: warp shuffles, then one partial per warp in shared memory, combined in a
+// fixed order (deterministic).
 
 static const int SOFTMAX_THREADS = 128;
 
@@ -1381,15 +1383,17 @@ __global__ void softmax_cross_entropy_kernel(float* __restrict__ losses, float* 
     float m, s;
     softmax_stats(x, K, partial, &m, &s);
     float target = valid ? x[label] : NAN;
-    int above = 0;
+    int above = 0, nans = 0;
     for (int j = threadIdx.x; j < K; j += blockDim.x) {
         above += x[j] > target || (x[j] == target && j < label);
+        nans += isnan(x[j]);
         if (dlogits) dlogits[(long)blockIdx.x * K + j] = (expf(x[j] - m) / s - (j == label ? 1.0f : 0.0f)) / N;
     }
     int rank = block_reduce(above, counts, SumOp());
+    nans = block_reduce(nans, counts, SumOp());
     if (threadIdx.x == 0) {
         losses[blockIdx.x] = logf(s) + m - target;
-        if (correct && valid) {  // integer atomics: exact and order-independent
+        if (correct && valid && nans == 0) {  // integer atomics: exact and order-independent
             atomicAdd(&correct[0], rank < 1 ? 1 : 0);
             atomicAdd(&correct[1], rank < 5 ? 1 : 0);
         }
@@ -2852,10 +2856,15 @@ struct Scores {
     long top1 = 0, top5 = 0, images = 0;
 
     void add(const double* p, int label, int K) {
-        loss -= log(std::max(p[label], 1e-30));
+        loss -= log(std::max(p[label], 1e-30));  // NaN stays NaN
         int rank = 0;
-        for (int k = 0; k < K; k++) rank += p[k] > p[label] || (p[k] == p[label] && k < label);
-        top1 += rank < 1, top5 += rank < 5, images++;
+        bool nan = false;
+        for (int k = 0; k < K; k++) {
+            rank += p[k] > p[label] || (p[k] == p[label] && k < label);
+            nan |= std::isnan(p[k]);
+        }
+        if (!nan) top1 += rank < 1, top5 += rank < 5;  // NaN scores never count as correct
+        images++;
     }
     Evaluation result() const {
         Evaluation e;
@@ -3068,6 +3077,12 @@ static void run(Options& o) {
             evaluated = true;
             log("eval step %ld | val loss %.4f | top-1 error %.4f | top-5 error %.4f | %ld images",
                 state.step, e.loss, e.top1_error, e.top5_error, e.images);
+            if (!std::isfinite(e.loss)) {
+                log("step %ld: the validation loss is %g: stopping; the last good checkpoint (%s) is unchanged",
+                    state.step, e.loss, last_checkpoint.c_str());
+                fail("non-finite validation loss (%g) at step %ld; the last good checkpoint (%s) is unchanged",
+                     e.loss, state.step, last_checkpoint.c_str());
+            }
             if (e.top1_error < state.best_error) {
                 state.best_error = (float)e.top1_error, state.bad_evals = 0;
             } else if (o.patience > 0 && ++state.bad_evals >= o.patience &&

@@ -135,6 +135,25 @@ def test_executable_eval_and_python_eval_agree(checkpoint, dataset):
     assert ours["10 views"] != ours["centre crop"]
 
 
+def test_nan_outputs_score_as_wrong(checkpoint, dataset, tmp_path):
+    """A model whose outputs are NaN has a NaN loss and 100% error, not 0%, in the
+    executable's --eval and in alexnet.py eval (both the centre crop and the ten views)."""
+    arch, params, _ = A.load_checkpoint(checkpoint)
+    params["fc8.bias"][3] = np.nan  # one NaN logit per image (a ReLU would have cleaned a NaN earlier on)
+    nan_checkpoint = str(tmp_path / "nan.bin")
+    A.save_checkpoint(nan_checkpoint, arch, params)
+    pattern = r"(centre crop|10 views) \| val loss (\S+) \| top-1 error ([0-9.]+) \| top-5 error ([0-9.]+)"
+    run = subprocess.run([CPU_EXECUTABLE, "--data", dataset, "--resume", nan_checkpoint, "--eval", "--batch", "8"],
+                         capture_output=True, text=True)
+    python = _run("eval", nan_checkpoint, "--data", dataset, "--batch", "8")
+    for result in (run, python):
+        assert result.returncode == 0, result.stderr
+        found = re.findall(pattern, result.stdout)
+        assert {name for name, *_ in found} == {"centre crop", "10 views"}, result.stdout
+        for _, loss, top1, top5 in found:
+            assert loss == "nan" and float(top1) == 1.0 and float(top5) == 1.0, result.stdout
+
+
 def _predictions(text):
     """{path: [(probability, class name)]} from the output of `alexnet.py predict`."""
     result, path = {}, None

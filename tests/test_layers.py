@@ -322,6 +322,19 @@ def test_softmax_topk_counts_by_hand(schedule):
     assert list(correct) == [2, 3]
 
 
+def test_nan_logits_never_count_as_correct(schedule):
+    """A NaN compares false with everything, which would rank the label first; a row with a
+    NaN anywhere counts as wrong, in the kernel and in NumPy alike, and its loss is NaN."""
+    logits = np.array([[np.nan] * 6, [0, 1, 2, 3, 4, 5], [0, 1, np.nan, 3, 4, 5], [5, 4, 3, 2, 1, 0]], np.float32)
+    labels = np.array([0, 5, 5, 0])  # without the NaN rule: all four top-1 correct
+    losses, _, correct = A.cuda_softmax_cross_entropy(logits, labels)
+    assert list(correct) == [2, 2]
+    assert list(np.isnan(losses)) == [True, False, True, False]
+    _, _, numpy_correct = A.softmax_cross_entropy(logits.astype(np.float64), labels)
+    assert list(numpy_correct) == [2, 2]
+    assert list(A.topk_rank(logits, labels) == A.NAN_RANK) == [True, False, True, False]
+
+
 # -----------------------------------------------------------------------------
 # SGD
 
