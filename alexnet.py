@@ -17,6 +17,7 @@ Sections, in reading order:
   7. command line
 """
 import os
+import stat
 import sys
 
 import numpy as np
@@ -68,8 +69,22 @@ Shard = namedtuple("Shard", "labels pixels num_classes")   # int32 [N], uint8 [N
 Stats = namedtuple("Stats", "mean eigval eigvec")          # float32 [H][W][C], [3], [3][3]
 
 
+def _require_regular_file(path):
+    """Refuse what is not a regular file before opening it (a FIFO would block the open)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise AlexNetError(f"cannot open {path}: {e.strerror}")
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise AlexNetError(f"{path} is {kind}, not a regular file")
+
+
 def _read_header(path, magic, what):
     """The int32 header of a dataset file, after checking its magic and version."""
+    _require_regular_file(path)
     try:
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
@@ -102,6 +117,9 @@ def read_shard(path):
     if size != expected:
         raise AlexNetError(f"{path}: {size} bytes, but its header says {expected} (truncated or corrupt shard)")
     labels = np.memmap(path, dtype="<i4", mode="r", offset=HEADER_BYTES, shape=(n,))
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        raise AlexNetError(f"{path}: label {labels[bad[0]]} of image {bad[0]} is out of range [0, {classes})")
     pixels = np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_BYTES + 4 * n,
                        shape=(n, height, width, channels))
     return Shard(labels, pixels, classes)
@@ -1431,6 +1449,7 @@ def load_checkpoint(path):
     """(header fields, {name: float32 parameter}, {name: float32 momentum}) of a checkpoint
     written by train_alexnet or save_checkpoint. The header dict also works as the `arch`
     of model_forward."""
+    _require_regular_file(path)
     try:
         size = os.path.getsize(path)
     except OSError as e:

@@ -2322,13 +2322,23 @@ enum { DATA_MAGIC = 20121001, STATS_MAGIC = 20121002, HEADER_INTS = 256 };
 enum { MAX_IMAGE_SIDE = 8192, MAX_CLASSES = 1000000 };
 
 // A read-only memory map of a whole file.
+// What a path is, when it is not a regular file.
+static const char* file_kind(mode_t mode) {
+    return S_ISDIR(mode) ? "a folder" : S_ISFIFO(mode) ? "a FIFO" : S_ISCHR(mode) ? "a character device"
+         : S_ISBLK(mode) ? "a block device" : S_ISSOCK(mode) ? "a socket" : "not a regular file";
+}
+
 struct MappedFile {
     const uint8_t* data = nullptr;
     size_t size = 0;
     explicit MappedFile(const std::string& path) {
-        int fd = open(path.c_str(), O_RDONLY);
+        int fd = open(path.c_str(), O_RDONLY | O_NONBLOCK);  // a FIFO must not block the open
         require(fd >= 0, "cannot open %s: %s", path.c_str(), strerror(errno));
         struct stat st;
+        if (fstat(fd, &st) == 0 && !S_ISREG(st.st_mode)) {
+            close(fd);
+            fail("%s is %s, not a regular file", path.c_str(), file_kind(st.st_mode));
+        }
         if (fstat(fd, &st) != 0 || st.st_size < (off_t)(HEADER_INTS * 4)) {
             close(fd);
             fail("%s is truncated: shorter than its %d-byte header", path.c_str(), HEADER_INTS * 4);
@@ -2723,8 +2733,16 @@ static std::string save_checkpoint(Model& model, const Options& o, const TrainSt
 
 // --- training
 
+// Ctrl-C (SIGINT) and SIGTERM (kill, systemd, Docker, SLURM): the first finishes the
+// step and checkpoints; a second one ends the process at once, by the signal's default.
 static volatile sig_atomic_t stop_requested = 0;
-static void on_sigint(int) { stop_requested = 1; }
+static void on_stop_signal(int sig) {
+    if (stop_requested) {
+        signal(sig, SIG_DFL);
+        raise(sig);
+    }
+    stop_requested = 1;
+}
 
 // Lines to stdout and to OUT/log.txt.
 struct Log {
@@ -3015,7 +3033,8 @@ static void run(Options& o) {
         state.step, total);
 
     std::string last_checkpoint = o.resume.empty() ? "none" : o.resume;
-    signal(SIGINT, on_sigint);
+    signal(SIGINT, on_stop_signal);
+    signal(SIGTERM, on_stop_signal);
     if (state.step < total) loader.prefetch(state.step);
     const double start = now_seconds();
     double interval_start = start;

@@ -38,6 +38,7 @@ def random_dataset(folder, train, val=0, size=32, classes=10, seed=0):
 def run(*args, env=None, **kwargs):
     """Run the CPU training executable; returns the CompletedProcess (text output)."""
     full_env = dict(os.environ, **(env or {}))
+    kwargs.setdefault("timeout", 600)  # a hang fails the test instead of the whole suite
     return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, env=full_env, **kwargs)
 
 

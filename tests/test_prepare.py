@@ -558,6 +558,30 @@ def test_read_shard_rejects_damaged_files(tmp_path, capsys, damage, message):
         alexnet.read_stats(str(tmp_path / "train_000.bin"))
 
 
+def test_readers_refuse_special_files_without_blocking(tmp_path):
+    """A FIFO would block open() forever, a folder gives an obscure error: both are named."""
+    os.mkfifo(tmp_path / "pipe.bin")
+    for read in (alexnet.read_shard, alexnet.read_stats, alexnet.load_checkpoint):
+        with pytest.raises(alexnet.AlexNetError, match="pipe.bin is a FIFO, not a regular file"):
+            read(str(tmp_path / "pipe.bin"))
+        with pytest.raises(alexnet.AlexNetError, match="is a folder, not a regular file"):
+            read(str(tmp_path))
+
+
+@pytest.mark.parametrize("label", [-1, 10])
+def test_read_shard_rejects_labels_out_of_range(tmp_path, label):
+    """A label outside [0, classes) would index past the class list (or, -1, score as the
+    last class): the shard is refused, as the executable refuses it."""
+    path = tmp_path / "train_000.bin"
+    alexnet.write_shard(str(path), np.array([0, 9, 3]), np.zeros((3, 4, 4, 3), np.uint8), 10)
+    raw = bytearray(path.read_bytes())
+    raw[1024 + 4:1024 + 8] = struct.pack("<i", label)
+    path.write_bytes(bytes(raw))
+    for read in (lambda: alexnet.read_shard(str(path)), lambda: alexnet.read_split(str(tmp_path), "train")):
+        with pytest.raises(alexnet.AlexNetError, match=f"label {label} of image 1 is out of range"):
+            read()
+
+
 @pytest.mark.parametrize("height,width,classes", [(8193, 1, 10), (1, 8193, 10), (2, 2, 1000001)])
 def test_read_shard_rejects_implausible_sizes(tmp_path, height, width, classes):
     """Header fields beyond the plausible ranges are refused even where the file's size agrees."""

@@ -133,7 +133,8 @@ def test_eval_mode(tmp_path, small_data):
     assert sorted(os.listdir(out)) == before
 
 
-def test_sigint_finishes_the_step_and_checkpoints(tmp_path, small_data):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_finishes_the_step_and_checkpoints(tmp_path, small_data, stop):
     out = tmp_path / "out"
     process = subprocess.Popen([EXE, "--data", str(small_data), "--arch", "small", "--batch", "8",
                                 "--steps", "100000", "--log-every", "1", "--save-every", "0", "--out", str(out)],
@@ -141,7 +142,7 @@ def test_sigint_finishes_the_step_and_checkpoints(tmp_path, small_data):
     for line in process.stdout:
         if line.startswith("step 2/"):
             break
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert "interrupted: stopped after step" in stdout
@@ -214,8 +215,16 @@ def _wrapping_sizes(folder):
     (folder / "stats.bin").write_bytes(header.tobytes() + bytes(80))
 
 
+def _fifo_shard(folder):
+    os.remove(folder / "train_000.bin")
+    os.mkfifo(folder / "train_000.bin")
+
+
 BAD_DATA = {
     "missing folder": (None, "no such folder"),
+    "a FIFO for a shard": (_fifo_shard, "train_000.bin is a FIFO, not a regular file"),
+    "a folder for the statistics": (lambda d: (os.remove(d / "stats.bin"), os.mkdir(d / "stats.bin")),
+                                    "stats.bin is a folder, not a regular file"),
     "header sizes that wrap around": (_wrapping_sizes, "bad header"),
     "no shards": (lambda d: os.remove(d / "train_000.bin"), "no training shards"),
     "foreign shard": (lambda d: _damage(d, "train_000.bin", lambda b: b"GIF89a" + b[6:]), "not a dataset shard"),
@@ -276,6 +285,9 @@ BAD_RUNS = {
     "missing value": (lambda t, c: ["--lr"], "--lr needs a value"),
     "bad device": (lambda t, c: ["--arch", "small", "--devices", "0,7"], "device 7 does not exist"),
     "missing checkpoint": (lambda t, c: ["--resume", t / "none.bin"], "cannot open"),
+    "a FIFO for the checkpoint": (lambda t, c: (os.mkfifo(t / "pipe.bin"), ["--resume", t / "pipe.bin"])[1],
+                                  "pipe.bin is a FIFO, not a regular file"),
+    "a folder for the checkpoint": (lambda t, c: ["--resume", t], "is a folder, not a regular file"),
     "truncated checkpoint": (lambda t, c: ["--resume", _truncated(t, c)], "truncated"),
     "foreign checkpoint": (lambda t, c: ["--resume", _foreign(t, c)], "not an AlexNet checkpoint"),
     "preset differs from checkpoint": (lambda t, c: ["--resume", c / "latest.bin", "--arch", "alexnet"],
