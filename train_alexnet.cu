@@ -2611,8 +2611,13 @@ static void encode_header(int32_t* h, const Arch& a, const Options& o, const Tra
     for (size_t i = 0; i < o.lr_steps.size(); i++) h[H_LR_STEPS + i] = o.lr_steps[i];
 }
 
+// Sets an option as its command-line flag would, with the flag's checks (section 15).
+static void set_option(Options& o, const char* flag, const char* value);
+
 // A checkpoint file, mapped and checked; its header fills in the architecture, the
-// options that the command line did not give, and the training state.
+// options that the command line did not give, and the training state. Every option
+// read from the header goes through its flag's parser, so a header holds nothing that
+// the command line would refuse; the state fields get ranges of their own.
 struct Checkpoint {
     MappedFile file;
     Arch arch;
@@ -2651,24 +2656,48 @@ struct Checkpoint {
                 file.size < expected ? "truncated" : "too long", file.size, expected);
         require(h[H_NUM_LR_STEPS] >= 0 && h[H_NUM_LR_STEPS] <= MAX_LR_STEPS, "%s: bad header", path.c_str());
 
+        auto header_option = [&](const char* flag, const std::string& value) {
+            if (o.given.count(flag)) return;  // the command line wins
+            try {
+                set_option(o, flag, value.c_str());
+            } catch (const AlexNetError& e) {
+                fail("%s: bad header: %s", path.c_str(), e.what());
+            }
+        };
+        auto number = [](float v) { char text[32]; snprintf(text, sizeof(text), "%.9g", v); return std::string(text); };
+        header_option("--seed", std::to_string((long long)get_int64(h, H_SEED)));
+        header_option("--batch", std::to_string(h[H_BATCH]));
+        header_option("--lr", number(bits_float(h[H_LR])));
+        header_option("--momentum", number(bits_float(h[H_MOMENTUM])));
+        header_option("--weight-decay", number(bits_float(h[H_WEIGHT_DECAY])));
+        header_option("--dropout", number(bits_float(h[H_DROPOUT])));
+        header_option("--eval-every", std::to_string(h[H_EVAL_EVERY]));
+        header_option("--patience", std::to_string(h[H_PATIENCE]));
+        header_option("--max-drops", std::to_string(h[H_MAX_DROPS]));
+        header_option("--epochs", std::to_string(h[H_EPOCHS]));
+        header_option("--steps", std::to_string(h[H_STEPS]));
+        std::string lr_steps;
+        for (int i = 0; i < h[H_NUM_LR_STEPS]; i++) lr_steps += (i ? "," : "") + std::to_string(h[H_LR_STEPS + i]);
+        if (lr_steps.empty()) {
+            if (!o.given.count("--lr-steps")) o.lr_steps.clear();
+        } else {
+            header_option("--lr-steps", lr_steps);
+        }
+        require(h[H_AUGMENT] == 0 || h[H_AUGMENT] == 1, "%s: bad header: augment flag %d", path.c_str(), h[H_AUGMENT]);
+        if (!o.given.count("--no-augment")) o.augment = h[H_AUGMENT] != 0;
+
         s.step = (long)get_int64(h, H_STEP);
         s.plateau_drops = h[H_PLATEAU_DROPS], s.bad_evals = h[H_BAD_EVALS];
         s.best_error = bits_float(h[H_BEST_ERROR]), s.loss = bits_float(h[H_LOSS]);
-        auto keep = [&](const char* flag) { return o.given.count(flag) == 0; };
-        if (keep("--seed")) o.seed = (uint64_t)get_int64(h, H_SEED);
-        if (keep("--batch")) o.batch = h[H_BATCH];
-        if (keep("--lr")) o.lr = bits_float(h[H_LR]);
-        if (keep("--momentum")) o.momentum = bits_float(h[H_MOMENTUM]);
-        if (keep("--weight-decay")) o.weight_decay = bits_float(h[H_WEIGHT_DECAY]);
-        if (keep("--dropout")) o.dropout = bits_float(h[H_DROPOUT]);
-        if (keep("--no-augment")) o.augment = h[H_AUGMENT] != 0;
-        if (keep("--eval-every")) o.eval_every = h[H_EVAL_EVERY];
-        if (keep("--patience")) o.patience = h[H_PATIENCE];
-        if (keep("--max-drops")) o.max_drops = h[H_MAX_DROPS];
-        if (keep("--epochs")) o.epochs = h[H_EPOCHS];
-        if (keep("--steps")) o.steps = h[H_STEPS];
-        if (keep("--lr-steps")) o.lr_steps.assign(h + H_LR_STEPS, h + H_LR_STEPS + h[H_NUM_LR_STEPS]);
-        require(o.batch >= 1 && o.lr > 0 && o.epochs >= 1, "%s: bad training options in the header", path.c_str());
+        require(s.step >= 0 && s.step <= INT32_MAX, "%s: bad header: step %ld", path.c_str(), s.step);
+        require(s.plateau_drops >= 0 && s.plateau_drops <= 100 && s.bad_evals >= 0 && s.bad_evals <= 1000000,
+                "%s: bad header: %d plateau drops, %d evaluations without progress", path.c_str(),
+                s.plateau_drops, s.bad_evals);
+        require(s.best_error == INFINITY || (s.best_error >= 0 && s.best_error <= 1),
+                "%s: bad header: best validation error %g (a fraction, or inf before any)", path.c_str(),
+                s.best_error);
+        require(std::isnan(s.loss) || (s.loss >= 0 && std::isfinite(s.loss)),
+                "%s: bad header: last loss %g", path.c_str(), s.loss);
         if (o.given.count("--arch"))
             require(o.arch == PRESET_NAMES[arch.preset], "--arch %s, but %s holds the %s preset",
                     o.arch.c_str(), path.c_str(), PRESET_NAMES[arch.preset]);
@@ -3639,6 +3668,12 @@ static void print_help(const char* program) {
         else printf("  %-20s %s (required)\n", left, f.help);
     }
     printf("  %-20s this message\n", "--help");
+}
+
+static void set_option(Options& o, const char* flag, const char* value) {
+    for (const Flag& f : FLAGS)
+        if (strcmp(flag, f.name) == 0) return f.set(o, f.name, value);
+    fail("unknown option %s", flag);
 }
 
 // Fill o from the command line; false when --help was printed.

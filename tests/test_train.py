@@ -275,6 +275,14 @@ def _foreign(tmp_path, trained):
     return path
 
 
+def _with_header(tmp_path, trained, **fields):
+    """The trained checkpoint with header fields replaced (values the command line refuses)."""
+    header, params, momentum = alexnet.load_checkpoint(str(trained / "ckpt_00000002.bin"))
+    path = tmp_path / "edited.bin"
+    alexnet.save_checkpoint(str(path), dict(header, **fields), params, momentum)
+    return path
+
+
 BAD_RUNS = {
     "unknown preset": (lambda t, c: ["--arch", "vgg16"], "unknown preset 'vgg16'"),
     "images smaller than the crop": (lambda t, c: ["--arch", "alexnet", "--batch", 8], "larger than the 32x32 images"),
@@ -293,6 +301,16 @@ BAD_RUNS = {
     "preset differs from checkpoint": (lambda t, c: ["--resume", c / "latest.bin", "--arch", "alexnet"],
                                        "holds the small preset"),
     "eval without checkpoint": (lambda t, c: ["--eval"], "--eval needs a checkpoint"),
+    "negative step in the header": (lambda t, c: ["--resume", _with_header(t, c, step=-5)], "bad header: step -5"),
+    "momentum 5 in the header": (lambda t, c: ["--resume", _with_header(t, c, momentum=5.0)],
+                                 "bad header: --momentum: expected a number in [0, 1), got '5'"),
+    "negative weight decay in the header": (lambda t, c: ["--resume", _with_header(t, c, weight_decay=-100.0)],
+                                            "bad header: --weight-decay"),
+    "lr 1e30 in the header": (lambda t, c: ["--resume", _with_header(t, c, lr=1e30)], "bad header: --lr"),
+    "NaN lr in the header": (lambda t, c: ["--resume", _with_header(t, c, lr=float("nan"))], "bad header: --lr"),
+    "patience -1 in the header": (lambda t, c: ["--resume", _with_header(t, c, patience=-1)], "bad header: --patience"),
+    "best error 100 in the header": (lambda t, c: ["--resume", _with_header(t, c, best_error=100.0)],
+                                     "best validation error 100"),
 }
 
 
