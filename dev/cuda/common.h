@@ -49,6 +49,14 @@ static bool parse_args(int argc, char** argv, int versions, const char* usage, A
     return true;
 }
 
+// The entry of `layers` that --layer names.
+template <typename Layer, size_t N>
+static const Layer& find_layer(const Layer (&layers)[N], const std::string& name) {
+    for (const Layer& l : layers)
+        if (name == l.name) return l;
+    fail("unknown layer '%s' (see --help)", name.c_str());
+}
+
 // Uniform floats in [lo, hi) from a fixed seed.
 static std::vector<float> uniform(size_t n, uint64_t seed, float lo, float hi) {
     std::vector<float> v(n);

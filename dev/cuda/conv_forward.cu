@@ -260,10 +260,7 @@ static int run(int argc, char** argv) {
     Args a;
     a.layer = "conv2";
     if (!parse_args(argc, argv, 4, USAGE, a)) return 0;
-    const Layer* l = nullptr;
-    for (const Layer& candidate : LAYERS)
-        if (a.layer == candidate.name) l = &candidate;
-    require(l, "unknown layer '%s' (see --help)", a.layer.c_str());
+    const Layer* l = &find_layer(LAYERS, a.layer);
     const ConvShape s{a.batch, l->C, l->H, l->W, l->K, l->R, l->S, l->stride, l->pad, 1, l->OH, l->OW};
     conv_check_shape(s);
     const int depth = s.C * s.R * s.S;

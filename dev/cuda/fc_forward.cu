@@ -101,10 +101,7 @@ static int run(int argc, char** argv) {
     Args a;
     a.layer = "fc6";
     if (!parse_args(argc, argv, 3, USAGE, a)) return 0;
-    const Layer* l = nullptr;
-    for (const Layer& candidate : LAYERS)
-        if (a.layer == candidate.name) l = &candidate;
-    require(l, "unknown layer '%s' (see --help)", a.layer.c_str());
+    const Layer* l = &find_layer(LAYERS, a.layer);
     const int N = a.batch, in = l->in, outf = l->out;
     fc_check_shape(N, in, outf);
     const long outputs = (long)N * outf;
