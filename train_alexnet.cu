@@ -1525,7 +1525,7 @@ struct Arch {
     float init_std;             // weights ~ N(0, init_std^2)
 };
 
-// "alexnet": the paper (REFERENCE.md). "small": the same topology for 32x32 images with
+// "alexnet": the paper's network (Krizhevsky et al. 2012, section 3). "small": the same topology for 32x32 images with
 // 28x28 crops (28 -> conv1 28 -> pool 13 -> conv2 13 -> pool 6 -> conv3..5 6 -> pool 2),
 // used by the tests and the CPU demo. LRN k=2, n=5, alpha=1e-4 (divided by n), beta=0.75.
 static const char* PRESET_NAMES[] = {"alexnet", "small"};
@@ -2002,7 +2002,6 @@ struct Model {
     // Upload a batch to every tower and augment it into x (the crops) on each.
     // Batch b -> each device's input (on the compute streams) -> augmented into x.
     void load_batch(const Batch& b) {
-        require(b.n >= 1 && b.n <= capacity, "batch of %d images for a model of %d", b.n, capacity);
         for (Tower& T : towers)
             if (!T.shares_input) {
                 cudaCheck(cudaSetDevice(T.device));
@@ -2014,7 +2013,6 @@ struct Model {
     // The next batch, uploaded on the upload streams while the queued step computes; the
     // host batch must stay untouched until wait_staged().
     void stage(const Batch& b) {
-        require(b.n >= 1 && b.n <= capacity, "batch of %d images for a model of %d", b.n, capacity);
         for (Tower& T : towers)
             if (!T.shares_input) {
                 cudaCheck(cudaSetDevice(T.device));
@@ -2046,6 +2044,7 @@ struct Model {
     }
 
     void upload(DeviceBatch& d, const Batch& b, cudaStream_t stream) {
+        require(b.n >= 1 && b.n <= capacity, "batch of %d images for a model of %d", b.n, capacity);
         const long pixels = (long)image_h * image_w * 3;
         cudaCheck(cudaMemcpyAsync(d.images, b.images, b.n * pixels, cudaMemcpyHostToDevice, stream));
         cudaCheck(cudaMemcpyAsync(d.offsets, b.offsets, 2 * b.n * sizeof(int), cudaMemcpyHostToDevice, stream));

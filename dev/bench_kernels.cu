@@ -1,6 +1,6 @@
 /*
 Per-kernel benchmark: every launcher of train_alexnet.cu at the real AlexNet shapes
-of ONE tower (REFERENCE.md), timed with CUDA events after warm-up.
+of ONE tower of the paper's network, timed with CUDA events after warm-up.
 
     make bench-kernels                    # builds build/cpu/bench_kernels (+ build/gpu/bench_kernels with nvcc)
     build/gpu/bench_kernels               # batch 128 on a GPU

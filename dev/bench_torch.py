@@ -1,6 +1,6 @@
 """PyTorch reference throughput for the paper's AlexNet training step, in four modes.
 
-The identical architecture to preset "alexnet" (REFERENCE.md), written as one
+The identical architecture to preset "alexnet" (the paper's network), written as one
 network: grouped nn.Conv2d where a layer reads only its own tower (conv2, conv4,
 conv5), nn.LocalResponseNorm(5, 1e-4, 0.75, 2) applied to each tower's channels
 separately, nn.MaxPool2d(3, 2), dropout 0.5 after fc6 and fc7, conv1 on a 224 crop
@@ -51,7 +51,7 @@ MODES = {
 }
 DEFAULT_MODES = ["fp32", "tf32", "channels_last", "bf16"]
 HEADLINE = "fp32"  # the fair baseline: FP32 arithmetic like ours
-GFLOP_PER_IMAGE = 4.136  # training step, REFERENCE.md "Compute"
+GFLOP_PER_IMAGE = 4.136  # one training step of the paper's network, per image
 
 
 def alexnet(torch):

@@ -32,7 +32,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Per-tower layer shapes of preset "alexnet" (REFERENCE.md) and awkward small ones that
+# Per-tower layer shapes of preset "alexnet" (the paper's network) and awkward small ones that
 # divide no tile size. conv: (name, C, H, K, R, stride, pad, OH)  fc: (name, in, out)
 SHAPES = {
     "alexnet": {

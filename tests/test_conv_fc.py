@@ -82,7 +82,7 @@ def test_numpy_conv_forward_matches_definition(shape):
 
 def test_conv1_geometry_overhangs_by_three_zero_pixels():
     """224 crop, k=11, stride 4 -> 55, the same as a 227 input with 3 zero rows/columns
-    appended on the bottom/right (REFERENCE.md)."""
+    appended on the bottom/right (as in the authors' 2012 code)."""
     assert conv_output_size(224, 11, 4, 0) == 55
     rng = np.random.default_rng(2)
     inp, weight = rng.standard_normal((1, 3, 224, 224)), rng.standard_normal((2, 3, 11, 11))
@@ -191,7 +191,7 @@ def check_fc(N, n_in, n_out, seed=0):
     assert_within(dbias, ref_dbias, mag_dbias, N, "fc bias gradient")
 
 
-# The layers of one tower at batch 2 (REFERENCE.md), as the model calls them, plus the
+# The layers of one tower of the paper's network at batch 2, as the model calls them, plus the
 # grouped conv5 of the network seen as one (groups=2).
 ALEXNET_CONVS = {
     "conv1": (2, 3, 224, 224, 48, 11, 11, 4, 0, 1, (55, 55)),

@@ -100,7 +100,7 @@ def test_odd_number_of_classes(tmp_path):
 
 def test_alexnet_has_the_papers_parameter_count():
     shapes = alexnet.parameter_shapes(alexnet.architecture("alexnet", 1000))
-    assert sum(int(np.prod(s)) for s in shapes.values()) == 60_965_224  # REFERENCE.md
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 60_965_224  # the paper's network, both towers
     assert shapes["conv2.weight"] == (256, 48, 5, 5) and shapes["fc6.weight"] == (4096, 9216)
 
 
