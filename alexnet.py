@@ -20,13 +20,38 @@ import os
 import stat
 import sys
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
+REQUIRED_MODULES = ("numpy", "tqdm", "PIL", "cffi")   # requirements.txt, installed into .venv by make
+
+
+def missing_module_message(name):
+    return (f"the Python module {name} is missing: run alexnet.py with .venv/bin/python "
+            "(`make venv` creates it) or activate .venv")
+
+
+try:
+    import numpy as np
+except ModuleNotFoundError as e:   # the command line says so in one line; an importer gets the exception
+    if __name__ != "__main__" or e.name not in REQUIRED_MODULES:
+        raise
+    sys.exit(f"error: {missing_module_message(e.name)}")
 
 
 class AlexNetError(Exception):
     """A user-facing error: the command line prints it as one line and exits 1."""
+
+
+def python_command(*words):
+    """A command line running alexnet.py as the user can type it here: with this Python
+    (the repository's .venv by its relative path, another by the name PATH finds it by)."""
+    import shlex
+    import shutil
+    python = sys.executable
+    if os.path.realpath(os.path.dirname(python)).startswith(os.path.realpath(ROOT) + os.sep):
+        python = os.path.relpath(python)
+    elif (found := shutil.which(os.path.basename(python))) and os.path.samefile(found, python):
+        python = os.path.basename(python)
+    return shlex.join([python, os.path.relpath(os.path.join(ROOT, "alexnet.py")), *words])
 
 
 COMMANDS = {}  # name -> (add_arguments(parser), run(args)); each section registers its commands
@@ -74,7 +99,8 @@ def _require_regular_file(path):
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
-        raise AlexNetError(f"cannot open {path}: {e.strerror}")
+        broken = "a broken symbolic link: " if os.path.islink(path) else ""
+        raise AlexNetError(f"cannot open {path}: {broken}{e.strerror}")
     if not stat.S_ISREG(mode):
         kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
                 else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
@@ -152,12 +178,25 @@ def read_classes(folder):
 
 
 def shard_paths(folder, split):
-    """The shard files of one split ("train" or "val"), in order; at least one."""
-    paths = []
-    while os.path.exists(p := os.path.join(folder, f"{split}_{len(paths):03d}.bin")):
-        paths.append(p)
-    if not paths:
-        raise AlexNetError(f"{folder}: no {split}_000.bin (prepare the dataset first: python alexnet.py prepare ...)")
+    """The shard files of one split ("train" or "val"), in order; at least one. Shards are
+    numbered from 000 without gaps and each is a readable regular file (the executable's
+    rule too): a missing number or a broken link is an error, never a shorter split."""
+    try:
+        names = os.listdir(folder)
+    except OSError as e:
+        raise AlexNetError(f"cannot read {folder}: {e.strerror}")
+    numbers = set()
+    for name in names:   # the names the executable opens: train_000.bin ... train_999.bin, train_1000.bin ...
+        if (m := re.fullmatch(rf"{split}_(\d{{3,}})\.bin", name)) and name == f"{split}_{int(m.group(1)):03d}.bin":
+            numbers.add(int(m.group(1)))
+    if not numbers:
+        raise AlexNetError(f"{folder}: no {split}_000.bin (prepare the dataset first: {python_command('prepare', '...')})")
+    paths = [os.path.join(folder, f"{split}_{k:03d}.bin") for k in range(max(numbers) + 1)]
+    for k, path in enumerate(paths):
+        if k not in numbers:
+            raise AlexNetError(f"{path} is missing, but {split}_{max(numbers):03d}.bin exists "
+                               "(shards are numbered from 000 without gaps)")
+        _require_regular_file(path)
     return paths
 
 
@@ -1530,15 +1569,42 @@ def _train_arguments(parser):
     parser.parse_known_args = take_all
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _train(args):
-    """Run ./train_alexnet when a GPU is usable, else ./train_alexnet_cpu, with the flags."""
+    """Run ./train_alexnet when a GPU is usable, else ./train_alexnet_cpu, with the flags;
+    returns its exit status. A stop signal is the trainer's to handle (finish the step,
+    checkpoint; a second one ends it at once), so each one is forwarded to it and this
+    waits for it. The trainer has its own session: Ctrl-C in a terminal, sent to the whole
+    foreground group, would otherwise reach it twice, directly and forwarded."""
     import subprocess
     name = "train_alexnet" if _gpu_usable() and os.path.exists(os.path.join(ROOT, "train_alexnet")) \
         else "train_alexnet_cpu"
     path = os.path.join(ROOT, name)
     if not os.path.exists(path):
         raise AlexNetError(f"{path} not found: run `make` first")
-    return subprocess.call([path] + args.flags)
+    trainer, early = None, []
+
+    def forward(signum, frame):
+        if trainer is None:
+            early.append(signum)   # arrived before the trainer started: passed on once it has
+        else:
+            trainer.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    try:
+        try:
+            trainer = subprocess.Popen([path] + args.flags, start_new_session=True)
+        except OSError as e:
+            raise AlexNetError(f"cannot run {path}: {e.strerror}")
+        for signum in early:
+            trainer.send_signal(signum)
+        status = trainer.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 - status if status < 0 else status   # killed by signal N: 128 + N, as a shell reports it
 
 
 COMMANDS["train"] = (_train_arguments, _train)
@@ -2511,7 +2577,7 @@ def _demo(args):
         print(_format_scores(name, s))
     print("validation accuracy: " + ", ".join(f"{1 - s['top1_error']:.1%} ({name})" for name, s in scores.items()))
     if not args.ten_views:
-        print(f"  (the paper's 10 views: python alexnet.py eval {checkpoint} --data {args.data})")
+        print(f"  (the paper's 10 views: {python_command('eval', checkpoint, '--data', args.data)})")
 
 
 COMMANDS["demo"] = (_demo_arguments, _demo)
@@ -2531,6 +2597,11 @@ def main(argv=None):
         return COMMANDS[args.command][1](args) or 0
     except AlexNetError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:
+        if e.name not in REQUIRED_MODULES:
+            raise
+        print(f"error: {missing_module_message(e.name)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -308,6 +308,9 @@ def test_demo_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
         assert os.path.exists(os.path.join(out, name)), name
     assert re.search(r"validation accuracy: [0-9.]+% \(centre crop\)\n", first)
     assert "(10 views)" not in first
+    hint = re.search(r"\(the paper's 10 views: (.+)\)\n", first).group(1)   # runs as printed
+    shown = subprocess.run(hint, shell=True, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0 and "10 views | val loss" in shown.stdout, (hint, shown.stderr)
     assert A.main(flags + ["--ten-views"]) == 0  # again: the dataset is reused, the run starts afresh
     second = capsys.readouterr().out
     assert "reusing the synthetic dataset" in second

@@ -613,3 +613,60 @@ def test_command_line_end_to_end(tmp_path):
                           str(tmp_path / "o2")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+# --- the shard list: numbered from 000 without gaps, every one a readable regular file ---
+
+def _gap(folder):
+    os.remove(folder / "train_001.bin")
+
+
+def _dangling_link(folder):
+    os.remove(folder / "train_001.bin")
+    os.symlink(folder / "nowhere.bin", folder / "train_001.bin")
+
+
+def _link_loop(folder):
+    os.remove(folder / "train_001.bin")
+    os.symlink(folder / "loop_b", folder / "train_001.bin")
+    os.symlink(folder / "train_001.bin", folder / "loop_b")
+
+
+def _broken_val(folder):
+    os.remove(folder / "val_000.bin")
+    os.symlink(folder / "nowhere.bin", folder / "val_000.bin")
+
+
+@pytest.mark.parametrize("damage,split,message", [
+    (_gap, "train", "train_001.bin is missing, but train_002.bin exists"),
+    (_dangling_link, "train", "train_001.bin: a broken symbolic link: No such file or directory"),
+    (_link_loop, "train", "train_001.bin: a broken symbolic link: Too many levels of symbolic links"),
+    (_broken_val, "val", "val_000.bin: a broken symbolic link"),
+], ids=["gap", "dangling link", "link loop", "broken validation shard"])
+def test_a_gap_or_a_broken_link_among_the_shards_is_an_error(tmp_path, capsys, damage, split, message):
+    """A split is never silently shorter: a missing shard number or a shard that cannot be
+    opened is named, in the listing, in read_split and in the commands that read a split."""
+    data = tmp_path / "data"
+    prepare_ok(capsys, "synthetic", "--out", str(data), "--train-images", "30", "--val-images", "10",
+               "--shard-images", "10", "--workers", "1")
+    assert [os.path.basename(p) for p in alexnet.shard_paths(str(data), "train")] == \
+        ["train_000.bin", "train_001.bin", "train_002.bin"]
+    damage(data)
+    for read in (alexnet.shard_paths, alexnet.read_split):
+        with pytest.raises(alexnet.AlexNetError, match=message):
+            read(str(data), split)
+    if split == "val":   # eval reads the validation split
+        arch = alexnet.architecture("small", 10)
+        alexnet.save_checkpoint(str(tmp_path / "c.bin"), arch, alexnet.init_params(arch, np.random.default_rng(0)))
+        code, text = run(capsys, "eval", str(tmp_path / "c.bin"), "--data", str(data))
+        assert code == 1 and text.count("\n") == 1 and message in text, text
+
+
+def test_shard_names_the_executable_does_not_open_are_not_shards(tmp_path):
+    """train_0001.bin or train_01.bin are not train_001.bin: ignored, as the executable ignores them."""
+    alexnet.write_shard(str(tmp_path / "train_000.bin"), [1], np.zeros((1, 4, 4, 3), np.uint8), 10)
+    for name in ("train_0001.bin", "train_01.bin", "train_001.bin.tmp", "val_000.bin.tmp"):
+        (tmp_path / name).write_bytes(b"")
+    assert alexnet.shard_paths(str(tmp_path), "train") == [str(tmp_path / "train_000.bin")]
+    with pytest.raises(alexnet.AlexNetError, match="no val_000.bin"):
+        alexnet.shard_paths(str(tmp_path), "val")
