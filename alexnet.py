@@ -73,6 +73,7 @@ COMMANDS = {}  # name -> (add_arguments(parser), run(args)); each section regist
 
 import hashlib
 import json
+import math
 import re
 import signal
 import zlib
@@ -163,8 +164,15 @@ def read_stats(path):
     if size != expected:
         raise AlexNetError(f"{path}: {size} bytes, but its header says {expected} (truncated or corrupt)")
     values = np.memmap(path, dtype="<f4", mode="r", offset=HEADER_BYTES, shape=(count,))
-    mean = values[:-12].reshape(height, width, channels)
-    return Stats(mean, values[-12:-9], values[-9:].reshape(3, 3))
+    stats = Stats(values[:-12].reshape(height, width, channels), values[-12:-9], values[-9:].reshape(3, 3))
+    # what the loaders subtract and add to every image: a NaN or a wild value would spread
+    # into every activation (a mean of 0..255 pixels, a covariance's eigenvalues, unit vectors)
+    for name, array, lowest, highest in (("mean", stats.mean, 0, 255), ("eigenvalue", stats.eigval, 0, 255.0**2),
+                                         ("eigenvector component", stats.eigvec, -1.001, 1.001)):
+        if (bad := np.flatnonzero(~((array >= lowest) & (array <= highest)))).size:
+            raise AlexNetError(f"{path}: {name} {array.flat[bad[0]]:g} is outside [{lowest:g}, {highest:g}] "
+                               "(corrupt statistics)")
+    return stats
 
 
 def read_classes(folder):
@@ -190,7 +198,8 @@ def shard_paths(folder, split):
         if (m := re.fullmatch(rf"{split}_(\d{{3,}})\.bin", name)) and name == f"{split}_{int(m.group(1)):03d}.bin":
             numbers.add(int(m.group(1)))
     if not numbers:
-        raise AlexNetError(f"{folder}: no {split}_000.bin (prepare the dataset first: {python_command('prepare', '...')})")
+        raise AlexNetError(f"{folder}: no {split}_000.bin "
+                           f"(prepare the dataset first: {python_command('prepare', '...')})")
     paths = [os.path.join(folder, f"{split}_{k:03d}.bin") for k in range(max(numbers) + 1)]
     for k, path in enumerate(paths):
         if k not in numbers:
@@ -399,7 +408,7 @@ class PixelSums:
         # cov = E[xx^T] - E[x]E[x]^T = (n q - s s^T) / n^2, the numerator in exact integers
         cov = np.array([[(n * q[i][j] - s[i] * s[j]) / n**2 for j in range(3)] for i in range(3)])
         eigval, eigvec = np.linalg.eigh(cov)
-        eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
+        eigval, eigvec = np.maximum(eigval[::-1], 0), eigvec[:, ::-1]   # a rounding-error -1e-14 is 0
         eigvec = eigvec * np.sign(eigvec[np.abs(eigvec).argmax(axis=0), range(3)])
         return self.image_sum / self.images, eigval, eigvec
 
@@ -1284,8 +1293,12 @@ def parameter_shapes(arch):
         k, K = arch["conv_kernel"][i], arch["conv_out"][i]
         shapes[f"{LAYERS[i]}.weight"] = (K, channels // CONV_GROUPS[i], k, k)
         shapes[f"{LAYERS[i]}.bias"] = (K,)
-        size = conv_output_size(size, k, arch["conv_stride"][i], arch["conv_pad"][i])
+        if (out := conv_output_size(size, k, arch["conv_stride"][i], arch["conv_pad"][i])) < 1:
+            raise AlexNetError(f"{LAYERS[i]}: a {size}x{size} input is too small for a {k}x{k} kernel")
+        size = out
         if CONV_POOLED[i]:
+            if size < arch["pool_size"]:
+                raise AlexNetError(f"{LAYERS[i]}: output {size} is smaller than the pooling window")
             size = pool_output_size(size, arch["pool_size"], arch["pool_stride"])
         channels = K
     features = channels * size * size
@@ -1484,19 +1497,63 @@ def _decode_header(h):
     return fields
 
 
-def load_checkpoint(path):
-    """(header fields, {name: float32 parameter}, {name: float32 momentum}) of a checkpoint
-    written by train_alexnet or save_checkpoint. The header dict also works as the `arch`
-    of model_forward."""
+# The ranges a checkpoint's header fields must lie in: (lowest, highest, highest excluded).
+# The training options are the executables' flag ranges, which they apply on --resume.
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+_HEADER_RANGES = dict(
+    crop=(1, MAX_IMAGE_SIDE, False), classes=(2, MAX_CLASSES, False), step=(0, INT64_MAX, False),
+    seed=(0, INT64_MAX, False), batch=(1, 1 << 16, False), lr=(1e-12, 100, False), momentum=(0, 1, True),
+    weight_decay=(0, 1, False), dropout=(0, 1, True), augment=(0, 1, False), eval_every=(0, INT32_MAX, False),
+    patience=(0, 1000000, False), max_drops=(0, 100, False), plateau_drops=(0, 100, False),
+    bad_evals=(0, 1000000, False), epochs=(1, 1000000, False), steps=(0, INT32_MAX, False),
+)
+MAX_LR_STEPS = 8
+_FIELD_AT = {name: at for name, at, _, _ in _HEADER}
+
+
+def _header_problem(fields, count_of_lr_steps):
+    """What is wrong with a checkpoint's decoded header fields, or None."""
+    for name, (lowest, highest, excluded) in _HEADER_RANGES.items():
+        value = fields[name]
+        if isinstance(value, float):   # a float32 field: --lr 1e-12 is stored as 9.99999998e-13
+            lowest, highest = float(np.float32(lowest)), float(np.float32(highest))
+        if not (lowest <= value < highest if excluded else lowest <= value <= highest):
+            return f"{name} {value:g} is outside [{lowest:g}, {highest:g}{')' if excluded else ']'}"
+    for i, layer in enumerate(LAYERS[:5]):
+        k, pad = fields["conv_kernel"][i], fields["conv_pad"][i]
+        if fields["conv_out"][i] < 2 or fields["conv_out"][i] % 2 or k < 1 or fields["conv_stride"][i] < 1 \
+                or not 0 <= pad < k:
+            return f"bad geometry for {layer}"
+    if any(width < 2 or width % 2 for width in fields["fc_out"]):
+        return "fc6 and fc7 widths must be positive and even"
+    if min(fields["pool_size"], fields["pool_stride"], fields["lrn_size"]) < 1:
+        return "pooling window and stride and LRN size must be positive"
+    if not all(np.isfinite(fields[name]) for name in ("lrn_alpha", "lrn_beta", "lrn_k")) \
+            or not 0 < fields["init_std"] < np.inf:
+        return "LRN settings not finite, or an initialisation std that is not positive"
+    if not 0 <= count_of_lr_steps <= MAX_LR_STEPS or not all(1 <= e <= 1000000 for e in fields["lr_steps"]):
+        return f"{count_of_lr_steps} --lr-steps epochs (at most {MAX_LR_STEPS}, each 1..1000000)"
+    if not (fields["best_error"] == np.inf or 0 <= fields["best_error"] <= 1):
+        return f"best validation error {fields['best_error']:g} (a fraction, or inf before any)"
+    if not (np.isnan(fields["loss"]) or 0 <= fields["loss"] < np.inf):
+        return f"last loss {fields['loss']:g}"
+    return None
+
+
+def read_checkpoint_header(path):
+    """The header fields of a checkpoint after checking them and the file's size, without
+    reading the parameters. The dict also works as the `arch` of model_forward."""
     _require_regular_file(path)
     try:
         size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
     except OSError as e:
-        raise AlexNetError(f"cannot open {path}: {e.strerror}")
-    if size < 1024:
-        raise AlexNetError(f"{path} is truncated: shorter than its 1024-byte header")
-    data = np.memmap(path, dtype="<i4", mode="r")
-    header = _decode_header(np.array(data[:256]))
+        raise AlexNetError(f"cannot read {path}: {e.strerror}")
+    if size < HEADER_BYTES:
+        raise AlexNetError(f"{path} is truncated: shorter than its {HEADER_BYTES}-byte header")
+    h = np.frombuffer(raw, dtype="<i4")
+    header = _decode_header(h)
     if header["magic"] != CHECKPOINT_MAGIC:
         raise AlexNetError(f"{path} is not an AlexNet checkpoint (magic {header['magic']}, "
                            f"expected {CHECKPOINT_MAGIC})")
@@ -1504,18 +1561,42 @@ def load_checkpoint(path):
         raise AlexNetError(f"{path}: checkpoint version {header['version']}, expected {CHECKPOINT_VERSION}")
     if header["arch"] is None:
         raise AlexNetError(f"{path}: unknown preset number {header['preset']}")
-    shapes = parameter_shapes(header)
-    total = sum(int(np.prod(s)) for s in shapes.values())
-    if header["parameters"] != total or size != 1024 + 8 * total:
+    if problem := _header_problem(header, int(h[_FIELD_AT["lr_steps"] - 1])):
+        raise AlexNetError(f"{path}: bad header: {problem}")
+    try:
+        shapes = parameter_shapes(header)
+    except AlexNetError as e:
+        raise AlexNetError(f"{path}: bad architecture in the header: {e}")
+    total = sum(math.prod(s) for s in shapes.values())
+    if header["parameters"] != total or size != HEADER_BYTES + 8 * total:
         raise AlexNetError(f"{path} is truncated or damaged: {size} bytes, {header['parameters']} parameters "
-                           f"in the header; its architecture needs {total} ({1024 + 8 * total} bytes)")
-    values = np.array(data[256:]).view("<f4")
+                           f"in the header; its architecture needs {total} ({HEADER_BYTES + 8 * total} bytes)")
+    return header
+
+
+def load_checkpoint(path):
+    """(header fields, {name: float32 parameter}, {name: float32 momentum}) of a checkpoint
+    written by train_alexnet or save_checkpoint. Anything wrong with the file, non-finite
+    numbers included (as the executables refuse them), is an AlexNetError."""
+    header = read_checkpoint_header(path)
+    shapes, total = parameter_shapes(header), header["parameters"]
+    try:
+        values = np.fromfile(path, dtype="<f4", offset=HEADER_BYTES)
+    except OSError as e:
+        raise AlexNetError(f"cannot read {path}: {e.strerror}")
+    if len(values) != 2 * total:
+        raise AlexNetError(f"{path} changed while it was read")
     params, momentum, pos = {}, {}, 0
     for name, shape in shapes.items():
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         params[name] = values[pos:pos + n].reshape(shape).astype(np.float32)
         momentum[name] = values[total + pos:total + pos + n].reshape(shape).astype(np.float32)
         pos += n
+    for what, tensors in (("", params), ("the momentum of ", momentum)):
+        for name, value in tensors.items():
+            if (bad := np.flatnonzero(~np.isfinite(value))).size:
+                raise AlexNetError(f"{path}: {what}{name}[{bad[0]}] is {value.flat[bad[0]]:g}: "
+                                   "a checkpoint holds finite numbers only")
     return header, params, momentum
 
 
@@ -1526,7 +1607,7 @@ def save_checkpoint(path, header, params, momentum=None):
     fields = dict(_DEFAULT_STATE, **header)
     fields.update(magic=CHECKPOINT_MAGIC, version=CHECKPOINT_VERSION)
     shapes = parameter_shapes(fields)
-    fields["parameters"] = sum(int(np.prod(s)) for s in shapes.values())
+    fields["parameters"] = sum(math.prod(s) for s in shapes.values())
     if set(params) != set(shapes) or (momentum is not None and set(momentum) != set(shapes)):
         raise AlexNetError(f"save_checkpoint: expected the parameters {', '.join(shapes)}")
     chunks = [_encode_header(fields).tobytes()]

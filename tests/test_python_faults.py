@@ -74,7 +74,7 @@ def prepared(tmp_path_factory):
     ("cffi", ["eval", "{ckpt}", "--data", "{data}"]),
     ("tqdm", ["eval", "{ckpt}", "--data", "{data}", "--views", "1"]),
     ("PIL", ["show", "filters", "{ckpt}", "--out", "{tmp}/f.png"]),
-])
+], ids=["numpy", "cffi", "tqdm", "PIL"])
 def test_a_missing_module_is_named_with_the_way_to_get_it(prepared, tmp_path, module, command):
     """As under a Python without the project's dependencies (the module made unimportable)."""
     argv = [a.format(ckpt=prepared / "small.bin", data=prepared / "data", tmp=tmp_path) for a in command]
@@ -100,3 +100,111 @@ def test_printed_commands_run_this_python_from_the_current_folder(monkeypatch, t
     assert alexnet.python_command("demo") == f"{outside} {up}/alexnet.py demo"
     monkeypatch.setenv("PATH", str(outside.parent) + os.pathsep + os.environ["PATH"])
     assert alexnet.python_command("demo") == f"python3.99 {up}/alexnet.py demo"
+
+
+# --- damaged checkpoints and statistics: an AlexNetError, never another exception
+
+def header_within_range(header, params, momentum, size):
+    """The checks a loaded checkpoint must pass, written from the README's format table."""
+    shapes = {name: value.shape for name, value in params.items()}
+    count = sum(int(np.prod(shape)) for shape in shapes.values())
+    assert size == 1024 + 8 * count and header["parameters"] == count
+    assert {name: value.shape for name, value in momentum.items()} == shapes
+    assert header["arch"] in alexnet.PRESET_NAMES and 1 <= header["crop"] <= alexnet.MAX_IMAGE_SIDE
+    assert 2 <= header["classes"] == shapes["fc8.bias"][0]
+    assert all(k > 0 and k % 2 == 0 for k in header["conv_out"] + header["fc_out"])
+    assert 1 <= header["batch"] <= 65536 and 0 <= header["momentum"] < 1 and 0 <= header["dropout"] < 1
+    assert 1e-13 < header["lr"] <= 100 and 0 <= header["weight_decay"] <= 1 and header["step"] >= 0
+    assert header["best_error"] == np.inf or 0 <= header["best_error"] <= 1
+    assert all(np.isfinite(v).all() for v in (*params.values(), *momentum.values()))
+
+
+def mutations(raw, rng, count):
+    """Seeded damage to a checkpoint: bit flips (mostly in the header), truncations, header
+    fields overwritten with edge values, parameters overwritten with non-finite floats."""
+    edge = [0, 1, 2, 3, -1, -2, 7, 255, 1024, 8193, 2**31 - 1, -2**31, 0x7FC00000, 0x7F800000, 0x3F800000]
+    for i in range(count):
+        data = bytearray(raw)
+        kind = i % 4
+        if kind == 0:
+            for _ in range(rng.integers(1, 6)):
+                at = rng.integers(0, 1024) if rng.random() < 0.8 else rng.integers(0, len(data))
+                data[at] ^= 1 << int(rng.integers(0, 8))
+        elif kind == 1:
+            data = data[:rng.integers(0, len(data))]
+        elif kind == 2:
+            at = 4 * int(rng.integers(0, 70))
+            data[at:at + 4] = np.int32(edge[rng.integers(len(edge))]).tobytes()
+        else:
+            at = 1024 + 4 * int(rng.integers(0, (len(data) - 1024) // 4))
+            data[at:at + 4] = np.float32(rng.choice([np.nan, np.inf, -np.inf])).tobytes()
+        yield kind, bytes(data)
+
+
+def test_damaged_checkpoints_are_refused_or_load_within_range(tmp_path):
+    arch = alexnet.architecture("small", 10)
+    rng = np.random.default_rng(14)
+    params = alexnet.init_params(arch, rng)
+    momentum = {k: rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in params.items()}
+    good = tmp_path / "good.bin"
+    alexnet.save_checkpoint(str(good), dict(arch, step=30, lr_steps=(2,)), params, momentum)
+    path, outcomes = tmp_path / "damaged.bin", {}
+    for kind, data in mutations(good.read_bytes(), rng, 800):
+        path.write_bytes(data)
+        try:
+            header, p, m = alexnet.load_checkpoint(str(path))
+        except alexnet.AlexNetError as e:
+            assert "\n" not in str(e) and str(path) in str(e)
+            outcomes[kind, "refused"] = outcomes.get((kind, "refused"), 0) + 1
+        else:
+            header_within_range(header, p, m, len(data))
+            outcomes[kind, "loaded"] = outcomes.get((kind, "loaded"), 0) + 1
+    assert outcomes[3, "refused"] == 200   # every non-finite parameter or momentum is caught
+    assert outcomes[0, "refused"] > 50 and outcomes[2, "refused"] > 50 and outcomes[1, "refused"] > 150
+
+
+@pytest.mark.parametrize("tensor,which,at,value,message", [
+    ("fc7.weight", "params", 12, np.nan, r"fc7.weight\[12\] is nan: a checkpoint holds finite numbers only"),
+    ("conv1.bias", "momentum", 3, -np.inf, r"the momentum of conv1.bias\[3\] is -inf"),
+], ids=["NaN weight", "infinite momentum"])
+def test_non_finite_parameters_or_momentum_are_refused_by_name(tmp_path, tensor, which, at, value, message):
+    arch = alexnet.architecture("small", 10)
+    state = {"params": alexnet.init_params(arch, np.random.default_rng(0))}
+    state["momentum"] = {k: np.zeros_like(v) for k, v in state["params"].items()}
+    state[which][tensor].reshape(-1)[at] = value
+    alexnet.save_checkpoint(str(tmp_path / "c.bin"), arch, state["params"], state["momentum"])
+    with pytest.raises(alexnet.AlexNetError, match=message):
+        alexnet.load_checkpoint(str(tmp_path / "c.bin"))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("mean", (1, 2, 0, np.nan), "mean nan is outside"),
+    ("mean", (0, 0, 1, 300.0), "mean 300 is outside"),
+    ("eigval", (2, -5.0), "eigenvalue -5 is outside"),
+    ("eigval", (0, np.inf), "eigenvalue inf is outside"),
+    ("eigvec", (1, 1, np.nan), "eigenvector component nan is outside"),
+], ids=["NaN mean", "mean 300", "negative eigenvalue", "infinite eigenvalue", "NaN eigenvector"])
+def test_statistics_out_of_range_are_refused(tmp_path, field, value, message):
+    images = np.random.default_rng(1).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    stats = dict(zip(("mean", "eigval", "eigvec"), alexnet.PixelSums(4, 4).add(images).statistics()))
+    alexnet.write_stats(str(tmp_path / "stats.bin"), **stats)
+    alexnet.read_stats(str(tmp_path / "stats.bin"))   # the good one loads
+    stats[field][value[:-1]] = value[-1]
+    alexnet.write_stats(str(tmp_path / "stats.bin"), **stats)
+    with pytest.raises(alexnet.AlexNetError, match=message):
+        alexnet.read_stats(str(tmp_path / "stats.bin"))
+
+
+def test_statistics_of_grey_images_have_no_negative_eigenvalue(tmp_path):
+    """R = G = B: a rank-1 covariance, whose zero eigenvalues eigh returns as +-1e-12; a
+    negative one would make the statistics of a legitimate greyscale set unreadable."""
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        grey = np.repeat(rng.integers(0, 256, (50, 6, 6, 1), dtype=np.uint8), 3, axis=3)
+        mean, eigval, eigvec = alexnet.PixelSums(6, 6).add(grey).statistics()
+        variance = grey[..., 0].astype(np.float64).var()
+        assert (eigval >= 0).all(), eigval
+        np.testing.assert_allclose(eigval, [3 * variance, 0, 0], rtol=1e-9, atol=1e-9 * variance)
+        alexnet.write_stats(str(tmp_path / "stats.bin"), mean, eigval, eigvec)
+        np.testing.assert_array_equal(alexnet.read_stats(str(tmp_path / "stats.bin")).eigval,
+                                      eigval.astype(np.float32))
