@@ -2196,12 +2196,34 @@ def _use_gpu_library():
 def _dataset(data, split="val"):
     """(shards, mean [H][W][3], class names) of a dataset folder; shards are memory-mapped
     (images, labels) pairs, so that a split never has to fit in memory."""
-    shards = [(shard.pixels, shard.labels) for shard in map(read_shard, shard_paths(data, split))]
+    paths = shard_paths(data, split)
+    shards, names = [read_shard(path) for path in paths], read_classes(data)
     mean = np.array(read_stats(os.path.join(data, "stats.bin")).mean)
-    for images, _ in shards:
-        if images.shape[1:] != mean.shape:
-            raise AlexNetError(f"{data}: stats.bin is for {mean.shape} images, the {split} shards hold {images.shape[1:]}")
-    return shards, mean, read_classes(data)
+    for path, shard in zip(paths, shards):
+        if shard.pixels.shape[1:] != mean.shape:
+            raise AlexNetError(f"{data}: stats.bin is for {mean.shape} images, the {split} shards hold "
+                               f"{shard.pixels.shape[1:]}")
+        if shard.num_classes != len(names):
+            raise AlexNetError(f"{path} has {shard.num_classes} classes, {data}/classes.txt names {len(names)}")
+    return [(shard.pixels, shard.labels) for shard in shards], mean, names
+
+
+def require_fit(checkpoint, data, image_shape, classes):
+    """Refuse a checkpoint made for other data, before its outputs could be scored against
+    the wrong labels or its crop taken from the wrong images: the class counts must agree
+    (the executable's rule), and the images must be the size the crop is taken from. A
+    checkpoint does not record that size; the presets crop 7/8 of the side (224 of 256,
+    28 of 32), so images of crop to crop + crop/7 pixels fit, and larger ones would show
+    the model only their middle. Returns the checkpoint's header."""
+    header = read_checkpoint_header(checkpoint)
+    if header["classes"] != classes:
+        raise AlexNetError(f"{checkpoint} has {header['classes']} classes, the dataset {classes} ({data})")
+    crop, (height, width) = header["crop"], image_shape[:2]
+    largest = crop + crop // 7
+    if not (crop <= height <= largest and crop <= width <= largest):
+        raise AlexNetError(f"{checkpoint} takes {crop}x{crop} crops of images {crop} to {largest} pixels wide "
+                           f"(the {header['arch']} preset), not the {height}x{width} images of {data}")
+    return header
 
 
 def _format_scores(name, s):
@@ -2221,7 +2243,8 @@ def _eval(args):
     if args.batch < 1:
         raise AlexNetError("--batch must be at least 1")
     _use_gpu_library()
-    shards, mean, _ = _dataset(args.data)
+    shards, mean, names = _dataset(args.data)
+    require_fit(args.checkpoint, args.data, mean.shape, len(names))
     with LibraryModel(args.checkpoint, mean, args.batch) as model:
         scores = evaluate(model, shards, args.views, args.batch, progress=True)
     print(f"{args.checkpoint} on {args.data}")
@@ -2264,6 +2287,7 @@ def _predict(args):
     _use_gpu_library()
     mean = np.array(read_stats(os.path.join(args.data, "stats.bin")).mean)
     names = read_classes(args.data)
+    require_fit(args.checkpoint, args.data, mean.shape, len(names))
     images = np.stack([_read_image(path, mean.shape) for path in args.images])
     with LibraryModel(args.checkpoint, mean, min(len(images), 128)) as model:
         probs = predict(model, images, args.views)
@@ -2529,6 +2553,7 @@ def draw_predictions(checkpoint, data, out=None, count=8, seed=0, views=10):
     """Write Figure 4 for `count` validation images picked with `seed` (default:
     predictions.png beside the checkpoint); returns the path."""
     shards, mean, names = _dataset(data)
+    require_fit(checkpoint, data, mean.shape, len(names))
     sizes = [len(labels) for _, labels in shards]
     pick = np.sort(np.random.default_rng(seed).choice(sum(sizes), min(count, sum(sizes)), replace=False))
     where = np.searchsorted(np.cumsum(sizes), pick, side="right")  # shard of each picked image

@@ -316,3 +316,56 @@ def test_demo_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
     assert "reusing the synthetic dataset" in second
     assert re.search(r"validation accuracy: [0-9.]+% \(centre crop\), [0-9.]+% \(10 views\)", second)
     assert A.read_training_log(os.path.join(out, "log.txt"))["train"][-1][0] == pytest.approx(2 / 3, abs=0.01)
+
+
+@pytest.fixture(scope="module")
+def other_sizes(tmp_path_factory):
+    """Synthetic sets of 64x64 and 24x24 images (10 classes) for checkpoints that do not fit."""
+    folder = tmp_path_factory.mktemp("sizes")
+    for size in (64, 24):
+        assert A.main(["prepare", "synthetic", "--out", str(folder / str(size)), "--size", str(size),
+                       "--train-images", "10", "--val-images", "10", "--workers", "1"]) == 0
+    return folder
+
+
+def _checkpoint_of(folder, name, **arch):
+    """A small-preset checkpoint with `arch` fields changed (class count, crop)."""
+    arch = dict(A.architecture("small", 10), **arch)
+    path = str(folder / f"{name}.bin")
+    A.save_checkpoint(path, arch, A.init_params(arch, np.random.default_rng(0)))
+    return path
+
+
+@pytest.mark.parametrize("case", ["5 classes", "100 classes", "28 crop on 64x64", "32 crop on 64x64",
+                                  "28 crop on 24x24"])
+@pytest.mark.parametrize("command", ["eval", "predict", "show predictions"])
+def test_a_checkpoint_that_does_not_fit_the_dataset_is_a_one_line_error(checkpoint, dataset, other_sizes, val,
+                                                                       tmp_path, case, command):
+    """Scored against the wrong labels or shown the middle of larger images, such a model
+    would give an IndexError or silently wrong numbers: each command refuses it instead."""
+    from PIL import Image
+    ckpt, data, message = {
+        "5 classes": (_checkpoint_of(tmp_path, "c5", classes=5), dataset, "has 5 classes, the dataset 10"),
+        "100 classes": (_checkpoint_of(tmp_path, "c100", classes=100), dataset, "has 100 classes, the dataset 10"),
+        "28 crop on 64x64": (checkpoint, str(other_sizes / "64"), "takes 28x28 crops of images 28 to 32 pixels "
+                             "wide (the small preset), not the 64x64 images"),
+        "32 crop on 64x64": (_checkpoint_of(tmp_path, "crop32", crop=32), str(other_sizes / "64"),
+                             "takes 32x32 crops of images 32 to 36 pixels wide"),
+        "28 crop on 24x24": (checkpoint, str(other_sizes / "24"), "not the 24x24 images"),
+    }[case]
+    image = str(tmp_path / "image.png")
+    Image.fromarray(val[0][0]).save(image)
+    args = {"eval": ["eval", ckpt, "--data", data], "predict": ["predict", ckpt, image, "--data", data],
+            "show predictions": ["show", "predictions", ckpt, "--data", data, "--out", str(tmp_path / "p.png")]}
+    result = _run(*args[command])
+    assert result.returncode == 1 and result.stdout == "", result.stdout
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr, result.stderr
+    assert not os.path.exists(tmp_path / "p.png")
+
+
+def test_the_checkpoint_that_fits_is_accepted_at_the_edges_of_the_size_range(dataset, tmp_path):
+    """A crop as large as the images (no margin) fits as well as the presets' 7/8."""
+    ckpt = _checkpoint_of(tmp_path, "crop32", crop=32)
+    result = _run("eval", ckpt, "--data", dataset, "--views", "1")
+    assert result.returncode == 0 and "centre crop | val loss" in result.stdout, result.stderr
