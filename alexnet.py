@@ -2322,35 +2322,48 @@ def normalise_filters(weight):
     return np.round(255 * v).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-FILTER_PAD = 3  # pixels between kernels; a tower's block is 4 * FILTER_PAD below the other's
+FILTER_PAD = 3          # pixels between kernels
+FILTER_MIN_WIDTH = 800  # kernels are enlarged until the grid is this wide at least, so their structure shows
+FILTER_TITLE = 40       # height of the title band at the top
+FILTER_LABEL = 30       # height of the label band above each tower's kernels
 
 
 def filter_grid_geometry(K, R, scale=None, columns=None):
     """(scale, columns, rows per tower, cell size) of the filter grid for K kernels of R x R:
-    kernels are enlarged by an integer factor to about 48 pixels."""
-    scale = scale or max(1, -(-48 // R))
+    kernels are enlarged by an integer factor (nearest neighbour) to 48 pixels at least
+    and until the grid is FILTER_MIN_WIDTH wide."""
     columns = columns or min(16, K // 2)
+    scale = scale or max(-(-48 // R), -(-(FILTER_MIN_WIDTH - FILTER_PAD * (columns + 1)) // (columns * R)))
     return scale, columns, -(-(K // 2) // columns), R * scale + FILTER_PAD
+
+
+def _tower_top(tower, rows, cell):
+    """The first pixel row of a tower's label band: the title, then each tower's label and kernels."""
+    return FILTER_TITLE + tower * (FILTER_LABEL + rows * cell)
 
 
 def filter_cell(k, K, R, scale=None, columns=None):
     """Top-left pixel (x, y) of kernel k in the grid: tower 0's K/2 kernels in the upper
-    block, tower 1's in the lower, row by row."""
+    block, tower 1's in the lower, row by row, each block under its label."""
     scale, columns, rows, cell = filter_grid_geometry(K, R, scale, columns)
     tower, i = divmod(k, K // 2)
     row, col = divmod(i, columns)
-    y = FILTER_PAD + tower * (rows * cell + 3 * FILTER_PAD) + row * cell
-    return FILTER_PAD + col * cell, y
+    return FILTER_PAD + col * cell, _tower_top(tower, rows, cell) + FILTER_LABEL + row * cell
 
 
-def filters_image(weight, scale=None, columns=None):
-    """The paper's Figure 3 for conv1 weights [K][3][R][R]: a PIL image."""
-    from PIL import Image
+def filters_image(weight, title="conv1 filters", scale=None, columns=None):
+    """The paper's Figure 3 for conv1 weights [K][3][R][R]: a PIL image with a title and
+    each tower's kernels under its label (the paper's GPU 1 and GPU 2)."""
+    from PIL import Image, ImageDraw
     K, _, R, _ = weight.shape
     scale, columns, rows, cell = filter_grid_geometry(K, R, scale, columns)
-    width = FILTER_PAD + columns * cell
-    height = FILTER_PAD + 2 * rows * cell + 3 * FILTER_PAD
+    width, height = FILTER_PAD + columns * cell, _tower_top(2, rows, cell)
     image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.text((width / 2, FILTER_TITLE / 2), title, fill=(0, 0, 0), font=_font(20), anchor="mm")
+    for tower in range(2):
+        draw.text((FILTER_PAD, _tower_top(tower, rows, cell) + FILTER_LABEL / 2), f"tower {tower} (GPU {tower + 1})",
+                  fill=(0, 0, 0), font=_font(16), anchor="lm")
     for k, pixels in enumerate(normalise_filters(weight)):
         tile = Image.fromarray(pixels, "RGB").resize((R * scale, R * scale), Image.NEAREST)
         image.paste(tile, filter_cell(k, K, R, scale, columns))
@@ -2534,9 +2547,9 @@ def predictions_image(images, labels, probs, class_names, columns=4):
 
 def draw_filters(checkpoint, out=None):
     """Write the conv1 filter grid of a checkpoint (default: filters.png beside it); returns the path."""
-    _, params, _ = load_checkpoint(checkpoint)
+    header, params, _ = load_checkpoint(checkpoint)
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "filters.png")
-    filters_image(params["conv1.weight"]).save(out)
+    filters_image(params["conv1.weight"], f"conv1 filters: {header['arch']} preset, step {header['step']}").save(out)
     return out
 
 
