@@ -2586,7 +2586,7 @@ def _show_arguments(p):
     f = sub.add_parser("filters", help="the conv1 kernels of a checkpoint, tower 0 above tower 1")
     f.add_argument("checkpoint")
     c = sub.add_parser("curves", help="loss and top-1/top-5 error against epochs from a run's log")
-    c.add_argument("run", metavar="OUT", help="a training output folder (its log.txt) or a log file")
+    c.add_argument("run", metavar="RUN", help="a training output folder (its log.txt) or a log file")
     r = sub.add_parser("predictions", help="validation images with their top-5 predictions")
     r.add_argument("checkpoint")
     r.add_argument("--data", required=True, help="dataset folder")
@@ -2594,7 +2594,7 @@ def _show_arguments(p):
     r.add_argument("--seed", type=int, default=0, help="which images (default: 0)")
     r.add_argument("--views", type=int, choices=(1, 10), default=10, help="1: centre crop only (default: 10)")
     for s in (f, c, r):
-        s.add_argument("--out", help="the PNG to write (default: beside the input)")
+        s.add_argument("--out", metavar="PNG", help="the PNG to write (default: beside the input)")
 
 
 def _show(args):
@@ -2625,7 +2625,8 @@ DEMO_TRAINING = dict(batch=32, lr=0.01, lr_steps="1", dropout=0.0, steps=450, ev
 
 def _demo_arguments(p):
     p.description = ("The one-command demo (make demo): prepare the synthetic set, train the small "
-                     "preset (GPU if usable, else the CPU build), evaluate, draw filters and curves.")
+                     "preset (GPU if usable, else the CPU build), evaluate, and draw filters.png, curves.png "
+                     "and predictions.png into the output folder.")
     p.add_argument("--data", default=os.path.join(ROOT, "data", "synthetic"), help="dataset folder (made if missing)")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "demo"), help="output folder")
     for name, value in DEMO_TRAINING.items():

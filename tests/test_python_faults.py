@@ -208,3 +208,35 @@ def test_statistics_of_grey_images_have_no_negative_eigenvalue(tmp_path):
         alexnet.write_stats(str(tmp_path / "stats.bin"), mean, eigval, eigvec)
         np.testing.assert_array_equal(alexnet.read_stats(str(tmp_path / "stats.bin")).eigval,
                                       eigval.astype(np.float32))
+
+
+# --- what the help and the README say
+
+def test_the_readme_names_the_synthetic_classes_of_classes_txt(prepared):
+    import re
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    listed = re.search(r"\*\*The synthetic set\*\* is ten classes of shapes and textures \(`classes.txt`: ([a-z,\s]+);",
+                       readme)
+    assert listed, "the README's synthetic-set paragraph no longer lists classes.txt"
+    names = [name.strip() for name in listed.group(1).split(",")]
+    assert names == (prepared / "data" / "classes.txt").read_text().splitlines()
+
+
+def test_demo_help_names_every_picture_it_draws():
+    result = run_script("demo", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())   # argparse wraps lines
+    for picture in ("filters.png", "curves.png", "predictions.png"):
+        assert picture in text, picture
+
+
+@pytest.mark.parametrize("picture", ["filters", "curves", "predictions"])
+def test_show_usage_tells_positionals_from_option_values(picture):
+    """`show curves --help` said `[--out OUT] OUT`: the folder read and the PNG written had one name."""
+    import re
+    result = run_script("show", picture, "--help")
+    assert result.returncode == 0
+    usage = " ".join(result.stdout.split("\n\n")[0].split())
+    option_values = set(re.findall(r"\[--[\w-]+ ([A-Z]+)\]", usage))
+    positionals = set(re.sub(r"\[[^\]]*\]", "", usage).split()[4:]) - {"--data", "DATA"}
+    assert positionals and not positionals & option_values, usage
