@@ -291,12 +291,13 @@ def _write_at(path, offset, data):
 
 
 class ShardWriter:
-    """One shard, written to `path + ".tmp"` and renamed when complete. Image k of the
+    """One shard, written to `path + ".tmp"` and renamed when complete (`finish`, then
+    `publish`, so that the caller can record the shard in between). Image k of the
     `expected` planned ones has its slot at `offset(k)`; the worker tasks write chunks of
     images straight into their slots (`_write_at`), so that pixels never travel back to
     the main process, which records each chunk's labels and checksum in order (`add`).
-    A chunk with unreadable images leaves its last slots empty: `close` then moves the
-    later pixels down over them and over the unused label slots before the rename."""
+    A chunk with unreadable images leaves its last slots empty: `finish` then moves the
+    later pixels down over them and over the unused label slots."""
 
     def __init__(self, path, expected, height, width, num_classes):
         self.path, self.tmp, self.expected, self.num_classes = path, path + ".tmp", expected, num_classes
@@ -313,8 +314,8 @@ class ShardWriter:
         self.chunks.append((slot, len(labels)))
         self.crc = crc32_combine(self.crc, crc, len(labels) * self.image_bytes)
 
-    def close(self):
-        """Finish the file and rename it; returns (images, shard_checksum)."""
+    def finish(self):
+        """Complete the temporary file; returns (images, shard_checksum)."""
         labels = np.concatenate(self.labels or [np.zeros(0, "<i4")])
         n = len(labels)
         with open(self.tmp, "r+b") as f:
@@ -333,8 +334,10 @@ class ShardWriter:
             f.seek(0)
             f.write(_header(SHARD_MAGIC, n, *self.shape, self.num_classes))
             f.write(labels.tobytes())
-        os.replace(self.tmp, self.path)
         return n, zlib.crc32(labels, self.crc)
+
+    def publish(self):
+        os.replace(self.tmp, self.path)
 
     def abandon(self):
         if os.path.exists(self.tmp):
@@ -860,10 +863,14 @@ def _write_shards(pool, out, pending, manifest, sums, workers, num_classes, on_e
                     if chunk_sums is not None:
                         sums.merge(chunk_sums)
                     progress.update(len(labels) + len(errors))
-                images, crc = writers[name].close()
-                del writers[name]
+                # recorded before the rename: a stop in between leaves a recorded shard
+                # without its file, which the rerun's verification redoes, never a
+                # finished shard that the rerun does not know of
+                images, crc = writers[name].finish()
                 manifest["shards"][name] = {"images": images, "crc32": crc, "skipped": skipped}
                 _save_manifest(out, manifest)
+                writers[name].publish()
+                del writers[name]
     except BaseException:
         _stop_workers(pool)
         for writer in writers.values():

@@ -1,5 +1,6 @@
 """Data preparation: the dataset format, the three sources, statistics, resume, bad input.
 Every fixture is made here, small, in tmp_path."""
+import json
 import os
 import struct
 
@@ -351,7 +352,8 @@ def test_shard_writer_fills_slots_out_of_order_and_closes_the_gaps(tmp_path):
         alexnet._write_at(writer.tmp, writer.offset(slot), pixels)
     for slot, labels, pixels in chunks:        # the main process records them in order
         writer.add(slot, labels, zlib.crc32(pixels))
-    images, crc = writer.close()
+    images, crc = writer.finish()
+    writer.publish()
     header, labels, pixels = parse_shard(tmp_path / "train_000.bin")
     assert images == 6 and header[:7] == (20121001, 1, 6, 4, 5, 3, 10)
     assert np.array_equal(labels, np.concatenate([c[1] for c in chunks]))
@@ -670,3 +672,30 @@ def test_shard_names_the_executable_does_not_open_are_not_shards(tmp_path):
     assert alexnet.shard_paths(str(tmp_path), "train") == [str(tmp_path / "train_000.bin")]
     with pytest.raises(alexnet.AlexNetError, match="no val_000.bin"):
         alexnet.shard_paths(str(tmp_path), "val")
+
+
+def test_a_stop_right_after_a_shard_is_renamed_keeps_it_recorded(tmp_path, capsys, monkeypatch):
+    """Ctrl-C landing just after a finished shard got its final name: prepare.json records
+    it, and the rerun verifies and keeps it instead of writing it again."""
+    args = ["synthetic", "--train-images", "40", "--val-images", "10", "--shard-images", "10", "--workers", "1"]
+    prepare_ok(capsys, *args, "--out", str(tmp_path / "fresh"))
+    out = tmp_path / "out"
+    rename = os.replace
+
+    def interrupted_after(src, dst):
+        rename(src, dst)
+        if os.path.basename(dst) == "train_001.bin":
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", interrupted_after)
+    code, text = run(capsys, "prepare", *args, "--out", str(out))
+    monkeypatch.setattr(os, "replace", rename)
+    assert code == 130 and "interrupted" in text
+    recorded = json.loads((out / "prepare.json").read_text())["shards"]
+    assert sorted(recorded) == ["train_000.bin", "train_001.bin"]
+    assert sorted(f for f in os.listdir(out) if f.endswith(".bin")) == ["train_000.bin", "train_001.bin"]
+    kept = os.stat(out / "train_001.bin")
+
+    assert "resuming: 2 finished shards verified, 3 to go" in prepare_ok(capsys, *args, "--out", str(out))
+    assert (os.stat(out / "train_001.bin").st_ino, os.stat(out / "train_001.bin").st_mtime_ns) == \
+        (kept.st_ino, kept.st_mtime_ns)   # not written again
+    assert file_bytes(out) == file_bytes(tmp_path / "fresh")
