@@ -2713,9 +2713,39 @@ COMMANDS["demo"] = (_demo_arguments, _demo)
 # -----------------------------------------------------------------------------
 # 7. Command line
 
+import argparse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser (and, through add_subparsers, its subcommands'), whose errors
+    name the option a mistyped one was probably meant to be."""
+    innermost = None   # the (sub)parser that parsed last: the options a typo was meant for
+
+    def parse_known_args(self, args=None, namespace=None):
+        ArgumentParser.innermost, self.arg_strings = self, list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message):
+        if ArgumentParser.innermost not in (None, self):   # unknown arguments of a subcommand: its usage
+            ArgumentParser.innermost.error(message)
+        if message.startswith(("unrecognized arguments", "the following arguments are required")):
+            message += self.suggestion()   # (a typo leaves an option unknown, and perhaps one missing)
+        super().error(message)
+
+    def suggestion(self):
+        """' (--ouy: did you mean --out?)' for the first unknown option with a close match, else ''."""
+        import difflib
+        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        for arg in self.arg_strings:
+            name = arg.split("=")[0]
+            if re.fullmatch(r"--\w[\w-]*", name) and not any(o.startswith(name) for o in options):
+                if close := difflib.get_close_matches(name, options, n=1):
+                    return f" ({name}: did you mean {close[0]}?)"
+        return ""
+
+
 def main(argv=None):
-    import argparse
-    parser = argparse.ArgumentParser(prog="alexnet.py", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="alexnet.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name))

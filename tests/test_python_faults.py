@@ -240,3 +240,22 @@ def test_show_usage_tells_positionals_from_option_values(picture):
     option_values = set(re.findall(r"\[--[\w-]+ ([A-Z]+)\]", usage))
     positionals = set(re.sub(r"\[[^\]]*\]", "", usage).split()[4:]) - {"--data", "DATA"}
     assert positionals and not positionals & option_values, usage
+
+
+@pytest.mark.parametrize("args,error", [
+    (["eval", "c.bin", "--data", "d", "--veiws", "1"],
+     "alexnet.py eval: error: unrecognized arguments: --veiws 1 (--veiws: did you mean --views?)"),
+    (["eval", "c.bin", "--dta", "d"],
+     "alexnet.py eval: error: the following arguments are required: --data (--dta: did you mean --data?)"),
+    (["show", "curves", "out", "--ot", "c.png"],
+     "alexnet.py show curves: error: unrecognized arguments: --ot c.png (--ot: did you mean --out?)"),
+    (["prepare", "synthetic", "--workrs=2"],
+     "alexnet.py prepare: error: unrecognized arguments: --workrs=2 (--workrs: did you mean --workers?)"),
+    (["predict", "c.bin", "i.png", "--data", "d", "--zzzzzz"],   # nothing close: no guess
+     "alexnet.py predict: error: unrecognized arguments: --zzzzzz"),
+], ids=["unknown", "unknown and a required one missing", "show subcommand", "with =", "nothing close"])
+def test_a_mistyped_option_gets_a_suggestion(args, error):
+    result = run_script(*args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == error, result.stderr
+    assert result.stderr.splitlines()[0].startswith("usage: " + error.split(":")[0])   # the subcommand's usage
