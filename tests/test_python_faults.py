@@ -56,6 +56,27 @@ def test_a_stop_signal_to_the_train_command_reaches_the_trainer(tmp_path, stop):
     assert all(np.isfinite(p).all() for p in params.values())
 
 
+def test_a_second_ctrl_c_is_forwarded_too_and_ends_the_trainer_at_once(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    random_dataset(data, 64)
+    process = subprocess.Popen([sys.executable, SCRIPT, "train", "--data", str(data), "--arch", "small",
+                                "--batch", "64", "--steps", "100000", "--log-every", "1", "--save-every", "0",
+                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("step 1/"):
+                break
+        process.send_signal(signal.SIGINT)
+        assert "a second Ctrl-C or SIGTERM stops at once" in process.stderr.readline()   # the trainer got it
+        process.send_signal(signal.SIGINT)   # well within the step of 64 images
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGINT, stderr   # the trainer's end, as a shell reports it
+    assert "stopped after step" not in stdout and "Traceback" not in stderr
+    assert not os.path.exists(out / "latest.bin")
+
+
 # --- missing modules and the commands alexnet.py prints
 
 @pytest.fixture(scope="module")
