@@ -17,8 +17,11 @@ CXX      ?= g++
 PYTHON   ?= python3
 NVCC     ?= $(shell command -v nvcc 2>/dev/null)
 GPU_ARCH ?= 70 80 90
+# make test checks that the GPU build compiles and links, for one architecture
+TEST_GPU_ARCH ?= 90
 VENV     := .venv
 PY       := $(VENV)/bin/python
+JOBS     ?= $(shell nproc 2>/dev/null || echo 2)
 
 # -Wno-unknown-pragmas: g++ ignores CUDA's `#pragma unroll`
 CPU_FLAGS  := -std=c++17 -O2 -g -pthread -fPIC -Wall -Wextra -Wno-unused-parameter -Wno-unused-function -Wno-unknown-pragmas
@@ -31,7 +34,7 @@ GPU_SKIP   := $(filter-out $(NVCC_ARCHS),$(GPU_ARCH))
 NVCC_FLAGS := -std=c++17 -O3 -lineinfo -Xptxas -v -Xcompiler -fPIC $(foreach a,$(GPU_BUILT),-gencode arch=compute_$(a),code=sm_$(a))
 SOURCES    := train_alexnet.cu dev/cuda_cpu.h
 
-.PHONY: all cpu gpu demo test test-slow test-asan venv bench clean bench-kernels bench-kernels-cpu bench-kernels-gpu dev-cuda dev-cuda-gpu gpu-check test-build test-build-cpu sass
+.PHONY: FORCE test-build-gpu all cpu gpu demo test test-slow test-asan venv bench clean bench-kernels bench-kernels-cpu bench-kernels-gpu dev-cuda dev-cuda-gpu gpu-check test-build test-build-cpu sass
 all: cpu gpu
 
 # --- CPU build: the same .cu through g++ and the CUDA-on-CPU runtime ---------
@@ -48,9 +51,17 @@ train_alexnet_cpu: build/cpu/train_alexnet.o
 libalexnet_cpu.so: build/cpu/train_alexnet.o
 	$(CXX) -pthread -shared $< -o $@
 
-build/asan/libalexnet_cpu.so: $(SOURCES)
+# The AddressSanitizer/UBSan build: library and executable from one object.
+ASAN_BUILD := build/asan/libalexnet_cpu.so build/asan/train_alexnet_cpu
+build/asan/train_alexnet.o: $(SOURCES)
 	@mkdir -p $(@D)
-	$(CXX) $(ASAN_FLAGS) -x c++ -shared train_alexnet.cu -o $@
+	$(CXX) $(ASAN_FLAGS) -x c++ -c train_alexnet.cu -o $@
+
+build/asan/libalexnet_cpu.so: build/asan/train_alexnet.o
+	$(CXX) -fsanitize=address,undefined -pthread -shared $< -o $@
+
+build/asan/train_alexnet_cpu: build/asan/train_alexnet.o
+	$(CXX) -fsanitize=address,undefined -pthread $< -o $@
 
 # --- the runtime's own test kernels and benchmark (CPU only) -------------------
 RUNTIME_TESTS := build/libruntime_tests.so build/asan/libruntime_tests.so
@@ -75,7 +86,13 @@ gpu: train_alexnet libalexnet.so
 	@echo "built GPU build with $(NVCC) for $(foreach a,$(GPU_BUILT),sm_$(a)): train_alexnet libalexnet.so (ptxas report: build/gpu/ptxas.log)"
 	$(if $(GPU_SKIP),@echo "skipped $(foreach a,$(GPU_SKIP),sm_$(a)): not supported by this nvcc")
 
-build/gpu/train_alexnet.o: train_alexnet.cu
+# build/gpu/arch holds the architectures of the last GPU build and changes only when they
+# do: `make` after `make test` rebuilds for all of them.
+build/gpu/arch: FORCE
+	@mkdir -p $(@D)
+	@echo "$(GPU_BUILT)" | cmp -s - $@ || echo "$(GPU_BUILT)" > $@
+
+build/gpu/train_alexnet.o: train_alexnet.cu build/gpu/arch
 	@mkdir -p $(@D)
 	$(NVCC) $(NVCC_FLAGS) -c $< -o $@ 2> build/gpu/ptxas.log || { cat build/gpu/ptxas.log; exit 1; }
 
@@ -149,18 +166,24 @@ $(VENV)/.installed: requirements.txt
 	@touch $@
 
 # Everything the test suite runs, without the venv (dev/gpu_check.sh builds these; the
-# GPU machine has no internet for a venv).
+# GPU machine has no internet for a venv). The GPU build only has to compile and link here.
 test-build-cpu: cpu $(RUNTIME_TESTS) build/cpu/bench_kernels $(LADDER_CPU)
-test-build: test-build-cpu gpu
+test-build: test-build-cpu test-build-gpu
+test-build-gpu:
+	$(MAKE) gpu GPU_ARCH="$(TEST_GPU_ARCH)"
 
-test: venv test-build
+# The test builds are independent: one job per core.
+test: venv
+	$(MAKE) -j$(JOBS) test-build
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-slow: venv all $(RUNTIME_TESTS)
 	$(PY) -m pytest -q -m slow tests
 
-test-asan: venv build/asan/libalexnet_cpu.so $(RUNTIME_TESTS)
-	ALEXNET_LIB=build/asan/libalexnet_cpu.so RUNTIME_TESTS_LIB=build/asan/libruntime_tests.so \
+test-asan: venv
+	$(MAKE) -j$(JOBS) $(ASAN_BUILD) test-build
+	ALEXNET_LIB=build/asan/libalexnet_cpu.so ALEXNET_EXE=build/asan/train_alexnet_cpu \
+	RUNTIME_TESTS_LIB=build/asan/libruntime_tests.so \
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0 \
 	$(PY) -m pytest -q -m "not slow and not no_asan" tests

@@ -29,6 +29,7 @@ dev/cuda_cpu.h, a small CUDA runtime that runs every kernel on the CPU.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -1611,6 +1612,28 @@ static void tower_shapes(const Arch& a, int tower, LayerShape s[NUM_LAYERS]) {
         s[NUM_CONV + f] = LayerShape{fc_in[f], 1, 1, fc_out[f], 1, 1, 1, 1, 0};
 }
 
+// The first value of a whole-network vector in checkpoint order (parameters or momentum)
+// that is not finite, named as in alexnet.py ("fc7.weight[12] is nan"); "" when all are
+// finite. One NaN or Inf spreads through every later step, so no checkpoint may hold one.
+static std::string first_non_finite(const Arch& a, const float* v) {
+    LayerShape s[NUM_TOWERS][NUM_LAYERS];
+    for (int t = 0; t < NUM_TOWERS; t++) tower_shapes(a, t, s[t]);
+    long pos = 0;
+    for (int l = 0; l < NUM_LAYERS; l++)
+        for (int part = 0; part < 2; part++) {  // as Model::transfer: weights, then biases
+            const long count = part == 0 ? s[0][l].weights() + s[1][l].weights() : (long)s[0][l].K + s[1][l].K;
+            for (long i = 0; i < count; i++)
+                if (!std::isfinite(v[pos + i])) {
+                    char text[96];
+                    snprintf(text, sizeof(text), "%s.%s[%ld] is %g", LAYER_NAMES[l], part == 0 ? "weight" : "bias",
+                             i, v[pos + i]);
+                    return text;
+                }
+            pos += count;
+        }
+    return "";
+}
+
 // Number of parameters of the whole network.
 static long arch_parameters(const Arch& a) {
     long total = 0;
@@ -2332,8 +2355,9 @@ struct MappedFile {
     size_t size = 0;
     explicit MappedFile(const std::string& path) {
         int fd = open(path.c_str(), O_RDONLY | O_NONBLOCK);  // a FIFO must not block the open
-        require(fd >= 0, "cannot open %s: %s", path.c_str(), strerror(errno));
         struct stat st;
+        require(fd >= 0, "cannot open %s: %s", path.c_str(),
+                errno == ENOENT && lstat(path.c_str(), &st) == 0 ? "a symlink to a missing file" : strerror(errno));
         if (fstat(fd, &st) == 0 && !S_ISREG(st.st_mode)) {
             close(fd);
             fail("%s is %s, not a regular file", path.c_str(), file_kind(st.st_mode));
@@ -2354,15 +2378,34 @@ struct MappedFile {
     const int32_t* header() const { return (const int32_t*)data; }
 };
 
-static bool file_exists(const std::string& path) {
-    struct stat st;
-    return stat(path.c_str(), &st) == 0;
-}
-
 static std::string shard_path(const std::string& dir, const char* split, int index) {
     char name[64];
     snprintf(name, sizeof(name), "/%s_%03d.bin", split, index);
     return dir + name;
+}
+
+// How many shards a split has: they must be numbered 000, 001, ... without a gap, so
+// that a lost or misnamed file stops the run instead of silently shrinking the split.
+// Names are listed, not stat'ed: a dangling symlink or a loop counts as a shard here
+// and is then reported by name when it fails to open.
+static int count_shards(const std::string& dir, const char* split) {
+    std::set<int> found;
+    DIR* d = opendir(dir.c_str());
+    require(d, "cannot list %s: %s", dir.c_str(), strerror(errno));
+    while (dirent* e = readdir(d)) {
+        int index;
+        char tail;
+        std::string pattern = std::string(split) + "_%9d.bi%c";
+        if (sscanf(e->d_name, pattern.c_str(), &index, &tail) == 2 && index >= 0 &&
+            "/" + std::string(e->d_name) == shard_path("", split, index))
+            found.insert(index);
+    }
+    closedir(d);
+    int count = 0;
+    while (found.count(count)) count++;
+    require(found.size() == (size_t)count, "%s is missing, but %s exists: shards must be numbered without gaps",
+            shard_path(dir, split, count).c_str(), shard_path(dir, split, *found.rbegin()).c_str());
+    return count;
 }
 
 // One split (train or val) of a dataset folder: every shard mapped and checked.
@@ -2373,7 +2416,7 @@ struct Dataset {
     int H = 0, W = 0, classes = 0;
 
     Dataset(const std::string& dir, const char* split) {
-        for (int i = 0; file_exists(shard_path(dir, split, i)); i++) {
+        for (int i = 0, shard_count = count_shards(dir, split); i < shard_count; i++) {
             std::string path = shard_path(dir, split, i);
             shards.emplace_back(new MappedFile(path));
             const int32_t* h = shards.back()->header();
@@ -2412,6 +2455,12 @@ struct Dataset {
     }
 };
 
+// Every one of v[0..n) must be a finite number in [lo, hi] (NaN fails every comparison).
+static void require_values(const std::string& path, const char* what, const float* v, size_t n, float lo, float hi) {
+    for (size_t i = 0; i < n; i++)
+        require(v[i] >= lo && v[i] <= hi, "%s: %s[%zu] is %g, outside [%g, %g]", path.c_str(), what, i, v[i], lo, hi);
+}
+
 // stats.bin: the training set's mean image and the PCA of its RGB values.
 struct Stats {
     std::vector<float> mean;
@@ -2430,6 +2479,12 @@ struct Stats {
         size_t expected = HEADER_INTS * 4 + (pixels + 12) * 4;
         require(f.size == expected, "%s is %zu bytes, expected %zu", path.c_str(), f.size, expected);
         const float* body = (const float*)(f.data + HEADER_INTS * 4);
+        // Plausible values for 0..255 pixels: a mean within the pixel range; eigenvalues
+        // of a covariance, at most 255^2 (-1 allows rounding around a zero eigenvalue);
+        // eigenvectors of unit length.
+        require_values(path, "mean", body, pixels, 0, 255);
+        require_values(path, "eigval", body + pixels, 3, -1, 255 * 255);
+        require_values(path, "eigvec", body + pixels + 3, 9, -1.001f, 1.001f);
         mean.assign(body, body + pixels);
         memcpy(eigval, body + pixels, sizeof(eigval));
         memcpy(eigvec, body + pixels + 3, sizeof(eigvec));
@@ -2654,6 +2709,11 @@ struct Checkpoint {
         require(file.size == expected, "%s is %s: %zu bytes, expected %zu", path.c_str(),
                 file.size < expected ? "truncated" : "too long", file.size, expected);
         require(h[H_NUM_LR_STEPS] >= 0 && h[H_NUM_LR_STEPS] <= MAX_LR_STEPS, "%s: bad header", path.c_str());
+        for (const float* v : {parameters(), momentum()}) {
+            std::string bad = first_non_finite(arch, v);
+            require(bad.empty(), "%s: %s%s: a checkpoint holds finite numbers only", path.c_str(),
+                    v == parameters() ? "" : "the momentum of ", bad.c_str());
+        }
 
         auto header_option = [&](const char* flag, const std::string& value) {
             if (o.given.count(flag)) return;  // the command line wins
@@ -2721,6 +2781,10 @@ static std::string save_checkpoint(Model& model, const Options& o, const TrainSt
     encode_header(header, model.arch, o, s);
     std::vector<float> params(model.num_params()), momentum(model.num_params());
     model.download_state(params.data(), momentum.data());
+    for (const std::vector<float>* v : {&params, &momentum}) {  // the state is on the host anyway
+        std::string bad = first_non_finite(model.arch, v->data());
+        require(bad.empty(), "step %ld: %s%s: not saved", s.step, v == &params ? "" : "the momentum of ", bad.c_str());
+    }
 
     char name[64];
     snprintf(name, sizeof(name), "ckpt_%08ld.bin", s.step);
@@ -2763,6 +2827,7 @@ static std::string save_checkpoint(Model& model, const Options& o, const TrainSt
 
 // Ctrl-C (SIGINT) and SIGTERM (kill, systemd, Docker, SLURM): the first finishes the
 // step and checkpoints; a second one ends the process at once, by the signal's default.
+// The handler says so on stderr, with write(), which is safe in a signal handler.
 static volatile sig_atomic_t stop_requested = 0;
 static void on_stop_signal(int sig) {
     if (stop_requested) {
@@ -2770,9 +2835,13 @@ static void on_stop_signal(int sig) {
         raise(sig);
     }
     stop_requested = 1;
+    static const char notice[] = "stopping after this step to checkpoint; a second Ctrl-C or SIGTERM stops at once\n";
+    const ssize_t written = write(STDERR_FILENO, notice, sizeof(notice) - 1);
+    (void)written;  // a notice that cannot be written changes nothing
 }
 
-// Lines to stdout and to OUT/log.txt.
+// Lines to stdout and to OUT/log.txt; to_file: to log.txt only (the error that ends a
+// run, which main prints to stderr).
 struct Log {
     FILE* file = nullptr;
     ~Log() { if (file) fclose(file); }
@@ -2781,16 +2850,69 @@ struct Log {
         require(file, "cannot open %s: %s", path.c_str(), strerror(errno));
     }
     void operator()(const char* fmt, ...) {
-        char line[1024];
         va_list args;
         va_start(args, fmt);
-        vsnprintf(line, sizeof(line), fmt, args);
+        write(true, fmt, args);
         va_end(args);
-        printf("%s\n", line);
-        fflush(stdout);
-        if (file) fprintf(file, "%s\n", line), fflush(file);
+    }
+    void to_file(const char* fmt, ...) {
+        va_list args;
+        va_start(args, fmt);
+        write(false, fmt, args);
+        va_end(args);
+    }
+    void write(bool to_stdout, const char* fmt, va_list args) {
+        char line[1024];
+        vsnprintf(line, sizeof(line), fmt, args);
+        if (to_stdout) printf("%s\n", line), fflush(stdout);
+        if (file) fprintf(file, "%s\n", line), fflush(file);  // a full disk loses the line, nothing else
     }
 };
+
+// One run per output folder: an exclusive flock on OUT/lock, which holds the owner's
+// process id. The kernel releases the lock however the process ends (even by SIGKILL),
+// so a stale lock cannot exist; the file stays, since removing it would let a third run
+// lock a new file while a second still holds the old one.
+static void lock_output(const std::string& out) {
+    const std::string path = out + "/lock";
+    int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0666);
+    require(fd >= 0, "cannot open %s: %s", path.c_str(), strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        const int error = errno;
+        char owner[32] = {0};
+        if (pread(fd, owner, sizeof(owner) - 1, 0) < 0) owner[0] = 0;
+        owner[strcspn(owner, "\n")] = 0;
+        close(fd);
+        require(error == EWOULDBLOCK, "cannot lock %s: %s", path.c_str(), strerror(error));
+        fail("%s is in use by another run (process %s); wait for it, or give another --out", out.c_str(),
+             owner[0] ? owner : "unknown");
+    }
+    char pid[32];
+    const int length = snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
+    require(ftruncate(fd, 0) == 0 && pwrite(fd, pid, length, 0) == length, "cannot write %s: %s", path.c_str(),
+            strerror(errno));
+    // fd stays open, and the lock held, until the process ends.
+}
+
+// A kill between a checkpoint's write and its rename leaves OUT/ckpt_NNNNNNNN.bin.tmp
+// (or latest.bin.tmp) behind; with the lock held, no other run can be writing one.
+static void remove_stale_temporaries(const std::string& out, Log& log) {
+    std::vector<std::string> stale;
+    if (DIR* dir = opendir(out.c_str())) {
+        while (dirent* e = readdir(dir)) {
+            long step;
+            char tail[8];
+            const std::string name = e->d_name;
+            if ((sscanf(name.c_str(), "ckpt_%8ld.bin.tm%1s", &step, tail) == 2 && name.size() == 21) ||
+                name == "latest.bin.tmp")
+                stale.push_back(name);
+        }
+        closedir(dir);
+    }
+    for (const std::string& name : stale)
+        if (unlink((out + "/" + name).c_str()) == 0) log("removed %s/%s, left by an interrupted checkpoint", out.c_str(), name.c_str());
+}
+
 
 static std::string duration(double seconds) {
     char text[32];
@@ -2817,6 +2939,10 @@ static float learning_rate(const Options& o, const TrainState& s, long epoch) {
     return (float)(o.lr * pow(0.1, lr_drops(o, s, epoch)));
 }
 
+// A NaN's sign bit is arbitrary (x86 makes inf - inf negative) and printf shows it:
+// a NaN loss prints as "nan", never "-nan".
+static double unsigned_nan(double x) { return std::isnan(x) ? NAN : x; }
+
 struct Evaluation {
     double loss = 0, top1_error = 0, top5_error = 0;
     long images = 0;
@@ -2835,7 +2961,7 @@ static Evaluation evaluate(Model& model, Loader& loader, uint64_t seed) {
         e.loss += r.loss * b.n;
         top1 += r.top1, top5 += r.top5, e.images += b.n;
     }
-    e.loss /= e.images;
+    e.loss = unsigned_nan(e.loss / e.images);
     e.top1_error = 1.0 - (double)top1 / e.images;
     e.top5_error = 1.0 - (double)top5 / e.images;
     return e;
@@ -2915,7 +3041,7 @@ struct Scores {
     Evaluation result() const {
         Evaluation e;
         e.images = images;
-        e.loss = loss / images;
+        e.loss = unsigned_nan(loss / images);
         e.top1_error = 1.0 - (double)top1 / images;
         e.top5_error = 1.0 - (double)top5 / images;
         return e;
@@ -2926,7 +3052,7 @@ struct ViewEvaluation {
     Evaluation centre, ten;
 };
 
-// Centre-crop and ten-view scores over the whole split; a progress line on a terminal.
+// Centre-crop and ten-view scores over the whole split.
 static ViewEvaluation evaluate_ten_views(Model& model, Loader& loader) {
     const int K = model.arch.classes, cap = model.capacity, H = model.image_h, W = model.image_w;
     Predictor predictor(model);
@@ -2935,7 +3061,10 @@ static ViewEvaluation evaluate_ten_views(Model& model, Loader& loader) {
     std::vector<int> offsets(2 * cap);
     std::vector<uint8_t> flips(cap);
     Scores centre_scores, ten_scores;
-    const bool progress = isatty(fileno(stderr));
+    // Progress on stderr: a line redrawn per batch on a terminal, else one every 10 s.
+    const bool terminal = isatty(fileno(stderr));
+    const double start = now_seconds();
+    double last_report = start;
     const long batches = loader.eval_batches();
     loader.prefetch(0);
     for (long i = 0; i < batches; i++) {
@@ -2956,18 +3085,21 @@ static ViewEvaluation evaluate_ten_views(Model& model, Loader& loader) {
             for (int k = 0; k < K; k++) average[(size_t)j * K + k] /= NUM_VIEWS;
             ten_scores.add(&average[(size_t)j * K], b.labels[j], K);
         }
-        if (progress)
-            fprintf(stderr, "\r10-view evaluation: %ld/%ld images", ten_scores.images,
-                    (long)loader.data.count);
+        const double t = now_seconds();
+        if (terminal || t - last_report >= 10 || i + 1 == batches) {
+            const double elapsed = t - start;
+            fprintf(stderr, "%s10-view evaluation: %ld/%ld images | elapsed %s | eta %s%s", terminal ? "\r" : "",
+                    ten_scores.images, (long)loader.data.count, duration(elapsed).c_str(),
+                    duration(elapsed / (i + 1) * (batches - i - 1)).c_str(), terminal ? "" : "\n");
+            last_report = t;
+        }
     }
-    if (progress) fprintf(stderr, "\n");
+    if (terminal) fprintf(stderr, "\n");
     return {centre_scores.result(), ten_scores.result()};
 }
 
 // --- 13c. The run: train, or evaluate a checkpoint
 
-// Everything after the command line: open the data (and the checkpoint), check them,
-// build the model, then train or evaluate. Nothing is written before the inputs are checked.
 // --bench N: the training step alone (forward, backward, SGD update) on one batch that
 // stays on the device, so neither the loader nor the upload is timed; CUDA events on
 // tower 0's stream bracket N steps after 3 warm-up steps (each step ends synchronised
@@ -2993,71 +3125,19 @@ static void benchmark(Model& model, Loader& loader, const Options& o, Log& log) 
         ms / o.bench, 1000.0 * o.bench * b.n / ms, r.loss);
 }
 
-static void run(Options& o) {
-    require(!o.data.empty(), "--data DIR is required (a folder written by `python alexnet.py prepare`)");
-    struct stat st;
-    require(stat(o.data.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "--data %s: no such folder", o.data.c_str());
-    Dataset train(o.data, "train"), val(o.data, "val");
-    require(o.eval_only || train.count > 0, "%s holds no training shards (train_000.bin)", o.data.c_str());
-    require(!o.eval_only || val.count > 0, "%s holds no validation shards (val_000.bin)", o.data.c_str());
-    const Dataset& any = train.count > 0 ? train : val;
-    if (train.count > 0 && val.count > 0)
-        require(val.H == train.H && val.W == train.W && val.classes == train.classes,
-                "%s: the validation shards (%dx%d, %d classes) do not match the training shards (%dx%d, %d classes)",
-                o.data.c_str(), val.H, val.W, val.classes, train.H, train.W, train.classes);
-    Stats stats(o.data, any.H, any.W);
-
-    TrainState state;
-    std::unique_ptr<Checkpoint> checkpoint;
-    Arch arch;
-    if (!o.resume.empty()) {
-        checkpoint.reset(new Checkpoint(o.resume, o, state));
-        arch = checkpoint->arch;
-        require(arch.classes == any.classes, "%s has %d classes, the dataset %d", o.resume.c_str(),
-                arch.classes, any.classes);
-    } else {
-        require(!o.eval_only, "--eval needs a checkpoint: --resume FILE");
-        arch = find_preset(o.arch.c_str());
-        arch.classes = any.classes;
-    }
-    require(o.eval_only || o.batch <= train.count, "batch size %d is larger than the training set (%ld images)",
-            o.batch, train.count);
-    int devices[NUM_TOWERS] = {o.devices[0], o.devices.back()};
-    Model model(arch, o.batch, any.H, any.W, o.dropout, devices);
-    model.set_statistics(stats.mean.data(), stats.eigval, stats.eigvec);
-    if (checkpoint) model.upload_state(checkpoint->parameters(), checkpoint->momentum());
-    else model.init_params(o.seed);
-    checkpoint.reset();
-
-    Log log;
-    if (o.eval_only) {
-        Loader loader(val, o.batch, arch.crop, false, false, o.seed);
-        ViewEvaluation v = evaluate_ten_views(model, loader);
-        for (const Evaluation* e : {&v.centre, &v.ten})
-            log("eval %s | step %ld | %s | val loss %.4f | top-1 error %.4f | top-5 error %.4f | %ld images",
-                o.resume.c_str(), state.step, e == &v.centre ? "centre crop" : "10 views", e->loss,
-                e->top1_error, e->top5_error, e->images);
-        return;
-    }
-
-    Loader loader(train, o.batch, arch.crop, true, o.augment, o.seed);
-    if (o.bench > 0) {
-        benchmark(model, loader, o, log);
-        return;
-    }
-    std::unique_ptr<Loader> val_loader;
-    if (val.count > 0) val_loader.reset(new Loader(val, o.batch, arch.crop, false, false, o.seed));
+// The training loop, from state.step to the last step.
+static void train_loop(Model& model, Loader& loader, Loader* val_loader, const Options& o, TrainState& state, Log& log) {
+    const Arch& arch = model.arch;
+    const Dataset& train = loader.data;
+    const long val_count = val_loader ? val_loader->data.count : 0;
     const long per_epoch = loader.steps_per_epoch();
     const long eval_every = o.eval_every > 0 ? o.eval_every : per_epoch;
     long total = o.epochs * per_epoch;
     if (o.steps > 0) total = std::min(total, o.steps);
-
-    require(mkdir(o.out.c_str(), 0777) == 0 || errno == EEXIST, "cannot create %s: %s", o.out.c_str(), strerror(errno));
-    log.open(o.out + "/log.txt");
     log("%s preset: %ld parameters, crop %d, %d classes | %ld training images (%ld steps of %d per epoch), "
         "%ld validation | towers on devices %d and %d | %s step %ld of %ld",
         PRESET_NAMES[arch.preset], arch_parameters(arch), arch.crop, arch.classes, train.count, per_epoch,
-        o.batch, val.count, devices[0], devices[1], o.resume.empty() ? "starting at" : "resuming at",
+        o.batch, val_count, model.towers[0].device, model.towers[1].device, o.resume.empty() ? "starting at" : "resuming at",
         state.step, total);
 
     std::string last_checkpoint = o.resume.empty() ? "none" : o.resume;
@@ -3096,12 +3176,8 @@ static void run(Options& o) {
             model.stage(loader.take(step + 2 < total ? step + 2 : -1));
         }
         StepResult r = model.finish(n);
-        if (!std::isfinite(r.loss)) {
-            log("step %ld: the loss is %g: stopping; the last good checkpoint (%s) is unchanged", step + 1,
-                r.loss, last_checkpoint.c_str());
-            fail("non-finite loss (%g) at step %ld; the last good checkpoint (%s) is unchanged", r.loss,
-                 step + 1, last_checkpoint.c_str());
-        }
+        require(std::isfinite(r.loss), "non-finite loss (%g) at step %ld; the last good checkpoint (%s) is unchanged",
+                r.loss, step + 1, last_checkpoint.c_str());
         state.step = step + 1;
         state.loss = (float)r.loss;
         interval_images += n;
@@ -3124,12 +3200,9 @@ static void run(Options& o) {
             evaluated = true;
             log("eval step %ld | val loss %.4f | top-1 error %.4f | top-5 error %.4f | %ld images",
                 state.step, e.loss, e.top1_error, e.top5_error, e.images);
-            if (!std::isfinite(e.loss)) {
-                log("step %ld: the validation loss is %g: stopping; the last good checkpoint (%s) is unchanged",
-                    state.step, e.loss, last_checkpoint.c_str());
-                fail("non-finite validation loss (%g) at step %ld; the last good checkpoint (%s) is unchanged",
-                     e.loss, state.step, last_checkpoint.c_str());
-            }
+            require(std::isfinite(e.loss),
+                    "non-finite validation loss (%g) at step %ld; the last good checkpoint (%s) is unchanged", e.loss,
+                    state.step, last_checkpoint.c_str());
             if (e.top1_error < state.best_error) {
                 state.best_error = (float)e.top1_error, state.bad_evals = 0;
             } else if (o.patience > 0 && ++state.bad_evals >= o.patience &&
@@ -3141,7 +3214,11 @@ static void run(Options& o) {
         }
         const bool stop = stop_requested;
         if ((o.save_every > 0 && state.step % o.save_every == 0) || state.step == total || stop) {
-            last_checkpoint = save_checkpoint(model, o, state);
+            try {
+                last_checkpoint = save_checkpoint(model, o, state);
+            } catch (const AlexNetError& e) {
+                fail("%s; the last good checkpoint (%s) is unchanged", e.what(), last_checkpoint.c_str());
+            }
             log("checkpoint %s", last_checkpoint.c_str());
         }
         if (stop) {
@@ -3157,6 +3234,82 @@ static void run(Options& o) {
     log("done: %ld steps in %s", state.step - first_step, duration(now_seconds() - start).c_str());
 }
 
+// Everything after the command line: open the data (and the checkpoint), check them,
+// build the model, then train or evaluate. Nothing is written before the inputs are
+// checked; once log.txt is open, the error that ends a run is also written there.
+static void run(Options& o) {
+    require(!o.data.empty(), "--data DIR is required (a folder written by `python alexnet.py prepare`)");
+    struct stat st;
+    require(stat(o.data.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "--data %s: no such folder", o.data.c_str());
+    Dataset train(o.data, "train"), val(o.data, "val");
+    require(o.eval_only || train.count > 0, "%s holds no training shards (train_000.bin)", o.data.c_str());
+    require(!o.eval_only || val.count > 0, "%s holds no validation shards (val_000.bin)", o.data.c_str());
+    const Dataset& any = train.count > 0 ? train : val;
+    if (train.count > 0 && val.count > 0)
+        require(val.H == train.H && val.W == train.W && val.classes == train.classes,
+                "%s: the validation shards (%dx%d, %d classes) do not match the training shards (%dx%d, %d classes)",
+                o.data.c_str(), val.H, val.W, val.classes, train.H, train.W, train.classes);
+    Stats stats(o.data, any.H, any.W);
+
+    TrainState state;
+    std::unique_ptr<Checkpoint> checkpoint;
+    Arch arch;
+    if (!o.resume.empty()) {
+        checkpoint.reset(new Checkpoint(o.resume, o, state));
+        arch = checkpoint->arch;
+        require(arch.classes == any.classes, "%s has %d classes, the dataset %d", o.resume.c_str(),
+                arch.classes, any.classes);
+    } else {
+        require(!o.eval_only, "--eval needs a checkpoint: --resume FILE");
+        arch = find_preset(o.arch.c_str());
+        arch.classes = any.classes;
+        std::string fits;  // the presets whose crops fit the images
+        for (int p = 0; p < NUM_PRESETS; p++)
+            if (PRESETS[p].crop <= any.H && PRESETS[p].crop <= any.W) fits += std::string(" --arch ") + PRESET_NAMES[p];
+        require(arch.crop <= any.H && arch.crop <= any.W, "the %s preset crops %dx%d, larger than the %dx%d images%s%s",
+                PRESET_NAMES[arch.preset], arch.crop, arch.crop, any.H, any.W, fits.empty() ? "" : "; try",
+                fits.c_str());
+    }
+    require(o.eval_only || o.batch <= train.count, "batch size %d is larger than the training set (%ld images)",
+            o.batch, train.count);
+    int devices[NUM_TOWERS] = {o.devices[0], o.devices.back()};
+    Model model(arch, o.batch, any.H, any.W, o.dropout, devices);
+    model.set_statistics(stats.mean.data(), stats.eigval, stats.eigvec);
+    if (checkpoint) model.upload_state(checkpoint->parameters(), checkpoint->momentum());
+    else model.init_params(o.seed);
+    checkpoint.reset();
+
+    Log log;
+    if (o.eval_only) {
+        Loader loader(val, o.batch, arch.crop, false, false, o.seed);
+        ViewEvaluation v = evaluate_ten_views(model, loader);
+        for (const Evaluation* e : {&v.centre, &v.ten})
+            log("eval %s | step %ld | %s | val loss %.4f | top-1 error %.4f | top-5 error %.4f | %ld images",
+                o.resume.c_str(), state.step, e == &v.centre ? "centre crop" : "10 views", e->loss,
+                e->top1_error, e->top5_error, e->images);
+        return;
+    }
+
+    Loader loader(train, o.batch, arch.crop, true, o.augment, o.seed);
+    if (o.bench > 0) {
+        benchmark(model, loader, o, log);
+        return;
+    }
+    std::unique_ptr<Loader> val_loader;
+    if (val.count > 0) val_loader.reset(new Loader(val, o.batch, arch.crop, false, false, o.seed));
+
+    require(mkdir(o.out.c_str(), 0777) == 0 || errno == EEXIST, "cannot create %s: %s", o.out.c_str(), strerror(errno));
+    lock_output(o.out);
+    log.open(o.out + "/log.txt");
+    remove_stale_temporaries(o.out, log);
+    try {
+        train_loop(model, loader, val_loader.get(), o, state, log);
+    } catch (const std::exception& e) {
+        log.to_file("error: %s", e.what());  // main prints it to stderr
+        throw;
+    }
+}
+
 // ----------------------------------------------------------------------------
 // 14. C API: every op with host arrays in and out, for alexnet.py and the tests.
 // Each entry point returns 0 on success, or 1 with the reason in alexnet_last_error().
@@ -3165,9 +3318,21 @@ static thread_local std::string last_error;
 
 extern "C" const char* alexnet_last_error(void) { return last_error.c_str(); }
 
+// Fails with one clear line when no CUDA device is usable: the GPU build without a GPU
+// (or without a driver, which CUDA reports as an "insufficient driver").
+static void require_a_device(const char* cpu_build) {
+    int count = 0;
+    const cudaError_t status = cudaGetDeviceCount(&count);
+    if (status != cudaSuccess || count == 0) {
+        cudaGetLastError();
+        fail("no CUDA device found; use %s", cpu_build);
+    }
+}
+
 template <typename Body>
 static int api_call(Body&& body) {
     try {
+        require_a_device("libalexnet_cpu.so, the CPU build (unset ALEXNET_LIB)");
         body();
         return 0;
     } catch (const std::exception& e) {
@@ -3675,6 +3840,29 @@ static void set_option(Options& o, const char* flag, const char* value) {
     fail("unknown option %s", flag);
 }
 
+// The flag a mistyped one was probably meant to be: the nearest by edit distance, if it
+// is within two edits (or three for long names), else nullptr.
+static const char* closest_flag(const std::string& typed) {
+    const char* best = nullptr;
+    size_t best_distance = std::max<size_t>(2, typed.size() / 4) + 1;
+    for (const Flag& f : FLAGS) {
+        const std::string name = f.name;
+        std::vector<size_t> row(name.size() + 1);  // Levenshtein, one row at a time
+        for (size_t j = 0; j <= name.size(); j++) row[j] = j;
+        for (size_t i = 1; i <= typed.size(); i++) {
+            size_t diagonal = row[0];
+            row[0] = i;
+            for (size_t j = 1; j <= name.size(); j++) {
+                const size_t up = row[j];
+                row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (typed[i - 1] != name[j - 1])});
+                diagonal = up;
+            }
+        }
+        if (row[name.size()] < best_distance) best = f.name, best_distance = row[name.size()];
+    }
+    return best;
+}
+
 // Fill o from the command line; false when --help was printed.
 static bool parse_args(int argc, char** argv, Options& o) {
     for (int i = 1; i < argc; i++) {
@@ -3689,7 +3877,11 @@ static bool parse_args(int argc, char** argv, Options& o) {
         const Flag* flag = nullptr;
         for (const Flag& f : FLAGS)
             if (arg == f.name) flag = &f;
-        require(flag, "unknown argument '%s' (see --help)", argv[i]);
+        if (!flag) {
+            const char* guess = closest_flag(arg);
+            fail("unknown argument '%s' (%s%s%ssee --help)", argv[i], guess ? "did you mean " : "", guess ? guess : "",
+                 guess ? "? " : "");
+        }
         if (flag->arg && !inline_value) {
             require(i + 1 < argc, "%s needs a value (%s)", flag->name, flag->arg);
             value = argv[++i];
@@ -3706,8 +3898,9 @@ int main(int argc, char** argv) {
     try {
         Options options;
         if (!parse_args(argc, argv, options)) return 0;
+        require_a_device("./train_alexnet_cpu");
         int count = 0;
-        if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) fail("no CUDA device found; use ./train_alexnet_cpu");
+        cudaCheck(cudaGetDeviceCount(&count));
         if (options.devices.empty()) options.devices = count > 1 ? std::vector<int>{0, 1} : std::vector<int>{0};
         for (int d : options.devices)
             require(d < count, "--devices: device %d does not exist (%d device%s)", d, count, count == 1 ? "" : "s");

@@ -8,7 +8,8 @@ import numpy as np
 import alexnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXE = os.path.join(ROOT, "train_alexnet_cpu")
+# ALEXNET_EXE names another build of the executable (make test-asan: the ASan one).
+EXE = os.path.abspath(os.environ.get("ALEXNET_EXE") or os.path.join(ROOT, "train_alexnet_cpu"))
 
 
 def pca_stats(images):

@@ -3,6 +3,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -10,7 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "train_alexnet.cu")
 PTXAS_LOG = os.path.join(ROOT, "build", "gpu", "ptxas.log")
 GPU_EXE = os.path.join(ROOT, "train_alexnet")
+GPU_LIB = os.path.join(ROOT, "libalexnet.so")
 NVCC = shutil.which(os.environ.get("NVCC") or "nvcc")
+# make test-asan preloads the sanitizer runtime into pytest; make, nvcc and the GPU binary
+# must not inherit it (nvcc crashes under it).
+PLAIN_ENV = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
 
 
 def test_no_raw_shared_in_the_cu_file():
@@ -33,11 +38,16 @@ def test_the_macros_are_defined_once_per_build():
     assert text.count("#define SHARED(") == 1 and text.count("#define EXTERN_SHARED(") == 1
 
 
+def build(path, target):
+    """`make test` builds the GPU files; plain pytest may not have: make the target."""
+    if not os.path.exists(path):
+        made = subprocess.run(["make", "-C", ROOT, target], capture_output=True, text=True, timeout=1200, env=PLAIN_ENV)
+        assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found: the GPU build (and its ptxas report) is skipped")
 def test_no_kernel_spills_registers():
-    if not os.path.exists(PTXAS_LOG):  # `make test` builds it; plain pytest may not have
-        build = subprocess.run(["make", "-C", ROOT, "build/gpu/train_alexnet.o"], capture_output=True, text=True, timeout=1200)
-        assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    build(PTXAS_LOG, "build/gpu/train_alexnet.o")
     with open(PTXAS_LOG) as f:
         log = f.read()
     spills, function = [], "?"
@@ -60,10 +70,24 @@ def has_gpu():
 def test_gpu_executable_without_a_gpu_says_so_in_one_line():
     if has_gpu():
         pytest.skip("this machine has a GPU: the no-GPU message cannot be checked here")
-    if not os.path.exists(GPU_EXE):
-        build = subprocess.run(["make", "-C", ROOT, "train_alexnet"], capture_output=True, text=True, timeout=1200)
-        assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    run = subprocess.run([GPU_EXE], capture_output=True, text=True, timeout=60)
+    build(GPU_EXE, "train_alexnet")
+    run = subprocess.run([GPU_EXE], capture_output=True, text=True, timeout=60, env=PLAIN_ENV)
     assert run.returncode != 0
     assert run.stdout == ""
     assert run.stderr == "error: no CUDA device found; use ./train_alexnet_cpu\n"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found: no GPU library is built")
+def test_gpu_library_without_a_gpu_names_the_cpu_build():
+    """The GPU library on a machine without a GPU (or driver): every entry point fails with
+    one line naming the CPU library, not CUDA's 'driver version is insufficient'."""
+    if has_gpu():
+        pytest.skip("this machine has a GPU: the no-GPU message cannot be checked here")
+    build(GPU_LIB, "libalexnet.so")
+    code = ("import numpy as np, alexnet\n"
+            "try:\n    alexnet.cuda_relu_forward(np.ones((1, 1, 2, 2), np.float32))\n"
+            "except alexnet.AlexNetError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**PLAIN_ENV, "ALEXNET_LIB": GPU_LIB})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "no CUDA device found; use libalexnet_cpu.so, the CPU build (unset ALEXNET_LIB)\n"

@@ -1,6 +1,7 @@
 """The training executable: learning, exact resume, device placement, checkpoints,
 Ctrl-C, non-finite losses, the command line and every kind of bad input."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,7 +118,7 @@ def test_checkpoints_latest_and_keep(tmp_path, small_data):
     result = run("--data", small_data, "--arch", "small", "--batch", 8, "--steps", 5, "--save-every", 1,
                  "--keep", 2, "--out", out)
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(out)) == ["ckpt_00000004.bin", "ckpt_00000005.bin", "latest.bin", "log.txt"]
+    assert sorted(os.listdir(out)) == ["ckpt_00000004.bin", "ckpt_00000005.bin", "latest.bin", "lock", "log.txt"]
     assert os.path.realpath(out / "latest.bin") == os.path.realpath(out / "ckpt_00000005.bin")
     log = (out / "log.txt").read_text()
     assert "step 5/5" in log and "img/s" in log and "eta" in log
@@ -136,12 +137,7 @@ def test_eval_mode(tmp_path, small_data):
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_finishes_the_step_and_checkpoints(tmp_path, small_data, stop):
     out = tmp_path / "out"
-    process = subprocess.Popen([EXE, "--data", str(small_data), "--arch", "small", "--batch", "8",
-                                "--steps", "100000", "--log-every", "1", "--save-every", "0", "--out", str(out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if line.startswith("step 2/"):
-            break
+    process = _start_run(small_data, out)
     process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
@@ -156,13 +152,123 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, small_dat
     assert run("--data", small_data, "--arch", "small", "--batch", 8, "--steps", 2, "--out", out).returncode == 0
     good = checkpoint_bytes(out / "ckpt_00000002.bin")
     header, params, momentum = alexnet.load_checkpoint(str(out / "latest.bin"))
-    params["fc8.bias"][:] = np.inf  # every logit becomes inf: the loss is NaN at once
+    # Finite, but the logits of half the classes are -3e38 below the others': their
+    # log-probability overflows to -inf, and the loss to inf, at the first step.
+    params["fc8.bias"][:] = np.where(np.arange(10) % 2, 3e38, -3e38)
     alexnet.save_checkpoint(str(tmp_path / "bad.bin"), header, params, momentum)
     result = run("--data", small_data, "--resume", tmp_path / "bad.bin", "--steps", 4, "--out", out)
     assert result.returncode != 0
     assert "non-finite loss" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert sorted(os.listdir(out)) == ["ckpt_00000002.bin", "latest.bin", "log.txt"]
+    assert sorted(os.listdir(out)) == ["ckpt_00000002.bin", "latest.bin", "lock", "log.txt"]
     assert checkpoint_bytes(out / "latest.bin") == good
+    assert (out / "log.txt").read_text().splitlines()[-1] == result.stderr.strip()  # the error, in the log too
+
+
+def test_parameters_that_become_non_finite_are_not_saved(tmp_path):
+    """A loss can stay finite while parameters overflow: with every image equal to the
+    mean image (and no augmentation) conv1 sees zeros, so a conv1 weight of 3e38 does not
+    touch the loss, but momentum 3e38 pushes it to inf in one step. The checkpoint of that
+    step is refused, the run stops with one line (also in log.txt), and the last good
+    checkpoint is still the newest one."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    os.makedirs(data)
+    images = np.full((16, 32, 32, 3), 77, np.uint8)
+    alexnet.write_shard(str(data / "train_000.bin"), np.arange(16) % 10, images, 10)
+    alexnet.write_stats(str(data / "stats.bin"), images[0].astype(np.float64), np.ones(3), np.eye(3))
+    flags = ("--data", data, "--arch", "small", "--batch", 8, "--no-augment", "--out", out)
+    assert run(*flags, "--steps", 1).returncode == 0
+    header, params, momentum = alexnet.load_checkpoint(str(out / "ckpt_00000001.bin"))
+    params["conv1.weight"][0, 0, 0, 0] = momentum["conv1.weight"][0, 0, 0, 0] = 3e38
+    alexnet.save_checkpoint(str(tmp_path / "edge.bin"), header, params, momentum)
+    result = run(*flags, "--steps", 2, "--resume", tmp_path / "edge.bin")
+    assert result.returncode == 1
+    assert result.stderr == (f"error: step 2: conv1.weight[0] is inf: not saved; the last good checkpoint "
+                             f"({tmp_path / 'edge.bin'}) is unchanged\n")
+    assert "loss" in result.stdout and "nan" not in result.stdout and "inf" not in result.stdout
+    assert sorted(os.listdir(out)) == ["ckpt_00000001.bin", "latest.bin", "lock", "log.txt"]
+    assert (out / "log.txt").read_text().splitlines()[-1] == result.stderr.strip()
+
+
+def test_a_failed_checkpoint_write_is_logged_and_leaves_nothing(tmp_path, small_data):
+    """A write error (here EFBIG from a 100 KB file-size limit, which a 586 KB checkpoint
+    exceeds; ENOSPC takes the same path) ends the run with one line on stderr and in
+    log.txt, and leaves no partial file."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    out = tmp_path / "out"
+    result = run("--data", small_data, "--arch", "small", "--batch", 8, "--steps", 1, "--out", out,
+                 preexec_fn=limit_file_size)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot write ") and "File too large" in result.stderr
+    assert result.stderr.strip().endswith("the last good checkpoint (none) is unchanged")
+    assert sorted(os.listdir(out)) == ["lock", "log.txt"]
+    assert (out / "log.txt").read_text().splitlines()[-1] == result.stderr.strip()
+
+
+def _start_run(data, out):
+    """A long run that logs every step; returns the process once step 2 is logged."""
+    process = subprocess.Popen([EXE, "--data", str(data), "--arch", "small", "--batch", "8", "--steps", "100000",
+                                "--log-every", "1", "--save-every", "0", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("step 2/"):
+            break
+    return process
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, small_data):
+    """While a run holds --out, another run on it stops at once, naming the first by its
+    process id, and writes nothing; the first run is undisturbed."""
+    out = tmp_path / "out"
+    first = _start_run(small_data, out)
+    log_before = (out / "log.txt").read_text()
+    second = run("--data", small_data, "--arch", "small", "--batch", 8, "--steps", 1, "--out", out)
+    first.send_signal(signal.SIGINT)
+    stdout, stderr = first.communicate(timeout=120)
+    assert second.returncode == 1
+    assert second.stderr == (f"error: {out} is in use by another run (process {first.pid}); wait for it, "
+                             f"or give another --out\n")
+    assert first.returncode == 0, stderr
+    assert (out / "log.txt").read_text().startswith(log_before) and "ckpt_00000001.bin" not in os.listdir(out)
+    again = run("--data", small_data, "--arch", "small", "--batch", 8, "--steps", 1, "--out", tmp_path / "again")
+    assert again.returncode == 0  # the lock goes with its process
+
+
+def test_stale_temporaries_are_removed_at_start(tmp_path, small_data):
+    """Files a kill left between a checkpoint's write and its rename are removed (and
+    said so); anything else in the folder stays."""
+    out = tmp_path / "out"
+    os.makedirs(out)
+    for name in ("ckpt_00000007.bin.tmp", "latest.bin.tmp", "notes.tmp", "ckpt_7.bin.tmp"):
+        (out / name).write_bytes(b"partial")
+    result = run("--data", small_data, "--arch", "small", "--batch", 8, "--steps", 1, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ["ckpt_00000001.bin", "ckpt_7.bin.tmp", "latest.bin", "lock", "log.txt",
+                                       "notes.tmp"]
+    assert f"removed {out}/ckpt_00000007.bin.tmp, left by an interrupted checkpoint" in result.stdout
+
+
+def test_a_second_signal_ends_the_run_at_once(tmp_path, small_data):
+    """Two Ctrl-Cs: the second ends the process by the signal, before a checkpoint."""
+    out = tmp_path / "out"
+    process = _start_run(small_data, out)
+    process.send_signal(signal.SIGINT)
+    assert process.stderr.readline().startswith("stopping after this step")  # the first one was seen
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGINT
+    assert not any(name.startswith("ckpt_") for name in os.listdir(out))
+
+
+def test_eval_reports_progress(tmp_path, small_data, trained):
+    """--eval off a terminal: progress lines on stderr (at most every 10 s, and at the end)."""
+    result = run("--data", small_data, "--eval", "--resume", trained / "latest.bin", "--batch", 4)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("10-view evaluation: 16/16 images | elapsed ")
 
 
 def test_help_lists_every_flag_with_its_default():
@@ -215,6 +321,15 @@ def _wrapping_sizes(folder):
     (folder / "stats.bin").write_bytes(header.tobytes() + bytes(80))
 
 
+def _with_stat(index, value):
+    """stats.bin with float number `index` of its body (mean, eigval, eigvec) replaced."""
+    def transform(data):
+        body = np.frombuffer(data, "<f4", offset=1024).copy()
+        body[index] = value
+        return data[:1024] + body.tobytes()
+    return transform
+
+
 def _fifo_shard(folder):
     os.remove(folder / "train_000.bin")
     os.mkfifo(folder / "train_000.bin")
@@ -233,6 +348,23 @@ BAD_DATA = {
     "negative label": (lambda d: _damage(d, "train_000.bin", _with_label(-1)), "out of range"),
     "missing stats": (lambda d: os.remove(d / "stats.bin"), "stats.bin"),
     "truncated stats": (lambda d: _damage(d, "stats.bin", lambda b: b[:-4]), "stats.bin"),
+    "a gap in the shards": (lambda d: os.rename(d / "train_000.bin", d / "train_001.bin"),
+                            "train_000.bin is missing, but"),
+    "a gap after the first shard": (lambda d: shutil.copy(d / "train_000.bin", d / "train_002.bin"),
+                                    "train_001.bin is missing, but"),
+    "a dangling symlink among the shards": (lambda d: os.symlink("gone.bin", d / "train_001.bin"),
+                                            "cannot open " + "{data}/train_001.bin: a symlink to a missing file"),
+    "a symlink loop among the shards": (lambda d: os.symlink("train_001.bin", d / "train_001.bin"),
+                                        "Too many levels of symbolic links"),
+    "a broken validation shard": (lambda d: (os.remove(d / "val_000.bin"), os.symlink("gone.bin", d / "val_000.bin")),
+                                  "val_000.bin: a symlink to a missing file"),
+    "NaN in the mean image": (lambda d: _damage(d, "stats.bin", _with_stat(100, np.nan)), "mean[100] is nan"),
+    "a mean outside the pixel range": (lambda d: _damage(d, "stats.bin", _with_stat(5, 300.0)),
+                                       "mean[5] is 300, outside [0, 255]"),
+    "an infinite eigenvalue": (lambda d: _damage(d, "stats.bin", _with_stat(32 * 32 * 3 + 1, np.inf)),
+                               "eigval[1] is inf"),
+    "an eigenvector entry of 2": (lambda d: _damage(d, "stats.bin", _with_stat(32 * 32 * 3 + 3 + 4, 2.0)),
+                                  "eigvec[4] is 2"),
     "val shard of another size": (lambda d: alexnet.write_shard(str(d / "val_000.bin"), np.zeros(2, int),
                                                                 np.zeros((2, 16, 16, 3), np.uint8), 10),
                                   "do not match"),
@@ -251,7 +383,7 @@ def test_bad_data(tmp_path, case):
     result = run("--data", data, "--arch", "small", "--batch", 8, "--steps", 1, "--out", tmp_path / "out")
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
-    assert message in result.stderr, result.stderr
+    assert message.format(data=data) in result.stderr, result.stderr
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -283,11 +415,23 @@ def _with_header(tmp_path, trained, **fields):
     return path
 
 
+def _with_tensor(tmp_path, trained, name, index, value, momentum=False):
+    """The trained checkpoint with one value of a parameter (or of its momentum) replaced."""
+    header, params, moments = alexnet.load_checkpoint(str(trained / "ckpt_00000002.bin"))
+    (moments if momentum else params)[name].flat[index] = value
+    path = tmp_path / "edited.bin"
+    alexnet.save_checkpoint(str(path), header, params, moments)
+    return path
+
+
 BAD_RUNS = {
     "unknown preset": (lambda t, c: ["--arch", "vgg16"], "unknown preset 'vgg16'"),
-    "images smaller than the crop": (lambda t, c: ["--arch", "alexnet", "--batch", 8], "larger than the 32x32 images"),
+    "images smaller than the crop": (lambda t, c: ["--arch", "alexnet", "--batch", 8],
+                                     "larger than the 32x32 images; try --arch small"),
     "batch larger than the dataset": (lambda t, c: ["--arch", "small", "--batch", 65], "larger than the training set"),
-    "unknown flag": (lambda t, c: ["--learning-rate", "0.1"], "unknown argument '--learning-rate'"),
+    "unknown flag": (lambda t, c: ["--learning-rate", "0.1"], "unknown argument '--learning-rate' (see --help)"),
+    "a mistyped flag": (lambda t, c: ["--weight-dacay", "0.1"],
+                        "unknown argument '--weight-dacay' (did you mean --weight-decay? see --help)"),
     "bad integer": (lambda t, c: ["--batch", "eight"], "--batch: expected an integer"),
     "bad number": (lambda t, c: ["--lr", "-1"], "--lr: expected a number"),
     "missing value": (lambda t, c: ["--lr"], "--lr needs a value"),
@@ -309,6 +453,10 @@ BAD_RUNS = {
     "lr 1e30 in the header": (lambda t, c: ["--resume", _with_header(t, c, lr=1e30)], "bad header: --lr"),
     "NaN lr in the header": (lambda t, c: ["--resume", _with_header(t, c, lr=float("nan"))], "bad header: --lr"),
     "patience -1 in the header": (lambda t, c: ["--resume", _with_header(t, c, patience=-1)], "bad header: --patience"),
+    "-inf in a parameter": (lambda t, c: ["--resume", _with_tensor(t, c, "fc7.weight", 5, -np.inf)],
+                            "edited.bin: fc7.weight[5] is -inf: a checkpoint holds finite numbers only"),
+    "NaN in the momentum": (lambda t, c: ["--resume", _with_tensor(t, c, "conv2.bias", 3, np.nan, momentum=True)],
+                            "edited.bin: the momentum of conv2.bias[3] is nan"),
     "best error 100 in the header": (lambda t, c: ["--resume", _with_header(t, c, best_error=100.0)],
                                      "best validation error 100"),
 }
