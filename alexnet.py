@@ -175,14 +175,20 @@ def read_stats(path):
     return stats
 
 
-def read_classes(folder):
-    """The class names of a dataset folder (classes.txt, line i = label i)."""
-    path = os.path.join(folder, "classes.txt")
+def read_text_lines(path):
+    """The lines of a UTF-8 text file; a file that cannot be read or decoded is an AlexNetError."""
     try:
         with open(path, encoding="utf-8") as f:
             return f.read().splitlines()
     except OSError as e:
         raise AlexNetError(f"cannot read {path}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        raise AlexNetError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})")
+
+
+def read_classes(folder):
+    """The class names of a dataset folder (classes.txt, line i = label i)."""
+    return read_text_lines(os.path.join(folder, "classes.txt"))
 
 
 def shard_paths(folder, split):
@@ -548,8 +554,7 @@ def cifar10_source(path):
                if not os.path.isfile(os.path.join(path, n))]
     if missing:
         raise AlexNetError(f"{path}: missing {', '.join(sorted(set(missing)))} (expected the CIFAR-10 binary version)")
-    with open(os.path.join(path, "batches.meta.txt"), encoding="utf-8") as f:
-        classes = [line.strip() for line in f if line.strip()]
+    classes = [line.strip() for line in read_text_lines(os.path.join(path, "batches.meta.txt")) if line.strip()]
     if len(classes) != 10:
         raise AlexNetError(f"{path}/batches.meta.txt: {len(classes)} class names, expected 10")
     splits = []
@@ -613,12 +618,7 @@ def _read_val_labels(path, synsets):
     or an index into the sorted synsets of train/; only the first label is used). Returns
     {image name without extension: synset}."""
     labels = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise AlexNetError(f"cannot read {path}: {e.strerror}")
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(read_text_lines(path), 1):
         fields = re.split(r"[,\s]+", line.strip())
         if fields == [""] or (number == 1 and fields[0] == "ImageId"):
             continue
@@ -643,13 +643,9 @@ def _read_val_labels(path, synsets):
 
 def _read_synset_words(path, synsets):
     names = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                synset, _, words = line.strip().partition(" ")
-                names[synset] = words.strip()
-    except OSError as e:
-        raise AlexNetError(f"cannot read {path}: {e.strerror}")
+    for line in read_text_lines(path):
+        synset, _, words = line.strip().partition(" ")
+        names[synset] = words.strip()
     if missing := [s for s in synsets if s not in names]:
         raise AlexNetError(f"{path}: no name for {len(missing)} synsets (first: {missing[0]})")
     return [f"{s} {names[s]}" for s in synsets]
@@ -2390,13 +2386,8 @@ def read_training_log(path):
                            rf"top-5 error {number}")
     top = re.compile(rf"top-1 error {number} \| top-5 error {number}")
     lr = re.compile(rf"\| lr {number}")
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise AlexNetError(f"cannot read {path}: {e.strerror}")
     per_epoch, train, val, rates = None, {}, {}, {}
-    for line in lines:
+    for line in read_text_lines(path):
         if m := header.search(line):
             per_epoch = int(m.group(1))
             if m.group(2) == "starting":

@@ -280,3 +280,15 @@ def test_a_mistyped_option_gets_a_suggestion(args, error):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines()[-1] == error, result.stderr
     assert result.stderr.splitlines()[0].startswith("usage: " + error.split(":")[0])   # the subcommand's usage
+
+
+def test_text_files_that_are_not_utf8_are_a_one_line_error(prepared, tmp_path):
+    """A classes.txt or log.txt in another encoding raised UnicodeDecodeError with a traceback."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(prepared / "data", data)
+    (data / "classes.txt").write_bytes("".join(f"caf\xe9 {i}\n" for i in range(10)).encode("latin-1"))
+    result = run_script("eval", prepared / "small.bin", "--data", data, "--views", "1")
+    assert_one_line_error(result, "classes.txt is not UTF-8 text (byte 3")
+    (tmp_path / "log.txt").write_bytes(b"step 1/2 | epoch 0.5 | loss 2.3 \xff\n")
+    assert_one_line_error(run_script("show", "curves", tmp_path), "log.txt is not UTF-8 text (byte 32")
