@@ -166,8 +166,9 @@ def read_stats(path):
     values = np.memmap(path, dtype="<f4", mode="r", offset=HEADER_BYTES, shape=(count,))
     stats = Stats(values[:-12].reshape(height, width, channels), values[-12:-9], values[-9:].reshape(3, 3))
     # what the loaders subtract and add to every image: a NaN or a wild value would spread
-    # into every activation (a mean of 0..255 pixels, a covariance's eigenvalues, unit vectors)
-    for name, array, lowest, highest in (("mean", stats.mean, 0, 255), ("eigenvalue", stats.eigval, 0, 255.0**2),
+    # into every activation (a mean of 0..255 pixels; a covariance's eigenvalues, -1 allowing
+    # for rounding around a zero one, as the executable does; unit vectors)
+    for name, array, lowest, highest in (("mean", stats.mean, 0, 255), ("eigenvalue", stats.eigval, -1, 255.0**2),
                                          ("eigenvector component", stats.eigvec, -1.001, 1.001)):
         if (bad := np.flatnonzero(~((array >= lowest) & (array <= highest)))).size:
             raise AlexNetError(f"{path}: {name} {array.flat[bad[0]]:g} is outside [{lowest:g}, {highest:g}] "

@@ -218,7 +218,7 @@ def test_statistics_out_of_range_are_refused(tmp_path, field, value, message):
 
 def test_statistics_of_grey_images_have_no_negative_eigenvalue(tmp_path):
     """R = G = B: a rank-1 covariance, whose zero eigenvalues eigh returns as +-1e-12; a
-    negative one would make the statistics of a legitimate greyscale set unreadable."""
+    covariance has no negative eigenvalue, so stats.bin holds 0."""
     for seed in range(6):
         rng = np.random.default_rng(seed)
         grey = np.repeat(rng.integers(0, 256, (50, 6, 6, 1), dtype=np.uint8), 3, axis=3)
