@@ -210,8 +210,7 @@ def shard_paths(folder, split):
     paths = [os.path.join(folder, f"{split}_{k:03d}.bin") for k in range(max(numbers) + 1)]
     for k, path in enumerate(paths):
         if k not in numbers:
-            raise AlexNetError(f"{path} is missing, but {split}_{max(numbers):03d}.bin exists "
-                               "(shards are numbered from 000 without gaps)")
+            raise AlexNetError(f"{path} is missing, but {paths[-1]} exists: shards must be numbered without gaps")
         _require_regular_file(path)
     return paths
 
