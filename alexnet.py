@@ -1462,11 +1462,13 @@ _HEADER = (  # (name, index, kind, count)
     ("max_drops", 52, "i32", 1), ("plateau_drops", 53, "i32", 1), ("bad_evals", 54, "i32", 1),
     ("best_error", 55, "f32", 1), ("loss", 56, "f32", 1), ("epochs", 57, "i32", 1), ("steps", 58, "i32", 1),
     ("lr_steps", 60, "list", 8),  # count at index 59
+    ("image_height", 68, "i32", 1), ("image_width", 69, "i32", 1),  # 0: not recorded (older checkpoints)
 )
 # The training state of a fresh run: the executables' defaults.
 _DEFAULT_STATE = dict(step=0, seed=1, batch=128, lr=0.01, momentum=0.9, weight_decay=0.0005, dropout=0.5,
                       augment=1, eval_every=0, patience=3, max_drops=3, plateau_drops=0, bad_evals=0,
-                      best_error=float("inf"), loss=float("nan"), epochs=90, steps=0, lr_steps=())
+                      best_error=float("inf"), loss=float("nan"), epochs=90, steps=0, lr_steps=(),
+                      image_height=0, image_width=0)
 
 
 def _encode_header(fields):
@@ -1540,6 +1542,9 @@ def _header_problem(fields, count_of_lr_steps):
         return f"best validation error {fields['best_error']:g} (a fraction, or inf before any)"
     if not (np.isnan(fields["loss"]) or 0 <= fields["loss"] < np.inf):
         return f"last loss {fields['loss']:g}"
+    size = (fields["image_height"], fields["image_width"])
+    if size != (0, 0) and not all(fields["crop"] <= side <= MAX_IMAGE_SIDE for side in size):
+        return f"image size {size[0]}x{size[1]} (crop {fields['crop']})"
     return None
 
 
@@ -1656,18 +1661,13 @@ def _train_arguments(parser):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _train(args):
-    """Run ./train_alexnet when a GPU is usable, else ./train_alexnet_cpu, with the flags;
-    returns its exit status. A stop signal is the trainer's to handle (finish the step,
-    checkpoint; a second one ends it at once), so each one is forwarded to it and this
-    waits for it. The trainer has its own session: Ctrl-C in a terminal, sent to the whole
-    foreground group, would otherwise reach it twice, directly and forwarded."""
+def run_trainer(path, flags):
+    """Run a training executable with flags; returns its exit status. A stop signal is the
+    trainer's to handle (finish the step, checkpoint; a second one ends it at once), so
+    each one is forwarded to it and this waits for it. The trainer has its own session:
+    Ctrl-C in a terminal, sent to the whole foreground group, would otherwise reach it
+    twice, directly and forwarded."""
     import subprocess
-    name = "train_alexnet" if _gpu_usable() and os.path.exists(os.path.join(ROOT, "train_alexnet")) \
-        else "train_alexnet_cpu"
-    path = os.path.join(ROOT, name)
-    if not os.path.exists(path):
-        raise AlexNetError(f"{path} not found: run `make` first")
     trainer, early = None, []
 
     def forward(signum, frame):
@@ -1679,7 +1679,7 @@ def _train(args):
     previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
         try:
-            trainer = subprocess.Popen([path] + args.flags, start_new_session=True)
+            trainer = subprocess.Popen([path, *flags], start_new_session=True)
         except OSError as e:
             raise AlexNetError(f"cannot run {path}: {e.strerror}")
         for signum in early:
@@ -1689,6 +1689,16 @@ def _train(args):
         for s, handler in previous.items():
             signal.signal(s, handler)
     return 128 - status if status < 0 else status   # killed by signal N: 128 + N, as a shell reports it
+
+
+def _train(args):
+    """Run ./train_alexnet when a GPU is usable, else ./train_alexnet_cpu, with the flags."""
+    name = "train_alexnet" if _gpu_usable() and os.path.exists(os.path.join(ROOT, "train_alexnet")) \
+        else "train_alexnet_cpu"
+    path = os.path.join(ROOT, name)
+    if not os.path.exists(path):
+        raise AlexNetError(f"{path} not found: run `make` first")
+    return run_trainer(path, args.flags)
 
 
 COMMANDS["train"] = (_train_arguments, _train)
@@ -2213,15 +2223,20 @@ def _dataset(data, split="val"):
 
 def require_fit(checkpoint, data, image_shape, classes):
     """Refuse a checkpoint made for other data, before its outputs could be scored against
-    the wrong labels or its crop taken from the wrong images: the class counts must agree
-    (the executable's rule), and the images must be the size the crop is taken from. A
-    checkpoint does not record that size; the presets crop 7/8 of the side (224 of 256,
-    28 of 32), so images of crop to crop + crop/7 pixels fit, and larger ones would show
-    the model only their middle. Returns the checkpoint's header."""
+    the wrong labels or its crop taken from the wrong images: the class counts must agree,
+    and so must the image size, which the executable records in the checkpoint (both its
+    rules). For a checkpoint without that record: the presets crop 7/8 of the side (224 of
+    256, 28 of 32), so images of crop to crop + crop/7 pixels fit, and larger ones would
+    show the model only their middle. Returns the checkpoint's header."""
     header = read_checkpoint_header(checkpoint)
     if header["classes"] != classes:
         raise AlexNetError(f"{checkpoint} has {header['classes']} classes, the dataset {classes} ({data})")
     crop, (height, width) = header["crop"], image_shape[:2]
+    if header["image_height"]:
+        if (header["image_height"], header["image_width"]) != (height, width):
+            raise AlexNetError(f"{checkpoint} was trained on {header['image_height']}x{header['image_width']} "
+                               f"images, the dataset has {height}x{width} ({data})")
+        return header
     largest = crop + crop // 7
     if not (crop <= height <= largest and crop <= width <= largest):
         raise AlexNetError(f"{checkpoint} takes {crop}x{crop} crops of images {crop} to {largest} pixels wide "
@@ -2643,7 +2658,6 @@ def _elapsed(seconds):
 
 def _demo(args):
     import shlex
-    import subprocess
     import time
     start = time.time()
     gpu = _gpu_usable() and os.path.exists(os.path.join(ROOT, "train_alexnet"))
@@ -2669,7 +2683,7 @@ def _demo(args):
              "--lr", str(args.lr), "--lr-steps", args.lr_steps, "--dropout", str(args.dropout),
              "--steps", str(args.steps),
              "--eval-every", str(args.eval_every), "--save-every", "0", "--log-every", str(max(1, args.eval_every // 4))]
-    if subprocess.call([executable, *flags]) != 0:
+    if run_trainer(executable, flags) != 0:  # Ctrl-C: the trainer checkpoints, and the demo goes on with it
         raise AlexNetError("training failed (see the lines above)")
     train_seconds = time.time() - start
     checkpoint = os.path.join(args.out, "latest.bin")

@@ -2609,7 +2609,8 @@ enum CheckpointField {  // header indices; "f32" fields hold the bits of a float
     H_AUGMENT = 49, H_EVAL_EVERY = 50, H_PATIENCE = 51, H_MAX_DROPS = 52,
     H_PLATEAU_DROPS = 53, H_BAD_EVALS = 54, H_BEST_ERROR = 55, H_LOSS = 56,    // f32 55, 56
     H_EPOCHS = 57, H_STEPS = 58, H_NUM_LR_STEPS = 59, H_LR_STEPS = 60,         // up to 8 epochs
-    MAX_LR_STEPS = 8
+    MAX_LR_STEPS = 8,
+    H_IMAGE_H = 68, H_IMAGE_W = 69  // the training images' size (0: not recorded, older checkpoints)
 };
 
 // Everything the command line sets (section 15 lists the flags and their defaults).
@@ -2639,7 +2640,8 @@ static float bits_float(int32_t i) { float f; memcpy(&f, &i, 4); return f; }
 static void put_int64(int32_t* h, int at, int64_t v) { h[at] = (int32_t)(uint32_t)v; h[at + 1] = (int32_t)(v >> 32); }
 static int64_t get_int64(const int32_t* h, int at) { return (int64_t)(uint32_t)h[at] | ((int64_t)h[at + 1] << 32); }
 
-static void encode_header(int32_t* h, const Arch& a, const Options& o, const TrainState& s) {
+static void encode_header(int32_t* h, const Model& model, const Options& o, const TrainState& s) {
+    const Arch& a = model.arch;
     memset(h, 0, HEADER_INTS * sizeof(int32_t));
     h[H_MAGIC] = CKPT_MAGIC, h[H_VERSION] = CKPT_VERSION;
     h[H_PRESET] = a.preset, h[H_CROP] = a.crop, h[H_CLASSES] = a.classes;
@@ -2663,6 +2665,7 @@ static void encode_header(int32_t* h, const Arch& a, const Options& o, const Tra
     h[H_EPOCHS] = (int32_t)o.epochs, h[H_STEPS] = (int32_t)o.steps;
     h[H_NUM_LR_STEPS] = (int32_t)o.lr_steps.size();
     for (size_t i = 0; i < o.lr_steps.size(); i++) h[H_LR_STEPS + i] = o.lr_steps[i];
+    h[H_IMAGE_H] = model.image_h, h[H_IMAGE_W] = model.image_w;
 }
 
 // Sets an option as its command-line flag would, with the flag's checks (section 15).
@@ -2676,6 +2679,7 @@ struct Checkpoint {
     MappedFile file;
     Arch arch;
     long params;
+    int image_h, image_w;  // the training images' size; 0 when not recorded
 
     Checkpoint(const std::string& path, Options& o, TrainState& s) : file(path) {
         const int32_t* h = file.header();
@@ -2709,6 +2713,10 @@ struct Checkpoint {
         require(file.size == expected, "%s is %s: %zu bytes, expected %zu", path.c_str(),
                 file.size < expected ? "truncated" : "too long", file.size, expected);
         require(h[H_NUM_LR_STEPS] >= 0 && h[H_NUM_LR_STEPS] <= MAX_LR_STEPS, "%s: bad header", path.c_str());
+        image_h = h[H_IMAGE_H], image_w = h[H_IMAGE_W];
+        require((image_h == 0 && image_w == 0) || (image_h >= arch.crop && image_h <= MAX_IMAGE_SIDE &&
+                                                   image_w >= arch.crop && image_w <= MAX_IMAGE_SIDE),
+                "%s: bad header: image size %dx%d (crop %d)", path.c_str(), image_h, image_w, arch.crop);
         for (const float* v : {parameters(), momentum()}) {
             std::string bad = first_non_finite(arch, v);
             require(bad.empty(), "%s: %s%s: a checkpoint holds finite numbers only", path.c_str(),
@@ -2778,7 +2786,7 @@ static void fsync_directory(const std::string& dir) {
 // `keep` checkpoints.
 static std::string save_checkpoint(Model& model, const Options& o, const TrainState& s) {
     int32_t header[HEADER_INTS];
-    encode_header(header, model.arch, o, s);
+    encode_header(header, model, o, s);
     std::vector<float> params(model.num_params()), momentum(model.num_params());
     model.download_state(params.data(), momentum.data());
     for (const std::vector<float>* v : {&params, &momentum}) {  // the state is on the host anyway
@@ -3147,7 +3155,6 @@ static void train_loop(Model& model, Loader& loader, Loader* val_loader, const O
     const double start = now_seconds();
     double interval_start = start;
     long interval_images = 0, first_step = state.step;
-    bool evaluated = false;
     // However the loop ends, the last staged upload finishes reading the loader's batch
     // before the loader is destroyed.
     struct StagedUploads {
@@ -3181,7 +3188,6 @@ static void train_loop(Model& model, Loader& loader, Loader* val_loader, const O
         state.step = step + 1;
         state.loss = (float)r.loss;
         interval_images += n;
-        evaluated = false;
 
         if (state.step % o.log_every == 0 || state.step == total || state.step == first_step + 1) {
             double t = now_seconds(), elapsed = t - start;
@@ -3193,19 +3199,21 @@ static void train_loop(Model& model, Loader& loader, Loader* val_loader, const O
                 interval_images / (t - interval_start), duration(elapsed).c_str(), duration(eta).c_str());
             interval_start = t, interval_images = 0;
         }
-        if (val_loader && state.step % eval_every == 0) {
+        // Validation as scheduled, and after the last step (a report only: the learning-rate
+        // schedule changes at scheduled evaluations), before that step's checkpoint.
+        const bool scheduled = state.step % eval_every == 0;
+        if (val_loader && (scheduled || state.step == total)) {
             const double eval_start = now_seconds();
             Evaluation e = evaluate(model, *val_loader, o.seed);
             interval_start += now_seconds() - eval_start;  // images/s counts training only
-            evaluated = true;
             log("eval step %ld | val loss %.4f | top-1 error %.4f | top-5 error %.4f | %ld images",
                 state.step, e.loss, e.top1_error, e.top5_error, e.images);
             require(std::isfinite(e.loss),
                     "non-finite validation loss (%g) at step %ld; the last good checkpoint (%s) is unchanged", e.loss,
                     state.step, last_checkpoint.c_str());
-            if (e.top1_error < state.best_error) {
+            if (scheduled && e.top1_error < state.best_error) {
                 state.best_error = (float)e.top1_error, state.bad_evals = 0;
-            } else if (o.patience > 0 && ++state.bad_evals >= o.patience &&
+            } else if (scheduled && o.patience > 0 && ++state.bad_evals >= o.patience &&
                        lr_drops(o, state, state.step / per_epoch) < o.max_drops) {
                 state.plateau_drops++, state.bad_evals = 0;
                 log("validation error has not improved for %d evaluations: learning rate divided by 10",
@@ -3225,11 +3233,6 @@ static void train_loop(Model& model, Loader& loader, Loader* val_loader, const O
             log("interrupted: stopped after step %ld", state.step);
             return;
         }
-    }
-    if (val_loader && !evaluated) {  // a report only: the schedule changes at scheduled evaluations
-        Evaluation e = evaluate(model, *val_loader, o.seed);
-        log("eval step %ld | val loss %.4f | top-1 error %.4f | top-5 error %.4f | %ld images", state.step,
-            e.loss, e.top1_error, e.top5_error, e.images);
     }
     log("done: %ld steps in %s", state.step - first_step, duration(now_seconds() - start).c_str());
 }
@@ -3259,6 +3262,9 @@ static void run(Options& o) {
         arch = checkpoint->arch;
         require(arch.classes == any.classes, "%s has %d classes, the dataset %d", o.resume.c_str(),
                 arch.classes, any.classes);
+        require(checkpoint->image_h == 0 || (checkpoint->image_h == any.H && checkpoint->image_w == any.W),
+                "%s was trained on %dx%d images, the dataset has %dx%d", o.resume.c_str(), checkpoint->image_h,
+                checkpoint->image_w, any.H, any.W);
     } else {
         require(!o.eval_only, "--eval needs a checkpoint: --resume FILE");
         arch = find_preset(o.arch.c_str());
@@ -3746,10 +3752,14 @@ static long parse_long(const char* flag, const char* text, long lo, long hi) {
 static float parse_float(const char* flag, const char* text, double lo, double hi, bool open_hi) {
     char* end = nullptr;
     errno = 0;
-    double v = strtod(text, &end);
-    require(*text && *end == 0 && errno == 0 && std::isfinite(v) && v >= lo && (open_hi ? v < hi : v <= hi),
+    const double v = strtod(text, &end);
+    // Compared as the float32 that is used and stored: a checkpoint's 1e-12 reads back as
+    // 9.99999996e-13, which must pass the bound 1e-12 again on resume.
+    const float f = (float)v;
+    require(*text && *end == 0 && errno == 0 && std::isfinite(f) && f >= (float)lo &&
+                (open_hi ? f < (float)hi : f <= (float)hi),
             "%s: expected a number in [%g, %g%s, got '%s'", flag, lo, hi, open_hi ? ")" : "]", text);
-    return (float)v;
+    return f;
 }
 
 static std::vector<int> parse_list(const char* flag, const char* text, long lo, long hi) {

@@ -337,7 +337,7 @@ def other_sizes(tmp_path_factory):
 
 
 def _checkpoint_of(folder, name, **arch):
-    """A small-preset checkpoint with `arch` fields changed (class count, crop)."""
+    """A small-preset checkpoint with `arch` fields changed (class count, crop, image size)."""
     arch = dict(A.architecture("small", 10), **arch)
     path = str(folder / f"{name}.bin")
     A.save_checkpoint(path, arch, A.init_params(arch, np.random.default_rng(0)))
@@ -345,7 +345,7 @@ def _checkpoint_of(folder, name, **arch):
 
 
 @pytest.mark.parametrize("case", ["5 classes", "100 classes", "28 crop on 64x64", "32 crop on 64x64",
-                                  "28 crop on 24x24"])
+                                  "28 crop on 24x24", "trained on 30x30"])
 @pytest.mark.parametrize("command", ["eval", "predict", "show predictions"])
 def test_a_checkpoint_that_does_not_fit_the_dataset_is_a_one_line_error(checkpoint, dataset, other_sizes, val,
                                                                        tmp_path, case, command):
@@ -360,6 +360,9 @@ def test_a_checkpoint_that_does_not_fit_the_dataset_is_a_one_line_error(checkpoi
         "32 crop on 64x64": (_checkpoint_of(tmp_path, "crop32", crop=32), str(other_sizes / "64"),
                              "takes 32x32 crops of images 32 to 36 pixels wide"),
         "28 crop on 24x24": (checkpoint, str(other_sizes / "24"), "not the 24x24 images"),
+        # the executable records the image size: then it must be the dataset's exactly
+        "trained on 30x30": (_checkpoint_of(tmp_path, "s30", image_height=30, image_width=30), dataset,
+                             "was trained on 30x30 images, the dataset has 32x32"),
     }[case]
     image = str(tmp_path / "image.png")
     Image.fromarray(val[0][0]).save(image)

@@ -120,6 +120,8 @@ def test_checkpoints_latest_and_keep(tmp_path, small_data):
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(out)) == ["ckpt_00000004.bin", "ckpt_00000005.bin", "latest.bin", "lock", "log.txt"]
     assert os.path.realpath(out / "latest.bin") == os.path.realpath(out / "ckpt_00000005.bin")
+    header, _, _ = alexnet.load_checkpoint(str(out / "latest.bin"))
+    assert (header["image_height"], header["image_width"]) == (32, 32)  # what eval and predict compare
     log = (out / "log.txt").read_text()
     assert "step 5/5" in log and "img/s" in log and "eta" in log
 
@@ -269,6 +271,19 @@ def test_eval_reports_progress(tmp_path, small_data, trained):
     result = run("--data", small_data, "--eval", "--resume", trained / "latest.bin", "--batch", 4)
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines()[-1].startswith("10-view evaluation: 16/16 images | elapsed ")
+
+
+def test_options_at_their_bounds_survive_a_resume(tmp_path, small_data):
+    """The checkpoint stores options as float32 (--lr 1e-12 becomes 9.99999996e-13); the
+    resume reads them back through the same flag checks, which must still accept them."""
+    out = tmp_path / "out"
+    flags = ("--data", small_data, "--arch", "small", "--batch", 8, "--lr", "1e-12", "--weight-decay", 1,
+             "--momentum", "0.99999994", "--out", out)
+    assert run(*flags, "--steps", 1).returncode == 0
+    resumed = run("--data", small_data, "--resume", out / "latest.bin", "--steps", 2, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr
+    header, _, _ = alexnet.load_checkpoint(str(out / "latest.bin"))
+    assert header["step"] == 2 and header["lr"] == np.float32(1e-12) and header["momentum"] == np.float32(0.99999994)
 
 
 def test_help_lists_every_flag_with_its_default():
@@ -457,6 +472,10 @@ BAD_RUNS = {
                             "edited.bin: fc7.weight[5] is -inf: a checkpoint holds finite numbers only"),
     "NaN in the momentum": (lambda t, c: ["--resume", _with_tensor(t, c, "conv2.bias", 3, np.nan, momentum=True)],
                             "edited.bin: the momentum of conv2.bias[3] is nan"),
+    "trained on other images": (lambda t, c: ["--resume", _with_header(t, c, image_height=40, image_width=40)],
+                                "was trained on 40x40 images, the dataset has 32x32"),
+    "an image size below the crop": (lambda t, c: ["--resume", _with_header(t, c, image_height=20, image_width=20)],
+                                     "bad header: image size 20x20 (crop 28)"),
     "best error 100 in the header": (lambda t, c: ["--resume", _with_header(t, c, best_error=100.0)],
                                      "best validation error 100"),
 }
