@@ -235,10 +235,10 @@ def test_statistics_of_grey_images_have_no_negative_eigenvalue(tmp_path):
 
 def test_the_readme_names_the_synthetic_classes_of_classes_txt(prepared):
     import re
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    readme = open(os.path.join(ROOT, "doc", "data.md"), encoding="utf-8").read()
     listed = re.search(r"\*\*The synthetic set\*\* is ten classes of shapes and textures \(`classes.txt`: ([a-z,\s]+);",
                        readme)
-    assert listed, "the README's synthetic-set paragraph no longer lists classes.txt"
+    assert listed, "doc/data.md's synthetic-set paragraph no longer lists classes.txt"
     names = [name.strip() for name in listed.group(1).split(",")]
     assert names == (prepared / "data" / "classes.txt").read_text().splitlines()
 
