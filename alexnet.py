@@ -8,17 +8,29 @@
     python alexnet.py show filters|curves|predictions    # the paper's pictures as PNG
 
 Sections, in reading order:
-  1. dataset files: the binary formats, read_shard, read_stats
-  2. data preparation: synthetic, CIFAR-10, ImageNet
-  3. NumPy reference of every layer (forward and backward), named like the CUDA kernels
-  4. NumPy reference of the whole two-tower model; checkpoints; the train command
-  5. the shared library: cffi bindings to train_alexnet.cu's C API
-  6. evaluation (centre crop, ten views), prediction, pictures, the demo
-  7. command line
+  1. NumPy reference of every layer (forward and backward), named like the CUDA kernels
+  2. NumPy reference of the whole two-tower model
+  3. dataset files: the binary formats, read_shard, read_stats
+  4. data preparation: synthetic, CIFAR-10, ImageNet
+  5. checkpoints; the train command
+  6. the shared library: cffi bindings to train_alexnet.cu's C API
+  7. evaluation (centre crop, ten views), prediction, pictures, the demo
+  8. command line
 """
+import argparse
+import hashlib
+import json
+import math
 import os
+import re
+import signal
 import stat
 import sys
+import zlib
+from collections import deque, namedtuple
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REQUIRED_MODULES = ("numpy", "tqdm", "PIL", "cffi")   # requirements.txt, installed into .venv by make
@@ -41,24 +53,478 @@ class AlexNetError(Exception):
     """A user-facing error: the command line prints it as one line and exits 1."""
 
 
-def python_command(*words):
-    """A command line running alexnet.py as the user can type it here: with this Python
-    (the repository's .venv by its relative path, another by the name PATH finds it by)."""
-    import shlex
-    import shutil
-    python = sys.executable
-    if os.path.realpath(os.path.dirname(python)).startswith(os.path.realpath(ROOT) + os.sep):
-        python = os.path.relpath(python)
-    elif (found := shutil.which(os.path.basename(python))) and os.path.samefile(found, python):
-        python = os.path.basename(python)
-    return shlex.join([python, os.path.relpath(os.path.join(ROOT, "alexnet.py")), *words])
-
-
 COMMANDS = {}  # name -> (add_arguments(parser), run(args)); each section registers its commands
 
 
 # -----------------------------------------------------------------------------
-# 1. Dataset files
+# 1. NumPy reference: layers
+
+# --- 1a. convolution and fully connected
+#
+# Layouts as in train_alexnet.cu: activations [N][C][H][W], conv weight
+# [K][C/groups][R][S], fc input [N][in], fc weight [out][in]. Output pixel (oy, ox) of a
+# convolution reads input rows oy*stride - pad + r (likewise columns); anything outside
+# the input reads 0, which covers the padding and conv1's overhang on the bottom/right.
+# The functions compute in the dtype of their inputs (float32 or float64).
+
+
+def conv_output_size(size, kernel, stride=1, pad=0):
+    """Output size as cuda-convnet computes it: 1 + ceil((2*pad + size - kernel) / stride).
+
+    conv1 on a 224 crop: 1 + ceil(213 / 4) = 55 (PyTorch's floor rule would give 54).
+    """
+    return 1 + -(-(2 * pad + size - kernel) // stride)
+
+
+def _unrolled_input(inp, kernel_hw, stride, pad, out_hw):
+    """View [N][C][OH][OW][R][S] of the zero-extended input: element (oy, ox, r, s) is
+    input pixel (oy*stride - pad + r, ox*stride - pad + s)."""
+    (R, S), (OH, OW) = kernel_hw, out_hw
+    N, C, H, W = inp.shape
+    rows, cols = (OH - 1) * stride + R, (OW - 1) * stride + S  # the extent the windows read
+    padded = np.zeros((N, C, max(rows, H + pad), max(cols, W + pad)), inp.dtype)
+    padded[:, :, pad:pad + H, pad:pad + W] = inp
+    windows = np.lib.stride_tricks.sliding_window_view(padded[:, :, :rows, :cols], (R, S), (2, 3))
+    return windows[:, :, ::stride, ::stride]
+
+
+def conv_forward(inp, weight, bias, stride=1, pad=0, groups=1, out_hw=None, relu=False):
+    """out[n][k] = [relu](bias[k] + sum over c in k's group, r, s of w[k][c][r][s] * window)."""
+    N, C, H, W = inp.shape
+    K, Cg, R, S = weight.shape
+    OH, OW = out_hw or (conv_output_size(H, R, stride, pad), conv_output_size(W, S, stride, pad))
+    cols = _unrolled_input(inp, (R, S), stride, pad, (OH, OW))  # [N][C][OH][OW][R][S]
+    Kg = K // groups
+    out = np.concatenate([
+        np.einsum("ncyxrs,kcrs->nkyx", cols[:, g * Cg:(g + 1) * Cg], weight[g * Kg:(g + 1) * Kg],
+                  optimize=True)
+        for g in range(groups)], axis=1) + bias[None, :, None, None]
+    return np.maximum(out, 0) if relu else out
+
+
+def conv_backward_data(dout, weight, in_hw, stride=1, pad=0, groups=1):
+    """dinp: every tap (r, s) of every window adds dout * w back onto the pixel it read."""
+    N, K, OH, OW = dout.shape
+    _, Cg, R, S = weight.shape
+    (H, W), Kg = in_hw, K // groups
+    rows, cols = (OH - 1) * stride + R, (OW - 1) * stride + S
+    dpadded = np.zeros((N, Cg * groups, max(rows, H + pad), max(cols, W + pad)), dout.dtype)
+    for g in range(groups):
+        dcols = np.einsum("nkyx,kcrs->ncrsyx", dout[:, g * Kg:(g + 1) * Kg],
+                          weight[g * Kg:(g + 1) * Kg], optimize=True)
+        for r in range(R):
+            for s in range(S):
+                dpadded[:, g * Cg:(g + 1) * Cg, r:r + stride * OH:stride,
+                        s:s + stride * OW:stride] += dcols[:, :, r, s]
+    return dpadded[:, :, pad:pad + H, pad:pad + W]
+
+
+def conv_backward_weights(dout, inp, kernel_hw, stride=1, pad=0, groups=1):
+    """(dweight, dbias): dw[k][c][r][s] = sum over images and windows of dout * window."""
+    N, K, OH, OW = dout.shape
+    C = inp.shape[1]
+    Cg, Kg = C // groups, K // groups
+    cols = _unrolled_input(inp, kernel_hw, stride, pad, (OH, OW))
+    dweight = np.concatenate([
+        np.einsum("nkyx,ncyxrs->kcrs", dout[:, g * Kg:(g + 1) * Kg], cols[:, g * Cg:(g + 1) * Cg],
+                  optimize=True)
+        for g in range(groups)])
+    return dweight, dout.sum(axis=(0, 2, 3))
+
+
+def fc_forward(inp, weight, bias, relu=False):
+    """out[n][o] = [relu](bias[o] + sum_i inp[n][i] * w[o][i])."""
+    out = inp @ weight.T + bias
+    return np.maximum(out, 0) if relu else out
+
+
+def fc_backward_data(dout, weight):
+    """dinp[n][i] = sum_o dout[n][o] * w[o][i]."""
+    return dout @ weight
+
+
+def fc_backward_weights(dout, inp):
+    """(dweight, dbias): dw[o][i] = sum_n dout[n][o] * inp[n][i], db[o] = sum_n dout[n][o]."""
+    return dout.T @ inp, dout.sum(axis=0)
+
+# --- 1b. the other layers
+#
+# Twins of train_alexnet.cu sections 1, 2, 4, 5, 6, 8, 9, 10: same names, same rules
+# (tie-breaking, random bits), written for clarity; float32 or float64 in, same out.
+
+_U32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32(counter, key):
+    """Philox4x32-10 (Random123): uint32 counters [..., 4] and keys [..., 2] -> uint32 [..., 4].
+
+    Vectorised over the leading axes; 64-bit products of 32-bit words are exact in uint64."""
+    c = np.asarray(counter, dtype=np.uint64)
+    k = np.asarray(key, dtype=np.uint64)
+    c0, c1, c2, c3 = c[..., 0], c[..., 1], c[..., 2], c[..., 3]
+    k0, k1 = k[..., 0], k[..., 1]
+    for round in range(10):
+        if round > 0:
+            k0 = (k0 + np.uint64(0x9E3779B9)) & _U32
+            k1 = (k1 + np.uint64(0xBB67AE85)) & _U32
+        p0 = np.uint64(0xD2511F53) * c0
+        p1 = np.uint64(0xCD9E8D57) * c2
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & _U32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & _U32
+    return np.stack([c0, c1, c2, c3], axis=-1).astype(np.uint32)
+
+
+def philox_uniform(words):
+    """uint32 words -> float32 in [0, 1): (x >> 8) * 2^-24, exact."""
+    return (np.asarray(words, dtype=np.uint32) >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+
+
+def dropout_mask(n, p, seed, layer, step):
+    """Keep-mask (bool [n]) of the n elements of a dropout layer, the rule of the .cu's section 8:
+    element i is kept iff philox_uniform(word) >= p, word = philox4x32(
+    (i // 4, layer, step mod 2^32, step // 2^32), (seed mod 2^32, seed // 2^32))[i % 4]."""
+    group = np.arange((n + 3) // 4, dtype=np.uint64)
+    counter = np.stack([group, np.full_like(group, layer), np.full_like(group, step & 0xFFFFFFFF),
+                        np.full_like(group, step >> 32)], axis=-1)
+    key = np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64)
+    words = philox4x32(counter, key).reshape(-1)[:n]
+    return philox_uniform(words) >= np.float32(p)
+
+
+def dropout_forward(x, p, seed, layer, step, train):
+    """Paper dropout: train zeroes units with probability p (survivors unscaled); test scales by 1-p."""
+    if not train:
+        return x * x.dtype.type(1 - np.float32(p))
+    return np.where(dropout_mask(x.size, p, seed, layer, step).reshape(x.shape), x, 0).astype(x.dtype)
+
+
+def dropout_backward(dout, p, seed, layer, step):
+    """The forward's mask, regenerated, applied to the gradient."""
+    return dropout_forward(dout, p, seed, layer, step, train=True)
+
+
+def augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, crop):
+    """uint8 images [N][H][W][3] -> float32 crops [N][3][crop][crop]: crop at offsets[n] = (y, x),
+    mirror where flips[n], subtract the mean image [H][W][3] at the same place, and add the PCA
+    lighting sum_i alphas[n][i] * eigval[i] * eigvec[:, i] to every pixel."""
+    N = images.shape[0]
+    out = np.empty((N, 3, crop, crop), dtype=np.float32)
+    light = (alphas.astype(np.float32) * eigval.astype(np.float32)) @ eigvec.astype(np.float32).T  # [N][3]
+    for n in range(N):
+        oy, ox = offsets[n]
+        window = np.s_[oy:oy + crop, ox:ox + crop]
+        patch = images[n][window].astype(np.float32) - mean[window].astype(np.float32)
+        if flips[n]:
+            patch = patch[:, ::-1]
+        out[n] = patch.transpose(2, 0, 1) + light[n][:, None, None]
+    return out
+
+
+def relu_forward(x):
+    return np.where(x > 0, x, 0).astype(x.dtype)
+
+
+def relu_backward(dout, out):
+    return np.where(out > 0, dout, 0).astype(dout.dtype)
+
+
+def _lrn_window_sum(v, lower, upper):
+    """s[:, c] = sum of v[:, j] over j in [c - lower, c + upper] clipped to the channels (axis 1)."""
+    C = v.shape[1]
+    s = np.zeros_like(v)
+    for c in range(C):
+        s[:, c] = v[:, max(0, c - lower):min(C, c + upper + 1)].sum(axis=1)
+    return s
+
+
+def lrn_forward(x, size, alpha, beta, k):
+    """Cross-channel LRN of x [N][C][H][W] (C = one tower's channels):
+    out = x / scale^beta, scale = k + alpha/size * sum over the window [c - size//2, c + (size-1)//2]
+    (clipped at 0 and C-1) of x^2. Returns (out, scale)."""
+    scale = k + alpha / size * _lrn_window_sum(x * x, size // 2, (size - 1) // 2)
+    return (x * scale ** -beta).astype(x.dtype), scale.astype(x.dtype)
+
+
+def lrn_backward(dout, x, out, scale, size, alpha, beta, k):
+    """dx[i] = dout[i] * scale[i]^-beta - 2*alpha*beta/size * x[i] * sum_{j: i in window(j)}
+    dout[j] * out[j] / scale[j]; i is in window(j) iff j is in [i - (size-1)//2, i + size//2]."""
+    r = _lrn_window_sum(dout * out / scale, (size - 1) // 2, size // 2)
+    return (dout * scale ** -beta - 2 * alpha * beta / size * x * r).astype(x.dtype)
+
+
+def pool_output_size(H, size, stride):
+    """Windows that fit entirely: floor((H - size) / stride) + 1 (55 -> 27 -> 13 -> 6 in AlexNet)."""
+    return (H - size) // stride + 1
+
+
+def _pool_argmax(x, size, stride, OH, OW):
+    """Winner of every window as flat indices into the H*W plane, [N][C][OH][OW]; windows
+    overhanging the bottom/right are clipped; ties go to the first maximum in row-major order."""
+    N, C, H, W = x.shape
+    winners = np.empty((N, C, OH, OW), dtype=np.int64)
+    for oy in range(OH):
+        for ox in range(OW):
+            y0, x0 = oy * stride, ox * stride
+            y1, x1 = min(y0 + size, H), min(x0 + size, W)
+            window = x[:, :, y0:y1, x0:x1].reshape(N, C, -1)
+            first = np.argmax(window, axis=2)  # argmax returns the first maximum
+            winners[:, :, oy, ox] = (y0 + first // (x1 - x0)) * W + x0 + first % (x1 - x0)
+    return winners
+
+
+def maxpool_forward(x, size, stride, OH=None, OW=None):
+    """Max over size x size windows with the given stride, x [N][C][H][W] -> [N][C][OH][OW]."""
+    N, C, H, W = x.shape
+    OH = OH or pool_output_size(H, size, stride)
+    OW = OW or pool_output_size(W, size, stride)
+    winners = _pool_argmax(x, size, stride, OH, OW)
+    return np.take_along_axis(x.reshape(N, C, H * W), winners.reshape(N, C, -1), axis=2).reshape(N, C, OH, OW)
+
+
+def maxpool_backward(dout, x, size, stride):
+    """Each window's gradient goes to its winner (first maximum); sums where windows overlap,
+    added in (oy, ox) order like the kernel."""
+    N, C, H, W = x.shape
+    OH, OW = dout.shape[2:]
+    winners = _pool_argmax(x, size, stride, OH, OW)
+    dx = np.zeros((N * C, H * W), dtype=dout.dtype)
+    rows = np.arange(N * C)
+    for oy in range(OH):
+        for ox in range(OW):
+            dx[rows, winners[:, :, oy, ox].reshape(-1)] += dout[:, :, oy, ox].reshape(-1)
+    return dx.reshape(x.shape)
+
+
+def softmax_forward(logits):
+    """Row-wise softmax of logits [N][K], shifted by the row max for stability."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+NAN_RANK = np.iinfo(np.int32).max   # the rank of a label in a row with a NaN: never in the top k
+
+
+def topk_rank(logits, labels):
+    """Position of each label in a stable descending sort of its row: the number of logits
+    above it plus the number of equal logits at lower class indices; NAN_RANK for a row
+    with a NaN (comparisons with NaN are false, which would rank its label first)."""
+    target = logits[np.arange(len(labels)), labels][:, None]
+    lower = np.arange(logits.shape[1])[None, :] < labels[:, None]
+    rank = ((logits > target) | ((logits == target) & lower)).sum(axis=1)
+    return np.where(np.isnan(logits).any(axis=1), NAN_RANK, rank)
+
+
+def softmax_cross_entropy(logits, labels):
+    """Per-row loss log(sum exp(x - m)) + m - x[label], gradient of the batch-mean loss
+    (softmax - onehot) / N, and the top-1 / top-5 correct counts [2]."""
+    N, K = logits.shape
+    m = logits.max(axis=1, keepdims=True)
+    e = np.exp(logits - m)
+    s = e.sum(axis=1, keepdims=True)
+    rows = np.arange(N)
+    losses = (np.log(s) + m)[:, 0] - logits[rows, labels]
+    dlogits = e / s
+    dlogits[rows, labels] -= 1
+    rank = topk_rank(logits, labels)
+    correct = np.array([(rank < 1).sum(), (rank < 5).sum()], dtype=np.int32)
+    return losses, dlogits / N, correct
+
+
+def sgd_update(w, v, g, lr, momentum, weight_decay):
+    """The paper's rule: v <- momentum*v - weight_decay*lr*w - lr*g ; w <- w + v. Returns (w, v)."""
+    t = w.dtype.type
+    v = t(momentum) * v - t(weight_decay) * t(lr) * w - t(lr) * g
+    return w + v, v
+
+
+# -----------------------------------------------------------------------------
+# 2. NumPy reference: the whole model
+#
+# The network of train_alexnet.cu written as ONE network, the way PyTorch would hold it:
+# conv2, conv4, conv5 are grouped convolutions (groups=2), LRN runs on each tower's
+# channels separately, and the exchanges between the towers are implicit. Because the
+# .cu computes the same function with two explicit towers, peer copies and
+# concatenations, comparing the two checks the tower plumbing as well as the layers.
+# Everything is computed in the dtype of the inputs (tests use float64).
+
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+CONV_GROUPS = (1, 2, 1, 2, 2)   # conv1 reads the whole image, conv3 both towers
+CONV_POOLED = (True, True, False, False, True)
+CONV_LRN = (True, True, False, False, False)
+BIAS_INIT = (0, 1, 0, 1, 1, 1, 1, 0)  # the paper: 1 where the ReLUs should start active
+
+# The presets of train_alexnet.cu (section 11), sizes for the whole network.
+PRESETS = {
+    "alexnet": dict(preset=0, crop=224, conv_out=(96, 256, 384, 384, 256), conv_kernel=(11, 5, 3, 3, 3),
+                    conv_stride=(4, 1, 1, 1, 1), conv_pad=(0, 2, 1, 1, 1), fc_out=(4096, 4096),
+                    pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
+                    init_std=0.01),
+    "small": dict(preset=1, crop=28, conv_out=(16, 32, 48, 48, 32), conv_kernel=(5, 5, 3, 3, 3),
+                  conv_stride=(1, 1, 1, 1, 1), conv_pad=(2, 2, 1, 1, 1), fc_out=(128, 128),
+                  pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
+                  init_std=0.05),
+}
+PRESET_NAMES = tuple(PRESETS)
+
+
+def architecture(preset, classes):
+    """The architecture dict of a preset with `classes` outputs (as in a checkpoint header)."""
+    if preset not in PRESETS:
+        raise AlexNetError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    return dict(PRESETS[preset], classes=classes)
+
+
+def parameter_shapes(arch):
+    """{name: shape} in checkpoint order, PyTorch layouts ([out, in/groups, kh, kw], [out, in])."""
+    shapes, channels, size = {}, 3, arch["crop"]
+    for i in range(5):
+        k, K = arch["conv_kernel"][i], arch["conv_out"][i]
+        shapes[f"{LAYERS[i]}.weight"] = (K, channels // CONV_GROUPS[i], k, k)
+        shapes[f"{LAYERS[i]}.bias"] = (K,)
+        if (out := conv_output_size(size, k, arch["conv_stride"][i], arch["conv_pad"][i])) < 1:
+            raise AlexNetError(f"{LAYERS[i]}: a {size}x{size} input is too small for a {k}x{k} kernel")
+        size = out
+        if CONV_POOLED[i]:
+            if size < arch["pool_size"]:
+                raise AlexNetError(f"{LAYERS[i]}: output {size} is smaller than the pooling window")
+            size = pool_output_size(size, arch["pool_size"], arch["pool_stride"])
+        channels = K
+    features = channels * size * size
+    for name, out in zip(LAYERS[5:], (*arch["fc_out"], arch["classes"])):
+        shapes[f"{name}.weight"] = (out, features)
+        shapes[f"{name}.bias"] = (out,)
+        features = out
+    return shapes
+
+
+def init_params(arch, rng):
+    """The paper's initialisation (float32): weights ~ N(0, init_std^2), biases 0 or 1."""
+    params = {}
+    for name, shape in parameter_shapes(arch).items():
+        layer = LAYERS.index(name.split(".")[0])
+        params[name] = (rng.normal(0, arch["init_std"], shape) if name.endswith("weight")
+                        else np.full(shape, BIAS_INIT[layer])).astype(np.float32)
+    return params
+
+
+def _dropout_towers(x, p, seed, fc, step, train, backward=False):
+    """Dropout of fc6 (fc=0) or fc7 (fc=1) outputs [N][F]: tower t's half [N][F/2] is one
+    tensor of the shared Philox rule with layer number 2*fc + t (the .cu's dropout_layer)."""
+    halves = np.split(x, 2, axis=1)
+    out = [dropout_backward(np.ascontiguousarray(h), p, seed, 2 * fc + t, step) if backward else
+           dropout_forward(np.ascontiguousarray(h), p, seed, 2 * fc + t, step, train)
+           for t, h in enumerate(halves)]
+    return np.concatenate(out, axis=1)
+
+
+def _lrn_towers(x, arch):
+    """LRN on each tower's channels: returns (out, scales of both towers)."""
+    results = [lrn_forward(h, arch["lrn_size"], arch["lrn_alpha"], arch["lrn_beta"], arch["lrn_k"])
+               for h in np.split(x, 2, axis=1)]
+    return np.concatenate([r[0] for r in results], axis=1), [r[1] for r in results]
+
+
+def model_forward(arch, params, x, labels, dropout=0.5, seed=0, step=0, train=True):
+    """Forward pass on crops x [N][3][crop][crop]: (per-image losses, top-1/top-5 correct
+    counts, cache for model_backward)."""
+    cache = {"x": x}
+    a = x
+    for i in range(5):
+        name = LAYERS[i]
+        cache[f"{name}.in"] = a
+        a = conv_forward(a, params[f"{name}.weight"], params[f"{name}.bias"], arch["conv_stride"][i],
+                         arch["conv_pad"][i], CONV_GROUPS[i], relu=True)
+        cache[f"{name}.out"] = a
+        if CONV_LRN[i]:
+            a, cache[f"{name}.scale"] = _lrn_towers(a, arch)
+            cache[f"{name}.lrn"] = a
+        if CONV_POOLED[i]:
+            a = maxpool_forward(a, arch["pool_size"], arch["pool_stride"])
+    a = a.reshape(len(a), -1)  # (channel, y, x) of pool5, tower 0's channels first
+    for f, name in enumerate(LAYERS[5:]):
+        cache[f"{name}.in"] = a
+        a = fc_forward(a, params[f"{name}.weight"], params[f"{name}.bias"], relu=f < 2)
+        if f < 2:
+            cache[f"{name}.out"] = a
+            a = _dropout_towers(a, dropout, seed, f, step, train)
+    losses, dlogits, correct = softmax_cross_entropy(a, labels)
+    cache["dlogits"] = dlogits
+    return losses, correct, cache
+
+
+def model_backward(arch, params, cache, dropout=0.5, seed=0, step=0):
+    """Gradients of the batch-mean loss of the last model_forward: {name: array}."""
+    grads = {}
+    d = cache["dlogits"]
+    for f in (2, 1, 0):
+        name = LAYERS[5 + f]
+        if f < 2:
+            d = _dropout_towers(d, dropout, seed, f, step, True, backward=True)
+            d = relu_backward(d, cache[f"{name}.out"])
+        grads[f"{name}.weight"], grads[f"{name}.bias"] = fc_backward_weights(d, cache[f"{name}.in"])
+        d = fc_backward_data(d, params[f"{name}.weight"])
+    for i in (4, 3, 2, 1, 0):
+        name = LAYERS[i]
+        out = cache[f"{name}.out"]
+        if CONV_POOLED[i]:
+            P = pool_output_size(out.shape[2], arch["pool_size"], arch["pool_stride"])
+            d = maxpool_backward(d.reshape(len(d), out.shape[1], P, P),
+                                 cache[f"{name}.lrn"] if CONV_LRN[i] else out, arch["pool_size"],
+                                 arch["pool_stride"])
+        if CONV_LRN[i]:
+            d = np.concatenate([
+                lrn_backward(dh, xh, oh, sh, arch["lrn_size"], arch["lrn_alpha"], arch["lrn_beta"],
+                             arch["lrn_k"])
+                for dh, xh, oh, sh in zip(np.split(d, 2, axis=1), np.split(out, 2, axis=1),
+                                          np.split(cache[f"{name}.lrn"], 2, axis=1), cache[f"{name}.scale"])],
+                axis=1)
+        d = relu_backward(d, out)
+        inp, k = cache[f"{name}.in"], arch["conv_kernel"][i]
+        grads[f"{name}.weight"], grads[f"{name}.bias"] = conv_backward_weights(
+            d, inp, (k, k), arch["conv_stride"][i], arch["conv_pad"][i], CONV_GROUPS[i])
+        if i > 0:
+            d = conv_backward_data(d, params[f"{name}.weight"], inp.shape[2:], arch["conv_stride"][i],
+                                   arch["conv_pad"][i], CONV_GROUPS[i])
+    return grads
+
+
+def model_step(arch, params, momentum, x, labels, lr, momentum_coef, weight_decay, dropout=0.5,
+               seed=0, step=0):
+    """One SGD step as train_alexnet does it (no weight decay on biases):
+    (mean loss, new params, new momentum)."""
+    losses, _, cache = model_forward(arch, params, x, labels, dropout, seed, step, train=True)
+    grads = model_backward(arch, params, cache, dropout, seed, step)
+    new_params, new_momentum = {}, {}
+    for name in params:
+        wd = weight_decay if name.endswith("weight") else 0.0
+        new_params[name], new_momentum[name] = sgd_update(params[name], momentum[name], grads[name], lr,
+                                                          momentum_coef, wd)
+    return losses.mean(), new_params, new_momentum
+
+
+def _splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def training_batch_indices(count, batch, seed, step):
+    """The dataset indices of training step `step`, in batch order, as the .cu's data loader
+    picks them (section 12): a Fisher-Yates shuffle per epoch from a splitmix64 stream."""
+    per_epoch = count // batch
+    epoch, position = divmod(step, per_epoch)
+    state = _splitmix64(_splitmix64(_splitmix64(seed) ^ 2) ^ epoch)  # RNG_SHUFFLE = 2
+    order = list(range(count))
+    for j in range(count - 1, 0, -1):
+        u = (_splitmix64(state) >> 11) * 2.0 ** -53
+        state = (state + 1) & 0xFFFFFFFFFFFFFFFF
+        i = int(u * (j + 1))
+        order[j], order[i] = order[i], order[j]
+    return order[position * batch:(position + 1) * batch]
+
+
+# -----------------------------------------------------------------------------
+# 3. Dataset files
 #
 # A dataset folder (written by `prepare`, read by the training executables):
 #   train_000.bin, train_001.bin, ...  shards of the training split
@@ -70,17 +536,6 @@ COMMANDS = {}  # name -> (add_arguments(parser), run(args)); each section regist
 # Stats: int32 header[256] = {STATS_MAGIC, version, H, W, C, 0...}, float32 mean[H][W][C]
 #        (0..255), float32 eigval[3] (descending), float32 eigvec[3][3] (column i is the
 #        eigenvector of eigval[i]).
-
-import hashlib
-import json
-import math
-import re
-import signal
-import zlib
-from collections import deque, namedtuple
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from functools import partial
 
 SHARD_MAGIC = 20121001
 STATS_MAGIC = 20121002
@@ -350,9 +805,8 @@ class ShardWriter:
             os.remove(self.tmp)
 
 
-
 # -----------------------------------------------------------------------------
-# 2. Data preparation
+# 4. Data preparation
 #
 #   python alexnet.py prepare synthetic          --out DIR   (the built-in default)
 #   python alexnet.py prepare cifar10 PATH       --out DIR
@@ -422,7 +876,7 @@ class PixelSums:
         return self.image_sum / self.images, eigval, eigvec
 
 
-# --- 2a. the built-in synthetic set
+# --- 4a. the built-in synthetic set
 #
 # Ten classes of shapes and textures, each drawn with anti-aliased edges from a signed
 # distance d(u, v) in the shape's own frame (unit = the shape's radius r, so d * r is in
@@ -523,7 +977,7 @@ def synthetic_source(path=None, size=32, train_images=10000, val_images=2000, se
                   dict(size=size, train_images=train_images, val_images=val_images, seed=seed))
 
 
-# --- 2b. CIFAR-10, binary version: records of 1 label byte + 3072 bytes (R, G, B planes of 32x32)
+# --- 4b. CIFAR-10, binary version: records of 1 label byte + 3072 bytes (R, G, B planes of 32x32)
 
 CIFAR_RECORD = 1 + 3 * 32 * 32
 CIFAR_FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "val": ["test_batch.bin"]}
@@ -574,7 +1028,7 @@ def cifar10_source(path):
     return Source(splits, classes, 32, dict(path=os.path.abspath(path)))
 
 
-# --- 2c. ImageNet (ILSVRC2012 as distributed) and single images
+# --- 4c. ImageNet (ILSVRC2012 as distributed) and single images
 
 def load_image(path, size=256):
     """One image as the network sees it: shorter side scaled to `size`, the central
@@ -712,7 +1166,7 @@ def imagenet_source(path, size=256, val_labels=None, synset_words=None, classes=
 SOURCES = {"synthetic": synthetic_source, "cifar10": cifar10_source, "imagenet": imagenet_source}
 
 
-# --- 2d. the worker pool and resumable sharding
+# --- 4d. the worker pool and resumable sharding
 
 def _run_task(task):
     """One worker task: load a chunk of items, write their pixels into their slots of the
@@ -897,7 +1351,7 @@ def _finish(out, source, manifest, sums):
 
 def prepare(source_name, path=None, out=None, workers=None, shard_images=None, on_error="stop",
             force=False, **options):
-    """Prepare a dataset folder (see section 1) from a source; returns the folder."""
+    """Prepare a dataset folder (see section 3) from a source; returns the folder."""
     source = SOURCES[source_name](path, **{k: v for k, v in options.items() if v is not None})
     out = out or os.path.join("data", source_name)
     try:
@@ -973,474 +1427,9 @@ COMMANDS["prepare"] = (_prepare_arguments, _prepare_command)
 
 
 # -----------------------------------------------------------------------------
-# 3. NumPy reference: layers
+# 5. Checkpoints and the train command
 
-# --- 3a. convolution and fully connected
-#
-# Layouts as in train_alexnet.cu: activations [N][C][H][W], conv weight
-# [K][C/groups][R][S], fc input [N][in], fc weight [out][in]. Output pixel (oy, ox) of a
-# convolution reads input rows oy*stride - pad + r (likewise columns); anything outside
-# the input reads 0, which covers the padding and conv1's overhang on the bottom/right.
-# The functions compute in the dtype of their inputs (float32 or float64).
-
-
-def conv_output_size(size, kernel, stride=1, pad=0):
-    """Output size as cuda-convnet computes it: 1 + ceil((2*pad + size - kernel) / stride).
-
-    conv1 on a 224 crop: 1 + ceil(213 / 4) = 55 (PyTorch's floor rule would give 54).
-    """
-    return 1 + -(-(2 * pad + size - kernel) // stride)
-
-
-def _unrolled_input(inp, kernel_hw, stride, pad, out_hw):
-    """View [N][C][OH][OW][R][S] of the zero-extended input: element (oy, ox, r, s) is
-    input pixel (oy*stride - pad + r, ox*stride - pad + s)."""
-    (R, S), (OH, OW) = kernel_hw, out_hw
-    N, C, H, W = inp.shape
-    rows, cols = (OH - 1) * stride + R, (OW - 1) * stride + S  # the extent the windows read
-    padded = np.zeros((N, C, max(rows, H + pad), max(cols, W + pad)), inp.dtype)
-    padded[:, :, pad:pad + H, pad:pad + W] = inp
-    windows = np.lib.stride_tricks.sliding_window_view(padded[:, :, :rows, :cols], (R, S), (2, 3))
-    return windows[:, :, ::stride, ::stride]
-
-
-def conv_forward(inp, weight, bias, stride=1, pad=0, groups=1, out_hw=None, relu=False):
-    """out[n][k] = [relu](bias[k] + sum over c in k's group, r, s of w[k][c][r][s] * window)."""
-    N, C, H, W = inp.shape
-    K, Cg, R, S = weight.shape
-    OH, OW = out_hw or (conv_output_size(H, R, stride, pad), conv_output_size(W, S, stride, pad))
-    cols = _unrolled_input(inp, (R, S), stride, pad, (OH, OW))  # [N][C][OH][OW][R][S]
-    Kg = K // groups
-    out = np.concatenate([
-        np.einsum("ncyxrs,kcrs->nkyx", cols[:, g * Cg:(g + 1) * Cg], weight[g * Kg:(g + 1) * Kg],
-                  optimize=True)
-        for g in range(groups)], axis=1) + bias[None, :, None, None]
-    return np.maximum(out, 0) if relu else out
-
-
-def conv_backward_data(dout, weight, in_hw, stride=1, pad=0, groups=1):
-    """dinp: every tap (r, s) of every window adds dout * w back onto the pixel it read."""
-    N, K, OH, OW = dout.shape
-    _, Cg, R, S = weight.shape
-    (H, W), Kg = in_hw, K // groups
-    rows, cols = (OH - 1) * stride + R, (OW - 1) * stride + S
-    dpadded = np.zeros((N, Cg * groups, max(rows, H + pad), max(cols, W + pad)), dout.dtype)
-    for g in range(groups):
-        dcols = np.einsum("nkyx,kcrs->ncrsyx", dout[:, g * Kg:(g + 1) * Kg],
-                          weight[g * Kg:(g + 1) * Kg], optimize=True)
-        for r in range(R):
-            for s in range(S):
-                dpadded[:, g * Cg:(g + 1) * Cg, r:r + stride * OH:stride,
-                        s:s + stride * OW:stride] += dcols[:, :, r, s]
-    return dpadded[:, :, pad:pad + H, pad:pad + W]
-
-
-def conv_backward_weights(dout, inp, kernel_hw, stride=1, pad=0, groups=1):
-    """(dweight, dbias): dw[k][c][r][s] = sum over images and windows of dout * window."""
-    N, K, OH, OW = dout.shape
-    C = inp.shape[1]
-    Cg, Kg = C // groups, K // groups
-    cols = _unrolled_input(inp, kernel_hw, stride, pad, (OH, OW))
-    dweight = np.concatenate([
-        np.einsum("nkyx,ncyxrs->kcrs", dout[:, g * Kg:(g + 1) * Kg], cols[:, g * Cg:(g + 1) * Cg],
-                  optimize=True)
-        for g in range(groups)])
-    return dweight, dout.sum(axis=(0, 2, 3))
-
-
-def fc_forward(inp, weight, bias, relu=False):
-    """out[n][o] = [relu](bias[o] + sum_i inp[n][i] * w[o][i])."""
-    out = inp @ weight.T + bias
-    return np.maximum(out, 0) if relu else out
-
-
-def fc_backward_data(dout, weight):
-    """dinp[n][i] = sum_o dout[n][o] * w[o][i]."""
-    return dout @ weight
-
-
-def fc_backward_weights(dout, inp):
-    """(dweight, dbias): dw[o][i] = sum_n dout[n][o] * inp[n][i], db[o] = sum_n dout[n][o]."""
-    return dout.T @ inp, dout.sum(axis=0)
-
-# --- 3b. the other layers
-#
-# Twins of train_alexnet.cu sections 1, 2, 4, 5, 6, 8, 9, 10: same names, same rules
-# (tie-breaking, random bits), written for clarity; float32 or float64 in, same out.
-
-_U32 = np.uint64(0xFFFFFFFF)
-
-
-def philox4x32(counter, key):
-    """Philox4x32-10 (Random123): uint32 counters [..., 4] and keys [..., 2] -> uint32 [..., 4].
-
-    Vectorised over the leading axes; 64-bit products of 32-bit words are exact in uint64."""
-    c = np.asarray(counter, dtype=np.uint64)
-    k = np.asarray(key, dtype=np.uint64)
-    c0, c1, c2, c3 = c[..., 0], c[..., 1], c[..., 2], c[..., 3]
-    k0, k1 = k[..., 0], k[..., 1]
-    for round in range(10):
-        if round > 0:
-            k0 = (k0 + np.uint64(0x9E3779B9)) & _U32
-            k1 = (k1 + np.uint64(0xBB67AE85)) & _U32
-        p0 = np.uint64(0xD2511F53) * c0
-        p1 = np.uint64(0xCD9E8D57) * c2
-        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & _U32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & _U32
-    return np.stack([c0, c1, c2, c3], axis=-1).astype(np.uint32)
-
-
-def philox_uniform(words):
-    """uint32 words -> float32 in [0, 1): (x >> 8) * 2^-24, exact."""
-    return (np.asarray(words, dtype=np.uint32) >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
-
-
-def dropout_mask(n, p, seed, layer, step):
-    """Keep-mask (bool [n]) of the n elements of a dropout layer, the rule of the .cu's section 8:
-    element i is kept iff philox_uniform(word) >= p, word = philox4x32(
-    (i // 4, layer, step mod 2^32, step // 2^32), (seed mod 2^32, seed // 2^32))[i % 4]."""
-    group = np.arange((n + 3) // 4, dtype=np.uint64)
-    counter = np.stack([group, np.full_like(group, layer), np.full_like(group, step & 0xFFFFFFFF),
-                        np.full_like(group, step >> 32)], axis=-1)
-    key = np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64)
-    words = philox4x32(counter, key).reshape(-1)[:n]
-    return philox_uniform(words) >= np.float32(p)
-
-
-def dropout_forward(x, p, seed, layer, step, train):
-    """Paper dropout: train zeroes units with probability p (survivors unscaled); test scales by 1-p."""
-    if not train:
-        return x * x.dtype.type(1 - np.float32(p))
-    return np.where(dropout_mask(x.size, p, seed, layer, step).reshape(x.shape), x, 0).astype(x.dtype)
-
-
-def dropout_backward(dout, p, seed, layer, step):
-    """The forward's mask, regenerated, applied to the gradient."""
-    return dropout_forward(dout, p, seed, layer, step, train=True)
-
-
-def augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, crop):
-    """uint8 images [N][H][W][3] -> float32 crops [N][3][crop][crop]: crop at offsets[n] = (y, x),
-    mirror where flips[n], subtract the mean image [H][W][3] at the same place, and add the PCA
-    lighting sum_i alphas[n][i] * eigval[i] * eigvec[:, i] to every pixel."""
-    N = images.shape[0]
-    out = np.empty((N, 3, crop, crop), dtype=np.float32)
-    light = (alphas.astype(np.float32) * eigval.astype(np.float32)) @ eigvec.astype(np.float32).T  # [N][3]
-    for n in range(N):
-        oy, ox = offsets[n]
-        window = np.s_[oy:oy + crop, ox:ox + crop]
-        patch = images[n][window].astype(np.float32) - mean[window].astype(np.float32)
-        if flips[n]:
-            patch = patch[:, ::-1]
-        out[n] = patch.transpose(2, 0, 1) + light[n][:, None, None]
-    return out
-
-
-def relu_forward(x):
-    return np.where(x > 0, x, 0).astype(x.dtype)
-
-
-def relu_backward(dout, out):
-    return np.where(out > 0, dout, 0).astype(dout.dtype)
-
-
-def _lrn_window_sum(v, lower, upper):
-    """s[:, c] = sum of v[:, j] over j in [c - lower, c + upper] clipped to the channels (axis 1)."""
-    C = v.shape[1]
-    s = np.zeros_like(v)
-    for c in range(C):
-        s[:, c] = v[:, max(0, c - lower):min(C, c + upper + 1)].sum(axis=1)
-    return s
-
-
-def lrn_forward(x, size, alpha, beta, k):
-    """Cross-channel LRN of x [N][C][H][W] (C = one tower's channels):
-    out = x / scale^beta, scale = k + alpha/size * sum over the window [c - size//2, c + (size-1)//2]
-    (clipped at 0 and C-1) of x^2. Returns (out, scale)."""
-    scale = k + alpha / size * _lrn_window_sum(x * x, size // 2, (size - 1) // 2)
-    return (x * scale ** -beta).astype(x.dtype), scale.astype(x.dtype)
-
-
-def lrn_backward(dout, x, out, scale, size, alpha, beta, k):
-    """dx[i] = dout[i] * scale[i]^-beta - 2*alpha*beta/size * x[i] * sum_{j: i in window(j)}
-    dout[j] * out[j] / scale[j]; i is in window(j) iff j is in [i - (size-1)//2, i + size//2]."""
-    r = _lrn_window_sum(dout * out / scale, (size - 1) // 2, size // 2)
-    return (dout * scale ** -beta - 2 * alpha * beta / size * x * r).astype(x.dtype)
-
-
-def pool_output_size(H, size, stride):
-    """Windows that fit entirely: floor((H - size) / stride) + 1 (55 -> 27 -> 13 -> 6 in AlexNet)."""
-    return (H - size) // stride + 1
-
-
-def _pool_argmax(x, size, stride, OH, OW):
-    """Winner of every window as flat indices into the H*W plane, [N][C][OH][OW]; windows
-    overhanging the bottom/right are clipped; ties go to the first maximum in row-major order."""
-    N, C, H, W = x.shape
-    winners = np.empty((N, C, OH, OW), dtype=np.int64)
-    for oy in range(OH):
-        for ox in range(OW):
-            y0, x0 = oy * stride, ox * stride
-            y1, x1 = min(y0 + size, H), min(x0 + size, W)
-            window = x[:, :, y0:y1, x0:x1].reshape(N, C, -1)
-            first = np.argmax(window, axis=2)  # argmax returns the first maximum
-            winners[:, :, oy, ox] = (y0 + first // (x1 - x0)) * W + x0 + first % (x1 - x0)
-    return winners
-
-
-def maxpool_forward(x, size, stride, OH=None, OW=None):
-    """Max over size x size windows with the given stride, x [N][C][H][W] -> [N][C][OH][OW]."""
-    N, C, H, W = x.shape
-    OH = OH or pool_output_size(H, size, stride)
-    OW = OW or pool_output_size(W, size, stride)
-    winners = _pool_argmax(x, size, stride, OH, OW)
-    return np.take_along_axis(x.reshape(N, C, H * W), winners.reshape(N, C, -1), axis=2).reshape(N, C, OH, OW)
-
-
-def maxpool_backward(dout, x, size, stride):
-    """Each window's gradient goes to its winner (first maximum); sums where windows overlap,
-    added in (oy, ox) order like the kernel."""
-    N, C, H, W = x.shape
-    OH, OW = dout.shape[2:]
-    winners = _pool_argmax(x, size, stride, OH, OW)
-    dx = np.zeros((N * C, H * W), dtype=dout.dtype)
-    rows = np.arange(N * C)
-    for oy in range(OH):
-        for ox in range(OW):
-            dx[rows, winners[:, :, oy, ox].reshape(-1)] += dout[:, :, oy, ox].reshape(-1)
-    return dx.reshape(x.shape)
-
-
-def softmax_forward(logits):
-    """Row-wise softmax of logits [N][K], shifted by the row max for stability."""
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-NAN_RANK = np.iinfo(np.int32).max   # the rank of a label in a row with a NaN: never in the top k
-
-
-def topk_rank(logits, labels):
-    """Position of each label in a stable descending sort of its row: the number of logits
-    above it plus the number of equal logits at lower class indices; NAN_RANK for a row
-    with a NaN (comparisons with NaN are false, which would rank its label first)."""
-    target = logits[np.arange(len(labels)), labels][:, None]
-    lower = np.arange(logits.shape[1])[None, :] < labels[:, None]
-    rank = ((logits > target) | ((logits == target) & lower)).sum(axis=1)
-    return np.where(np.isnan(logits).any(axis=1), NAN_RANK, rank)
-
-
-def softmax_cross_entropy(logits, labels):
-    """Per-row loss log(sum exp(x - m)) + m - x[label], gradient of the batch-mean loss
-    (softmax - onehot) / N, and the top-1 / top-5 correct counts [2]."""
-    N, K = logits.shape
-    m = logits.max(axis=1, keepdims=True)
-    e = np.exp(logits - m)
-    s = e.sum(axis=1, keepdims=True)
-    rows = np.arange(N)
-    losses = (np.log(s) + m)[:, 0] - logits[rows, labels]
-    dlogits = e / s
-    dlogits[rows, labels] -= 1
-    rank = topk_rank(logits, labels)
-    correct = np.array([(rank < 1).sum(), (rank < 5).sum()], dtype=np.int32)
-    return losses, dlogits / N, correct
-
-
-def sgd_update(w, v, g, lr, momentum, weight_decay):
-    """The paper's rule: v <- momentum*v - weight_decay*lr*w - lr*g ; w <- w + v. Returns (w, v)."""
-    t = w.dtype.type
-    v = t(momentum) * v - t(weight_decay) * t(lr) * w - t(lr) * g
-    return w + v, v
-
-
-# -----------------------------------------------------------------------------
-# 4. NumPy reference: the whole model
-#
-# The network of train_alexnet.cu written as ONE network, the way PyTorch would hold it:
-# conv2, conv4, conv5 are grouped convolutions (groups=2), LRN runs on each tower's
-# channels separately, and the exchanges between the towers are implicit. Because the
-# .cu computes the same function with two explicit towers, peer copies and
-# concatenations, comparing the two checks the tower plumbing as well as the layers.
-# Everything is computed in the dtype of the inputs (tests use float64).
-
-LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
-CONV_GROUPS = (1, 2, 1, 2, 2)   # conv1 reads the whole image, conv3 both towers
-CONV_POOLED = (True, True, False, False, True)
-CONV_LRN = (True, True, False, False, False)
-BIAS_INIT = (0, 1, 0, 1, 1, 1, 1, 0)  # the paper: 1 where the ReLUs should start active
-
-# The presets of train_alexnet.cu (section 11), sizes for the whole network.
-PRESETS = {
-    "alexnet": dict(preset=0, crop=224, conv_out=(96, 256, 384, 384, 256), conv_kernel=(11, 5, 3, 3, 3),
-                    conv_stride=(4, 1, 1, 1, 1), conv_pad=(0, 2, 1, 1, 1), fc_out=(4096, 4096),
-                    pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
-                    init_std=0.01),
-    "small": dict(preset=1, crop=28, conv_out=(16, 32, 48, 48, 32), conv_kernel=(5, 5, 3, 3, 3),
-                  conv_stride=(1, 1, 1, 1, 1), conv_pad=(2, 2, 1, 1, 1), fc_out=(128, 128),
-                  pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
-                  init_std=0.05),
-}
-PRESET_NAMES = tuple(PRESETS)
-
-
-def architecture(preset, classes):
-    """The architecture dict of a preset with `classes` outputs (as in a checkpoint header)."""
-    if preset not in PRESETS:
-        raise AlexNetError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
-    return dict(PRESETS[preset], classes=classes)
-
-
-def parameter_shapes(arch):
-    """{name: shape} in checkpoint order, PyTorch layouts ([out, in/groups, kh, kw], [out, in])."""
-    shapes, channels, size = {}, 3, arch["crop"]
-    for i in range(5):
-        k, K = arch["conv_kernel"][i], arch["conv_out"][i]
-        shapes[f"{LAYERS[i]}.weight"] = (K, channels // CONV_GROUPS[i], k, k)
-        shapes[f"{LAYERS[i]}.bias"] = (K,)
-        if (out := conv_output_size(size, k, arch["conv_stride"][i], arch["conv_pad"][i])) < 1:
-            raise AlexNetError(f"{LAYERS[i]}: a {size}x{size} input is too small for a {k}x{k} kernel")
-        size = out
-        if CONV_POOLED[i]:
-            if size < arch["pool_size"]:
-                raise AlexNetError(f"{LAYERS[i]}: output {size} is smaller than the pooling window")
-            size = pool_output_size(size, arch["pool_size"], arch["pool_stride"])
-        channels = K
-    features = channels * size * size
-    for name, out in zip(LAYERS[5:], (*arch["fc_out"], arch["classes"])):
-        shapes[f"{name}.weight"] = (out, features)
-        shapes[f"{name}.bias"] = (out,)
-        features = out
-    return shapes
-
-
-def init_params(arch, rng):
-    """The paper's initialisation (float32): weights ~ N(0, init_std^2), biases 0 or 1."""
-    params = {}
-    for name, shape in parameter_shapes(arch).items():
-        layer = LAYERS.index(name.split(".")[0])
-        params[name] = (rng.normal(0, arch["init_std"], shape) if name.endswith("weight")
-                        else np.full(shape, BIAS_INIT[layer])).astype(np.float32)
-    return params
-
-
-def _dropout_towers(x, p, seed, fc, step, train, backward=False):
-    """Dropout of fc6 (fc=0) or fc7 (fc=1) outputs [N][F]: tower t's half [N][F/2] is one
-    tensor of the shared Philox rule with layer number 2*fc + t (the .cu's dropout_layer)."""
-    halves = np.split(x, 2, axis=1)
-    out = [dropout_backward(np.ascontiguousarray(h), p, seed, 2 * fc + t, step) if backward else
-           dropout_forward(np.ascontiguousarray(h), p, seed, 2 * fc + t, step, train)
-           for t, h in enumerate(halves)]
-    return np.concatenate(out, axis=1)
-
-
-def _lrn_towers(x, arch):
-    """LRN on each tower's channels: returns (out, scales of both towers)."""
-    results = [lrn_forward(h, arch["lrn_size"], arch["lrn_alpha"], arch["lrn_beta"], arch["lrn_k"])
-               for h in np.split(x, 2, axis=1)]
-    return np.concatenate([r[0] for r in results], axis=1), [r[1] for r in results]
-
-
-def model_forward(arch, params, x, labels, dropout=0.5, seed=0, step=0, train=True):
-    """Forward pass on crops x [N][3][crop][crop]: (per-image losses, top-1/top-5 correct
-    counts, cache for model_backward)."""
-    cache = {"x": x}
-    a = x
-    for i in range(5):
-        name = LAYERS[i]
-        cache[f"{name}.in"] = a
-        a = conv_forward(a, params[f"{name}.weight"], params[f"{name}.bias"], arch["conv_stride"][i],
-                         arch["conv_pad"][i], CONV_GROUPS[i], relu=True)
-        cache[f"{name}.out"] = a
-        if CONV_LRN[i]:
-            a, cache[f"{name}.scale"] = _lrn_towers(a, arch)
-            cache[f"{name}.lrn"] = a
-        if CONV_POOLED[i]:
-            a = maxpool_forward(a, arch["pool_size"], arch["pool_stride"])
-    a = a.reshape(len(a), -1)  # (channel, y, x) of pool5, tower 0's channels first
-    for f, name in enumerate(LAYERS[5:]):
-        cache[f"{name}.in"] = a
-        a = fc_forward(a, params[f"{name}.weight"], params[f"{name}.bias"], relu=f < 2)
-        if f < 2:
-            cache[f"{name}.out"] = a
-            a = _dropout_towers(a, dropout, seed, f, step, train)
-    losses, dlogits, correct = softmax_cross_entropy(a, labels)
-    cache["dlogits"] = dlogits
-    return losses, correct, cache
-
-
-def model_backward(arch, params, cache, dropout=0.5, seed=0, step=0):
-    """Gradients of the batch-mean loss of the last model_forward: {name: array}."""
-    grads = {}
-    d = cache["dlogits"]
-    for f in (2, 1, 0):
-        name = LAYERS[5 + f]
-        if f < 2:
-            d = _dropout_towers(d, dropout, seed, f, step, True, backward=True)
-            d = relu_backward(d, cache[f"{name}.out"])
-        grads[f"{name}.weight"], grads[f"{name}.bias"] = fc_backward_weights(d, cache[f"{name}.in"])
-        d = fc_backward_data(d, params[f"{name}.weight"])
-    for i in (4, 3, 2, 1, 0):
-        name = LAYERS[i]
-        out = cache[f"{name}.out"]
-        if CONV_POOLED[i]:
-            P = pool_output_size(out.shape[2], arch["pool_size"], arch["pool_stride"])
-            d = maxpool_backward(d.reshape(len(d), out.shape[1], P, P),
-                                 cache[f"{name}.lrn"] if CONV_LRN[i] else out, arch["pool_size"],
-                                 arch["pool_stride"])
-        if CONV_LRN[i]:
-            d = np.concatenate([
-                lrn_backward(dh, xh, oh, sh, arch["lrn_size"], arch["lrn_alpha"], arch["lrn_beta"],
-                             arch["lrn_k"])
-                for dh, xh, oh, sh in zip(np.split(d, 2, axis=1), np.split(out, 2, axis=1),
-                                          np.split(cache[f"{name}.lrn"], 2, axis=1), cache[f"{name}.scale"])],
-                axis=1)
-        d = relu_backward(d, out)
-        inp, k = cache[f"{name}.in"], arch["conv_kernel"][i]
-        grads[f"{name}.weight"], grads[f"{name}.bias"] = conv_backward_weights(
-            d, inp, (k, k), arch["conv_stride"][i], arch["conv_pad"][i], CONV_GROUPS[i])
-        if i > 0:
-            d = conv_backward_data(d, params[f"{name}.weight"], inp.shape[2:], arch["conv_stride"][i],
-                                   arch["conv_pad"][i], CONV_GROUPS[i])
-    return grads
-
-
-def model_step(arch, params, momentum, x, labels, lr, momentum_coef, weight_decay, dropout=0.5,
-               seed=0, step=0):
-    """One SGD step as train_alexnet does it (no weight decay on biases):
-    (mean loss, new params, new momentum)."""
-    losses, _, cache = model_forward(arch, params, x, labels, dropout, seed, step, train=True)
-    grads = model_backward(arch, params, cache, dropout, seed, step)
-    new_params, new_momentum = {}, {}
-    for name in params:
-        wd = weight_decay if name.endswith("weight") else 0.0
-        new_params[name], new_momentum[name] = sgd_update(params[name], momentum[name], grads[name], lr,
-                                                          momentum_coef, wd)
-    return losses.mean(), new_params, new_momentum
-
-
-def _splitmix64(x):
-    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return x ^ (x >> 31)
-
-
-def training_batch_indices(count, batch, seed, step):
-    """The dataset indices of training step `step`, in batch order, as the .cu's data loader
-    picks them (section 12): a Fisher-Yates shuffle per epoch from a splitmix64 stream."""
-    per_epoch = count // batch
-    epoch, position = divmod(step, per_epoch)
-    state = _splitmix64(_splitmix64(_splitmix64(seed) ^ 2) ^ epoch)  # RNG_SHUFFLE = 2
-    order = list(range(count))
-    for j in range(count - 1, 0, -1):
-        u = (_splitmix64(state) >> 11) * 2.0 ** -53
-        state = (state + 1) & 0xFFFFFFFFFFFFFFFF
-        i = int(u * (j + 1))
-        order[j], order[i] = order[i], order[j]
-    return order[position * batch:(position + 1) * batch]
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints
+# --- 5a. checkpoints
 #
 # Little-endian: int32 header[256], float32 parameters (PARAMETER order, PyTorch layouts,
 # output rows [0, K/2) from tower 0), float32 momentum in the same order. The header
@@ -1634,6 +1623,8 @@ def save_checkpoint(path, header, params, momentum=None):
     os.replace(temp, path)
 
 
+# --- 5b. the train command
+
 def _gpu_usable():
     """True when nvidia-smi lists at least one GPU."""
     import shutil
@@ -1705,7 +1696,7 @@ COMMANDS["train"] = (_train_arguments, _train)
 
 
 # -----------------------------------------------------------------------------
-# 5. The shared library (cffi)
+# 6. The shared library (cffi)
 #
 # The library is libalexnet_cpu.so (the CPU build) unless ALEXNET_LIB names another,
 # e.g. libalexnet.so for the GPU build. Each binding section appends its C
@@ -1744,8 +1735,8 @@ def _ptr(array, ctype="float"):
     assert array.flags.c_contiguous
     return ffi.cast(ctype + " *", ffi.from_buffer(array))
 
-# --- 5a. bindings: convolution and fully connected
-# Same names and arguments as the NumPy twins in section 3a, with cuda_ in front.
+# --- 6a. bindings: convolution and fully connected
+# Same names and arguments as the NumPy twins in section 1a, with cuda_ in front.
 # Inputs are converted to contiguous float32; array shapes are checked here, the
 # sizes passed on are checked again by the library.
 
@@ -1870,7 +1861,7 @@ def cuda_gemm_plan(op, N, C, K, H=1, R=1, stride=1, pad=0):
     _check(lib.alexnet_gemm_plan(GEMM_OPS.index(op), N, C, H, H, K, R, R, stride, pad, OH, OH, out))
     return dict(zip(("tile_m", "tile_n", "splits", "tiles", "slots"), list(out)))
 
-# --- 5b. bindings: the other layers
+# --- 6b. bindings: the other layers
 
 _CDEFS.append("""
 int alexnet_philox4x32(uint32_t* out, const uint32_t* counter, const uint32_t* key);
@@ -2049,7 +2040,7 @@ def cuda_sgd_update(w, v, g, lr, momentum, weight_decay):
 
 
 # -----------------------------------------------------------------------------
-# 6. Evaluation, prediction and pictures
+# 7. Evaluation, prediction and pictures
 #
 # The paper tests on the centre crop, or on ten views: the four corner crops and the
 # centre crop, each also mirrored, with the ten softmax outputs averaged. Both run
@@ -2058,7 +2049,7 @@ def cuda_sgd_update(w, v, g, lr, momentum, weight_decay):
 # subtraction) and the same view order as the executables' --eval (section 13b).
 # NumpyModel is the reference that the tests compare it with.
 
-# --- 6a. ten views, the models, the evaluation loop
+# --- 7a. ten views, the models, the evaluation loop
 
 def ten_views(H, W, crop):
     """The paper's ten test views of an H x W image as (y, x, flip): the corners and the
@@ -2121,7 +2112,7 @@ class LibraryModel:
 
 
 class NumpyModel:
-    """The same function as LibraryModel from the NumPy references (section 3 and 4), in
+    """The same function as LibraryModel from the NumPy references (sections 1 and 2), in
     float64: augment_images without lighting, model_forward in test mode, softmax."""
 
     def __init__(self, checkpoint, mean):
@@ -2197,7 +2188,7 @@ def evaluate(model, parts, views=10, batch=128, progress=False):
     return {name: s.summary() for name, s in scores.items()}
 
 
-# --- 6b. the commands eval and predict
+# --- 7b. the commands eval and predict
 
 def _use_gpu_library():
     """Let library() load the GPU build when a GPU is usable and ALEXNET_LIB names none."""
@@ -2319,7 +2310,7 @@ COMMANDS["eval"] = (_eval_arguments, _eval)
 COMMANDS["predict"] = (_predict_arguments, _predict)
 
 
-# --- 6c. pictures (Pillow)
+# --- 7c. pictures (Pillow)
 
 def _font(size):
     """Pillow's built-in scalable font (Pillow >= 10.1), else its small bitmap font."""
@@ -2626,7 +2617,7 @@ def _show(args):
 COMMANDS["show"] = (_show_arguments, _show)
 
 
-# --- 6d. the demo
+# --- 7d. the demo
 
 # The demo's training run: the small preset on the synthetic set, sized to finish in a
 # few minutes on two CPU cores (README, "Quick start"). 1.4 epochs instead of the paper's
@@ -2716,9 +2707,19 @@ COMMANDS["demo"] = (_demo_arguments, _demo)
 
 
 # -----------------------------------------------------------------------------
-# 7. Command line
+# 8. Command line
 
-import argparse
+def python_command(*words):
+    """A command line running alexnet.py as the user can type it here: with this Python
+    (the repository's .venv by its relative path, another by the name PATH finds it by)."""
+    import shlex
+    import shutil
+    python = sys.executable
+    if os.path.realpath(os.path.dirname(python)).startswith(os.path.realpath(ROOT) + os.sep):
+        python = os.path.relpath(python)
+    elif (found := shutil.which(os.path.basename(python))) and os.path.samefile(found, python):
+        python = os.path.basename(python)
+    return shlex.join([python, os.path.relpath(os.path.join(ROOT, "alexnet.py")), *words])
 
 
 class ArgumentParser(argparse.ArgumentParser):
