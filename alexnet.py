@@ -1434,7 +1434,7 @@ COMMANDS["prepare"] = (_prepare_arguments, _prepare_command)
 # Little-endian: int32 header[256], float32 parameters (PARAMETER order, PyTorch layouts,
 # output rows [0, K/2) from tower 0), float32 momentum in the same order. The header
 # fields are listed below; "f32" fields hold float32 bits, "i64" fields two int32 words
-# (low first). The README's "Checkpoint format" documents the same table.
+# (low first). doc/formats.md, "Checkpoint", documents the same table.
 
 CHECKPOINT_MAGIC = 20121003
 CHECKPOINT_VERSION = 1
@@ -1868,6 +1868,9 @@ int alexnet_philox4x32(uint32_t* out, const uint32_t* counter, const uint32_t* k
 int alexnet_augment_images(float* out, const uint8_t* images, const float* mean, const int* offsets,
                            const uint8_t* flips, const float* alphas, const float* eigval,
                            const float* eigvec, int N, int H, int W, int crop);
+int alexnet_augmentation_draws(int* offsets, uint8_t* flips, float* alphas, uint64_t seed, long step,
+                               int n, int H, int W, int crop);
+int alexnet_view_geometry(int* ys, int* xs, uint8_t* flips, int H, int W, int crop);
 int alexnet_relu_forward(float* out, const float* inp, long n);
 int alexnet_relu_backward(float* dinp, const float* dout, const float* out, long n);
 int alexnet_lrn_forward(float* out, float* scale, const float* inp, int N, int C, int H, int W,
@@ -1916,6 +1919,22 @@ def cuda_philox4x32(counter, key):
     out = np.empty(4, dtype=np.uint32)
     _check(library()[1].alexnet_philox4x32(_ptr(out, "uint32_t"), _ptr(counter, "uint32_t"), _ptr(key, "uint32_t")))
     return out
+
+
+def cuda_augmentation_draws(seed, step, n, H, W, crop):
+    """The random crop offsets [n][2], flips [n] and lighting weights [n][3] that the
+    executable's loader draws for the first n images of training batch `step`."""
+    offsets, flips, alphas = np.empty((n, 2), np.int32), np.empty(n, np.uint8), np.empty((n, 3), np.float32)
+    _check(library()[1].alexnet_augmentation_draws(_ptr(offsets, "int"), _ptr(flips, "uint8_t"), _ptr(alphas),
+                                                   seed, step, n, H, W, crop))
+    return offsets, flips, alphas
+
+
+def cuda_view_geometry(H, W, crop):
+    """The executable's ten test views of an H x W image, as (y, x, flip) like ten_views."""
+    ys, xs, flips = np.empty(10, np.int32), np.empty(10, np.int32), np.empty(10, np.uint8)
+    _check(library()[1].alexnet_view_geometry(_ptr(ys, "int"), _ptr(xs, "int"), _ptr(flips, "uint8_t"), H, W, crop))
+    return [(int(y), int(x), int(f)) for y, x, f in zip(ys, xs, flips)]
 
 
 def cuda_augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, crop):
@@ -2620,7 +2639,7 @@ COMMANDS["show"] = (_show_arguments, _show)
 # --- 7d. the demo
 
 # The demo's training run: the small preset on the synthetic set, sized to finish in a
-# few minutes on two CPU cores (README, "Quick start"). 1.4 epochs instead of the paper's
+# few minutes on two CPU cores (doc/training.md, "The demo run"). 1.4 epochs instead of the paper's
 # 90: no dropout (it slows learning down and a run this short does not overfit), the
 # paper's learning rate 0.01, divided by 10 after the first epoch (where the paper waits
 # for the validation error to stop improving).

@@ -2325,7 +2325,7 @@ struct Model {
 // ----------------------------------------------------------------------------
 // 12. Data loader
 //
-// The dataset folder written by `alexnet.py prepare` (README, "Dataset format"):
+// The dataset folder written by `alexnet.py prepare` (doc/formats.md, "Dataset folder"):
 // train_000.bin, train_001.bin, ... and val_000.bin, ...: int32 header[256] (magic
 // 20121001, version 1, N, H, W, C = 3, classes), int32 labels[N], uint8 pixels[N][H][W][3];
 // stats.bin: int32 header[256] (magic 20121002, version 1, H, W, C), float32 mean[H][W][3],
@@ -2390,12 +2390,12 @@ static std::string shard_path(const std::string& dir, const char* split, int ind
 // and is then reported by name when it fails to open.
 static int count_shards(const std::string& dir, const char* split) {
     std::set<int> found;
+    const std::string pattern = std::string(split) + "_%9d.bi%c";
     DIR* d = opendir(dir.c_str());
     require(d, "cannot list %s: %s", dir.c_str(), strerror(errno));
     while (dirent* e = readdir(d)) {
         int index;
         char tail;
-        std::string pattern = std::string(split) + "_%9d.bi%c";
         if (sscanf(e->d_name, pattern.c_str(), &index, &tail) == 2 && index >= 0 &&
             "/" + std::string(e->d_name) == shard_path("", split, index))
             found.insert(index);
@@ -2491,6 +2491,17 @@ struct Stats {
     }
 };
 
+// One training image's augmentation, as the paper draws it: a crop offset uniform over
+// every position, a mirror with probability 1/2, and PCA-lighting weights alpha ~ N(0, 0.1)
+// on pixels scaled to [0, 1], where the eigenvalues are 255^2 times smaller: in the
+// 0..255 units of the data that is alpha / 255.
+static void draw_augmentation(HostRng& rng, int H, int W, int crop, int* offset, uint8_t* flip, float* alphas) {
+    offset[0] = (int)rng.below(H - crop + 1);
+    offset[1] = (int)rng.below(W - crop + 1);
+    *flip = rng.uniform() < 0.5;
+    for (int c = 0; c < 3; c++) alphas[c] = (float)(0.1 * rng.normal() / 255.0);
+}
+
 // Batches of one split, assembled on a background thread. Training batches (train =
 // true) follow the epoch permutations; evaluation batches are the split in order, the
 // last one possibly smaller, always centre-cropped.
@@ -2554,13 +2565,8 @@ struct Loader {
             long image = train ? shuffled(index / steps_per_epoch(), start + i) : start + i;
             b.labels[i] = data.read(image, b.images + i * pixels);
             int* offset = b.offsets + 2 * i;
-            if (train && augment) {  // the paper: random crop, mirror with p = 0.5, PCA lighting
-                offset[0] = (int)rng.below(data.H - crop + 1);
-                offset[1] = (int)rng.below(data.W - crop + 1);
-                b.flips[i] = rng.uniform() < 0.5;
-                // alpha ~ N(0, 0.1) on pixels scaled to [0, 1], where the eigenvalues are
-                // 255^2 times smaller: in the 0..255 units of the data that is alpha / 255.
-                for (int c = 0; c < 3; c++) b.alphas[3 * i + c] = (float)(0.1 * rng.normal() / 255.0);
+            if (train && augment) {
+                draw_augmentation(rng, data.H, data.W, crop, offset, &b.flips[i], &b.alphas[3 * i]);
             } else {  // the centre crop, unchanged
                 offset[0] = (data.H - crop) / 2;
                 offset[1] = (data.W - crop) / 2;
@@ -2589,7 +2595,7 @@ struct Loader {
 // ----------------------------------------------------------------------------
 // 13. Training loop and checkpoints
 //
-// Checkpoint (README, "Checkpoint format"): int32 header[256], then every parameter of the
+// Checkpoint (doc/formats.md, "Checkpoint"): int32 header[256], then every parameter of the
 // whole network in checkpoint order (Model::transfer), then the momentum in the same
 // order. The header holds the architecture, the training options and the training state;
 // since every random choice is a function of (seed, step), that is all a resumed run
@@ -3503,6 +3509,28 @@ extern "C" int alexnet_philox4x32(uint32_t* out, const uint32_t* counter, const 
         require_pointers("philox4x32", {{"out", out}, {"counter", counter}, {"key", key}});
         Philox4 r = philox4x32(counter[0], counter[1], counter[2], counter[3], key[0], key[1]);
         memcpy(out, r.word, sizeof(r.word));
+    });
+}
+
+// The augmentation the loader draws for training batch `step` (n images of H x W, crops
+// of `crop`): the same stream and function as Loader::fill, for the statistical tests.
+extern "C" int alexnet_augmentation_draws(int* offsets, uint8_t* flips, float* alphas, uint64_t seed, long step,
+                                          int n, int H, int W, int crop) {
+    return api_call([&] {
+        require_pointers("augmentation_draws", {{"offsets", offsets}, {"flips", flips}, {"alphas", alphas}});
+        require(n >= 0 && step >= 0 && crop >= 1 && crop <= H && crop <= W && H <= MAX_IMAGE_SIDE && W <= MAX_IMAGE_SIDE,
+                "augmentation_draws: need n, step >= 0 and 1 <= crop <= H, W <= %d", (int)MAX_IMAGE_SIDE);
+        HostRng rng(seed, RNG_AUGMENT, step);
+        for (int i = 0; i < n; i++) draw_augmentation(rng, H, W, crop, &offsets[2 * i], &flips[i], &alphas[3 * i]);
+    });
+}
+
+// The ten test views of an H x W image (view_geometry): ys, xs, flips [10].
+extern "C" int alexnet_view_geometry(int* ys, int* xs, uint8_t* flips, int H, int W, int crop) {
+    return api_call([&] {
+        require_pointers("view_geometry", {{"ys", ys}, {"xs", xs}, {"flips", flips}});
+        require(crop >= 1 && crop <= H && crop <= W, "view_geometry: need 1 <= crop <= H, W");
+        for (int v = 0; v < NUM_VIEWS; v++) view_geometry(v, H, W, crop, &ys[v], &xs[v], &flips[v]);
     });
 }
 

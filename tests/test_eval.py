@@ -3,7 +3,7 @@
 The model under test is a small-preset checkpoint with random weights drawn here with a
 He-style scale, so that its softmax outputs are far from uniform and a wrong crop, mirror,
 view order or averaging changes the numbers. The reference is the NumPy model of
-alexnet.py (sections 3 and 4) in float64.
+alexnet.py (sections 1 and 2) in float64.
 """
 import os
 import re

@@ -1,5 +1,5 @@
 """The two-tower model of train_alexnet.cu against the one-network NumPy reference
-(alexnet.py section 4): one SGD step through the executable, compared value by value."""
+(alexnet.py section 2): one SGD step through the executable, compared value by value."""
 import os
 
 import numpy as np

@@ -126,7 +126,7 @@ def test_printed_commands_run_this_python_from_the_current_folder(monkeypatch, t
 # --- damaged checkpoints and statistics: an AlexNetError, never another exception
 
 def header_within_range(header, params, momentum, size):
-    """The checks a loaded checkpoint must pass, written from the README's format table."""
+    """The checks a loaded checkpoint must pass, written from the format table of doc/formats.md."""
     shapes = {name: value.shape for name, value in params.items()}
     count = sum(int(np.prod(shape)) for shape in shapes.values())
     assert size == 1024 + 8 * count and header["parameters"] == count
