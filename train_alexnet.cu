@@ -1683,11 +1683,43 @@ struct Batch {
     float* alphas;         // [n][3] PCA lighting
 };
 
-// Exchange points: each has its own events and buffers, so no exchange waits on another.
-enum {
-    X_CONV3, X_FC6, X_FC7, X_FC8, X_LOGITS,            // forward
-    X_DLOGITS, X_DFC8, X_DFC7, X_DFC6, X_DCONV3,       // backward
-    NUM_EXCHANGES
+// Where the towers meet: the inputs of conv3, fc6, fc7 and fc8, which read both towers'
+// outputs, and the logits, which tower 0 gathers for the softmax. Each meeting has its
+// own buffers and events (one pair forward, one backward), so no exchange waits on another.
+enum { AT_CONV3, AT_FC6, AT_FC7, AT_FC8, AT_LOGITS, NUM_MEETINGS };
+static int backward_event(int at) { return NUM_MEETINGS + at; }
+
+// One meeting, in one tower. Forward: `own` (this tower's output, [N, width_t]) goes to
+// the other tower's `recv`, and `cat` = [tower 0's | tower 1's], the next layer's input.
+// Backward: `dcat` (the gradient at cat) is split; the other tower's part leaves through
+// `send` into the other's `recvg`, and `down`, the gradient at own, is the sum of this
+// tower's part and recvg.
+struct Meeting {
+    float* own;    // [N, width_t]
+    float* recv;   // [N, width_o]
+    float* cat;    // [N, width_0 + width_1]
+    float* dcat;   // [N, width_0 + width_1]
+    float* send;   // [N, width_o]
+    float* recvg;  // [N, width_t]
+    float* down;   // [N, width_t]
+};
+
+// conv1 and conv2 with what follows them: ReLU (fused into the conv), LRN, max pooling.
+// Shapes for the alexnet preset, one tower: conv1 [N, 48, 55, 55] pooled to 27x27,
+// conv2 [N, 128, 27, 27] pooled to 13x13.
+struct NormPoolLayer {
+    float* out;         // conv + ReLU          [N, K, OH, OW]
+    float* scale;       // LRN denominators     [N, K, OH, OW]
+    float* lrn;         // LRN output           [N, K, OH, OW]
+    float* pool;        // max pooled           [N, K, P, P]
+    float *dout, *dlrn, *dpool;  // gradients at out, lrn and pool
+};
+
+// fc6 and fc7: ReLU (fused), then dropout. alexnet: [N, 2048] per tower.
+struct FcLayer {
+    float* out;         // fc + ReLU            [N, K]
+    float* dropped;     // after dropout        [N, K]
+    float* dout;        // gradient at out
 };
 
 // Dropout layer numbers for the shared Philox rule: fc6 of tower t is layer t, fc7 is 2 + t.
@@ -1705,23 +1737,26 @@ struct Tower {
     int device;
     cudaStream_t stream;      // compute
     cudaStream_t copy_stream; // outgoing peer copies
-    cudaEvent_t ready[NUM_EXCHANGES], sent[NUM_EXCHANGES];
+    cudaEvent_t ready[2 * NUM_MEETINGS], sent[2 * NUM_MEETINGS];  // forward, then backward
     LayerShape shape[NUM_LAYERS];
     long num_params = 0;
     // One buffer each: all weights (layer order), then all biases, so that the update is
     // two launches (weight decay on the weights only).
     float *params, *grads, *momentum;
     long weight_offset[NUM_LAYERS], bias_offset[NUM_LAYERS];
-    // activations; a1..a5 are after the fused ReLU, ln after LRN, sn the LRN scale
-    float *x, *a1, *s1, *l1, *p1, *a2, *s2, *l2, *p2, *recv3, *cat3, *a3, *a4, *a5, *p5;
-    float *recv6, *cat6, *a6, *d6, *recv7, *cat7, *a7, *d7, *recv8, *cat8, *logits;
-    // gradients (d + the activation they belong to)
-    float *dlogits, *dcat8, *send8, *recvg8, *dd7, *da7, *dcat7, *send7, *recvg7, *dd6, *da6;
-    float *dcat6, *send6, *recvg6, *dp5, *da5, *da4, *da3, *dcat3, *send3, *recvg3, *dp2;
-    float *dl2, *da2, *dp1, *dl1, *da1;
+    // The activations of one batch, layer by layer (shapes: alexnet, one tower), each with
+    // its gradient (d...): conv3..conv5 and fc8 read the meetings' `cat`.
+    float* x;                      // the augmented crops   [N, 3, 224, 224]
+    NormPoolLayer conv1, conv2;
+    float *conv3, *conv4, *conv5;  // conv + ReLU           [N, 192, 13, 13] x2, [N, 128, 13, 13]
+    float* pool5;                  // max pooled            [N, 128, 6, 6]
+    float *dconv3, *dconv4, *dconv5;
+    FcLayer fc6, fc7;
+    float* logits;                 // fc8                   [N, classes / 2]
+    Meeting meet[NUM_MEETINGS];    // AT_LOGITS: tower 0 gathers, tower 1 only sends
     Workspace workspace;  // partial sums of split matrix products
-    // tower 0 only: both towers' logits, the loss and its gradient
-    float *recv_logits, *all_logits, *dall_logits, *send_dlogits, *losses;
+    // tower 0 only: the loss of every image and the top-1/top-5 counts
+    float* losses;
     int* correct;
     // The input batch, uploaded and augmented once per device: a tower on the same device
     // as tower 0 reads tower 0's x (shares_input). While a training step computes, the
@@ -1790,9 +1825,9 @@ struct Model {
         for (Tower& T : towers) {
             cudaSetDevice(T.device);
             for (void* p : T.allocations) cudaFree(p);
-            for (int x = 0; x < NUM_EXCHANGES; x++) {
-                cudaEventDestroy(T.ready[x]);
-                cudaEventDestroy(T.sent[x]);
+            for (int e = 0; e < 2 * NUM_MEETINGS; e++) {
+                cudaEventDestroy(T.ready[e]);
+                cudaEventDestroy(T.sent[e]);
             }
             cudaEventDestroy(T.augmented);
             cudaEventDestroy(T.uploaded);
@@ -1816,14 +1851,13 @@ struct Model {
     void allocate(int t) {
         Tower& T = towers[t];
         const LayerShape* s = T.shape;
-        const Tower& other = towers[1 - t];
-        const LayerShape* o = other.shape;
+        const LayerShape* o = towers[1 - t].shape;
         cudaCheck(cudaSetDevice(T.device));
         cudaCheck(cudaStreamCreate(&T.stream));
         cudaCheck(cudaStreamCreate(&T.copy_stream));
-        for (int x = 0; x < NUM_EXCHANGES; x++) {
-            cudaCheck(cudaEventCreate(&T.ready[x]));
-            cudaCheck(cudaEventCreate(&T.sent[x]));
+        for (int e = 0; e < 2 * NUM_MEETINGS; e++) {
+            cudaCheck(cudaEventCreate(&T.ready[e]));
+            cudaCheck(cudaEventCreate(&T.sent[e]));
         }
         cudaCheck(cudaStreamCreate(&T.upload_stream));
         for (cudaEvent_t* e : {&T.augmented, &T.uploaded, &T.input_free})
@@ -1838,41 +1872,44 @@ struct Model {
         T.momentum = T.alloc<float>(offset);
 
         const long N = capacity;
-        long lrn1 = N * s[0].out_size(), lrn2 = N * s[1].out_size();
-        long pool1 = N * s[1].in_size(), pool2 = N * s[2].in_size() / 2;  // conv3 reads both
-        long pool2_other = N * s[2].in_size() - pool2;
-        long pool5 = N * s[5].in_size() / 2, pool5_other = N * s[5].in_size() - pool5;
         T.x = T.shares_input ? towers[0].x : T.alloc<float>(N * s[0].in_size());
-        T.a1 = T.alloc<float>(lrn1), T.s1 = T.alloc<float>(lrn1), T.l1 = T.alloc<float>(lrn1);
-        T.p1 = T.alloc<float>(pool1);
-        T.a2 = T.alloc<float>(lrn2), T.s2 = T.alloc<float>(lrn2), T.l2 = T.alloc<float>(lrn2);
-        T.p2 = T.alloc<float>(pool2), T.recv3 = T.alloc<float>(pool2_other);
-        T.cat3 = T.alloc<float>(N * s[2].in_size());
-        T.a3 = T.alloc<float>(N * s[2].out_size()), T.a4 = T.alloc<float>(N * s[3].out_size());
-        T.a5 = T.alloc<float>(N * s[4].out_size());
-        T.p5 = T.alloc<float>(pool5), T.recv6 = T.alloc<float>(pool5_other);
-        T.cat6 = T.alloc<float>(N * s[5].C);
-        T.a6 = T.alloc<float>(N * s[5].K), T.d6 = T.alloc<float>(N * s[5].K);
-        T.recv7 = T.alloc<float>(N * o[5].K), T.cat7 = T.alloc<float>(N * s[6].C);
-        T.a7 = T.alloc<float>(N * s[6].K), T.d7 = T.alloc<float>(N * s[6].K);
-        T.recv8 = T.alloc<float>(N * o[6].K), T.cat8 = T.alloc<float>(N * s[7].C);
+        for (int l = 0; l < 2; l++) {
+            NormPoolLayer& c = l == 0 ? T.conv1 : T.conv2;
+            const long size = N * s[l].out_size();
+            c.out = T.alloc<float>(size), c.scale = T.alloc<float>(size), c.lrn = T.alloc<float>(size);
+            c.dout = T.alloc<float>(size), c.dlrn = T.alloc<float>(size);
+        }
+        T.conv1.pool = T.alloc<float>(N * s[1].in_size()), T.conv1.dpool = T.alloc<float>(N * s[1].in_size());
+        T.conv3 = T.alloc<float>(N * s[2].out_size()), T.dconv3 = T.alloc<float>(N * s[2].out_size());
+        T.conv4 = T.alloc<float>(N * s[3].out_size()), T.dconv4 = T.alloc<float>(N * s[3].out_size());
+        T.conv5 = T.alloc<float>(N * s[4].out_size()), T.dconv5 = T.alloc<float>(N * s[4].out_size());
+        for (int f = 0; f < 2; f++) {
+            FcLayer& fc = f == 0 ? T.fc6 : T.fc7;
+            const long size = N * s[NUM_CONV + f].K;
+            fc.out = T.alloc<float>(size), fc.dropped = T.alloc<float>(size), fc.dout = T.alloc<float>(size);
+        }
         T.logits = T.alloc<float>(N * s[7].K);
-
-        T.dlogits = T.alloc<float>(N * s[7].K);
-        T.dcat8 = T.alloc<float>(N * s[7].C), T.send8 = T.alloc<float>(N * o[6].K);
-        T.recvg8 = T.alloc<float>(N * s[6].K);
-        T.dd7 = T.alloc<float>(N * s[6].K), T.da7 = T.alloc<float>(N * s[6].K);
-        T.dcat7 = T.alloc<float>(N * s[6].C), T.send7 = T.alloc<float>(N * o[5].K);
-        T.recvg7 = T.alloc<float>(N * s[5].K);
-        T.dd6 = T.alloc<float>(N * s[5].K), T.da6 = T.alloc<float>(N * s[5].K);
-        T.dcat6 = T.alloc<float>(N * s[5].C), T.send6 = T.alloc<float>(pool5_other);
-        T.recvg6 = T.alloc<float>(pool5), T.dp5 = T.alloc<float>(pool5);
-        T.da5 = T.alloc<float>(N * s[4].out_size()), T.da4 = T.alloc<float>(N * s[3].out_size());
-        T.da3 = T.alloc<float>(N * s[2].out_size()), T.dcat3 = T.alloc<float>(N * s[2].in_size());
-        T.send3 = T.alloc<float>(pool2_other), T.recvg3 = T.alloc<float>(pool2);
-        T.dp2 = T.alloc<float>(pool2);
-        T.dl2 = T.alloc<float>(lrn2), T.da2 = T.alloc<float>(lrn2), T.dp1 = T.alloc<float>(pool1);
-        T.dl1 = T.alloc<float>(lrn1), T.da1 = T.alloc<float>(lrn1);
+        // The meetings: own / down are [N, own width], recv / send the other tower's width;
+        // own is the layer output that meets (conv2's pool, pool5, fc6's and fc7's dropout).
+        // Only tower 0 receives the logits.
+        const long own[NUM_MEETINGS] = {N * s[2].in_size() / 2, N * s[5].in_size() / 2, N * s[5].K, N * s[6].K,
+                                        N * s[7].K};
+        const long other[NUM_MEETINGS] = {N * o[2].in_size() / 2, N * o[5].in_size() / 2, N * o[5].K, N * o[6].K,
+                                          N * o[7].K};
+        float* const outputs[NUM_MEETINGS] = {nullptr, nullptr, T.fc6.dropped, T.fc7.dropped, T.logits};
+        for (int at = 0; at < NUM_MEETINGS; at++) {
+            Meeting& m = T.meet[at];
+            const bool receives = at != AT_LOGITS || t == 0;
+            m.own = outputs[at] ? outputs[at] : T.alloc<float>(own[at]);
+            m.down = T.alloc<float>(own[at]);
+            m.send = T.alloc<float>(other[at]);
+            if (receives) {
+                m.recv = T.alloc<float>(other[at]), m.recvg = T.alloc<float>(own[at]);
+                m.cat = T.alloc<float>(own[at] + other[at]), m.dcat = T.alloc<float>(own[at] + other[at]);
+            }
+        }
+        T.conv2.pool = T.meet[AT_CONV3].own, T.conv2.dpool = T.meet[AT_CONV3].down;
+        T.pool5 = T.meet[AT_FC6].own;
         size_t workspace = 1;
         for (int l = 0; l < NUM_LAYERS; l++) workspace = std::max(workspace, layer_workspace(s[l], l, capacity));
         T.workspace = Workspace{T.alloc<float>(workspace), workspace};
@@ -1886,10 +1923,6 @@ struct Model {
         T.eigval = T.alloc<float>(3);
         T.eigvec = T.alloc<float>(9);
         if (t == 0) {
-            const int K = arch.classes;
-            T.recv_logits = T.alloc<float>(N * o[7].K);
-            T.all_logits = T.alloc<float>(N * K), T.dall_logits = T.alloc<float>(N * K);
-            T.send_dlogits = T.alloc<float>(N * o[7].K);
             T.losses = T.alloc<float>(N);
             T.correct = T.alloc<int>(2);
         }
@@ -1915,15 +1948,15 @@ struct Model {
 
     long num_params() const { return towers[0].num_params + towers[1].num_params; }
 
-    // Copy between a host vector in checkpoint order and one buffer (params or momentum).
-    void transfer(float* host, float* Tower::*buffer, bool upload) {
+    // Copy between a host vector in checkpoint order and each tower's parameters (or momentum).
+    void transfer(float* host, bool momentum, bool upload) {
         long pos = 0;
         for (int l = 0; l < NUM_LAYERS; l++)
             for (int part = 0; part < 2; part++)  // 0: weights, 1: biases
                 for (Tower& T : towers) {
                     long offset = part == 0 ? T.weight_offset[l] : T.bias_offset[l];
                     long count = part == 0 ? T.shape[l].weights() : T.shape[l].K;
-                    float* dev = (T.*buffer) + offset;
+                    float* dev = (momentum ? T.momentum : T.params) + offset;
                     cudaCheck(cudaSetDevice(T.device));
                     if (upload)
                         cudaCheck(cudaMemcpy(dev, host + pos, count * sizeof(float), cudaMemcpyHostToDevice));
@@ -1933,12 +1966,12 @@ struct Model {
                 }
     }
     void upload_state(const float* params, const float* momentum) {
-        transfer(const_cast<float*>(params), &Tower::params, true);
-        transfer(const_cast<float*>(momentum), &Tower::momentum, true);
+        transfer(const_cast<float*>(params), false, true);
+        transfer(const_cast<float*>(momentum), true, true);
     }
     void download_state(float* params, float* momentum) {
-        transfer(params, &Tower::params, false);
-        transfer(momentum, &Tower::momentum, false);
+        transfer(params, false, false);
+        transfer(momentum, true, false);
     }
 
     // The paper's initialisation, drawn for the whole network so that it does not depend
@@ -1961,62 +1994,59 @@ struct Model {
     // Copy count floats from tower `from` to tower `to` as soon as `from`'s compute stream
     // has produced them; the copy runs on `from`'s copy stream, so it overlaps the compute
     // that follows. `to` waits for it in receive().
-    void send(int x, int from, int to, float* dst, const float* src, long count) {
+    void send(int event, int from, int to, float* dst, const float* src, long count) {
         Tower& F = towers[from];
         cudaCheck(cudaSetDevice(F.device));
-        cudaCheck(cudaEventRecord(F.ready[x], F.stream));
-        cudaCheck(cudaStreamWaitEvent(F.copy_stream, F.ready[x], 0));
+        cudaCheck(cudaEventRecord(F.ready[event], F.stream));
+        cudaCheck(cudaStreamWaitEvent(F.copy_stream, F.ready[event], 0));
         cudaCheck(cudaMemcpyPeerAsync(dst, towers[to].device, src, F.device, count * sizeof(float),
                                       F.copy_stream));
-        cudaCheck(cudaEventRecord(F.sent[x], F.copy_stream));
+        cudaCheck(cudaEventRecord(F.sent[event], F.copy_stream));
     }
-    void receive(int x, int to, int from) {
+    void receive(int event, int to, int from) {
         cudaCheck(cudaSetDevice(towers[to].device));
-        cudaCheck(cudaStreamWaitEvent(towers[to].stream, towers[from].sent[x], 0));
+        cudaCheck(cudaStreamWaitEvent(towers[to].stream, towers[from].sent[event], 0));
     }
 
-    // Forward: the towers in [0, receivers) get cat = [tower 0's src | tower 1's src]
-    // (width[t] floats per image from tower t); recv holds the other tower's src.
-    void gather(int x, int n, float* Tower::*src, float* Tower::*recv, float* Tower::*cat,
-                const int width[NUM_TOWERS], int receivers) {
+    // Forward at a meeting: the towers in [0, receivers) get cat = [tower 0's own | tower
+    // 1's own] (width[t] floats per image from tower t); recv holds the other tower's own.
+    void gather(int at, int n, const int width[NUM_TOWERS], int receivers) {
         for (int t = 0; t < receivers; t++)
-            send(x, 1 - t, t, towers[t].*recv, towers[1 - t].*src, (long)n * width[1 - t]);
+            send(at, 1 - t, t, towers[t].meet[at].recv, towers[1 - t].meet[at].own, (long)n * width[1 - t]);
         for (int t = 0; t < receivers; t++) {
             Tower& T = towers[t];
-            receive(x, t, 1 - t);
-            const float* own = T.*src;
-            const float* other = T.*recv;
-            concat_features(T.*cat, t == 0 ? own : other, t == 0 ? other : own, n, width[0],
-                            width[1], T.stream);
+            const Meeting& m = T.meet[at];
+            receive(at, t, 1 - t);
+            concat_features(m.cat, t == 0 ? m.own : m.recv, t == 0 ? m.recv : m.own, n, width[0], width[1],
+                            T.stream);
         }
     }
 
     // Backward of gather, in two halves so that compute can run between them. The towers
-    // in [0, holders) hold the gradient dcat of a concatenated input; every tower t gets
-    // d = sum over holders of dcat[part t]. A holder splits off the other tower's part
-    // into send and ships it to the other's recv (or straight to its d when the other
-    // holds nothing to add it to).
-    void scatter_send(int x, int n, float* Tower::*dcat, float* Tower::*send_buf,
-                      float* Tower::*recv, float* Tower::*d, const int width[NUM_TOWERS], int holders) {
+    // in [0, holders) hold dcat; every tower t gets down = the sum over holders of dcat's
+    // part t. A holder splits off the other tower's part into send and ships it to the
+    // other's recvg (or straight to its down when the other holds nothing to add it to).
+    void scatter_send(int at, int n, const int width[NUM_TOWERS], int holders) {
         for (int t = 0; t < holders; t++) {
             Tower& T = towers[t];
-            int o = 1 - t;
+            const Meeting& m = T.meet[at];
+            const int o = 1 - t;
             cudaCheck(cudaSetDevice(T.device));
-            split_features(T.*send_buf, T.*dcat, nullptr, n, width[0] + width[1],
-                           o == 0 ? 0 : width[0], width[o], T.stream);
-            send(x, t, o, o < holders ? towers[o].*recv : towers[o].*d, T.*send_buf,
-                 (long)n * width[o]);
+            split_features(m.send, m.dcat, nullptr, n, width[0] + width[1], o == 0 ? 0 : width[0], width[o],
+                           T.stream);
+            send(backward_event(at), t, o, o < holders ? towers[o].meet[at].recvg : towers[o].meet[at].down,
+                 m.send, (long)n * width[o]);
         }
     }
-    void scatter_finish(int x, int n, float* Tower::*dcat, float* Tower::*recv, float* Tower::*d,
-                        const int width[NUM_TOWERS], int holders) {
+    void scatter_finish(int at, int n, const int width[NUM_TOWERS], int holders) {
         for (int t = 0; t < NUM_TOWERS; t++) {
             Tower& T = towers[t];
-            if (1 - t < holders) receive(x, t, 1 - t);
+            const Meeting& m = T.meet[at];
+            if (1 - t < holders) receive(backward_event(at), t, 1 - t);
             cudaCheck(cudaSetDevice(T.device));
             if (t < holders)
-                split_features(T.*d, T.*dcat, holders == NUM_TOWERS ? T.*recv : nullptr, n,
-                               width[0] + width[1], t == 0 ? 0 : width[0], width[t], T.stream);
+                split_features(m.down, m.dcat, holders == NUM_TOWERS ? m.recvg : nullptr, n, width[0] + width[1],
+                               t == 0 ? 0 : width[0], width[t], T.stream);
         }
     }
 
@@ -2106,74 +2136,71 @@ struct Model {
                      c.OW, true, T.workspace, T.stream);
     }
     // The LRN and the pooling after conv1 and conv2.
-    void lrn_pool(const LayerShape& c, float* scale, float* lrn_out, float* pool_out,
-                  const float* inp, int n, cudaStream_t stream) {
-        lrn_forward(lrn_out, scale, inp, n, c.K, c.OH, c.OW, arch.lrn_size, arch.lrn_alpha,
-                    arch.lrn_beta, arch.lrn_k, stream);
-        pool(c, pool_out, lrn_out, n, stream);
+    void lrn_pool(const LayerShape& c, NormPoolLayer& L, int n, cudaStream_t stream) {
+        lrn_forward(L.lrn, L.scale, L.out, n, c.K, c.OH, c.OW, arch.lrn_size, arch.lrn_alpha, arch.lrn_beta,
+                    arch.lrn_k, stream);
+        pool(c, L.pool, L.lrn, n, stream);
     }
     void pool(const LayerShape& c, float* out, const float* inp, int n, cudaStream_t stream) {
         int P = pool_out_size(arch, c.OH);
         maxpool_forward(out, inp, n, c.K, c.OH, c.OW, arch.pool_size, arch.pool_stride, P, P, stream);
     }
 
-    // Forward pass on the n images in x; leaves the loss, the dlogits (train) and the
-    // correct counts on tower 0. Dropout masks come from (seed, layer, step).
+    // Forward pass on the n images in x; leaves the loss, the gradient at the logits
+    // (train) and the correct counts on tower 0. Dropout masks come from (seed, layer, step).
     void forward(int n, bool train, uint64_t seed, uint64_t step) {
         int width[NUM_TOWERS];
         for (int t = 0; t < NUM_TOWERS; t++) {
             Tower& T = towers[t];
             const LayerShape* s = T.shape;
             cudaCheck(cudaSetDevice(T.device));
-            conv(s[0], T.a1, T.x, T.weight(0), T.bias(0), n, T);
-            lrn_pool(s[0], T.s1, T.l1, T.p1, T.a1, n, T.stream);
-            conv(s[1], T.a2, T.p1, T.weight(1), T.bias(1), n, T);
-            lrn_pool(s[1], T.s2, T.l2, T.p2, T.a2, n, T.stream);
+            conv(s[0], T.conv1.out, T.x, T.weight(0), T.bias(0), n, T);
+            lrn_pool(s[0], T.conv1, n, T.stream);
+            conv(s[1], T.conv2.out, T.conv1.pool, T.weight(1), T.bias(1), n, T);
+            lrn_pool(s[1], T.conv2, n, T.stream);
             width[t] = (int)(s[2].in_size() / 2);
         }
-        gather(X_CONV3, n, &Tower::p2, &Tower::recv3, &Tower::cat3, width, NUM_TOWERS);
+        gather(AT_CONV3, n, width, NUM_TOWERS);
         for (int t = 0; t < NUM_TOWERS; t++) {
             Tower& T = towers[t];
             const LayerShape* s = T.shape;
             cudaCheck(cudaSetDevice(T.device));
-            conv(s[2], T.a3, T.cat3, T.weight(2), T.bias(2), n, T);
-            conv(s[3], T.a4, T.a3, T.weight(3), T.bias(3), n, T);
-            conv(s[4], T.a5, T.a4, T.weight(4), T.bias(4), n, T);
-            pool(s[4], T.p5, T.a5, n, T.stream);
+            conv(s[2], T.conv3, T.meet[AT_CONV3].cat, T.weight(2), T.bias(2), n, T);
+            conv(s[3], T.conv4, T.conv3, T.weight(3), T.bias(3), n, T);
+            conv(s[4], T.conv5, T.conv4, T.weight(4), T.bias(4), n, T);
+            pool(s[4], T.pool5, T.conv5, n, T.stream);
             width[t] = (int)(s[5].C / 2);
         }
-        gather(X_FC6, n, &Tower::p5, &Tower::recv6, &Tower::cat6, width, NUM_TOWERS);
-        float* Tower::*fc_in[3] = {&Tower::cat6, &Tower::cat7, &Tower::cat8};
-        float* Tower::*fc_act[2] = {&Tower::a6, &Tower::a7};
-        float* Tower::*fc_drop[2] = {&Tower::d6, &Tower::d7};
-        float* Tower::*fc_recv[2] = {&Tower::recv7, &Tower::recv8};
-        for (int f = 0; f < 2; f++) {
+        gather(AT_FC6, n, width, NUM_TOWERS);
+        for (int f = 0; f < 2; f++) {  // fc6 reads the fc6 meeting, fc7 the fc7 meeting
             for (int t = 0; t < NUM_TOWERS; t++) {
                 Tower& T = towers[t];
                 const LayerShape& s = T.shape[NUM_CONV + f];
+                FcLayer& fc = f == 0 ? T.fc6 : T.fc7;
                 cudaCheck(cudaSetDevice(T.device));
-                fc_forward(T.*fc_act[f], T.*fc_in[f], T.weight(NUM_CONV + f), T.bias(NUM_CONV + f),
-                           n, s.C, s.K, true, T.workspace, T.stream);
-                dropout_forward(T.*fc_drop[f], T.*fc_act[f], (long)n * s.K, dropout, seed,
-                                dropout_layer(f, t), step, train, T.stream);
+                fc_forward(fc.out, T.meet[AT_FC6 + f].cat, T.weight(NUM_CONV + f), T.bias(NUM_CONV + f), n, s.C,
+                           s.K, true, T.workspace, T.stream);
+                dropout_forward(fc.dropped, fc.out, (long)n * s.K, dropout, seed, dropout_layer(f, t), step, train,
+                                T.stream);
                 width[t] = s.K;
             }
-            gather(X_FC7 + f, n, fc_drop[f], fc_recv[f], fc_in[f + 1], width, NUM_TOWERS);
+            gather(AT_FC7 + f, n, width, NUM_TOWERS);
         }
         for (int t = 0; t < NUM_TOWERS; t++) {
             Tower& T = towers[t];
             const LayerShape& s = T.shape[7];
             cudaCheck(cudaSetDevice(T.device));
-            fc_forward(T.logits, T.cat8, T.weight(7), T.bias(7), n, s.C, s.K, false, T.workspace,
+            fc_forward(T.logits, T.meet[AT_FC8].cat, T.weight(7), T.bias(7), n, s.C, s.K, false, T.workspace,
                        T.stream);
             width[t] = s.K;
         }
         // tower 0 alone computes the softmax over both towers' logits
-        gather(X_LOGITS, n, &Tower::logits, &Tower::recv_logits, &Tower::all_logits, width, 1);
+        gather(AT_LOGITS, n, width, 1);
         Tower& T0 = towers[0];
+        const Meeting& logits = T0.meet[AT_LOGITS];
         cudaCheck(cudaSetDevice(T0.device));
-        softmax_cross_entropy(T0.losses, train ? T0.dall_logits : nullptr, T0.correct,
-                              T0.all_logits, T0.input.labels, n, arch.classes, T0.stream);
+        softmax_cross_entropy(T0.losses, train ? logits.dcat : nullptr, T0.correct, logits.cat, T0.input.labels,
+                              n, arch.classes, T0.stream);
     }
 
     // Backward pass for the n images of the last forward(train = true): writes every
@@ -2182,83 +2209,83 @@ struct Model {
     void backward(int n, uint64_t seed, uint64_t step) {
         int width[NUM_TOWERS];
         for (int t = 0; t < NUM_TOWERS; t++) width[t] = towers[t].shape[7].K;
-        scatter_send(X_DLOGITS, n, &Tower::dall_logits, &Tower::send_dlogits, &Tower::dlogits,
-                     &Tower::dlogits, width, 1);
-        scatter_finish(X_DLOGITS, n, &Tower::dall_logits, &Tower::dlogits, &Tower::dlogits, width, 1);
-        fc_backward_layer(7, X_DFC8, n, &Tower::dlogits, &Tower::cat8, &Tower::dcat8, &Tower::send8,
-                          &Tower::recvg8, &Tower::dd7);
-        fc_undo_dropout_relu(1, n, seed, step, &Tower::da7, &Tower::dd7, &Tower::a7);
-        fc_backward_layer(6, X_DFC7, n, &Tower::da7, &Tower::cat7, &Tower::dcat7, &Tower::send7,
-                          &Tower::recvg7, &Tower::dd6);
-        fc_undo_dropout_relu(0, n, seed, step, &Tower::da6, &Tower::dd6, &Tower::a6);
-        fc_backward_layer(5, X_DFC6, n, &Tower::da6, &Tower::cat6, &Tower::dcat6, &Tower::send6,
-                          &Tower::recvg6, &Tower::dp5);
+        scatter_send(AT_LOGITS, n, width, 1);
+        scatter_finish(AT_LOGITS, n, width, 1);
+        fc_backward_layer(2, n);
+        fc_undo_dropout_relu(1, n, seed, step);
+        fc_backward_layer(1, n);
+        fc_undo_dropout_relu(0, n, seed, step);
+        fc_backward_layer(0, n);
 
         for (int t = 0; t < NUM_TOWERS; t++) {
             Tower& T = towers[t];
             const LayerShape* s = T.shape;
             cudaCheck(cudaSetDevice(T.device));
-            pool_backward(s[4], T.da5, T.dp5, T.a5, n, T.stream);
-            relu_backward(T.da5, T.da5, T.a5, n * s[4].out_size(), T.stream);
-            conv_backward(s[4], T.da4, T.dweight(4), T.dbias(4), T.da5, T.a4, T.weight(4), n, T);
-            relu_backward(T.da4, T.da4, T.a4, n * s[3].out_size(), T.stream);
-            conv_backward(s[3], T.da3, T.dweight(3), T.dbias(3), T.da4, T.a3, T.weight(3), n, T);
-            relu_backward(T.da3, T.da3, T.a3, n * s[2].out_size(), T.stream);
-            conv_backward(s[2], T.dcat3, nullptr, nullptr, T.da3, T.cat3, T.weight(2), n, T);
+            pool_backward(s[4], T.dconv5, T.meet[AT_FC6].down, T.conv5, n, T.stream);
+            relu_backward(T.dconv5, T.dconv5, T.conv5, n * s[4].out_size(), T.stream);
+            conv_backward(s[4], T.dconv4, T.dweight(4), T.dbias(4), T.dconv5, T.conv4, T.weight(4), n, T);
+            relu_backward(T.dconv4, T.dconv4, T.conv4, n * s[3].out_size(), T.stream);
+            conv_backward(s[3], T.dconv3, T.dweight(3), T.dbias(3), T.dconv4, T.conv3, T.weight(3), n, T);
+            relu_backward(T.dconv3, T.dconv3, T.conv3, n * s[2].out_size(), T.stream);
+            conv_backward(s[2], T.meet[AT_CONV3].dcat, nullptr, nullptr, T.dconv3, T.meet[AT_CONV3].cat,
+                          T.weight(2), n, T);
             width[t] = (int)(s[2].in_size() / 2);
         }
-        scatter_send(X_DCONV3, n, &Tower::dcat3, &Tower::send3, &Tower::recvg3, &Tower::dp2, width,
-                     NUM_TOWERS);
+        scatter_send(AT_CONV3, n, width, NUM_TOWERS);
         for (int t = 0; t < NUM_TOWERS; t++) {
             Tower& T = towers[t];
             cudaCheck(cudaSetDevice(T.device));
-            conv_backward(T.shape[2], nullptr, T.dweight(2), T.dbias(2), T.da3, T.cat3, T.weight(2), n, T);
+            conv_backward(T.shape[2], nullptr, T.dweight(2), T.dbias(2), T.dconv3, T.meet[AT_CONV3].cat,
+                          T.weight(2), n, T);
         }
-        scatter_finish(X_DCONV3, n, &Tower::dcat3, &Tower::recvg3, &Tower::dp2, width, NUM_TOWERS);
+        scatter_finish(AT_CONV3, n, width, NUM_TOWERS);
         for (int t = 0; t < NUM_TOWERS; t++) {
             Tower& T = towers[t];
             const LayerShape* s = T.shape;
             cudaCheck(cudaSetDevice(T.device));
-            lrn_pool_backward(s[1], T.da2, T.dl2, T.dp2, T.a2, T.s2, T.l2, n, T.stream);
-            conv_backward(s[1], T.dp1, T.dweight(1), T.dbias(1), T.da2, T.p1, T.weight(1), n, T);
-            lrn_pool_backward(s[0], T.da1, T.dl1, T.dp1, T.a1, T.s1, T.l1, n, T.stream);
-            conv_backward(s[0], nullptr, T.dweight(0), T.dbias(0), T.da1, T.x, T.weight(0), n, T);
+            lrn_pool_backward(s[1], T.conv2, n, T.stream);
+            conv_backward(s[1], T.conv1.dpool, T.dweight(1), T.dbias(1), T.conv2.dout, T.conv1.pool, T.weight(1),
+                          n, T);
+            lrn_pool_backward(s[0], T.conv1, n, T.stream);
+            conv_backward(s[0], nullptr, T.dweight(0), T.dbias(0), T.conv1.dout, T.x, T.weight(0), n, T);
         }
     }
 
-    // Backward of one fully connected layer l of every tower, with the exchange of its
-    // input gradient dcat: d gets each tower's share of it, summed over both towers.
-    void fc_backward_layer(int l, int x, int n, float* Tower::*dout, float* Tower::*inp,
-                           float* Tower::*dcat, float* Tower::*send_buf, float* Tower::*recv,
-                           float* Tower::*d) {
+    // Backward of fc6 (f = 0), fc7 or fc8 (f = 2) in every tower, with the exchange of the
+    // gradient at its input: that meeting's `down` gets each tower's share, summed.
+    void fc_backward_layer(int f, int n) {
+        const int l = NUM_CONV + f, at = AT_FC6 + f;
         int width[NUM_TOWERS];
+        auto dout = [&](Tower& T) { return f == 2 ? T.meet[AT_LOGITS].down : (f == 0 ? T.fc6 : T.fc7).dout; };
         for (int t = 0; t < NUM_TOWERS; t++) {
             Tower& T = towers[t];
             const LayerShape& s = T.shape[l];
             cudaCheck(cudaSetDevice(T.device));
-            fc_backward_data(T.*dcat, T.*dout, T.weight(l), n, s.C, s.K, T.workspace, T.stream);
+            fc_backward_data(T.meet[at].dcat, dout(T), T.weight(l), n, s.C, s.K, T.workspace, T.stream);
             width[t] = l == NUM_CONV ? (int)(s.C / 2) : T.shape[l - 1].K;
         }
-        scatter_send(x, n, dcat, send_buf, recv, d, width, NUM_TOWERS);
+        scatter_send(at, n, width, NUM_TOWERS);
         for (int t = 0; t < NUM_TOWERS; t++) {
             Tower& T = towers[t];
             const LayerShape& s = T.shape[l];
             cudaCheck(cudaSetDevice(T.device));
-            fc_backward_weights(T.dweight(l), T.dbias(l), T.*dout, T.*inp, n, s.C, s.K, T.workspace,
+            fc_backward_weights(T.dweight(l), T.dbias(l), dout(T), T.meet[at].cat, n, s.C, s.K, T.workspace,
                                 T.stream);
         }
-        scatter_finish(x, n, dcat, recv, d, width, NUM_TOWERS);
+        scatter_finish(at, n, width, NUM_TOWERS);
     }
 
-    // da = the gradient at fc6/fc7's ReLU input from dd, the gradient at its dropout output.
-    void fc_undo_dropout_relu(int f, int n, uint64_t seed, uint64_t step, float* Tower::*da,
-                              float* Tower::*dd, float* Tower::*act) {
+    // fc6's (f = 0) or fc7's dout, the gradient at its ReLU input, from the gradient at
+    // its dropout output (the `down` of the meeting that output goes to).
+    void fc_undo_dropout_relu(int f, int n, uint64_t seed, uint64_t step) {
         for (int t = 0; t < NUM_TOWERS; t++) {
             Tower& T = towers[t];
+            FcLayer& fc = f == 0 ? T.fc6 : T.fc7;
             long count = (long)n * T.shape[NUM_CONV + f].K;
             cudaCheck(cudaSetDevice(T.device));
-            dropout_backward(T.*da, T.*dd, count, dropout, seed, dropout_layer(f, t), step, T.stream);
-            relu_backward(T.*da, T.*da, T.*act, count, T.stream);
+            dropout_backward(fc.dout, T.meet[AT_FC7 + f].down, count, dropout, seed, dropout_layer(f, t), step,
+                             T.stream);
+            relu_backward(fc.dout, fc.dout, fc.out, count, T.stream);
         }
     }
 
@@ -2279,15 +2306,13 @@ struct Model {
         maxpool_backward(dinp, dout, inp, n, c.K, c.OH, c.OW, arch.pool_size, arch.pool_stride, P,
                          P, stream);
     }
-    // From the gradient at the pool output dp to da, the gradient at the conv output
-    // (ReLU undone); dl is the gradient at the LRN output.
-    void lrn_pool_backward(const LayerShape& c, float* da, float* dl, const float* dp,
-                           const float* a, const float* scale, const float* l, int n,
-                           cudaStream_t stream) {
-        pool_backward(c, dl, dp, l, n, stream);
-        lrn_backward(da, dl, a, l, scale, n, c.K, c.OH, c.OW, arch.lrn_size, arch.lrn_alpha,
+    // From L.dpool, the gradient at the pool output, to L.dout, the gradient at the conv
+    // output (ReLU undone), through L.dlrn, the gradient at the LRN output.
+    void lrn_pool_backward(const LayerShape& c, NormPoolLayer& L, int n, cudaStream_t stream) {
+        pool_backward(c, L.dlrn, L.dpool, L.lrn, n, stream);
+        lrn_backward(L.dout, L.dlrn, L.out, L.lrn, L.scale, n, c.K, c.OH, c.OW, arch.lrn_size, arch.lrn_alpha,
                      arch.lrn_beta, arch.lrn_k, stream);
-        relu_backward(da, da, a, n * c.out_size(), stream);
+        relu_backward(L.dout, L.dout, L.out, n * c.out_size(), stream);
     }
 
     // SGD with momentum on every tower: weight decay on the weights, none on the biases.
@@ -3027,7 +3052,7 @@ struct Predictor {
         Tower& T0 = model.towers[0];
         const int K = model.arch.classes;
         cudaCheck(cudaSetDevice(T0.device));
-        softmax_forward(probs, T0.all_logits, n, K, T0.stream);
+        softmax_forward(probs, T0.meet[AT_LOGITS].cat, n, K, T0.stream);
         cudaCheck(cudaMemcpyAsync(host_probs, probs, (size_t)n * K * sizeof(float),
                                   cudaMemcpyDeviceToHost, T0.stream));
         model.finish(n);  // waits for both towers
