@@ -32,7 +32,9 @@ NVCC_ARCHS := $(if $(NVCC),$(or $(shell $(NVCC) --list-gpu-arch 2>/dev/null | se
 GPU_BUILT  := $(filter $(NVCC_ARCHS),$(GPU_ARCH))
 GPU_SKIP   := $(filter-out $(NVCC_ARCHS),$(GPU_ARCH))
 NVCC_FLAGS := -std=c++17 -O3 -lineinfo -Xptxas -v -Xcompiler -fPIC $(foreach a,$(GPU_BUILT),-gencode arch=compute_$(a),code=sm_$(a))
-SOURCES    := train_alexnet.cu dev/cuda_cpu.h
+# alexnet_api.cu (the C API) includes train_alexnet.cu: one object per build holds both,
+# and the executable and the shared library are linked from it.
+SOURCES    := train_alexnet.cu alexnet_api.cu dev/cuda_cpu.h
 
 .PHONY: FORCE test-build-gpu all cpu gpu demo test test-slow test-asan venv bench clean bench-kernels bench-kernels-cpu bench-kernels-gpu dev-cuda dev-cuda-gpu gpu-check test-build test-build-cpu sass
 all: cpu gpu
@@ -43,7 +45,7 @@ cpu: train_alexnet_cpu libalexnet_cpu.so
 
 build/cpu/train_alexnet.o: $(SOURCES)
 	@mkdir -p $(@D)
-	$(CXX) $(CPU_FLAGS) -x c++ -c train_alexnet.cu -o $@
+	$(CXX) $(CPU_FLAGS) -x c++ -c alexnet_api.cu -o $@
 
 train_alexnet_cpu: build/cpu/train_alexnet.o
 	$(CXX) -pthread $< -o $@
@@ -55,7 +57,7 @@ libalexnet_cpu.so: build/cpu/train_alexnet.o
 ASAN_BUILD := build/asan/libalexnet_cpu.so build/asan/train_alexnet_cpu
 build/asan/train_alexnet.o: $(SOURCES)
 	@mkdir -p $(@D)
-	$(CXX) $(ASAN_FLAGS) -x c++ -c train_alexnet.cu -o $@
+	$(CXX) $(ASAN_FLAGS) -x c++ -c alexnet_api.cu -o $@
 
 build/asan/libalexnet_cpu.so: build/asan/train_alexnet.o
 	$(CXX) -fsanitize=address,undefined -pthread -shared $< -o $@
@@ -92,7 +94,7 @@ build/gpu/arch: FORCE
 	@mkdir -p $(@D)
 	@echo "$(GPU_BUILT)" | cmp -s - $@ || echo "$(GPU_BUILT)" > $@
 
-build/gpu/train_alexnet.o: train_alexnet.cu build/gpu/arch
+build/gpu/train_alexnet.o: alexnet_api.cu train_alexnet.cu build/gpu/arch
 	@mkdir -p $(@D)
 	$(NVCC) $(NVCC_FLAGS) -c $< -o $@ 2> build/gpu/ptxas.log || { cat build/gpu/ptxas.log; exit 1; }
 

@@ -2063,7 +2063,7 @@ def cuda_sgd_update(w, v, g, lr, momentum, weight_decay):
 #
 # The paper tests on the centre crop, or on ten views: the four corner crops and the
 # centre crop, each also mirrored, with the ten softmax outputs averaged. Both run
-# through the library's model (train_alexnet.cu section 14c): the same kernels, the same
+# through the library's model (alexnet_api.cu, 15c): the same kernels, the same
 # preprocessing (the augmentation kernel without lighting: crop, mirror, mean
 # subtraction) and the same view order as the executables' --eval (section 13b).
 # NumpyModel is the reference that the tests compare it with.

@@ -178,13 +178,13 @@ build() {
         local flags="-std=c++17 -O3 -lineinfo -Xptxas -v -Xcompiler -fPIC -gencode arch=compute_$ARCH,code=sm_$ARCH"
         mkdir -p build/gpu build/cpu
         if [ $CPU = 0 ]; then
-            { nvcc $flags -c train_alexnet.cu -o build/gpu/train_alexnet.o 2> build/gpu/ptxas.log \
+            { nvcc $flags -c alexnet_api.cu -o build/gpu/train_alexnet.o 2> build/gpu/ptxas.log \
                 && nvcc $flags build/gpu/train_alexnet.o -o train_alexnet \
                 && nvcc $flags -shared build/gpu/train_alexnet.o -o libalexnet.so; } &
             nvcc $flags dev/bench_kernels.cu -o build/gpu/bench_kernels 2> build/gpu/bench_ptxas.log &
             g++ -std=c++17 -O2 -g -pthread -fPIC -I. -x c++ -shared dev/runtime_test_kernels.cu -o build/libruntime_tests.so &
         fi
-        g++ -std=c++17 -O2 -g -pthread -fPIC -x c++ -shared train_alexnet.cu -o libalexnet_cpu.so &
+        g++ -std=c++17 -O2 -g -pthread -fPIC -x c++ -shared alexnet_api.cu -o libalexnet_cpu.so &
         g++ -std=c++17 -O2 -g -pthread -x c++ train_alexnet.cu -o train_alexnet_cpu &
         g++ -std=c++17 -O2 -g -pthread -x c++ dev/bench_kernels.cu -o build/cpu/bench_kernels &
         local ok=0 job; for job in $(jobs -p); do wait "$job" || ok=1; done; return $ok
