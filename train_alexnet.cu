@@ -264,14 +264,15 @@ void augment_images(float* out, const uint8_t* images, const float* mean, const 
 //     k = (d0 * radix1 + d1) * radix2 + d2,
 //     step(k) = (d0*stride0 + d1*stride1 + d2*stride2,  d1*step_y,  d2*step_x),
 // which advance by GEMM_TILE_K per slice with carries, not divisions. In the loop a
-// load is then one table read, two adds, a box test and the load itself. Plain strided
+// load is then one table read, three adds (offset, y, x), a box test (two unsigned
+// compares) and the load itself. Plain strided
 // operands (weights, fc activations: one digit, no box) need no table at all.
 
 constexpr int GEMM_TILE_K = 16;        // reduction slice
 constexpr int GEMM_PARTS = 4;          // the next slice is fetched in this many parts
 constexpr int GEMM_MICRO = 8;          // each thread computes 8x8 outputs
-constexpr int GEMM_PAD = 4;            // row padding: rows stay 16-byte aligned, and the
-                                       // transposed stores of a warp spread over the banks
+constexpr int GEMM_PAD = 4;            // row padding: rows stay 16-byte aligned for the
+                                       // float4 reads
 constexpr int GEMM_OUTSIDE = -(1 << 29);  // a y that no box contains (rows/k out of range);
                                           // two of them still add up without overflow
 constexpr int GEMM_MAX_SPLITS = 64;

@@ -116,7 +116,8 @@ __device__ __forceinline__ void store_tile(const float (&acc)[4][4], float* out,
 // stages A's 64x16 and B's 16x64 in shared memory (4 loads per thread each, zeros past
 // the edges), waits, multiplies, waits. Loads are coalesced: neighbouring threads take
 // neighbouring k of a weight row (A is stored transposed, a_tile[k][m]; the +1 padding
-// keeps those stores conflict-free) and neighbouring columns of a cols row.
+// cuts those stores' bank conflicts from 16-way to 2-way) and neighbouring columns of a
+// cols row.
 __global__ void __launch_bounds__(THREADS) sgemm_kernel2(float* out, const float* w,
                                                         const float* cols, const float* bias,
                                                         ConvShape s) {
@@ -142,8 +143,8 @@ __global__ void __launch_bounds__(THREADS) sgemm_kernel2(float* out, const float
 }
 
 // Version 3: no buffer. B's element (crs, n) is gathered where it lives in the input,
-// (image, oy, ox) and (c, r, s) found by division and modulo for every element, as
-// ConvShape::unrolled_input did in the project's first core. From that core too: slices
+// (image, oy, ox) and (c, r, s) found by division and modulo for every element, as the
+// project's first core did. From that core too: slices
 // of TILE_K = 32, and a register prefetch: the next slice's 8 + 8 loads per thread are
 // issued before the current slice is multiplied, so their latency hides behind the math.
 __device__ __forceinline__ float unrolled_input(const float* inp, const ConvShape& s, int crs, int n) {
