@@ -2619,31 +2619,10 @@ struct Loader {
 };
 
 // ----------------------------------------------------------------------------
-// 13. Training loop and checkpoints
+// 13. Training loop
 //
-// Checkpoint (doc/formats.md, "Checkpoint"): int32 header[256], then every parameter of the
-// whole network in checkpoint order (Model::transfer), then the momentum in the same
-// order. The header holds the architecture, the training options and the training state;
-// since every random choice is a function of (seed, step), that is all a resumed run
-// needs to continue bit for bit.
-
-enum { CKPT_MAGIC = 20121003, CKPT_VERSION = 1 };
-enum CheckpointField {  // header indices; "f32" fields hold the bits of a float32
-    H_MAGIC = 0, H_VERSION = 1, H_PRESET = 2, H_CROP = 3, H_CLASSES = 4,
-    H_CONV_OUT = 5, H_CONV_KERNEL = 10, H_CONV_STRIDE = 15, H_CONV_PAD = 20,  // 5 each
-    H_FC_OUT = 25,                                                            // fc6, fc7
-    H_POOL_SIZE = 27, H_POOL_STRIDE = 28, H_LRN_SIZE = 29,
-    H_LRN_ALPHA = 30, H_LRN_BETA = 31, H_LRN_K = 32, H_INIT_STD = 33,         // f32
-    H_PARAMS = 34,                                                            // int64: 34 low, 35 high
-    H_STEP = 40,                                                              // int64: 40, 41
-    H_SEED = 42,                                                              // int64: 42, 43
-    H_BATCH = 44, H_LR = 45, H_MOMENTUM = 46, H_WEIGHT_DECAY = 47, H_DROPOUT = 48,  // f32 45..48
-    H_AUGMENT = 49, H_EVAL_EVERY = 50, H_PATIENCE = 51, H_MAX_DROPS = 52,
-    H_PLATEAU_DROPS = 53, H_BAD_EVALS = 54, H_BEST_ERROR = 55, H_LOSS = 56,    // f32 55, 56
-    H_EPOCHS = 57, H_STEPS = 58, H_NUM_LR_STEPS = 59, H_LR_STEPS = 60,         // up to 8 epochs
-    MAX_LR_STEPS = 8,
-    H_IMAGE_H = 68, H_IMAGE_W = 69  // the training images' size (0: not recorded, older checkpoints)
-};
+// The options and the state of a run, the loop that trains, validates and checkpoints,
+// the ten-view evaluation, then the checkpoint files and the run that ties it together.
 
 // Everything the command line sets (section 14 lists the flags and their defaults).
 struct Options {
@@ -2667,203 +2646,7 @@ struct TrainState {
     float loss = NAN;             // the last step's loss
 };
 
-static int32_t float_bits(float f) { int32_t i; memcpy(&i, &f, 4); return i; }
-static float bits_float(int32_t i) { float f; memcpy(&f, &i, 4); return f; }
-static void put_int64(int32_t* h, int at, int64_t v) { h[at] = (int32_t)(uint32_t)v; h[at + 1] = (int32_t)(v >> 32); }
-static int64_t get_int64(const int32_t* h, int at) { return (int64_t)(uint32_t)h[at] | ((int64_t)h[at + 1] << 32); }
-
-static void encode_header(int32_t* h, const Model& model, const Options& o, const TrainState& s) {
-    const Arch& a = model.arch;
-    memset(h, 0, HEADER_INTS * sizeof(int32_t));
-    h[H_MAGIC] = CKPT_MAGIC, h[H_VERSION] = CKPT_VERSION;
-    h[H_PRESET] = a.preset, h[H_CROP] = a.crop, h[H_CLASSES] = a.classes;
-    for (int l = 0; l < NUM_CONV; l++) {
-        h[H_CONV_OUT + l] = a.conv_out[l], h[H_CONV_KERNEL + l] = a.conv_kernel[l];
-        h[H_CONV_STRIDE + l] = a.conv_stride[l], h[H_CONV_PAD + l] = a.conv_pad[l];
-    }
-    h[H_FC_OUT] = a.fc_out[0], h[H_FC_OUT + 1] = a.fc_out[1];
-    h[H_POOL_SIZE] = a.pool_size, h[H_POOL_STRIDE] = a.pool_stride, h[H_LRN_SIZE] = a.lrn_size;
-    h[H_LRN_ALPHA] = float_bits(a.lrn_alpha), h[H_LRN_BETA] = float_bits(a.lrn_beta);
-    h[H_LRN_K] = float_bits(a.lrn_k), h[H_INIT_STD] = float_bits(a.init_std);
-    put_int64(h, H_PARAMS, arch_parameters(a));
-    put_int64(h, H_STEP, s.step);
-    put_int64(h, H_SEED, (int64_t)o.seed);
-    h[H_BATCH] = o.batch, h[H_LR] = float_bits(o.lr), h[H_MOMENTUM] = float_bits(o.momentum);
-    h[H_WEIGHT_DECAY] = float_bits(o.weight_decay), h[H_DROPOUT] = float_bits(o.dropout);
-    h[H_AUGMENT] = o.augment, h[H_EVAL_EVERY] = (int32_t)o.eval_every;
-    h[H_PATIENCE] = o.patience, h[H_MAX_DROPS] = o.max_drops;
-    h[H_PLATEAU_DROPS] = s.plateau_drops, h[H_BAD_EVALS] = s.bad_evals;
-    h[H_BEST_ERROR] = float_bits(s.best_error), h[H_LOSS] = float_bits(s.loss);
-    h[H_EPOCHS] = (int32_t)o.epochs, h[H_STEPS] = (int32_t)o.steps;
-    h[H_NUM_LR_STEPS] = (int32_t)o.lr_steps.size();
-    for (size_t i = 0; i < o.lr_steps.size(); i++) h[H_LR_STEPS + i] = o.lr_steps[i];
-    h[H_IMAGE_H] = model.image_h, h[H_IMAGE_W] = model.image_w;
-}
-
-// Sets an option as its command-line flag would, with the flag's checks (section 14).
-static void set_option(Options& o, const char* flag, const char* value);
-
-// A checkpoint file, mapped and checked; its header fills in the architecture, the
-// options that the command line did not give, and the training state. Every option
-// read from the header goes through its flag's parser, so a header holds nothing that
-// the command line would refuse; the state fields get ranges of their own.
-struct Checkpoint {
-    MappedFile file;
-    Arch arch;
-    long params;
-    int image_h, image_w;  // the training images' size; 0 when not recorded
-
-    Checkpoint(const std::string& path, Options& o, TrainState& s) : file(path) {
-        const int32_t* h = file.header();
-        require(h[H_MAGIC] == CKPT_MAGIC, "%s is not an AlexNet checkpoint (magic %d, expected %d)",
-                path.c_str(), h[H_MAGIC], CKPT_MAGIC);
-        require(h[H_VERSION] == CKPT_VERSION, "%s: checkpoint version %d, this build reads %d",
-                path.c_str(), h[H_VERSION], CKPT_VERSION);
-        require(h[H_PRESET] >= 0 && h[H_PRESET] < NUM_PRESETS, "%s: unknown preset number %d",
-                path.c_str(), h[H_PRESET]);
-        arch = PRESETS[h[H_PRESET]];
-        arch.crop = h[H_CROP], arch.classes = h[H_CLASSES];
-        for (int l = 0; l < NUM_CONV; l++) {
-            arch.conv_out[l] = h[H_CONV_OUT + l], arch.conv_kernel[l] = h[H_CONV_KERNEL + l];
-            arch.conv_stride[l] = h[H_CONV_STRIDE + l], arch.conv_pad[l] = h[H_CONV_PAD + l];
-        }
-        arch.fc_out[0] = h[H_FC_OUT], arch.fc_out[1] = h[H_FC_OUT + 1];
-        arch.pool_size = h[H_POOL_SIZE], arch.pool_stride = h[H_POOL_STRIDE];
-        arch.lrn_size = h[H_LRN_SIZE], arch.lrn_alpha = bits_float(h[H_LRN_ALPHA]);
-        arch.lrn_beta = bits_float(h[H_LRN_BETA]), arch.lrn_k = bits_float(h[H_LRN_K]);
-        arch.init_std = bits_float(h[H_INIT_STD]);
-        try {
-            LayerShape shapes[NUM_LAYERS];
-            tower_shapes(arch, 0, shapes);
-        } catch (const AlexNetError& e) {
-            fail("%s: bad architecture in the header: %s", path.c_str(), e.what());
-        }
-        params = arch_parameters(arch);
-        require(get_int64(h, H_PARAMS) == params, "%s: the header says %lld parameters, its architecture has %ld",
-                path.c_str(), (long long)get_int64(h, H_PARAMS), params);
-        size_t expected = HEADER_INTS * 4 + (size_t)params * 8;
-        require(file.size == expected, "%s is %s: %zu bytes, expected %zu", path.c_str(),
-                file.size < expected ? "truncated" : "too long", file.size, expected);
-        require(h[H_NUM_LR_STEPS] >= 0 && h[H_NUM_LR_STEPS] <= MAX_LR_STEPS, "%s: bad header", path.c_str());
-        image_h = h[H_IMAGE_H], image_w = h[H_IMAGE_W];
-        require((image_h == 0 && image_w == 0) || (image_h >= arch.crop && image_h <= MAX_IMAGE_SIDE &&
-                                                   image_w >= arch.crop && image_w <= MAX_IMAGE_SIDE),
-                "%s: bad header: image size %dx%d (crop %d)", path.c_str(), image_h, image_w, arch.crop);
-        for (const float* v : {parameters(), momentum()}) {
-            std::string bad = first_non_finite(arch, v);
-            require(bad.empty(), "%s: %s%s: a checkpoint holds finite numbers only", path.c_str(),
-                    v == parameters() ? "" : "the momentum of ", bad.c_str());
-        }
-
-        auto header_option = [&](const char* flag, const std::string& value) {
-            if (o.given.count(flag)) return;  // the command line wins
-            try {
-                set_option(o, flag, value.c_str());
-            } catch (const AlexNetError& e) {
-                fail("%s: bad header: %s", path.c_str(), e.what());
-            }
-        };
-        auto number = [](float v) { char text[32]; snprintf(text, sizeof(text), "%.9g", v); return std::string(text); };
-        header_option("--seed", std::to_string((long long)get_int64(h, H_SEED)));
-        header_option("--batch", std::to_string(h[H_BATCH]));
-        header_option("--lr", number(bits_float(h[H_LR])));
-        header_option("--momentum", number(bits_float(h[H_MOMENTUM])));
-        header_option("--weight-decay", number(bits_float(h[H_WEIGHT_DECAY])));
-        header_option("--dropout", number(bits_float(h[H_DROPOUT])));
-        header_option("--eval-every", std::to_string(h[H_EVAL_EVERY]));
-        header_option("--patience", std::to_string(h[H_PATIENCE]));
-        header_option("--max-drops", std::to_string(h[H_MAX_DROPS]));
-        header_option("--epochs", std::to_string(h[H_EPOCHS]));
-        header_option("--steps", std::to_string(h[H_STEPS]));
-        std::string lr_steps;
-        for (int i = 0; i < h[H_NUM_LR_STEPS]; i++) lr_steps += (i ? "," : "") + std::to_string(h[H_LR_STEPS + i]);
-        if (lr_steps.empty()) {
-            if (!o.given.count("--lr-steps")) o.lr_steps.clear();
-        } else {
-            header_option("--lr-steps", lr_steps);
-        }
-        require(h[H_AUGMENT] == 0 || h[H_AUGMENT] == 1, "%s: bad header: augment flag %d", path.c_str(), h[H_AUGMENT]);
-        if (!o.given.count("--no-augment")) o.augment = h[H_AUGMENT] != 0;
-
-        s.step = (long)get_int64(h, H_STEP);
-        s.plateau_drops = h[H_PLATEAU_DROPS], s.bad_evals = h[H_BAD_EVALS];
-        s.best_error = bits_float(h[H_BEST_ERROR]), s.loss = bits_float(h[H_LOSS]);
-        require(s.step >= 0 && s.step <= INT32_MAX, "%s: bad header: step %ld", path.c_str(), s.step);
-        require(s.plateau_drops >= 0 && s.plateau_drops <= 100 && s.bad_evals >= 0 && s.bad_evals <= 1000000,
-                "%s: bad header: %d plateau drops, %d evaluations without progress", path.c_str(),
-                s.plateau_drops, s.bad_evals);
-        require(s.best_error == INFINITY || (s.best_error >= 0 && s.best_error <= 1),
-                "%s: bad header: best validation error %g (a fraction, or inf before any)", path.c_str(),
-                s.best_error);
-        require(std::isnan(s.loss) || (s.loss >= 0 && std::isfinite(s.loss)),
-                "%s: bad header: last loss %g", path.c_str(), s.loss);
-        if (o.given.count("--arch"))
-            require(o.arch == PRESET_NAMES[arch.preset], "--arch %s, but %s holds the %s preset",
-                    o.arch.c_str(), path.c_str(), PRESET_NAMES[arch.preset]);
-    }
-    const float* parameters() const { return (const float*)(file.data + HEADER_INTS * 4); }
-    const float* momentum() const { return parameters() + params; }
-};
-
-static void fsync_directory(const std::string& dir) {
-    int fd = open(dir.c_str(), O_RDONLY);
-    if (fd >= 0) {
-        fsync(fd);
-        close(fd);
-    }
-}
-
-// Write OUT/ckpt_NNNNNNNN.bin atomically (temporary file, fsync, rename), point
-// OUT/latest.bin at it (a symlink, replaced atomically), and delete all but the newest
-// `keep` checkpoints.
-static std::string save_checkpoint(Model& model, const Options& o, const TrainState& s) {
-    int32_t header[HEADER_INTS];
-    encode_header(header, model, o, s);
-    std::vector<float> params(model.num_params()), momentum(model.num_params());
-    model.download_state(params.data(), momentum.data());
-    for (const std::vector<float>* v : {&params, &momentum}) {  // the state is on the host anyway
-        std::string bad = first_non_finite(model.arch, v->data());
-        require(bad.empty(), "step %ld: %s%s: not saved", s.step, v == &params ? "" : "the momentum of ", bad.c_str());
-    }
-
-    char name[64];
-    snprintf(name, sizeof(name), "ckpt_%08ld.bin", s.step);
-    std::string path = o.out + "/" + name, temp = path + ".tmp";
-    FILE* f = fopen(temp.c_str(), "wb");
-    require(f, "cannot write %s: %s", temp.c_str(), strerror(errno));
-    bool ok = fwrite(header, sizeof(header), 1, f) == 1 &&
-              fwrite(params.data(), sizeof(float), params.size(), f) == params.size() &&
-              fwrite(momentum.data(), sizeof(float), momentum.size(), f) == momentum.size() &&
-              fflush(f) == 0 && fsync(fileno(f)) == 0;
-    ok = fclose(f) == 0 && ok;
-    if (!ok) {
-        unlink(temp.c_str());
-        fail("cannot write %s: %s", temp.c_str(), strerror(errno));
-    }
-    require(rename(temp.c_str(), path.c_str()) == 0, "cannot rename %s: %s", temp.c_str(), strerror(errno));
-    std::string latest = o.out + "/latest.bin", latest_temp = latest + ".tmp";
-    unlink(latest_temp.c_str());
-    require(symlink(name, latest_temp.c_str()) == 0 && rename(latest_temp.c_str(), latest.c_str()) == 0,
-            "cannot update %s: %s", latest.c_str(), strerror(errno));
-    fsync_directory(o.out);
-
-    std::vector<std::string> old;
-    if (DIR* dir = opendir(o.out.c_str())) {
-        while (dirent* e = readdir(dir)) {
-            long step;
-            char tail[8];
-            if (sscanf(e->d_name, "ckpt_%ld.bi%1s", &step, tail) == 2 && strlen(e->d_name) == strlen(name))
-                old.push_back(e->d_name);
-        }
-        closedir(dir);
-    }
-    std::sort(old.begin(), old.end());
-    for (size_t i = 0; i + o.keep < old.size(); i++)
-        if (old[i] != name) unlink((o.out + "/" + old[i]).c_str());
-    return path;
-}
-
-// --- training
+// --- 13a. Signals, the log, the output folder, the schedule and validation
 
 // Ctrl-C (SIGINT) and SIGTERM (kill, systemd, Docker, SLURM): the first finishes the
 // step and checkpoints; a second one ends the process at once, by the signal's default.
@@ -3138,7 +2921,7 @@ static ViewEvaluation evaluate_ten_views(Model& model, Loader& loader) {
     return {centre_scores.result(), ten_scores.result()};
 }
 
-// --- 13c. The run: train, or evaluate a checkpoint
+// --- 13c. The training loop
 
 // --bench N: the training step alone (forward, backward, SGD update) on one batch that
 // stays on the device, so neither the loader nor the upload is timed; CUDA events on
@@ -3164,6 +2947,9 @@ static void benchmark(Model& model, Loader& loader, const Options& o, Log& log) 
     log("bench | %ld steps of batch %d | %.3f ms per step | %.1f images/s | last loss %.4f", o.bench, b.n,
         ms / o.bench, 1000.0 * o.bench * b.n / ms, r.loss);
 }
+
+// Writes a checkpoint of the model and the state (section 13d); returns its path.
+static std::string save_checkpoint(Model& model, const Options& o, const TrainState& s);
 
 // The training loop, from state.step to the last step.
 static void train_loop(Model& model, Loader& loader, Loader* val_loader, const Options& o, TrainState& state, Log& log) {
@@ -3268,6 +3054,230 @@ static void train_loop(Model& model, Loader& loader, Loader* val_loader, const O
     }
     log("done: %ld steps in %s", state.step - first_step, duration(now_seconds() - start).c_str());
 }
+
+// --- 13d. Checkpoint files
+//
+// A checkpoint (doc/formats.md, "Checkpoint"): int32 header[256], then every parameter of the
+// whole network in checkpoint order (Model::transfer), then the momentum in the same
+// order. The header holds the architecture, the training options and the training state;
+// since every random choice is a function of (seed, step), that is all a resumed run
+// needs to continue bit for bit.
+
+enum { CKPT_MAGIC = 20121003, CKPT_VERSION = 1 };
+enum CheckpointField {  // header indices; "f32" fields hold the bits of a float32
+    H_MAGIC = 0, H_VERSION = 1, H_PRESET = 2, H_CROP = 3, H_CLASSES = 4,
+    H_CONV_OUT = 5, H_CONV_KERNEL = 10, H_CONV_STRIDE = 15, H_CONV_PAD = 20,  // 5 each
+    H_FC_OUT = 25,                                                            // fc6, fc7
+    H_POOL_SIZE = 27, H_POOL_STRIDE = 28, H_LRN_SIZE = 29,
+    H_LRN_ALPHA = 30, H_LRN_BETA = 31, H_LRN_K = 32, H_INIT_STD = 33,         // f32
+    H_PARAMS = 34,                                                            // int64: 34 low, 35 high
+    H_STEP = 40,                                                              // int64: 40, 41
+    H_SEED = 42,                                                              // int64: 42, 43
+    H_BATCH = 44, H_LR = 45, H_MOMENTUM = 46, H_WEIGHT_DECAY = 47, H_DROPOUT = 48,  // f32 45..48
+    H_AUGMENT = 49, H_EVAL_EVERY = 50, H_PATIENCE = 51, H_MAX_DROPS = 52,
+    H_PLATEAU_DROPS = 53, H_BAD_EVALS = 54, H_BEST_ERROR = 55, H_LOSS = 56,    // f32 55, 56
+    H_EPOCHS = 57, H_STEPS = 58, H_NUM_LR_STEPS = 59, H_LR_STEPS = 60,         // up to 8 epochs
+    MAX_LR_STEPS = 8,
+    H_IMAGE_H = 68, H_IMAGE_W = 69  // the training images' size (0: not recorded, older checkpoints)
+};
+
+static int32_t float_bits(float f) { int32_t i; memcpy(&i, &f, 4); return i; }
+static float bits_float(int32_t i) { float f; memcpy(&f, &i, 4); return f; }
+static void put_int64(int32_t* h, int at, int64_t v) { h[at] = (int32_t)(uint32_t)v; h[at + 1] = (int32_t)(v >> 32); }
+static int64_t get_int64(const int32_t* h, int at) { return (int64_t)(uint32_t)h[at] | ((int64_t)h[at + 1] << 32); }
+
+static void encode_header(int32_t* h, const Model& model, const Options& o, const TrainState& s) {
+    const Arch& a = model.arch;
+    memset(h, 0, HEADER_INTS * sizeof(int32_t));
+    h[H_MAGIC] = CKPT_MAGIC, h[H_VERSION] = CKPT_VERSION;
+    h[H_PRESET] = a.preset, h[H_CROP] = a.crop, h[H_CLASSES] = a.classes;
+    for (int l = 0; l < NUM_CONV; l++) {
+        h[H_CONV_OUT + l] = a.conv_out[l], h[H_CONV_KERNEL + l] = a.conv_kernel[l];
+        h[H_CONV_STRIDE + l] = a.conv_stride[l], h[H_CONV_PAD + l] = a.conv_pad[l];
+    }
+    h[H_FC_OUT] = a.fc_out[0], h[H_FC_OUT + 1] = a.fc_out[1];
+    h[H_POOL_SIZE] = a.pool_size, h[H_POOL_STRIDE] = a.pool_stride, h[H_LRN_SIZE] = a.lrn_size;
+    h[H_LRN_ALPHA] = float_bits(a.lrn_alpha), h[H_LRN_BETA] = float_bits(a.lrn_beta);
+    h[H_LRN_K] = float_bits(a.lrn_k), h[H_INIT_STD] = float_bits(a.init_std);
+    put_int64(h, H_PARAMS, arch_parameters(a));
+    put_int64(h, H_STEP, s.step);
+    put_int64(h, H_SEED, (int64_t)o.seed);
+    h[H_BATCH] = o.batch, h[H_LR] = float_bits(o.lr), h[H_MOMENTUM] = float_bits(o.momentum);
+    h[H_WEIGHT_DECAY] = float_bits(o.weight_decay), h[H_DROPOUT] = float_bits(o.dropout);
+    h[H_AUGMENT] = o.augment, h[H_EVAL_EVERY] = (int32_t)o.eval_every;
+    h[H_PATIENCE] = o.patience, h[H_MAX_DROPS] = o.max_drops;
+    h[H_PLATEAU_DROPS] = s.plateau_drops, h[H_BAD_EVALS] = s.bad_evals;
+    h[H_BEST_ERROR] = float_bits(s.best_error), h[H_LOSS] = float_bits(s.loss);
+    h[H_EPOCHS] = (int32_t)o.epochs, h[H_STEPS] = (int32_t)o.steps;
+    h[H_NUM_LR_STEPS] = (int32_t)o.lr_steps.size();
+    for (size_t i = 0; i < o.lr_steps.size(); i++) h[H_LR_STEPS + i] = o.lr_steps[i];
+    h[H_IMAGE_H] = model.image_h, h[H_IMAGE_W] = model.image_w;
+}
+
+// Sets an option as its command-line flag would, with the flag's checks (section 14).
+static void set_option(Options& o, const char* flag, const char* value);
+
+// A checkpoint file, mapped and checked; its header fills in the architecture, the
+// options that the command line did not give, and the training state. Every option
+// read from the header goes through its flag's parser, so a header holds nothing that
+// the command line would refuse; the state fields get ranges of their own.
+struct Checkpoint {
+    MappedFile file;
+    Arch arch;
+    long params;
+    int image_h, image_w;  // the training images' size; 0 when not recorded
+
+    Checkpoint(const std::string& path, Options& o, TrainState& s) : file(path) {
+        const int32_t* h = file.header();
+        require(h[H_MAGIC] == CKPT_MAGIC, "%s is not an AlexNet checkpoint (magic %d, expected %d)",
+                path.c_str(), h[H_MAGIC], CKPT_MAGIC);
+        require(h[H_VERSION] == CKPT_VERSION, "%s: checkpoint version %d, this build reads %d",
+                path.c_str(), h[H_VERSION], CKPT_VERSION);
+        require(h[H_PRESET] >= 0 && h[H_PRESET] < NUM_PRESETS, "%s: unknown preset number %d",
+                path.c_str(), h[H_PRESET]);
+        arch = PRESETS[h[H_PRESET]];
+        arch.crop = h[H_CROP], arch.classes = h[H_CLASSES];
+        for (int l = 0; l < NUM_CONV; l++) {
+            arch.conv_out[l] = h[H_CONV_OUT + l], arch.conv_kernel[l] = h[H_CONV_KERNEL + l];
+            arch.conv_stride[l] = h[H_CONV_STRIDE + l], arch.conv_pad[l] = h[H_CONV_PAD + l];
+        }
+        arch.fc_out[0] = h[H_FC_OUT], arch.fc_out[1] = h[H_FC_OUT + 1];
+        arch.pool_size = h[H_POOL_SIZE], arch.pool_stride = h[H_POOL_STRIDE];
+        arch.lrn_size = h[H_LRN_SIZE], arch.lrn_alpha = bits_float(h[H_LRN_ALPHA]);
+        arch.lrn_beta = bits_float(h[H_LRN_BETA]), arch.lrn_k = bits_float(h[H_LRN_K]);
+        arch.init_std = bits_float(h[H_INIT_STD]);
+        try {
+            LayerShape shapes[NUM_LAYERS];
+            tower_shapes(arch, 0, shapes);
+        } catch (const AlexNetError& e) {
+            fail("%s: bad architecture in the header: %s", path.c_str(), e.what());
+        }
+        params = arch_parameters(arch);
+        require(get_int64(h, H_PARAMS) == params, "%s: the header says %lld parameters, its architecture has %ld",
+                path.c_str(), (long long)get_int64(h, H_PARAMS), params);
+        size_t expected = HEADER_INTS * 4 + (size_t)params * 8;
+        require(file.size == expected, "%s is %s: %zu bytes, expected %zu", path.c_str(),
+                file.size < expected ? "truncated" : "too long", file.size, expected);
+        require(h[H_NUM_LR_STEPS] >= 0 && h[H_NUM_LR_STEPS] <= MAX_LR_STEPS, "%s: bad header", path.c_str());
+        image_h = h[H_IMAGE_H], image_w = h[H_IMAGE_W];
+        require((image_h == 0 && image_w == 0) || (image_h >= arch.crop && image_h <= MAX_IMAGE_SIDE &&
+                                                   image_w >= arch.crop && image_w <= MAX_IMAGE_SIDE),
+                "%s: bad header: image size %dx%d (crop %d)", path.c_str(), image_h, image_w, arch.crop);
+        for (const float* v : {parameters(), momentum()}) {
+            std::string bad = first_non_finite(arch, v);
+            require(bad.empty(), "%s: %s%s: a checkpoint holds finite numbers only", path.c_str(),
+                    v == parameters() ? "" : "the momentum of ", bad.c_str());
+        }
+
+        auto header_option = [&](const char* flag, const std::string& value) {
+            if (o.given.count(flag)) return;  // the command line wins
+            try {
+                set_option(o, flag, value.c_str());
+            } catch (const AlexNetError& e) {
+                fail("%s: bad header: %s", path.c_str(), e.what());
+            }
+        };
+        auto number = [](float v) { char text[32]; snprintf(text, sizeof(text), "%.9g", v); return std::string(text); };
+        header_option("--seed", std::to_string((long long)get_int64(h, H_SEED)));
+        header_option("--batch", std::to_string(h[H_BATCH]));
+        header_option("--lr", number(bits_float(h[H_LR])));
+        header_option("--momentum", number(bits_float(h[H_MOMENTUM])));
+        header_option("--weight-decay", number(bits_float(h[H_WEIGHT_DECAY])));
+        header_option("--dropout", number(bits_float(h[H_DROPOUT])));
+        header_option("--eval-every", std::to_string(h[H_EVAL_EVERY]));
+        header_option("--patience", std::to_string(h[H_PATIENCE]));
+        header_option("--max-drops", std::to_string(h[H_MAX_DROPS]));
+        header_option("--epochs", std::to_string(h[H_EPOCHS]));
+        header_option("--steps", std::to_string(h[H_STEPS]));
+        std::string lr_steps;
+        for (int i = 0; i < h[H_NUM_LR_STEPS]; i++) lr_steps += (i ? "," : "") + std::to_string(h[H_LR_STEPS + i]);
+        if (lr_steps.empty()) {
+            if (!o.given.count("--lr-steps")) o.lr_steps.clear();
+        } else {
+            header_option("--lr-steps", lr_steps);
+        }
+        require(h[H_AUGMENT] == 0 || h[H_AUGMENT] == 1, "%s: bad header: augment flag %d", path.c_str(), h[H_AUGMENT]);
+        if (!o.given.count("--no-augment")) o.augment = h[H_AUGMENT] != 0;
+
+        s.step = (long)get_int64(h, H_STEP);
+        s.plateau_drops = h[H_PLATEAU_DROPS], s.bad_evals = h[H_BAD_EVALS];
+        s.best_error = bits_float(h[H_BEST_ERROR]), s.loss = bits_float(h[H_LOSS]);
+        require(s.step >= 0 && s.step <= INT32_MAX, "%s: bad header: step %ld", path.c_str(), s.step);
+        require(s.plateau_drops >= 0 && s.plateau_drops <= 100 && s.bad_evals >= 0 && s.bad_evals <= 1000000,
+                "%s: bad header: %d plateau drops, %d evaluations without progress", path.c_str(),
+                s.plateau_drops, s.bad_evals);
+        require(s.best_error == INFINITY || (s.best_error >= 0 && s.best_error <= 1),
+                "%s: bad header: best validation error %g (a fraction, or inf before any)", path.c_str(),
+                s.best_error);
+        require(std::isnan(s.loss) || (s.loss >= 0 && std::isfinite(s.loss)),
+                "%s: bad header: last loss %g", path.c_str(), s.loss);
+        if (o.given.count("--arch"))
+            require(o.arch == PRESET_NAMES[arch.preset], "--arch %s, but %s holds the %s preset",
+                    o.arch.c_str(), path.c_str(), PRESET_NAMES[arch.preset]);
+    }
+    const float* parameters() const { return (const float*)(file.data + HEADER_INTS * 4); }
+    const float* momentum() const { return parameters() + params; }
+};
+
+static void fsync_directory(const std::string& dir) {
+    int fd = open(dir.c_str(), O_RDONLY);
+    if (fd >= 0) {
+        fsync(fd);
+        close(fd);
+    }
+}
+
+// Write OUT/ckpt_NNNNNNNN.bin atomically (temporary file, fsync, rename), point
+// OUT/latest.bin at it (a symlink, replaced atomically), and delete all but the newest
+// `keep` checkpoints.
+static std::string save_checkpoint(Model& model, const Options& o, const TrainState& s) {
+    int32_t header[HEADER_INTS];
+    encode_header(header, model, o, s);
+    std::vector<float> params(model.num_params()), momentum(model.num_params());
+    model.download_state(params.data(), momentum.data());
+    for (const std::vector<float>* v : {&params, &momentum}) {  // the state is on the host anyway
+        std::string bad = first_non_finite(model.arch, v->data());
+        require(bad.empty(), "step %ld: %s%s: not saved", s.step, v == &params ? "" : "the momentum of ", bad.c_str());
+    }
+
+    char name[64];
+    snprintf(name, sizeof(name), "ckpt_%08ld.bin", s.step);
+    std::string path = o.out + "/" + name, temp = path + ".tmp";
+    FILE* f = fopen(temp.c_str(), "wb");
+    require(f, "cannot write %s: %s", temp.c_str(), strerror(errno));
+    bool ok = fwrite(header, sizeof(header), 1, f) == 1 &&
+              fwrite(params.data(), sizeof(float), params.size(), f) == params.size() &&
+              fwrite(momentum.data(), sizeof(float), momentum.size(), f) == momentum.size() &&
+              fflush(f) == 0 && fsync(fileno(f)) == 0;
+    ok = fclose(f) == 0 && ok;
+    if (!ok) {
+        unlink(temp.c_str());
+        fail("cannot write %s: %s", temp.c_str(), strerror(errno));
+    }
+    require(rename(temp.c_str(), path.c_str()) == 0, "cannot rename %s: %s", temp.c_str(), strerror(errno));
+    std::string latest = o.out + "/latest.bin", latest_temp = latest + ".tmp";
+    unlink(latest_temp.c_str());
+    require(symlink(name, latest_temp.c_str()) == 0 && rename(latest_temp.c_str(), latest.c_str()) == 0,
+            "cannot update %s: %s", latest.c_str(), strerror(errno));
+    fsync_directory(o.out);
+
+    std::vector<std::string> old;
+    if (DIR* dir = opendir(o.out.c_str())) {
+        while (dirent* e = readdir(dir)) {
+            long step;
+            char tail[8];
+            if (sscanf(e->d_name, "ckpt_%ld.bi%1s", &step, tail) == 2 && strlen(e->d_name) == strlen(name))
+                old.push_back(e->d_name);
+        }
+        closedir(dir);
+    }
+    std::sort(old.begin(), old.end());
+    for (size_t i = 0; i + o.keep < old.size(); i++)
+        if (old[i] != name) unlink((o.out + "/" + old[i]).c_str());
+    return path;
+}
+
+// --- 13e. The run: train, or evaluate a checkpoint
 
 // Everything after the command line: open the data (and the checkpoint), check them,
 // build the model, then train or evaluate. Nothing is written before the inputs are
