@@ -1495,7 +1495,7 @@ def _decode_header(h):
 # The training options are the executables' flag ranges, which they apply on --resume.
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 _HEADER_RANGES = dict(
-    crop=(1, MAX_IMAGE_SIDE, False), classes=(2, MAX_CLASSES, False), step=(0, INT64_MAX, False),
+    crop=(1, MAX_IMAGE_SIDE, False), classes=(2, MAX_CLASSES, False), step=(0, INT32_MAX, False),
     seed=(0, INT64_MAX, False), batch=(1, 1 << 16, False), lr=(1e-12, 100, False), momentum=(0, 1, True),
     weight_decay=(0, 1, False), dropout=(0, 1, True), augment=(0, 1, False), eval_every=(0, INT32_MAX, False),
     patience=(0, 1000000, False), max_drops=(0, 100, False), plateau_drops=(0, 100, False),

@@ -130,12 +130,16 @@ def test_checkpoint_round_trip_and_damage(tmp_path):
     params = alexnet.init_params(arch, rng)
     momentum = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
     path = str(tmp_path / "c.bin")
-    alexnet.save_checkpoint(path, dict(arch, step=12345678901, lr=0.5, lr_steps=(3, 7)), params, momentum)
+    alexnet.save_checkpoint(path, dict(arch, step=2**31 - 1, lr=0.5, lr_steps=(3, 7)), params, momentum)
     header, p, m = alexnet.load_checkpoint(path)
-    assert header["step"] == 12345678901 and header["lr"] == 0.5 and header["lr_steps"] == (3, 7)
+    assert header["step"] == 2**31 - 1 and header["lr"] == 0.5 and header["lr_steps"] == (3, 7)
     assert header["arch"] == "small" and header["batch"] == 128  # the executables' default
     for name in params:
         assert np.array_equal(p[name], params[name]) and np.array_equal(m[name], momentum[name])
+    alexnet.save_checkpoint(path, dict(arch, step=2**31), params, momentum)  # past what --resume takes
+    with pytest.raises(alexnet.AlexNetError, match="bad header: step"):
+        alexnet.load_checkpoint(path)
+    alexnet.save_checkpoint(path, dict(arch, step=2**31 - 1, lr=0.5, lr_steps=(3, 7)), params, momentum)
 
     data = open(path, "rb").read()
     for damaged, message in ((data[:-4], "truncated"), (data[:500], "truncated"),
