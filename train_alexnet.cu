@@ -2733,7 +2733,8 @@ static void remove_stale_temporaries(const std::string& out, Log& log) {
         closedir(dir);
     }
     for (const std::string& name : stale)
-        if (unlink((out + "/" + name).c_str()) == 0) log("removed %s/%s, left by an interrupted checkpoint", out.c_str(), name.c_str());
+        if (unlink((out + "/" + name).c_str()) == 0)
+            log("removed %s/%s, left by an interrupted checkpoint", out.c_str(), name.c_str());
 }
 
 
@@ -2952,7 +2953,8 @@ static void benchmark(Model& model, Loader& loader, const Options& o, Log& log) 
 static std::string save_checkpoint(Model& model, const Options& o, const TrainState& s);
 
 // The training loop, from state.step to the last step.
-static void train_loop(Model& model, Loader& loader, Loader* val_loader, const Options& o, TrainState& state, Log& log) {
+static void train_loop(Model& model, Loader& loader, Loader* val_loader, const Options& o, TrainState& state,
+                       Log& log) {
     const Arch& arch = model.arch;
     const Dataset& train = loader.data;
     const long val_count = val_loader ? val_loader->data.count : 0;
@@ -2963,7 +2965,8 @@ static void train_loop(Model& model, Loader& loader, Loader* val_loader, const O
     log("%s preset: %ld parameters, crop %d, %d classes | %ld training images (%ld steps of %d per epoch), "
         "%ld validation | towers on devices %d and %d | %s step %ld of %ld",
         PRESET_NAMES[arch.preset], arch_parameters(arch), arch.crop, arch.classes, train.count, per_epoch,
-        o.batch, val_count, model.towers[0].device, model.towers[1].device, o.resume.empty() ? "starting at" : "resuming at",
+        o.batch, val_count, model.towers[0].device, model.towers[1].device,
+        o.resume.empty() ? "starting at" : "resuming at",
         state.step, total);
 
     std::string last_checkpoint = o.resume.empty() ? "none" : o.resume;
