@@ -40,6 +40,7 @@ def _losses_and_final_validation(stdout):
     return losses, float(final.split("val loss ")[1].split()[0]), float(final.split("top-1 error ")[1].split()[0])
 
 
+@pytest.mark.no_asan  # 80 steps take over 10 minutes under ASan; the shorter runs below cover its code
 def test_small_preset_learns(tmp_path):
     """Coloured squares, 512 images, batch 32, 80 steps (5 epochs) on centre crops without
     dropout: the training and validation losses fall well below chance (ln 10 = 2.30) and
