@@ -3087,7 +3087,9 @@ enum CheckpointField {  // header indices; "f32" fields hold the bits of a float
 static int32_t float_bits(float f) { int32_t i; memcpy(&i, &f, 4); return i; }
 static float bits_float(int32_t i) { float f; memcpy(&f, &i, 4); return f; }
 static void put_int64(int32_t* h, int at, int64_t v) { h[at] = (int32_t)(uint32_t)v; h[at + 1] = (int32_t)(v >> 32); }
-static int64_t get_int64(const int32_t* h, int at) { return (int64_t)(uint32_t)h[at] | ((int64_t)h[at + 1] << 32); }
+static int64_t get_int64(const int32_t* h, int at) {  // shifted unsigned: a negative high word is no UB
+    return (int64_t)((uint64_t)(uint32_t)h[at] | (uint64_t)(uint32_t)h[at + 1] << 32);
+}
 
 static void encode_header(int32_t* h, const Model& model, const Options& o, const TrainState& s) {
     const Arch& a = model.arch;
