@@ -25,7 +25,8 @@ JOBS     ?= $(shell nproc 2>/dev/null || echo 2)
 
 # -Wno-unknown-pragmas: g++ ignores CUDA's `#pragma unroll`
 CPU_FLAGS  := -std=c++17 -O2 -g -pthread -fPIC -Wall -Wextra -Wno-unused-parameter -Wno-unused-function -Wno-unknown-pragmas
-ASAN_FLAGS := -std=c++17 -O1 -g -pthread -fPIC -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined -Wno-unknown-pragmas
+ASAN_LINK  := -pthread -fsanitize=address,undefined
+ASAN_FLAGS := -std=c++17 -O1 -g -fPIC $(ASAN_LINK) -fno-omit-frame-pointer -fno-sanitize-recover=undefined -Wno-unknown-pragmas
 # Architectures this nvcc can build (nvcc 13 dropped sm_70); the others are skipped, loudly.
 # An nvcc too old for --list-gpu-arch is trusted with all of GPU_ARCH.
 NVCC_ARCHS := $(if $(NVCC),$(or $(shell $(NVCC) --list-gpu-arch 2>/dev/null | sed -n 's/^compute_//p'),$(GPU_ARCH)))
@@ -60,10 +61,10 @@ build/asan/train_alexnet.o: $(SOURCES)
 	$(CXX) $(ASAN_FLAGS) -x c++ -c alexnet_api.cu -o $@
 
 build/asan/libalexnet_cpu.so: build/asan/train_alexnet.o
-	$(CXX) -fsanitize=address,undefined -pthread -shared $< -o $@
+	$(CXX) $(ASAN_LINK) -shared $< -o $@
 
 build/asan/train_alexnet_cpu: build/asan/train_alexnet.o
-	$(CXX) -fsanitize=address,undefined -pthread $< -o $@
+	$(CXX) $(ASAN_LINK) $< -o $@
 
 # --- the runtime's own test kernels and benchmark (CPU only) -------------------
 RUNTIME_TESTS := build/libruntime_tests.so build/asan/libruntime_tests.so

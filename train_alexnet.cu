@@ -1903,9 +1903,9 @@ struct Model {
             const bool receives = at != AT_LOGITS || t == 0;
             m.own = outputs[at] ? outputs[at] : T.alloc<float>(own[at]);
             m.down = T.alloc<float>(own[at]);
-            m.send = T.alloc<float>(other[at]);
-            if (receives) {
-                m.recv = T.alloc<float>(other[at]), m.recvg = T.alloc<float>(own[at]);
+            if (receives) {  // a receiving tower also holds dcat and sends the other tower's part
+                m.recv = T.alloc<float>(other[at]), m.send = T.alloc<float>(other[at]);
+                m.recvg = T.alloc<float>(own[at]);
                 m.cat = T.alloc<float>(own[at] + other[at]), m.dcat = T.alloc<float>(own[at] + other[at]);
             }
         }
@@ -2404,6 +2404,17 @@ struct MappedFile {
     const int32_t* header() const { return (const int32_t*)data; }
 };
 
+// The names in a folder, without "." and "..".
+static std::vector<std::string> list_folder(const std::string& dir) {
+    DIR* d = opendir(dir.c_str());
+    require(d, "cannot list %s: %s", dir.c_str(), strerror(errno));
+    std::vector<std::string> names;
+    while (dirent* e = readdir(d))
+        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0) names.push_back(e->d_name);
+    closedir(d);
+    return names;
+}
+
 static std::string shard_path(const std::string& dir, const char* split, int index) {
     char name[64];
     snprintf(name, sizeof(name), "/%s_%03d.bin", split, index);
@@ -2417,16 +2428,13 @@ static std::string shard_path(const std::string& dir, const char* split, int ind
 static int count_shards(const std::string& dir, const char* split) {
     std::set<int> found;
     const std::string pattern = std::string(split) + "_%9d.bi%c";
-    DIR* d = opendir(dir.c_str());
-    require(d, "cannot list %s: %s", dir.c_str(), strerror(errno));
-    while (dirent* e = readdir(d)) {
+    for (const std::string& name : list_folder(dir)) {
         int index;
         char tail;
-        if (sscanf(e->d_name, pattern.c_str(), &index, &tail) == 2 && index >= 0 &&
-            "/" + std::string(e->d_name) == shard_path("", split, index))
+        if (sscanf(name.c_str(), pattern.c_str(), &index, &tail) == 2 && index >= 0 &&
+            "/" + name == shard_path("", split, index))
             found.insert(index);
     }
-    closedir(d);
     int count = 0;
     while (found.count(count)) count++;
     require(found.size() == (size_t)count, "%s is missing, but %s exists: shards must be numbered without gaps",
@@ -2675,16 +2683,16 @@ struct Log {
     void operator()(const char* fmt, ...) {
         va_list args;
         va_start(args, fmt);
-        write(true, fmt, args);
+        emit(true, fmt, args);
         va_end(args);
     }
     void to_file(const char* fmt, ...) {
         va_list args;
         va_start(args, fmt);
-        write(false, fmt, args);
+        emit(false, fmt, args);
         va_end(args);
     }
-    void write(bool to_stdout, const char* fmt, va_list args) {
+    void emit(bool to_stdout, const char* fmt, va_list args) {
         char line[1024];
         vsnprintf(line, sizeof(line), fmt, args);
         if (to_stdout) printf("%s\n", line), fflush(stdout);
@@ -2717,24 +2725,23 @@ static void lock_output(const std::string& out) {
     // fd stays open, and the lock held, until the process ends.
 }
 
+// OUT/ckpt_NNNNNNNN.bin: "ckpt_", the step in at least 8 digits, ".bin".
+static bool is_checkpoint_name(const std::string& name) {
+    const size_t digits = name.size() - std::min(name.size(), strlen("ckpt_.bin"));
+    return digits >= 8 && name.compare(0, 5, "ckpt_") == 0 && name.compare(5 + digits, 4, ".bin") == 0 &&
+           std::all_of(name.begin() + 5, name.begin() + 5 + digits, [](char c) { return c >= '0' && c <= '9'; });
+}
+
 // A kill between a checkpoint's write and its rename leaves OUT/ckpt_NNNNNNNN.bin.tmp
 // (or latest.bin.tmp) behind; with the lock held, no other run can be writing one.
 static void remove_stale_temporaries(const std::string& out, Log& log) {
-    std::vector<std::string> stale;
-    if (DIR* dir = opendir(out.c_str())) {
-        while (dirent* e = readdir(dir)) {
-            long step;
-            char tail[8];
-            const std::string name = e->d_name;
-            if ((sscanf(name.c_str(), "ckpt_%8ld.bin.tm%1s", &step, tail) == 2 && name.size() == 21) ||
-                name == "latest.bin.tmp")
-                stale.push_back(name);
-        }
-        closedir(dir);
-    }
-    for (const std::string& name : stale)
-        if (unlink((out + "/" + name).c_str()) == 0)
+    for (const std::string& name : list_folder(out)) {
+        const std::string stem = name.substr(0, name.size() - std::min<size_t>(name.size(), 4));
+        const bool stale = name.size() > 4 && name.compare(name.size() - 4, 4, ".tmp") == 0 &&
+                           (is_checkpoint_name(stem) || stem == "latest.bin");
+        if (stale && unlink((out + "/" + name).c_str()) == 0)
             log("removed %s/%s, left by an interrupted checkpoint", out.c_str(), name.c_str());
+    }
 }
 
 
@@ -3266,16 +3273,9 @@ static std::string save_checkpoint(Model& model, const Options& o, const TrainSt
             "cannot update %s: %s", latest.c_str(), strerror(errno));
     fsync_directory(o.out);
 
-    std::vector<std::string> old;
-    if (DIR* dir = opendir(o.out.c_str())) {
-        while (dirent* e = readdir(dir)) {
-            long step;
-            char tail[8];
-            if (sscanf(e->d_name, "ckpt_%ld.bi%1s", &step, tail) == 2 && strlen(e->d_name) == strlen(name))
-                old.push_back(e->d_name);
-        }
-        closedir(dir);
-    }
+    std::vector<std::string> old;  // names of one length sort by step
+    for (const std::string& other : list_folder(o.out))
+        if (is_checkpoint_name(other) && other.size() == strlen(name)) old.push_back(other);
     std::sort(old.begin(), old.end());
     for (size_t i = 0; i + o.keep < old.size(); i++)
         if (old[i] != name) unlink((o.out + "/" + old[i]).c_str());
@@ -3490,10 +3490,16 @@ static void print_help(const char* program) {
     printf("  %-20s this message\n", "--help");
 }
 
-static void set_option(Options& o, const char* flag, const char* value) {
+static const Flag* find_flag(const std::string& name) {
     for (const Flag& f : FLAGS)
-        if (strcmp(flag, f.name) == 0) return f.set(o, f.name, value);
-    fail("unknown option %s", flag);
+        if (name == f.name) return &f;
+    return nullptr;
+}
+
+static void set_option(Options& o, const char* flag, const char* value) {
+    const Flag* f = find_flag(flag);
+    require(f, "unknown option %s", flag);
+    f->set(o, f->name, value);
 }
 
 // The flag a mistyped one was probably meant to be: the nearest by edit distance, if it
@@ -3530,9 +3536,7 @@ static bool parse_args(int argc, char** argv, Options& o) {
         size_t eq = arg.find('=');
         bool inline_value = arg.rfind("--", 0) == 0 && eq != std::string::npos;
         if (inline_value) value = arg.substr(eq + 1), arg = arg.substr(0, eq);
-        const Flag* flag = nullptr;
-        for (const Flag& f : FLAGS)
-            if (arg == f.name) flag = &f;
+        const Flag* flag = find_flag(arg);
         if (!flag) {
             const char* guess = closest_flag(arg);
             fail("unknown argument '%s' (%s%s%ssee --help)", argv[i], guess ? "did you mean " : "", guess ? guess : "",
