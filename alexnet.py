@@ -227,13 +227,15 @@ def relu_backward(dout, out):
     return np.where(out > 0, dout, 0).astype(dout.dtype)
 
 
-def _lrn_window_sum(v, lower, upper):
-    """s[:, c] = sum of v[:, j] over j in [c - lower, c + upper] clipped to the channels (axis 1)."""
-    C = v.shape[1]
+def _lrn_window_sum(v, lower, upper, axis=1):
+    """s[c] = sum of v[j] over j in [c - lower, c + upper] clipped to the array, along `axis`
+    (the channels, unless told otherwise)."""
+    v = np.moveaxis(v, axis, 0)
+    C = v.shape[0]
     s = np.zeros_like(v)
     for c in range(C):
-        s[:, c] = v[:, max(0, c - lower):min(C, c + upper + 1)].sum(axis=1)
-    return s
+        s[c] = v[max(0, c - lower):min(C, c + upper + 1)].sum(axis=0)
+    return np.moveaxis(s, 0, axis)
 
 
 def lrn_forward(x, size, alpha, beta, k):
@@ -249,6 +251,27 @@ def lrn_backward(dout, x, out, scale, size, alpha, beta, k):
     dout[j] * out[j] / scale[j]; i is in window(j) iff j is in [i - (size-1)//2, i + size//2]."""
     r = _lrn_window_sum(dout * out / scale, (size - 1) // 2, size // 2)
     return (dout * scale ** -beta - 2 * alpha * beta / size * x * r).astype(x.dtype)
+
+
+def _spatial_window_sum(v, lower, upper):
+    """The sum over rows [y - lower, y + upper] x columns [x - lower, x + upper], clipped to the
+    map, at every pixel (y, x) of v [N][C][H][W]."""
+    return _lrn_window_sum(_lrn_window_sum(v, lower, upper, axis=2), lower, upper, axis=3)
+
+
+def spatial_norm_forward(x, size, alpha, beta, k):
+    """Response normalisation within each map of x [N][C][H][W] (the authors' 2012 code, after
+    conv2's LRN): out = x / scale^beta, scale = k + alpha/size^2 * sum of x^2 over the size x size
+    window [y - size//2, y + (size-1)//2] x the same for x, clipped to the map. Returns (out, scale)."""
+    scale = k + alpha / size ** 2 * _spatial_window_sum(x * x, size // 2, (size - 1) // 2)
+    return (x * scale ** -beta).astype(x.dtype), scale.astype(x.dtype)
+
+
+def spatial_norm_backward(dout, x, out, scale, size, alpha, beta, k):
+    """As lrn_backward, with the transposed window in both spatial directions:
+    dx[p] = dout[p] scale[p]^-beta - 2 alpha beta / size^2 * x[p] * sum_{q: p in win(q)} dout[q] out[q] / scale[q]."""
+    r = _spatial_window_sum(dout * out / scale, (size - 1) // 2, size // 2)
+    return (dout * scale ** -beta - 2 * alpha * beta / size ** 2 * x * r).astype(x.dtype)
 
 
 def pool_output_size(H, size, stride):
@@ -1878,6 +1901,11 @@ int alexnet_lrn_forward(float* out, float* scale, const float* inp, int N, int C
 int alexnet_lrn_backward(float* dinp, const float* dout, const float* inp, const float* out,
                          const float* scale, int N, int C, int H, int W, int size, float alpha,
                          float beta, float k);
+int alexnet_spatial_norm_forward(float* out, float* scale, const float* inp, int N, int C, int H, int W,
+                                 int size, float alpha, float beta, float k);
+int alexnet_spatial_norm_backward(float* dinp, const float* dout, const float* inp, const float* out,
+                                  const float* scale, int N, int C, int H, int W, int size, float alpha,
+                                  float beta, float k);
 int alexnet_maxpool_forward(float* out, const float* inp, int N, int C, int H, int W, int size,
                             int stride, int OH, int OW);
 int alexnet_maxpool_backward(float* dinp, const float* dout, const float* inp, int N, int C, int H,
@@ -1970,24 +1998,41 @@ def cuda_relu_backward(dout, out):
     return dinp
 
 
-def cuda_lrn_forward(x, size, alpha, beta, k):
-    """Returns (out, scale) like lrn_forward."""
+def _cuda_normalisation_forward(op, x, size, alpha, beta, k):
     x = _f32(x)
-    _require_nchw("lrn_forward", x)
+    _require_nchw(op, x)
     out, scale = np.empty_like(x), np.empty_like(x)
-    _check(library()[1].alexnet_lrn_forward(_ptr(out), _ptr(scale), _ptr(x), *x.shape, size, alpha, beta, k))
+    _check(getattr(library()[1], "alexnet_" + op)(_ptr(out), _ptr(scale), _ptr(x), *x.shape, size, alpha, beta, k))
     return out, scale
 
 
-def cuda_lrn_backward(dout, x, out, scale, size, alpha, beta, k):
+def _cuda_normalisation_backward(op, dout, x, out, scale, size, alpha, beta, k):
     dout, x, out, scale = _f32(dout), _f32(x), _f32(out), _f32(scale)
-    _require_nchw("lrn_backward", x)
+    _require_nchw(op, x)
     for name, array in [("dout", dout), ("out", out), ("scale", scale)]:
-        _require_shape("lrn_backward", name, array, x.shape)
+        _require_shape(op, name, array, x.shape)
     dinp = np.empty_like(x)
-    _check(library()[1].alexnet_lrn_backward(_ptr(dinp), _ptr(dout), _ptr(x), _ptr(out), _ptr(scale),
-                                             *x.shape, size, alpha, beta, k))
+    _check(getattr(library()[1], "alexnet_" + op)(_ptr(dinp), _ptr(dout), _ptr(x), _ptr(out), _ptr(scale), *x.shape,
+                                                  size, alpha, beta, k))
     return dinp
+
+
+def cuda_lrn_forward(x, size, alpha, beta, k):
+    """Returns (out, scale) like lrn_forward."""
+    return _cuda_normalisation_forward("lrn_forward", x, size, alpha, beta, k)
+
+
+def cuda_lrn_backward(dout, x, out, scale, size, alpha, beta, k):
+    return _cuda_normalisation_backward("lrn_backward", dout, x, out, scale, size, alpha, beta, k)
+
+
+def cuda_spatial_norm_forward(x, size, alpha, beta, k):
+    """Returns (out, scale) like spatial_norm_forward."""
+    return _cuda_normalisation_forward("spatial_norm_forward", x, size, alpha, beta, k)
+
+
+def cuda_spatial_norm_backward(dout, x, out, scale, size, alpha, beta, k):
+    return _cuda_normalisation_backward("spatial_norm_backward", dout, x, out, scale, size, alpha, beta, k)
 
 
 def cuda_maxpool_forward(x, size, stride, OH=None, OW=None):

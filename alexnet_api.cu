@@ -275,6 +275,32 @@ extern "C" int alexnet_lrn_backward(float* dinp, const float* dout, const float*
     });
 }
 
+extern "C" int alexnet_spatial_norm_forward(float* out, float* scale, const float* inp, int N, int C, int H, int W,
+                                            int size, float alpha, float beta, float k) {
+    return api_call([&] {
+        require_pointers("spatial_norm_forward", {{"out", out}, {"scale", scale}, {"inp", inp}});
+        long count = spatial_norm_check(N, C, H, W, size, alpha, beta, k);
+        DeviceArray<float> d_inp(inp, count), d_out(count), d_scale(count);
+        spatial_norm_forward(d_out.ptr, d_scale.ptr, d_inp.ptr, N, C, H, W, size, alpha, beta, k, 0);
+        d_out.download(out);
+        d_scale.download(scale);
+    });
+}
+
+extern "C" int alexnet_spatial_norm_backward(float* dinp, const float* dout, const float* inp, const float* out,
+                                             const float* scale, int N, int C, int H, int W, int size, float alpha,
+                                             float beta, float k) {
+    return api_call([&] {
+        require_pointers("spatial_norm_backward",
+                         {{"dinp", dinp}, {"dout", dout}, {"inp", inp}, {"out", out}, {"scale", scale}});
+        long count = spatial_norm_check(N, C, H, W, size, alpha, beta, k);
+        DeviceArray<float> d_dout(dout, count), d_inp(inp, count), d_out(out, count), d_scale(scale, count), d_dinp(count);
+        spatial_norm_backward(d_dinp.ptr, d_dout.ptr, d_inp.ptr, d_out.ptr, d_scale.ptr, N, C, H, W, size, alpha, beta,
+                              k, 0);
+        d_dinp.download(dinp);
+    });
+}
+
 extern "C" int alexnet_maxpool_forward(float* out, const float* inp, int N, int C, int H, int W, int size,
                                        int stride, int OH, int OW) {
     return api_call([&] {

@@ -970,7 +970,7 @@ void relu_backward(float* dinp, const float* dout, const float* out, long n, cud
 }
 
 // ----------------------------------------------------------------------------
-// 5. Local response normalisation (across channels)
+// 5. Local response normalisation: across channels (the paper's), within a map (5b)
 //
 //   out[c] = inp[c] * scale[c]^-beta,  scale[c] = k + alpha/size * sum_{j in win(c)} inp[j]^2
 //   win(c) = [c - size/2, c + (size-1)/2] clipped to [0, C-1]
@@ -1058,6 +1058,90 @@ void lrn_backward(float* dinp, const float* dout, const float* inp, const float*
     const int threads = 256;
     LAUNCH(lrn_backward_kernel, ceil_div((long)N * H * W, threads), threads, 0, stream,
            dinp, dout, inp, out, scale, N, C, H * W, size, alpha / size, beta);
+}
+
+// --- 5b. Response normalisation within a map (the authors' 2012 code: conv2, after the LRN)
+//
+//   out[y][x] = inp[y][x] * scale[y][x]^-beta,
+//   scale[y][x] = k + alpha/size^2 * sum_{(j, i) in win(y, x)} inp[j][i]^2
+//   win(y, x) = rows [y - size/2, y + (size-1)/2] x columns [x - size/2, x + (size-1)/2],
+// clipped to the map (fewer terms at the borders, not renormalised), each channel plane on
+// its own. cuda-convnet's "rnorm" layer; its alpha is divided by the window's area, as the
+// cross-map LRN's is by its length. Backward, with r = dout * out / scale:
+//   dinp[p] = dout[p] * scale[p]^-beta - 2*alpha*beta/size^2 * inp[p] * sum_{q: p in win(q)} r[q]
+// and p is in win(q) exactly when q is in the transposed window (size/2 and (size-1)/2
+// swapped), as in lrn_backward.
+// One block per (n, c) plane: its threads stage the plane's squares (forward) or r
+// (backward) in shared memory with coalesced loads, then each thread sums its windows from
+// there, so every input is read from global memory once instead of size^2 times.
+
+static const int SPATIAL_NORM_THREADS = 256;
+static const int SPATIAL_NORM_MAX_PLANE = 48 * 1024 / 4;  // floats of one plane in 48 KB of shared memory
+
+// Sum of plane[j][i] over rows [y - before, y + after] x columns [x - before, x + after],
+// clipped to the H x W plane; rows outer, columns inner (the NumPy twin's order).
+__device__ __forceinline__ float plane_window_sum(const float* plane, int H, int W, int y, int x, int before,
+                                                  int after) {
+    float sum = 0.0f;
+    for (int j = max(0, y - before); j <= min(H - 1, y + after); j++)
+        for (int i = max(0, x - before); i <= min(W - 1, x + after); i++) sum += plane[j * W + i];
+    return sum;
+}
+
+__global__ void spatial_norm_forward_kernel(float* __restrict__ out, float* __restrict__ scale,
+                                            const float* __restrict__ inp, int H, int W, int size,
+                                            float alpha_over_area, float beta, float k) {
+    EXTERN_SHARED(float, squares);  // [H * W]
+    const long base = (long)blockIdx.x * H * W;
+    for (int p = threadIdx.x; p < H * W; p += blockDim.x) squares[p] = inp[base + p] * inp[base + p];
+    __syncthreads();
+    for (int p = threadIdx.x; p < H * W; p += blockDim.x) {
+        float s = k + alpha_over_area * plane_window_sum(squares, H, W, p / W, p % W, size / 2, (size - 1) / 2);
+        scale[base + p] = s;
+        out[base + p] = inp[base + p] * powf(s, -beta);
+    }
+}
+
+__global__ void spatial_norm_backward_kernel(float* __restrict__ dinp, const float* __restrict__ dout,
+                                             const float* __restrict__ inp, const float* __restrict__ out,
+                                             const float* __restrict__ scale, int H, int W, int size,
+                                             float alpha_over_area, float beta) {
+    EXTERN_SHARED(float, r);  // [H * W]
+    const long base = (long)blockIdx.x * H * W;
+    for (int p = threadIdx.x; p < H * W; p += blockDim.x) r[p] = dout[base + p] * out[base + p] / scale[base + p];
+    __syncthreads();
+    for (int p = threadIdx.x; p < H * W; p += blockDim.x) {
+        float sum = plane_window_sum(r, H, W, p / W, p % W, (size - 1) / 2, size / 2);
+        dinp[base + p] = dout[base + p] * powf(scale[base + p], -beta) -
+                         2.0f * alpha_over_area * beta * inp[base + p] * sum;
+    }
+}
+
+static long spatial_norm_check(int N, int C, int H, int W, int size, float alpha, float beta, float k) {
+    require(N > 0 && C > 0 && H > 0 && W > 0, "spatial_norm: sizes must be positive (N=%d C=%d H=%d W=%d)", N, C,
+            H, W);
+    require(size > 0 && size <= 64, "spatial_norm: window size must be in 1..64 (got %d)", size);
+    require(k > 0.0f && alpha >= 0.0f && isfinite(alpha) && isfinite(beta) && isfinite(k),
+            "spatial_norm: need k > 0, alpha >= 0 and finite beta (k=%g alpha=%g beta=%g)", k, alpha, beta);
+    require((long)H * W <= SPATIAL_NORM_MAX_PLANE, "spatial_norm: a %dx%d map does not fit in shared memory (at most %d pixels)",
+            H, W, SPATIAL_NORM_MAX_PLANE);
+    require((long)N * C <= INT32_MAX && (long)N * C * H * W <= INT32_MAX, "spatial_norm: tensor too large");
+    return (long)N * C * H * W;
+}
+
+void spatial_norm_forward(float* out, float* scale, const float* inp, int N, int C, int H, int W, int size,
+                          float alpha, float beta, float k, cudaStream_t stream) {
+    spatial_norm_check(N, C, H, W, size, alpha, beta, k);
+    LAUNCH(spatial_norm_forward_kernel, N * C, SPATIAL_NORM_THREADS, (size_t)H * W * sizeof(float), stream,
+           out, scale, inp, H, W, size, alpha / (size * size), beta, k);
+}
+
+void spatial_norm_backward(float* dinp, const float* dout, const float* inp, const float* out, const float* scale,
+                           int N, int C, int H, int W, int size, float alpha, float beta, float k,
+                           cudaStream_t stream) {
+    spatial_norm_check(N, C, H, W, size, alpha, beta, k);
+    LAUNCH(spatial_norm_backward_kernel, N * C, SPATIAL_NORM_THREADS, (size_t)H * W * sizeof(float), stream,
+           dinp, dout, inp, out, scale, H, W, size, alpha / (size * size), beta);
 }
 
 // ----------------------------------------------------------------------------

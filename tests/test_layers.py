@@ -204,6 +204,79 @@ def test_lrn_backward_matches_finite_differences(rng, shape, size):
 
 
 # -----------------------------------------------------------------------------
+# Response normalisation within a map (the authors' 2012 code, after conv2's LRN)
+
+# cuda-convnet's cnorm2 layer: 5x5 window, alpha 1e-3 (divided by 25), beta 0.75, k 1.
+CODE_2012_SPATIAL = dict(size=5, alpha=1e-3, beta=0.75, k=1.0)
+STRONG_SPATIAL = dict(size=5, alpha=20.0, beta=0.75, k=1.0)
+
+
+def spatial_norm_bounds(x, dout, out, scale, size, alpha, beta):
+    """Error bounds (out, scale, dinp) of the kernels: as for the LRN, with a window sum of at most
+    size^2 terms in place of the sliding sum over 2C (the kernels sum every window afresh)."""
+    terms, area = size * size, size * size
+    window_max = A._spatial_window_sum(x * x, size // 2, (size - 1) // 2)
+    dscale = alpha / area * (terms + 2) * EPS * window_max + 2 * EPS * scale
+    out_bound = np.abs(out) * (beta * dscale / scale + 4 * EPS)
+    window_r = A._spatial_window_sum(np.abs(dout * out / scale), (size - 1) // 2, size // 2)
+    dinp_bound = (4 * EPS * np.abs(dout) * scale ** -beta
+                  + 2 * alpha * beta / area * np.abs(x) * (terms + 11) * EPS * window_r)
+    return 2 * out_bound, 2 * dscale, 2 * dinp_bound  # safety factor 2
+
+
+def check_spatial_norm(rng, shape, params, amplitude):
+    x = (amplitude * rng.standard_normal(shape)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    out64, scale64 = A.spatial_norm_forward(x64, **params)
+    out, scale = A.cuda_spatial_norm_forward(x, **params)
+    dout = rng.standard_normal(shape).astype(np.float32)
+    dinp = A.cuda_spatial_norm_backward(dout, x, out, scale, **params)
+    # backward reference: float64 arithmetic on the kernel's own float32 inputs
+    dout64, out32, scale32 = (a.astype(np.float64) for a in (dout, out, scale))
+    expected = A.spatial_norm_backward(dout64, x64, out32, scale32, **params)
+    out_bound, scale_bound, dinp_bound = spatial_norm_bounds(x64, dout64, out32, scale32, params["size"],
+                                                             params["alpha"], params["beta"])
+    assert_within(scale, scale64, scale_bound, "spatial norm scale")
+    assert_within(out, out64, out_bound, "spatial norm out")
+    assert_within(dinp, expected, dinp_bound, "spatial norm dinp")
+
+
+@TWO_SCHEDULES
+def test_spatial_norm_conv2_shape(schedule, rng):
+    # conv2's maps after the LRN, one tower: amplitude 30, where 1e-3/25 * sum a^2 is ~0.9
+    check_spatial_norm(rng, (2, 128, 27, 27), CODE_2012_SPATIAL, amplitude=30.0)
+
+
+@pytest.mark.parametrize("shape,size", [((1, 1, 1, 1), 5), ((1, 3, 5, 7), 5), ((2, 2, 3, 4), 4),
+                                        ((1, 2, 6, 2), 1), ((1, 1, 4, 9), 9), ((1, 2, 110, 111), 5)])
+def test_spatial_norm_awkward_shapes(schedule, rng, shape, size):
+    check_spatial_norm(rng, shape, dict(STRONG_SPATIAL, size=size), amplitude=0.5)
+
+
+def test_spatial_norm_window_is_clipped_not_renormalised():
+    """One non-zero pixel a at (1, 0): every pixel whose 5x5 window holds it gets scale
+    k + alpha/25 * a^2 (the clipped window at the border is not rescaled); the others get k."""
+    x = np.zeros((1, 1, 6, 7), np.float32)
+    x[0, 0, 1, 0] = 3.0
+    out, scale = A.cuda_spatial_norm_forward(x, 5, 10.0, 0.75, 1.0)
+    expected = np.ones((6, 7))
+    expected[0:4, 0:3] = 1 + 10.0 / 25 * 9
+    np.testing.assert_allclose(scale[0, 0], expected, rtol=1e-6)
+    assert out[0, 0, 1, 0] == pytest.approx(3.0 * (1 + 10.0 / 25 * 9) ** -0.75, rel=1e-6)
+
+
+@pytest.mark.parametrize("shape,size", [((1, 2, 4, 5), 5), ((1, 1, 3, 4), 4), ((2, 1, 2, 3), 3), ((1, 1, 5, 5), 9)])
+def test_spatial_norm_backward_matches_finite_differences(rng, shape, size):
+    params = dict(STRONG_SPATIAL, size=size)
+    x = rng.standard_normal(shape)
+    dout = rng.standard_normal(shape)
+    out, scale = A.spatial_norm_forward(x, **params)
+    grad = A.spatial_norm_backward(dout, x, out, scale, **params)
+    numeric = finite_differences(lambda z: (A.spatial_norm_forward(z, **params)[0] * dout).sum(), x)
+    np.testing.assert_allclose(grad, numeric, rtol=0, atol=1e-7)
+
+
+# -----------------------------------------------------------------------------
 # Max pooling
 
 @pytest.mark.parametrize("shape,size,stride,out_size", [
@@ -429,6 +502,12 @@ def test_bad_arguments_are_reported():
         (lambda: A.cuda_lrn_forward(x4, 5, -1.0, 0.75, 2.0), "alpha >= 0"),
         (lambda: raw("lrn_backward", f, f, f, f, NULL, 1, 2, 5, 5, 5, 1e-4, 0.75, 2.0), "scale is NULL"),
         (lambda: raw("lrn_backward", f, f, f, f, f, 0, 2, 5, 5, 5, 1e-4, 0.75, 2.0), "sizes must be positive"),
+        (lambda: raw("spatial_norm_forward", f, NULL, f, 1, 2, 5, 5, 5, 1e-3, 0.75, 1.0), "scale is NULL"),
+        (lambda: raw("spatial_norm_forward", f, f, f, 1, 2, 5, 5, 0, 1e-3, 0.75, 1.0), "window size"),
+        (lambda: raw("spatial_norm_forward", f, f, f, 1, 1, 200, 200, 5, 1e-3, 0.75, 1.0), "does not fit in shared"),
+        (lambda: A.cuda_spatial_norm_forward(x4, 5, 1e-3, 0.75, 0.0), "k > 0"),
+        (lambda: raw("spatial_norm_backward", f, f, f, f, NULL, 1, 2, 5, 5, 5, 1e-3, 0.75, 1.0), "scale is NULL"),
+        (lambda: raw("spatial_norm_backward", f, f, f, f, f, 1, 0, 5, 5, 5, 1e-3, 0.75, 1.0), "sizes must be positive"),
         (lambda: raw("maxpool_forward", NULL, f, 1, 2, 5, 5, 3, 2, 2, 2), "out is NULL"),
         (lambda: A.cuda_maxpool_forward(x4, 6, 2), "size <= H"),
         (lambda: A.cuda_maxpool_forward(x4, 3, 0, 2, 2), "stride > 0"),
