@@ -19,6 +19,9 @@ How a launch runs:
   message names the kernel, block, thread and file:line (cudaGetErrorString returns it).
 - Warp operations (__shfl*_sync, votes, __syncwarp) are warp-scoped barriers that
   follow the PTX rules for width, segments and out-of-range lanes.
+- Tensor-core instructions (mma .tf32/.bf16, ldmatrix, cp.async, the tf32/bf16
+  conversions) are emulated lane by lane with the PTX ISA's fragment layouts; mma and
+  ldmatrix are warp operations too; cp.async copies land only at the wait that covers them.
 - Shared memory: SHARED(T, name, dims) / EXTERN_SHARED(T, name) give all threads of a
   block the same storage from a per-worker arena that is refilled with 0xFF (NaN) at
   every block start; static shared memory is limited to 48 KB as on the GPU.
@@ -126,6 +129,7 @@ enum cudaError_t {
     cudaErrorLaunchOutOfResources = 701,
     cudaErrorPeerAccessAlreadyEnabled = 704,
     cudaErrorPeerAccessNotEnabled = 705,
+    cudaErrorMisalignedAddress = 716,
     cudaErrorLaunchFailure = 719,
     cudaErrorNotSupported = 801,
     cudaErrorUnknown = 999,
@@ -367,6 +371,7 @@ static const char* error_name(cudaError_t e) {
     case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
     case cudaErrorPeerAccessAlreadyEnabled: return "peer access is already enabled";
     case cudaErrorPeerAccessNotEnabled: return "peer access has not been enabled";
+    case cudaErrorMisalignedAddress: return "misaligned address";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
     case cudaErrorNotSupported: return "operation not supported";
     default: return "unknown error";
@@ -442,9 +447,11 @@ static uintptr_t find_allocation(const void* p, Allocation* out) {
 
 // --- per-worker block execution --------------------------------------------------------
 enum ThreadState : uint8_t { kUnstarted, kRunning, kWaitBlock, kWaitWarp, kReady, kExited };
-enum WarpOp : uint8_t { kSyncWarp, kBallot, kAny, kAll, kShflIdx, kShflUp, kShflDown, kShflXor };
+enum WarpOp : uint8_t { kSyncWarp, kBallot, kAny, kAll, kShflIdx, kShflUp, kShflDown, kShflXor,
+                        kMmaTf32, kMmaBf16, kLdmatrix, kLdmatrixTrans };  // the matrix operations last
 static const char* const kWarpOpNames[] = {"__syncwarp", "__ballot_sync", "__any_sync", "__all_sync",
-                                           "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync"};
+                                           "__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
+                                           "mma_m16n8k8_tf32", "mma_m16n8k16_bf16", "ldmatrix", "ldmatrix .trans"};
 
 struct ThreadSlot {
     void* sp;            // saved stack pointer of the fiber hosting this thread while it waits
@@ -458,6 +465,15 @@ struct ThreadSlot {
     int32_t width;
     uint64_t value;
     uint64_t result;
+    uint32_t async_groups;  // cp.async groups this thread has committed
+};
+
+// A cp.async copy that no wait has covered yet.
+struct AsyncCopy {
+    int thread;
+    uint32_t group;  // the thread's group count when it was issued: the group it will belong to
+    char* dst;
+    const char* src;
 };
 
 struct KernelCall {
@@ -502,6 +518,7 @@ struct Worker {
     int bar_phase = 0;
     uint32_t warp_waiting[kMaxThreads / 32] = {};
     uint32_t warp_exited[kMaxThreads / 32] = {};
+    std::vector<AsyncCopy> async_copies;
     // failure of the block
     bool failed = false;
     cudaError_t error = cudaSuccess;
@@ -640,6 +657,13 @@ static bool switch_next(Worker& w, void** save, bool from_main) {
     __builtin_unreachable();
 }
 
+// The running thread misused something: the block stops with `e`; the message starts with
+// the thread's name.
+[[noreturn]] static void kernel_fail(Worker& w, cudaError_t e, const std::string& what) {
+    block_fail(w, e, thread_name(w, w.cur) + what);
+    fiber_abandon(w);
+}
+
 static void thread_exit(Worker& w, int t) {
     ThreadSlot& s = w.t[t];
     s.state = kExited;
@@ -766,6 +790,101 @@ static uint64_t warp_result(const Worker& w, int warp, int lane, uint32_t member
     return w.t[warp * 32 + (int)j].value;
 }
 
+// --- tensor-core instructions, the warp-wide part ------------------------------------------
+// mma and ldmatrix are warp operations like the shuffles, but a lane hands over several
+// registers and gets several back, so ThreadSlot::value carries a pointer to its operands.
+// The lanes that arrived first stay parked on their own stacks, so the lane that arrives
+// last reads and writes every lane's registers through these pointers.
+struct MmaLane {
+    const unsigned* a;
+    const unsigned* b;
+    const float* c;
+    float* d;
+};
+struct LdmatrixLane {
+    const char* row;  // lanes 8i..8i+7 give the addresses of the 8 rows of matrix i
+    unsigned* r;
+};
+
+template <typename T>
+static T& lane_operands(const Worker& w, int warp, int lane) {
+    return *reinterpret_cast<T*>((uintptr_t)w.t[warp * 32 + lane].value);
+}
+
+static float float_from_bits(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+// A .tf32 operand as the tensor cores read it. The PTX ISA leaves the tf32 layout to the
+// implementation (">= 10 bits" of mantissa); the hardware reads the sign, the exponent and
+// the top 10 mantissa bits of the register and ignores the low 13 ("only the first 10 bits
+// of the input mantissa are read", PyTorch's notes on numerical accuracy), so an operand
+// that skipped cvt.rna is truncated, not rounded.
+static float tf32_operand(uint32_t bits) { return float_from_bits(bits & 0xFFFFE000u); }
+static float bf16_operand(uint32_t bits16) { return float_from_bits(bits16 << 16); }
+
+// D = A B + C, one m16n8k8 .tf32 product (per = 1 element per register) or one m16n8k16
+// .bf16 product (per = 2, the lower column or row in the low half). The fragments follow
+// the PTX ISA ("Matrix Fragments for mma.m16n8k8", "... for mma.m16n8k16 with floating
+// point type"); with g = lane / 4 and t = lane % 4:
+//   A register i (0-3):  row g + 8 (i & 1),   k = per t + 4 per (i >> 1) (+ 1 for the high half)
+//   B register j (0-1):  k = per t + 4 per j (+ 1),   column g
+//   C and D element i:   row g + 8 (i >> 1),  column 2t + (i & 1)
+// Arithmetic: a tf32 or bf16 product has at most 22 significant bits, so it is exact in
+// FP32 (outside FP32's normal range it is rounded as an FP32 multiply is). The sum runs in
+// FP32 in a fixed order, every addition rounded to nearest even: d = c, then d += a[k] b[k]
+// for k = 0, 1, ..., K-1. The order and rounding inside the tensor cores are not
+// specified; this order is the runtime's own, so its results are reproducible and a test
+// can compute them.
+static void warp_mma(const Worker& w, int warp, int per) {
+    const int K = 8 * per;
+    float a[16][16], b[16][8], c[16][8];
+    auto element = [per](unsigned reg, int half) {
+        return per == 1 ? tf32_operand(reg) : bf16_operand(reg >> (16 * half) & 0xFFFFu);
+    };
+    for (int lane = 0; lane < 32; lane++) {
+        const MmaLane& x = lane_operands<MmaLane>(w, warp, lane);
+        int g = lane >> 2, t = lane & 3;
+        for (int h = 0; h < per; h++) {
+            for (int i = 0; i < 4; i++) a[g + 8 * (i & 1)][per * t + 4 * per * (i >> 1) + h] = element(x.a[i], h);
+            for (int j = 0; j < 2; j++) b[per * t + 4 * per * j + h][g] = element(x.b[j], h);
+        }
+        for (int i = 0; i < 4; i++) c[g + 8 * (i >> 1)][2 * t + (i & 1)] = x.c[i];
+    }
+    // every lane's operands are read before any d is written: d may be the lane's own c
+    for (int lane = 0; lane < 32; lane++) {
+        int g = lane >> 2, t = lane & 3;
+        for (int i = 0; i < 4; i++) {
+            int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+            float sum = c[row][col];
+            for (int k = 0; k < K; k++) sum += a[row][k] * b[k][col];
+            lane_operands<MmaLane>(w, warp, lane).d[i] = sum;
+        }
+    }
+}
+
+// ldmatrix.m8n8.b16 of `count` 8x8 matrices of 16-bit values (PTX ISA, ldmatrix): lane l
+// receives in register i the elements (row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1) of
+// matrix i, the lower column in the low half; .trans reads the matrix transposed (rows
+// 2 (l % 4) and 2 (l % 4) + 1 of column l / 4).
+static void warp_ldmatrix(const Worker& w, int warp, int count, bool trans) {
+    auto element = [&](int matrix, int row, int col) {
+        uint16_t v;
+        memcpy(&v, lane_operands<LdmatrixLane>(w, warp, 8 * matrix + row).row + 2 * col, sizeof(v));
+        return (uint32_t)v;
+    };
+    for (int lane = 0; lane < 32; lane++) {
+        int row = lane >> 2, col = 2 * (lane & 3);
+        for (int i = 0; i < count; i++) {
+            uint32_t lo = trans ? element(i, col, row) : element(i, row, col);
+            uint32_t hi = trans ? element(i, col + 1, row) : element(i, row, col + 1);
+            lane_operands<LdmatrixLane>(w, warp, lane).r[i] = lo | hi << 16;
+        }
+    }
+}
+
 static uint64_t warp_op(WarpOp op, uint32_t mask, uint64_t value, int32_t param, int32_t width, const char* file, int line) {
     Worker* wp = tls_worker;
     if (!wp || wp->cur < 0) {
@@ -776,21 +895,18 @@ static uint64_t warp_op(WarpOp op, uint32_t mask, uint64_t value, int32_t param,
     int t = w.cur, warp = t >> 5, lane = t & 31;
     ThreadSlot& s = w.t[t];
     auto where = [&] { return std::string(" at ") + kWarpOpNames[op] + " " + file + ":" + std::to_string(line); };
-    if (op >= kShflIdx && (width < 1 || width > 32 || (width & (width - 1)))) {
-        block_fail(w, cudaErrorLaunchFailure, thread_name(w, t) + where() + ": width " + std::to_string(width) + " is not a power of 2 in [1, 32]");
-        fiber_abandon(w);
-    }
-    if (!(mask >> lane & 1u)) {
-        block_fail(w, cudaErrorLaunchFailure, thread_name(w, t) + where() + ": its own lane is not in the mask");
-        fiber_abandon(w);
-    }
+    if (op >= kShflIdx && op <= kShflXor && (width < 1 || width > 32 || (width & (width - 1))))
+        kernel_fail(w, cudaErrorLaunchFailure, where() + ": width " + std::to_string(width) + " is not a power of 2 in [1, 32]");
+    if (!(mask >> lane & 1u)) kernel_fail(w, cudaErrorLaunchFailure, where() + ": its own lane is not in the mask");
     int lanes = std::min(32, w.n - warp * 32);
     uint32_t existing = lanes == 32 ? 0xFFFFFFFFu : (1u << lanes) - 1u;
     uint32_t members = mask & existing;
+    if (op >= kMmaTf32 && existing != 0xFFFFFFFFu)
+        kernel_fail(w, cudaErrorLaunchFailure, where() + ": the instruction needs all 32 lanes of a warp, and this warp has " +
+                                                   std::to_string(lanes) + " threads");
     if (members & w.warp_exited[warp]) {
         int other = warp * 32 + __builtin_ctz(members & w.warp_exited[warp]);
-        block_fail(w, cudaErrorLaunchFailure, thread_name(w, t) + where() + " waits for " + thread_name(w, other) + ", which has exited");
-        fiber_abandon(w);
+        kernel_fail(w, cudaErrorLaunchFailure, where() + " waits for " + thread_name(w, other) + ", which has exited");
     }
     // every waiting lane that this one names, or that names this one, must do the same
     for (uint32_t m = w.warp_waiting[warp]; m; m &= m - 1) {
@@ -814,9 +930,15 @@ static uint64_t warp_op(WarpOp op, uint32_t mask, uint64_t value, int32_t param,
     s.line = line;
     w.warp_waiting[warp] |= 1u << lane;
     if ((w.warp_waiting[warp] & members) == members) {  // all lanes arrived: compute, then release
-        for (uint32_t m = members; m; m &= m - 1) {
-            int l = __builtin_ctz(m);
-            w.t[warp * 32 + l].result = warp_result(w, warp, l, members, existing);
+        if (op == kMmaTf32 || op == kMmaBf16) {
+            warp_mma(w, warp, op == kMmaTf32 ? 1 : 2);
+        } else if (op == kLdmatrix || op == kLdmatrixTrans) {
+            warp_ldmatrix(w, warp, param, op == kLdmatrixTrans);
+        } else {
+            for (uint32_t m = members; m; m &= m - 1) {
+                int l = __builtin_ctz(m);
+                w.t[warp * 32 + l].result = warp_result(w, warp, l, members, existing);
+            }
         }
         w.warp_waiting[warp] &= ~members;
         int first = w.schedule == kReverse ? 31 : 0, step = w.schedule == kReverse ? -1 : 1;
@@ -831,15 +953,20 @@ static uint64_t warp_op(WarpOp op, uint32_t mask, uint64_t value, int32_t param,
     return s.result;
 }
 
+// The worker running the calling CUDA thread; what only a kernel can do aborts elsewhere.
+static Worker& kernel_worker(const char* what) {
+    Worker* w = tls_worker;
+    if (!w || w->cur < 0) {
+        fprintf(stderr, "cuda_cpu: %s used outside a kernel\n", what);
+        abort();
+    }
+    return *w;
+}
+
 // Static shared memory: one slot per declaration (keyed by a static token), allocated
 // by the first thread of the block that reaches it.
 static void* shared_static(const void* key, size_t bytes, size_t align) {
-    Worker* wp = tls_worker;
-    if (!wp || wp->cur < 0) {
-        fprintf(stderr, "cuda_cpu: SHARED used outside a kernel\n");
-        abort();
-    }
-    Worker& w = *wp;
+    Worker& w = kernel_worker("SHARED");
     for (const SharedSlot& s : w.smem_slots)
         if (s.key == key) return w.smem + s.offset;
     size_t declared = ((w.smem_declared + align - 1) & ~(align - 1)) + bytes;
@@ -862,6 +989,20 @@ static void* shared_static(const void* key, size_t bytes, size_t align) {
 static void* shared_dynamic() {
     Worker* wp = tls_worker;
     return wp ? wp->dyn_smem : nullptr;
+}
+
+// Instructions that take shared-memory addresses: `bytes` at p must lie in the block's
+// shared arrays (static or dynamic) and p must be aligned to `align` bytes, else the
+// kernel fails as it would on the GPU.
+static void check_shared_address(Worker& w, const void* p, size_t bytes, size_t align, const std::string& where) {
+    const char* q = (const char*)p;
+    auto inside = [q, bytes](const char* base, size_t size) { return base && q >= base && q + bytes <= base + size; };
+    char address[32];
+    snprintf(address, sizeof(address), "%p", p);
+    if (!inside(w.smem, w.smem_used) && !inside(w.dyn_smem, w.dyn_capacity))
+        kernel_fail(w, cudaErrorIllegalAddress, where + ": address " + address + " is not in shared memory");
+    if ((uintptr_t)p % align)
+        kernel_fail(w, cudaErrorMisalignedAddress, where + ": address " + address + " is not " + std::to_string(align) + "-byte aligned");
 }
 
 // --- a launch: blocks over the worker pool --------------------------------------------
@@ -942,7 +1083,9 @@ static void run_block(Worker& w, Grid& g, uint64_t b) {
     for (int i = 0; i < w.n; i++) {
         w.order[i] = g.schedule == kReverse ? w.n - 1 - i : i;
         w.t[i].state = kUnstarted;
+        w.t[i].async_groups = 0;
     }
+    w.async_copies.clear();  // copies the block before never waited for: they never land
     if (g.schedule == kRandom) shuffle(w.order.data(), w.n, w.seed);
     // shared memory: back to NaN bytes (the block before used [0, smem_used) of the arena)
 #if CUDA_CPU_ASAN
@@ -1440,8 +1583,7 @@ static inline unsigned mask_or_full(unsigned m) { return m; }
 static inline void __trap() {
     ::cuda_cpu::Worker* w = ::cuda_cpu::tls_worker;
     if (!w || w->cur < 0) abort();
-    ::cuda_cpu::block_fail(*w, cudaErrorLaunchFailure, ::cuda_cpu::thread_name(*w, w->cur) + " called __trap()");
-    ::cuda_cpu::fiber_abandon(*w);
+    ::cuda_cpu::kernel_fail(*w, cudaErrorLaunchFailure, " called __trap()");
 }
 
 static inline unsigned __activemask() {
@@ -1528,6 +1670,145 @@ static inline float min(float a, float b) { return fminf(a, b); }
 static inline float max(float a, float b) { return fmaxf(a, b); }
 static inline double min(double a, double b) { return fmin(a, b); }
 static inline double max(double a, double b) { return fmax(a, b); }
+
+// ----------------------------------------------------------------------------
+// Tensor-core instructions (sm_80 and later), emulated lane by lane
+//
+// Each function stands for one PTX instruction; dev/tensor_core_ptx.cuh defines the same
+// functions as inline PTX for the GPU build. Every lane holds exactly the fragment
+// elements the PTX ISA gives it, so a kernel that puts an element in the wrong register
+// gets a wrong result here as on the GPU. mma and ldmatrix are warp operations: a lane
+// waits until all 32 lanes of its warp have arrived, and a partial warp, a lane that
+// exited or lanes at different operations are reported. `file` and `line` default to the
+// caller's position, for those reports.
+
+namespace cuda_cpu {
+namespace {
+
+static void mma(WarpOp op, float* d, const unsigned* a, const unsigned* b, const float* c, const char* file, int line) {
+    MmaLane operands{a, b, c, d};
+    warp_op(op, 0xFFFFFFFFu, (uintptr_t)&operands, 0, 32, file, line);
+}
+
+static void ldmatrix(WarpOp op, int count, unsigned* r, const void* row, const char* file, int line) {
+    Worker* w = tls_worker;
+    if (w && w->cur >= 0 && (w->cur & 31) < 8 * count)  // the lanes whose address is used
+        check_shared_address(*w, row, 16, 16, std::string(" at ") + kWarpOpNames[op] + " " + file + ":" + std::to_string(line));
+    LdmatrixLane operands{(const char*)row, r};
+    warp_op(op, 0xFFFFFFFFu, (uintptr_t)&operands, count, 32, file, line);
+}
+
+// float -> bf16, round to nearest even; NaN becomes the canonical bf16 NaN 0x7FFF, as in
+// the CUDA toolkit's own host conversion (cuda_bf16.hpp).
+static uint32_t bf16_rn(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof(bits));
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FFFu;
+    return (bits + 0x7FFFu + (bits >> 16 & 1u)) >> 16;  // below half: down; above: up; a tie: to the even one
+}
+
+// cp.async: the copy is deferred until a wait covers its group (the PTX ISA makes the
+// writes visible to the issuing thread only after cp.async.wait_group on their group or
+// cp.async.wait_all), and the destination holds NaN bytes from the issue until then, so
+// a kernel that reads it too early sees the poison. The source is read at the wait too.
+static void async_copy(void* dst, const void* src, const char* file, int line) {
+    Worker& w = kernel_worker("cp_async_16");
+    std::string where = std::string(" at cp_async_16 ") + file + ":" + std::to_string(line);
+    check_shared_address(w, dst, 16, 16, where);
+    if ((uintptr_t)src % 16) kernel_fail(w, cudaErrorMisalignedAddress, where + ": the source is not 16-byte aligned");
+    memset(dst, 0xFF, 16);
+    w.async_copies.push_back(AsyncCopy{w.cur, w.t[w.cur].async_groups, (char*)dst, (const char*)src});
+}
+
+// cp.async.commit_group: the thread's uncommitted copies become its next group (an empty
+// group if there are none).
+static void async_commit() {
+    Worker& w = kernel_worker("cp_async_commit");
+    w.t[w.cur].async_groups++;
+}
+
+// cp.async.wait_group `pending`: every group of the calling thread but its `pending` most
+// recent ones completes; copies not yet committed stay pending.
+static void async_wait(uint32_t pending) {
+    Worker& w = kernel_worker("cp_async_wait");
+    uint32_t groups = w.t[w.cur].async_groups;
+    size_t kept = 0;
+    for (size_t i = 0; i < w.async_copies.size(); i++) {
+        const AsyncCopy c = w.async_copies[i];
+        if (c.thread == w.cur && c.group + pending < groups) memcpy(c.dst, c.src, 16);
+        else w.async_copies[kept++] = c;
+    }
+    w.async_copies.resize(kept);
+}
+
+}  // namespace
+}  // namespace cuda_cpu
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32: d = a b + c over the warp (layout
+// and arithmetic: cuda_cpu::warp_mma).
+static inline void mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2], const float c[4],
+                                    const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    ::cuda_cpu::mma(::cuda_cpu::kMmaTf32, d, a, b, c, file, line);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: each register holds two bf16
+// values, the lower column (A) or row (B) in the low half.
+static inline void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4],
+                                     const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    ::cuda_cpu::mma(::cuda_cpu::kMmaBf16, d, a, b, c, file, line);
+}
+
+// ldmatrix.sync.aligned.m8n8.x2/.x4{.trans}.shared.b16: lanes 8i..8i+7 pass the (16-byte
+// aligned) shared-memory addresses of the rows of matrix i; the rows need not be
+// contiguous. Layout: cuda_cpu::warp_ldmatrix.
+static inline void ldmatrix_x2(unsigned r[2], const void* row, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    ::cuda_cpu::ldmatrix(::cuda_cpu::kLdmatrix, 2, r, row, file, line);
+}
+static inline void ldmatrix_x2_trans(unsigned r[2], const void* row, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    ::cuda_cpu::ldmatrix(::cuda_cpu::kLdmatrixTrans, 2, r, row, file, line);
+}
+static inline void ldmatrix_x4(unsigned r[4], const void* row, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    ::cuda_cpu::ldmatrix(::cuda_cpu::kLdmatrix, 4, r, row, file, line);
+}
+static inline void ldmatrix_x4_trans(unsigned r[4], const void* row, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    ::cuda_cpu::ldmatrix(::cuda_cpu::kLdmatrixTrans, 4, r, row, file, line);
+}
+
+// cvt.rna.tf32.f32: round to nearest, ties away from zero (PTX ISA, cvt), to a float
+// whose low 13 bits are zero. Exactly what ptxas 13.0 compiles it to for sm_80 and sm_90
+// (read with cuobjdump -sass): a finite input gets half a tf32 unit added to its bits, the
+// carry running into the exponent (so the largest floats become infinity), then the low
+// 13 bits are cleared; infinities and NaNs are only cleared, so a NaN whose payload lies
+// only in the low 13 bits becomes an infinity.
+static inline unsigned cvt_rna_tf32(float x) {
+    unsigned bits = __float_as_uint(x);
+    if ((bits & 0x7FFFFFFFu) < 0x7F800000u) bits += 0x1000u;
+    return bits & 0xFFFFE000u;
+}
+
+// cvt.rn.bf16x2.f32: two floats rounded to nearest even to bf16 and packed, `lo` in the
+// low half. (The PTX instruction puts its first source in the upper half, so the GPU
+// version passes hi first.)
+static inline unsigned pack_bf16x2(float lo, float hi) {
+    return ::cuda_cpu::bf16_rn(lo) | ::cuda_cpu::bf16_rn(hi) << 16;
+}
+
+// cp.async.cg.shared.global of 16 bytes (both addresses 16-byte aligned), commit_group,
+// wait_group N and wait_all; the emulation: cuda_cpu::async_copy.
+static inline void cp_async_16(void* shared_dst, const void* global_src, const char* file = __builtin_FILE(),
+                               int line = __builtin_LINE()) {
+    ::cuda_cpu::async_copy(shared_dst, global_src, file, line);
+}
+static inline void cp_async_commit() { ::cuda_cpu::async_commit(); }
+template <int N>
+static inline void cp_async_wait() {
+    static_assert(N >= 0, "cp.async.wait_group takes a count of groups");
+    ::cuda_cpu::async_wait(N);
+}
+static inline void cp_async_wait_all() {
+    cp_async_commit();
+    cp_async_wait<0>();
+}
 
 // ----------------------------------------------------------------------------
 // Runtime API

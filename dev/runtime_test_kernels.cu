@@ -504,3 +504,233 @@ extern "C" int rt_events(float* elapsed_ms) {
     TRY(cudaFree(d));
     return finish(cudaSuccess);
 }
+
+// --- tensor-core instructions -----------------------------------------------------------------
+
+// One matrix product per warp, D = A B + C: kind 0 is mma_m16n8k8_tf32 (A 16x8, B 8x8,
+// one 32-bit pattern per element), kind 1 is mma_m16n8k16_bf16 (A 16x16, B 16x8, one
+// 16-bit pattern per element, in the low half of a word); A and B row-major, C and D
+// 16x8 floats; warp w takes the w-th of each. Each lane loads its fragments with the
+// formulas of the PTX ISA, written out here on their own, so a runtime that gave an
+// element to another lane or register gives a wrong product.
+__global__ void mma_kernel(int kind, const unsigned* a, const unsigned* b, const float* c, float* d) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int group = lane >> 2, tig = lane % 4;  // the ISA's groupID and threadID_in_group
+    int K = kind == 0 ? 8 : 16;
+    a += warp * 16 * K;
+    b += warp * K * 8;
+    c += warp * 16 * 8;
+    d += warp * 16 * 8;
+    unsigned fa[4], fb[2];
+    if (kind == 0) {
+        fa[0] = a[group * 8 + tig];            // a0: row groupID,     col threadID_in_group
+        fa[1] = a[(group + 8) * 8 + tig];      // a1: row groupID + 8
+        fa[2] = a[group * 8 + tig + 4];        // a2: col threadID_in_group + 4
+        fa[3] = a[(group + 8) * 8 + tig + 4];  // a3
+        fb[0] = b[tig * 8 + group];            // b0: row threadID_in_group, col groupID
+        fb[1] = b[(tig + 4) * 8 + group];      // b1: row threadID_in_group + 4
+    } else {
+        // a_i: row groupID for i in {0, 1, 4, 5}, else groupID + 8; col 2 tig + (i & 1),
+        // + 8 for i >= 4; register i / 2, a_(2j) in its low half
+        for (int i = 0; i < 8; i++) {
+            int row = (i < 2 || (i >= 4 && i < 6)) ? group : group + 8;
+            int col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+            unsigned v = a[row * 16 + col] & 0xFFFFu;
+            fa[i / 2] = i % 2 == 0 ? v : fa[i / 2] | v << 16;
+        }
+        // b_i: row 2 tig + (i & 1), + 8 for i >= 2; col groupID
+        for (int i = 0; i < 4; i++) {
+            int row = tig * 2 + (i & 1) + (i >= 2 ? 8 : 0);
+            unsigned v = b[row * 8 + group] & 0xFFFFu;
+            fb[i / 2] = i % 2 == 0 ? v : fb[i / 2] | v << 16;
+        }
+    }
+    float fc[4], fd[4];
+    for (int i = 0; i < 4; i++) fc[i] = c[(group + (i >= 2 ? 8 : 0)) * 8 + tig * 2 + (i & 1)];  // c0, c1: row groupID
+    if (kind == 0) mma_m16n8k8_tf32(fd, fa, fb, fc);
+    else mma_m16n8k16_bf16(fd, fa, fb, fc);
+    for (int i = 0; i < 4; i++) d[(group + (i >= 2 ? 8 : 0)) * 8 + tig * 2 + (i & 1)] = fd[i];
+}
+
+extern "C" int rt_mma(int kind, int warps, const unsigned* a, const unsigned* b, const float* c, float* d) {
+    int K = kind == 0 ? 8 : 16;
+    size_t na = (size_t)warps * 16 * K, nb = (size_t)warps * K * 8, nc = (size_t)warps * 16 * 8;
+    unsigned *da, *db;
+    float *dc, *dd;
+    TRY(cudaMalloc(&da, na * sizeof(unsigned)));
+    TRY(cudaMalloc(&db, nb * sizeof(unsigned)));
+    TRY(cudaMalloc(&dc, nc * sizeof(float)));
+    TRY(cudaMalloc(&dd, nc * sizeof(float)));
+    TRY(cudaMemcpy(da, a, na * sizeof(unsigned), cudaMemcpyHostToDevice));
+    TRY(cudaMemcpy(db, b, nb * sizeof(unsigned), cudaMemcpyHostToDevice));
+    TRY(cudaMemcpy(dc, c, nc * sizeof(float), cudaMemcpyHostToDevice));
+    KERNEL_LAUNCH(mma_kernel, 1, 32 * warps, 0, 0, kind, da, db, dc, dd);
+    TRY(cudaGetLastError());
+    TRY(cudaMemcpy(d, dd, nc * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaFree(da);
+    cudaFree(db);
+    cudaFree(dc);
+    cudaFree(dd);
+    return finish(cudaSuccess);
+}
+
+// kind 0: out[i] = cvt_rna_tf32(x[i]); kind 1: out[i] = pack_bf16x2(x[2i], x[2i + 1]).
+__global__ void convert_kernel(int kind, const float* x, int n, unsigned* out) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = kind == 0 ? cvt_rna_tf32(x[i]) : pack_bf16x2(x[2 * i], x[2 * i + 1]);
+}
+
+extern "C" int rt_convert(int kind, const float* x, int n, unsigned* out) {
+    size_t nx = (size_t)n * (kind == 0 ? 1 : 2);
+    float* dx;
+    unsigned* dout;
+    TRY(cudaMalloc(&dx, nx * sizeof(float)));
+    TRY(cudaMalloc(&dout, n * sizeof(unsigned)));
+    TRY(cudaMemcpy(dx, x, nx * sizeof(float), cudaMemcpyHostToDevice));
+    KERNEL_LAUNCH(convert_kernel, (n + 127) / 128, 128, 0, 0, kind, dx, n, dout);
+    TRY(cudaGetLastError());
+    TRY(cudaMemcpy(out, dout, n * sizeof(unsigned), cudaMemcpyDeviceToHost));
+    cudaFree(dx);
+    cudaFree(dout);
+    return finish(cudaSuccess);
+}
+
+// `count` (2 or 4) 8x8 matrices of 16-bit values, mats[matrix][row][col], go to a padded
+// shared tile whose 48-byte rows hold a matrix row 16 bytes in, and not in order: row r
+// of matrix m lives in tile row (5 (8m + r) + 3) % 32. Each lane reads its registers with
+// ldmatrix (got) and, for comparison, element by element as the PTX ISA places them (direct).
+__global__ void ldmatrix_kernel(int count, int trans, const unsigned short* mats, unsigned* got, unsigned* direct) {
+    SHARED(uint4, tile, [32 * 3]);  // 32 rows of 24 16-bit values; uint4: 16-byte aligned rows
+    unsigned short* t = reinterpret_cast<unsigned short*>(tile);
+    auto slot = [](int matrix, int row) { return (5 * (8 * matrix + row) + 3) % 32; };
+    auto at = [&](int matrix, int row, int col) -> unsigned short& { return t[slot(matrix, row) * 24 + 8 + col]; };
+    int lane = threadIdx.x;
+    if (lane < 8 * count)
+        for (int col = 0; col < 8; col++) at(lane / 8, lane % 8, col) = mats[lane * 8 + col];
+    __syncthreads();
+    unsigned r[4];
+    const void* row = &at(lane / 8 % count, lane % 8, 0);  // lanes past 8 count: any valid row
+    if (count == 4) {
+        if (trans) ldmatrix_x4_trans(r, row);
+        else ldmatrix_x4(r, row);
+    } else {
+        if (trans) ldmatrix_x2_trans(r, row);
+        else ldmatrix_x2(r, row);
+    }
+    for (int m = 0; m < count; m++) {
+        int i = lane / 4, j = 2 * (lane % 4);  // row lane / 4, columns 2 (lane % 4), + 1
+        unsigned lo = trans ? at(m, j, i) : at(m, i, j);
+        unsigned hi = trans ? at(m, j + 1, i) : at(m, i, j + 1);
+        got[lane * count + m] = r[m];
+        direct[lane * count + m] = lo | hi << 16;
+    }
+}
+
+extern "C" int rt_ldmatrix(int count, int trans, const unsigned short* mats, unsigned* got, unsigned* direct) {
+    unsigned short* dm;
+    unsigned *dgot, *ddirect;
+    TRY(cudaMalloc(&dm, count * 64 * sizeof(unsigned short)));
+    TRY(cudaMalloc(&dgot, 32 * count * sizeof(unsigned)));
+    TRY(cudaMalloc(&ddirect, 32 * count * sizeof(unsigned)));
+    TRY(cudaMemcpy(dm, mats, count * 64 * sizeof(unsigned short), cudaMemcpyHostToDevice));
+    KERNEL_LAUNCH(ldmatrix_kernel, 1, 32, 0, 0, count, trans, dm, dgot, ddirect);
+    TRY(cudaGetLastError());
+    TRY(cudaMemcpy(got, dgot, 32 * count * sizeof(unsigned), cudaMemcpyDeviceToHost));
+    TRY(cudaMemcpy(direct, ddirect, 32 * count * sizeof(unsigned), cudaMemcpyDeviceToHost));
+    cudaFree(dm);
+    cudaFree(dgot);
+    cudaFree(ddirect);
+    return finish(cudaSuccess);
+}
+
+// cp.async by 64 threads, each copying its own 16 bytes of a stage (x[256 s + 4t ..]) into
+// stage s of a shared buffer and reading its own part back into out[snapshot][t][0..3]:
+// 0: stage 0, commit, wait_all, read                                 -> snapshot 0
+// 1: stage 0, commit, read before any wait (snapshot 0), wait_all
+// 2: stage 0, commit, stage 1, commit, wait<1>, read both (snapshots 0 and 1),
+//    wait<0>, read stage 1 (snapshot 2)
+// 3: stage 0 without a commit, wait<0>, read (snapshot 0), wait_all, read (snapshot 1)
+__global__ void cp_async_kernel(int scenario, const float* x, float* out) {
+    SHARED(uint4, stages, [2][64]);
+    int t = threadIdx.x;
+    auto issue = [&](int s) { cp_async_16(&stages[s][t], &x[256 * s + 4 * t]); };
+    auto read = [&](int snapshot, int s) { memcpy(&out[(snapshot * 64 + t) * 4], &stages[s][t], 16); };
+    if (scenario == 0) {
+        issue(0);
+        cp_async_commit();
+        cp_async_wait_all();
+        read(0, 0);
+    } else if (scenario == 1) {
+        issue(0);
+        cp_async_commit();
+        read(0, 0);
+        cp_async_wait_all();
+    } else if (scenario == 2) {
+        issue(0);
+        cp_async_commit();
+        issue(1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        read(0, 0);
+        read(1, 1);
+        cp_async_wait<0>();
+        read(2, 1);
+    } else {
+        issue(0);
+        cp_async_wait<0>();
+        read(0, 0);
+        cp_async_wait_all();
+        read(1, 0);
+    }
+}
+
+extern "C" int rt_cp_async(int scenario, const float* x, float* out) {
+    float *dx, *dout;
+    TRY(cudaMalloc(&dx, 512 * sizeof(float)));
+    TRY(cudaMalloc(&dout, 3 * 256 * sizeof(float)));
+    TRY(cudaMemcpy(dx, x, 512 * sizeof(float), cudaMemcpyHostToDevice));
+    TRY(cudaMemset(dout, 0, 3 * 256 * sizeof(float)));
+    KERNEL_LAUNCH(cp_async_kernel, 1, 64, 0, 0, scenario, dx, dout);
+    TRY(cudaGetLastError());
+    TRY(cudaMemcpy(out, dout, 3 * 256 * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaFree(dx);
+    cudaFree(dout);
+    return finish(cudaSuccess);
+}
+
+// Misuse of the tensor-core instructions, by scenario:
+// 0: mma in a block of 16 threads (a partial warp)
+// 1: lanes 16-31 return while lanes 0-15 wait at mma
+// 2: ldmatrix with a row address 2 bytes past 16-byte alignment
+// 3: ldmatrix with an address in global memory
+// 4: cp_async_16 to a misaligned shared destination
+// 5: cp_async_16 to global memory
+__global__ void tensor_misuse(int scenario, float* g) {
+    SHARED(uint4, tile, [64]);
+    int lane = threadIdx.x;
+    unsigned a[4] = {}, b[2] = {}, r[4];
+    float c[4] = {}, d[4];
+    char* shared_row = reinterpret_cast<char*>(&tile[lane * 2]);
+    if (scenario == 0) {
+        mma_m16n8k8_tf32(d, a, b, c);
+    } else if (scenario == 1) {
+        if (lane >= 16) return;
+        mma_m16n8k8_tf32(d, a, b, c);
+    } else if (scenario == 2) {
+        ldmatrix_x4(r, shared_row + 2);
+    } else if (scenario == 3) {
+        ldmatrix_x4(r, g + lane * 4);
+    } else if (scenario == 4) {
+        cp_async_16(shared_row + 8, g);
+    } else {
+        cp_async_16(g + 4 * lane, g);
+    }
+    g[lane] = d[0] + (float)r[0];
+}
+
+extern "C" int rt_tensor_misuse(int scenario) {
+    float* d;
+    TRY(cudaMalloc(&d, 256 * sizeof(float)));
+    KERNEL_LAUNCH(tensor_misuse, 1, scenario == 0 ? 16 : 32, 0, 0, scenario, d);
+    return finish(cudaSuccess);
+}

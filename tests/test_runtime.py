@@ -38,11 +38,16 @@ int rt_barrier_votes(int k, int threads, int* out);
 int rt_kernel_arguments(int kind, float* result);
 int rt_device_attributes(int device, int* out);
 int rt_occupancy(int kind, int block_size, size_t smem, int* blocks);
+int rt_mma(int kind, int warps, const unsigned* a, const unsigned* b, const float* c, float* d);
+int rt_convert(int kind, const float* x, int n, unsigned* out);
+int rt_ldmatrix(int count, int trans, const unsigned short* mats, unsigned* got, unsigned* direct);
+int rt_cp_async(int scenario, const float* x, float* out);
+int rt_tensor_misuse(int scenario);
 """
 
 # CUDA error codes (driver_types.h)
 SUCCESS, INVALID_VALUE, INVALID_CONFIGURATION = 0, 1, 9
-INVALID_DEVICE, ILLEGAL_ADDRESS, OUT_OF_RESOURCES, LAUNCH_FAILURE = 101, 700, 701, 719
+INVALID_DEVICE, ILLEGAL_ADDRESS, OUT_OF_RESOURCES, MISALIGNED_ADDRESS, LAUNCH_FAILURE = 101, 700, 701, 716, 719
 
 SCHEDULES = ["forward", "reverse", "random"]
 
@@ -59,7 +64,8 @@ def rt():
 
 
 def ptr(ffi, a):
-    ctype = {np.float32: "float*", np.float64: "double*", np.uint32: "unsigned*", np.int32: "int*"}[a.dtype.type]
+    ctype = {np.float32: "float*", np.float64: "double*", np.uint32: "unsigned*", np.int32: "int*",
+             np.uint16: "unsigned short*"}[a.dtype.type]
     return ffi.cast(ctype, a.ctypes.data)
 
 
@@ -88,6 +94,22 @@ def run_python(code, env=None, timeout=60):
     """)
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def misuse_reports(entry, scenarios, then=""):
+    """Calls rt_<entry>(scenario) for each scenario under each schedule, then the snippet
+    `then` (which may add to `out`), in a child process, so that a hang fails on the
+    timeout; returns `out`: "schedule scenario" -> [error code, message]."""
+    loop = textwrap.dedent(f"""
+        out = {{}}
+        for schedule in ["forward", "reverse", "random"]:
+            os.environ["CUDA_CPU_SCHEDULE"] = schedule
+            for scenario in range({scenarios}):
+                out[f"{{schedule}} {{scenario}}"] = err(lib.rt_{entry}(scenario))
+    """)
+    result = run_python(loop + textwrap.dedent(then) + "print(json.dumps(out))\n", timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 # --- barriers -------------------------------------------------------------------------
@@ -150,20 +172,12 @@ def test_transpose_without_barrier_is_wrong_under_some_schedule(rt, monkeypatch)
 
 
 def test_barrier_misuse_is_reported_not_hung():
-    """Each misuse, under each schedule, in a child process: a hang fails on the timeout."""
-    result = run_python("""
-        out = {}
-        for schedule in ["forward", "reverse", "random"]:
-            os.environ["CUDA_CPU_SCHEDULE"] = schedule
-            for scenario in range(6):
-                out[f"{schedule} {scenario}"] = err(lib.rt_barrier_misuse(scenario))
+    """Each misuse, under each schedule: a launch failure that says what went wrong."""
+    out = misuse_reports("barrier_misuse", 6, then="""
         x = ffi.new("float[256]", [1.0] * 256)
         s = ffi.new("float[1]")
         out["after"] = err(lib.rt_block_sum(x, 256, 1, s)) + [s[0]]
-        print(json.dumps(out))
-    """, timeout=60)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
+    """)
     expected = {
         0: ["divergent __syncthreads()", "runtime_test_kernels.cu:"],
         1: ["thread (3,0,0) of block (0,0,0)", "exited", "waits at __syncthreads() "],
@@ -294,6 +308,259 @@ def test_warp_sum_of_doubles(rt, schedule):
     # fp64 tree sum of 32 terms: |err| <= 5 * 2^-53 * sum|x| (5 levels of rounding)
     sums = x.reshape(32, 32)
     np.testing.assert_array_less(np.abs(out - sums.sum(axis=1)), 5 * 2.0**-53 * np.abs(sums).sum(axis=1) + 1e-300)
+
+
+# --- tensor-core instructions ---------------------------------------------------------------
+# The models below are written from the PTX ISA and IEEE arithmetic, not from the runtime.
+
+
+def as_bits(x):
+    return np.ascontiguousarray(x, np.float32).view(np.uint32)
+
+
+def as_floats(bits):
+    return np.ascontiguousarray(bits, np.uint32).view(np.float32)
+
+
+def tf32_operand(bits):
+    """What the tensor cores read of a .tf32 register: sign, exponent, top 10 mantissa bits."""
+    return as_floats(bits & 0xFFFFE000)
+
+
+def bf16_operand(bits16):
+    return as_floats((bits16 & 0xFFFF).astype(np.uint32) << 16)
+
+
+def tf32_pattern(x):
+    """Values exact in tf32 (small integers, powers of 2) as the registers hold them."""
+    bits = as_bits(x)
+    assert not (bits & 0x1FFF).any()
+    return bits
+
+
+def bf16_pattern(x):
+    bits = as_bits(x)
+    assert not (bits & 0xFFFF).any()
+    return bits >> 16
+
+
+# kind: (rt_mma kind, K, encode exact values, decode register patterns)
+MMA_KINDS = {"tf32": (0, 8, tf32_pattern, tf32_operand), "bf16": (1, 16, bf16_pattern, bf16_operand)}
+
+
+def mma_model(a, b, c):
+    """D = A B + C in the runtime's documented order: d = c, then d += a[:, k] b[k, :] for
+    k = 0, 1, ..., K-1, each product exact in float32 and each addition rounded to float32."""
+    d = c.astype(np.float32)
+    for k in range(a.shape[1]):
+        d = d + np.outer(a[:, k], b[k, :])
+    return d
+
+
+def run_mma(rt, kind, a_bits, b_bits, c):
+    """One product per warp: a_bits (warps, 16, K), b_bits (warps, K, 8), c (warps, 16, 8)."""
+    d = np.zeros(c.shape, np.float32)
+    code, message = call(rt, "mma", MMA_KINDS[kind][0], c.shape[0], np.ascontiguousarray(a_bits, np.uint32),
+                         np.ascontiguousarray(b_bits, np.uint32), np.ascontiguousarray(c, np.float32), d)
+    assert code == 0, message
+    return d
+
+
+def layout_case(case, K, rng):
+    """A (16 x K), B (K x 8), C (16 x 8) of small integers (exact in bf16 and tf32) whose
+    product shows any element that reached the wrong place."""
+    distinct_a = rng.permutation(16 * K).reshape(16, K) + 1.0  # at most 256: exact in bf16
+    distinct_b = rng.permutation(K * 8).reshape(K, 8) + 1.0
+    distinct_c = rng.permutation(128).reshape(16, 8) + 1.0
+    picks_rows = np.eye(K)[np.concatenate([rng.permutation(K), rng.permutation(K)])[:16]]  # unit rows
+    picks_columns = np.eye(K)[:, rng.permutation(K)[:8]]  # unit columns
+    zeros = np.zeros
+    return {
+        "A rows pick rows of B": (picks_rows, distinct_b, zeros((16, 8))),
+        "B columns pick columns of A": (distinct_a, picks_columns, zeros((16, 8))),
+        "C passes through": (zeros((16, K)), zeros((K, 8)), distinct_c),
+        "permutations": (picks_rows, picks_columns * (rng.permutation(8) + 1), distinct_c),
+    }[case]
+
+
+@pytest.mark.parametrize("kind", ["tf32", "bf16"])
+@pytest.mark.parametrize("case", ["A rows pick rows of B", "B columns pick columns of A", "C passes through",
+                                  "permutations"])
+def test_mma_fragment_layout(rt, schedule, kind, case):
+    _, K, encode, _ = MMA_KINDS[kind]
+    rng = np.random.default_rng(len(case) + K)
+    warps = [layout_case(case, K, rng) for _ in range(2)]  # two warps, different matrices
+    a, b, c = (np.stack([w[i] for w in warps]) for i in range(3))
+    d = run_mma(rt, kind, encode(a), encode(b), c)
+    np.testing.assert_array_equal(d, a @ b + c)  # small integers: every sum is exact
+
+
+@pytest.mark.parametrize("kind", ["tf32", "bf16"])
+def test_mma_matches_the_documented_arithmetic_bitwise(rt, schedule, kind):
+    """Random operands over a wide range of exponents: the order of the sums shows."""
+    _, K, _, decode = MMA_KINDS[kind]
+    rng = np.random.default_rng(K)
+    def operand(shape):  # any register pattern: tf32 operands keep their low 13 bits
+        x = (rng.standard_normal(shape) * 2.0 ** rng.integers(-8, 9, shape)).astype(np.float32)
+        return as_bits(x) if kind == "tf32" else as_bits(x) >> 16
+    a, b = operand((2, 16, K)), operand((2, K, 8))
+    c = (rng.standard_normal((2, 16, 8)) * 4).astype(np.float32)
+    d = run_mma(rt, kind, a, b, c)
+    expected = np.stack([mma_model(decode(a[w]), decode(b[w]), c[w]) for w in range(2)])
+    np.testing.assert_array_equal(as_bits(d), as_bits(expected))
+
+
+def test_mma_truncates_the_low_bits_of_tf32_operands(rt):
+    """A's ones carry 0.75 of a tf32 unit in their low bits and B's integers 0x0FFF: read
+    truncated, D = B's rows exactly; rounded (to 1 + 2^-10) or read whole, they are not."""
+    rng = np.random.default_rng(5)
+    a = as_bits(np.eye(8)[np.concatenate([rng.permutation(8), rng.permutation(8)])].astype(np.float32))
+    a[a != 0] |= 0x1800
+    b_values = (rng.permutation(64).reshape(8, 8) + 1).astype(np.float32)
+    b = as_bits(b_values) | 0x0FFF
+    d = run_mma(rt, "tf32", a[None], b[None], np.zeros((1, 16, 8), np.float32))[0]
+    np.testing.assert_array_equal(d, tf32_operand(a) @ b_values)
+    assert (tf32_operand(a) @ b_values == np.eye(8)[np.argmax(a, axis=1)] @ b_values).all()
+
+
+@pytest.mark.parametrize("kind", ["tf32", "bf16"])
+@pytest.mark.parametrize("case, expected", [("ties", 1.0), ("cancellation", 0.0)])
+def test_mma_sums_in_the_documented_order(rt, kind, case, expected):
+    """ties: c = 1 and every product 2^-24; in order, each addition ties back to 1, while
+    an exact sum or the products summed first give 1 + K 2^-24. cancellation: products
+    2^24, 1, -2^24 after c = 0 give 0 in order (2^24 + 1 ties to 2^24) but 1 exactly or in
+    reverse order."""
+    _, K, encode, decode = MMA_KINDS[kind]
+    if case == "ties":
+        row, column, c = np.full(K, 2.0**-12), np.full(K, 2.0**-12), np.ones((16, 8))
+    else:
+        row, column, c = np.zeros(K), np.zeros(K), np.zeros((16, 8))
+        row[:3], column[:3] = [2.0**12, 1.0, -(2.0**12)], [2.0**12, 1.0, 2.0**12]
+    a, b = np.tile(row, (16, 1)), np.tile(column[:, None], (1, 8))
+    d = run_mma(rt, kind, encode(a)[None], encode(b)[None], c[None].astype(np.float32))[0]
+    assert (d == expected).all()
+    assert (mma_model(decode(encode(a)), decode(encode(b)), c) == expected).all()
+    assert (a @ b + c != expected).all()  # the exact result differs: the order is what is tested
+
+
+def tf32_rna_model(x):
+    """Round to nearest, ties away from zero, to 11 significant bits (tf32's subnormals
+    are float32's, 13 bits coarser), in float64 arithmetic."""
+    out = []
+    for v in np.asarray(x, np.float32).astype(np.float64):
+        _, e = np.frexp(abs(v))  # |v| = m 2^e, 0.5 <= m < 1
+        unit = 2.0 ** max(e - 11, -136)
+        out.append(np.copysign(np.floor(abs(v) / unit + 0.5) * unit, v))
+    with np.errstate(over="ignore"):
+        return as_bits(np.array(out).astype(np.float32))  # beyond the float32 range: infinity
+
+
+def bf16_rn_model(x):
+    """Round to nearest, ties to even, to 8 significant bits; NaN to the canonical 0x7FFF."""
+    out = []
+    for bits in as_bits(x):
+        if bits & 0x7FFFFFFF > 0x7F800000:
+            out.append(0x7FFF)
+            continue
+        v = float(bits.view(np.float32))
+        _, e = np.frexp(abs(v))
+        unit = 2.0 ** max(e - 8, -133)
+        with np.errstate(over="ignore"):
+            r = np.float32(np.copysign(np.round(abs(v) / unit) * unit, v))  # np.round: ties to even
+        out.append(int(r.view(np.uint32)) >> 16)
+    return np.array(out, np.uint32)
+
+
+def convert(rt, kind, x):
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.zeros(x.size // (1 + kind), np.uint32)
+    assert call(rt, "convert", kind, x, out.size, out) == (0, "")
+    return out
+
+
+def test_cvt_rna_tf32(rt):
+    edges = np.array([
+        0x3F801000, 0xBF801000,  # ties: away from zero
+        0x3F800FFF, 0x3F801001, 0x3F801FFF, 0x3FFFF000,  # below, above, carry into the exponent
+        0x7F7FEFFF, 0x7F7FF000, 0x7F7FFFFF,  # the largest floats: a tie and above round to infinity
+        0x00000FFF, 0x00001000, 0x007FF000, 0x80000000, 0,  # subnormals (a tie to the smallest normal), zeros
+    ], np.uint32)
+    rng = np.random.default_rng(6)
+    random = rng.integers(0, 2**32, 4000, dtype=np.uint64).astype(np.uint32)
+    finite = np.concatenate([edges, random[np.isfinite(as_floats(random))]])
+    np.testing.assert_array_equal(convert(rt, 0, as_floats(finite)), tf32_rna_model(as_floats(finite)))
+    # infinities and NaNs lose their low 13 bits and nothing else (ptxas's code for cvt.rna):
+    # a NaN whose payload lies only there becomes an infinity
+    special = np.array([0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC01234, 0x7F800001], np.uint32)
+    np.testing.assert_array_equal(convert(rt, 0, as_floats(special)),
+                                  [0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7F800000])
+
+
+def test_pack_bf16x2_rounds_to_nearest_even_lo_in_the_low_half(rt):
+    edges = np.array([
+        0x3F808000, 0x3F818000, 0xBF808000,  # ties: to the even neighbour
+        0x3F807FFF, 0x3F808001, 0x3FFF8000,  # below, above, carry into the exponent
+        0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF,  # the largest floats: a tie and above round to infinity
+        0x00008000, 0x00018000, 0x80000000, 0,  # subnormal ties, zeros
+        0x7F800000, 0xFF800000, 0x7FC00000, 0xFF812345,  # infinities, NaNs
+    ], np.uint32)
+    rng = np.random.default_rng(7)
+    x = as_floats(np.concatenate([edges, rng.integers(0, 2**32, 4001, dtype=np.uint64).astype(np.uint32)]))
+    got = convert(rt, 1, x)
+    np.testing.assert_array_equal(got & 0xFFFF, bf16_rn_model(x[0::2]))
+    np.testing.assert_array_equal(got >> 16, bf16_rn_model(x[1::2]))
+    assert convert(rt, 1, [1.0, 2.0])[0] == 0x40003F80  # bf16(lo) | bf16(hi) << 16
+
+
+@pytest.mark.parametrize("count", [2, 4])
+@pytest.mark.parametrize("trans", [0, 1])
+def test_ldmatrix_gives_each_lane_its_elements(rt, schedule, count, trans):
+    """The rows lie scattered in a padded shared tile; every element is distinct."""
+    rng = np.random.default_rng(10 * count + trans)
+    mats = rng.permutation(65536)[:count * 64].astype(np.uint16).reshape(count, 8, 8)
+    got, direct = np.zeros((32, count), np.uint32), np.zeros((32, count), np.uint32)
+    assert call(rt, "ldmatrix", count, trans, mats, got, direct) == (0, "")
+    m = mats.transpose(0, 2, 1) if trans else mats  # .trans: lane l reads column l / 4
+    row, col = np.arange(32) // 4, 2 * (np.arange(32) % 4)
+    expected = np.stack([m[i, row, col].astype(np.uint32) | m[i, row, col + 1].astype(np.uint32) << 16
+                         for i in range(count)], axis=1)
+    np.testing.assert_array_equal(direct, expected)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("scenario, snapshots", [
+    (0, ["stage 0"]),                      # commit, wait_all: the data
+    (1, ["poison"]),                       # read before the wait: NaN
+    (2, ["stage 0", "poison", "stage 1"]),  # wait<1> completes the older group only
+    (3, ["poison", "stage 0"]),            # wait<0> leaves an uncommitted copy; wait_all commits it
+])
+def test_cp_async_lands_only_after_its_wait(rt, schedule, scenario, snapshots):
+    x = np.arange(1, 513, dtype=np.float32)
+    out = np.zeros((3, 64, 4), np.float32)
+    assert call(rt, "cp_async", scenario, x, out) == (0, "")
+    stages = x.reshape(2, 64, 4)
+    for snapshot, want in zip(out, snapshots):
+        if want == "poison":
+            assert np.isnan(snapshot).all()
+        else:
+            np.testing.assert_array_equal(snapshot, stages[int(want[-1])])
+
+
+def test_tensor_core_misuse_is_reported_not_hung():
+    """Each misuse, under each schedule: a launch failure with CUDA's error code."""
+    expected = {
+        0: (LAUNCH_FAILURE, ["at mma_m16n8k8_tf32 ", "runtime_test_kernels.cu:", "needs all 32 lanes", "has 16 threads"]),
+        1: (LAUNCH_FAILURE, ["exited", "at mma_m16n8k8_tf32 ", "runtime_test_kernels.cu:"]),
+        2: (MISALIGNED_ADDRESS, ["at ldmatrix ", "runtime_test_kernels.cu:", "is not 16-byte aligned"]),
+        3: (ILLEGAL_ADDRESS, ["at ldmatrix ", "runtime_test_kernels.cu:", "is not in shared memory"]),
+        4: (MISALIGNED_ADDRESS, ["at cp_async_16 ", "runtime_test_kernels.cu:", "is not 16-byte aligned"]),
+        5: (ILLEGAL_ADDRESS, ["at cp_async_16 ", "runtime_test_kernels.cu:", "is not in shared memory"]),
+    }
+    for key, (code, message) in misuse_reports("tensor_misuse", 6).items():
+        want_code, fragments = expected[int(key.split()[1])]
+        assert code == want_code and "kernel tensor_misuse" in message, (key, message)
+        for fragment in fragments:
+            assert fragment in message, (key, message)
 
 
 # --- memory ---------------------------------------------------------------------------------
