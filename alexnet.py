@@ -202,20 +202,26 @@ def dropout_backward(dout, p, seed, layer, step):
     return dropout_forward(dout, p, seed, layer, step, train=True)
 
 
-def augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, crop):
+def augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, crop, centre_mean=False, divisor=1.0):
     """uint8 images [N][H][W][3] -> float32 crops [N][3][crop][crop]: crop at offsets[n] = (y, x),
-    mirror where flips[n], subtract the mean image [H][W][3] at the same place, and add the PCA
-    lighting sum_i alphas[n][i] * eigval[i] * eigvec[:, i] to every pixel."""
-    N = images.shape[0]
+    mirror where flips[n], subtract the mean image [H][W][3] at the same place (centre_mean: its
+    centre crop, unmirrored, as the 2012 code does), add the PCA lighting
+    sum_i alphas[n][i] * eigval[i] * eigvec[:, i] to every pixel, and divide by `divisor`."""
+    N, H, W, _ = images.shape
     out = np.empty((N, 3, crop, crop), dtype=np.float32)
     light = (alphas.astype(np.float32) * eigval.astype(np.float32)) @ eigvec.astype(np.float32).T  # [N][3]
+    centre = np.s_[(H - crop) // 2:(H - crop) // 2 + crop, (W - crop) // 2:(W - crop) // 2 + crop]
     for n in range(N):
         oy, ox = offsets[n]
         window = np.s_[oy:oy + crop, ox:ox + crop]
-        patch = images[n][window].astype(np.float32) - mean[window].astype(np.float32)
+        patch = images[n][window].astype(np.float32)
+        if not centre_mean:
+            patch -= mean[window].astype(np.float32)
         if flips[n]:
             patch = patch[:, ::-1]
-        out[n] = patch.transpose(2, 0, 1) + light[n][:, None, None]
+        if centre_mean:
+            patch = patch - mean[centre].astype(np.float32)
+        out[n] = (patch.transpose(2, 0, 1) + light[n][:, None, None]) / np.float32(divisor)
     return out
 
 
@@ -374,19 +380,50 @@ CONV_GROUPS = (1, 2, 1, 2, 2)   # conv1 reads the whole image, conv3 both towers
 CONV_POOLED = (True, True, False, False, True)
 CONV_LRN = (True, True, False, False, False)
 BIAS_INIT = (0, 1, 0, 1, 1, 1, 1, 0)  # the paper: 1 where the ReLUs should start active
+PAPER_LAYERS = dict(conv1_relu_after_pool=0, spatial_size=0, spatial_alpha=0.0, spatial_beta=0.0, spatial_k=0.0)
 
 # The presets of train_alexnet.cu (section 11), sizes for the whole network.
 PRESETS = {
     "alexnet": dict(preset=0, crop=224, conv_out=(96, 256, 384, 384, 256), conv_kernel=(11, 5, 3, 3, 3),
                     conv_stride=(4, 1, 1, 1, 1), conv_pad=(0, 2, 1, 1, 1), fc_out=(4096, 4096),
                     pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
-                    init_std=0.01),
+                    init_std=0.01, **PAPER_LAYERS),
     "small": dict(preset=1, crop=28, conv_out=(16, 32, 48, 48, 32), conv_kernel=(5, 5, 3, 3, 3),
                   conv_stride=(1, 1, 1, 1, 1), conv_pad=(2, 2, 1, 1, 1), fc_out=(128, 128),
                   pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
-                  init_std=0.05),
+                  init_std=0.05, **PAPER_LAYERS),
+    # the authors' 2012 run: conv1 LRN pool ReLU; a 5x5 within-map normalisation after conv2's LRN
+    "alexnet-2012-code": dict(preset=2, crop=224, conv_out=(96, 256, 384, 384, 256), conv_kernel=(11, 5, 3, 3, 3),
+                              conv_stride=(4, 1, 1, 1, 1), conv_pad=(0, 2, 1, 1, 1), fc_out=(4096, 4096),
+                              pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
+                              init_std=0.01, conv1_relu_after_pool=1, spatial_size=5, spatial_alpha=1e-3,
+                              spatial_beta=0.75, spatial_k=1.0),
 }
 PRESET_NAMES = tuple(PRESETS)
+
+# How each preset is trained beyond the flags (the .cu's RECIPES; epochs counted from 0).
+PAPER_RECIPE = dict(init_std_scale=(1,) * 8, flag_defaults={}, crop_chunk=1, centre_mean=False,
+                    lighting_stdev=False, lighting_epochs=0, bias_lr_scale=0.0, conv1_slow_epoch=-1,
+                    conv1_frozen_epoch=-1)
+RECIPES = {
+    "alexnet": PAPER_RECIPE,
+    "small": PAPER_RECIPE,
+    "alexnet-2012-code": dict(init_std_scale=(1, 1, 3, 3, 3, 1, 1, 1),
+                              flag_defaults={"lr_steps": (24, 50, 78), "patience": 0}, crop_chunk=32,
+                              centre_mean=True, lighting_stdev=True, lighting_epochs=66, bias_lr_scale=2.0,
+                              conv1_slow_epoch=66, conv1_frozen_epoch=71),
+}
+
+
+def learning_rates(preset, lr, epoch, drops):
+    """{"weights", "biases", "conv1_weights", "conv1_biases": rate, "conv1_frozen": bool} of one
+    step in `epoch`, after `drops` divisions by 10 of the base rate `lr` (the .cu's learning_rates)."""
+    recipe, lr = RECIPES[preset], np.float32(lr)
+    rate = np.float32(np.float64(lr) * 0.1 ** drops)
+    biases = np.float32(recipe["bias_lr_scale"]) * lr if recipe["bias_lr_scale"] else rate
+    slow = 0 <= recipe["conv1_slow_epoch"] <= epoch
+    return dict(weights=rate, biases=biases, conv1_weights=np.float32(0.1) * rate if slow else rate,
+                conv1_biases=biases, conv1_frozen=0 <= recipe["conv1_frozen_epoch"] <= epoch)
 
 
 def architecture(preset, classes):
@@ -420,11 +457,12 @@ def parameter_shapes(arch):
 
 
 def init_params(arch, rng):
-    """The paper's initialisation (float32): weights ~ N(0, init_std^2), biases 0 or 1."""
-    params = {}
+    """The paper's initialisation (float32): weights ~ N(0, std^2) with std = init_std times the
+    preset's scale for the layer, biases 0 or 1."""
+    params, scales = {}, RECIPES[PRESET_NAMES[arch["preset"]]]["init_std_scale"]
     for name, shape in parameter_shapes(arch).items():
         layer = LAYERS.index(name.split(".")[0])
-        params[name] = (rng.normal(0, arch["init_std"], shape) if name.endswith("weight")
+        params[name] = (rng.normal(0, arch["init_std"] * scales[layer], shape) if name.endswith("weight")
                         else np.full(shape, BIAS_INIT[layer])).astype(np.float32)
     return params
 
@@ -446,6 +484,20 @@ def _lrn_towers(x, arch):
     return np.concatenate([r[0] for r in results], axis=1), [r[1] for r in results]
 
 
+def _relu_after_pool(arch, i):
+    """The 2012 code's conv1: conv, LRN, pool, then the ReLU."""
+    return i == 0 and arch.get("conv1_relu_after_pool", 0) == 1
+
+
+def _spatial_norm(arch, i):
+    """The 2012 code's conv2: a within-map normalisation between the LRN and the pooling."""
+    return i == 1 and arch.get("spatial_size", 0) > 0
+
+
+def _spatial_settings(arch):
+    return arch["spatial_size"], arch["spatial_alpha"], arch["spatial_beta"], arch["spatial_k"]
+
+
 def model_forward(arch, params, x, labels, dropout=0.5, seed=0, step=0, train=True):
     """Forward pass on crops x [N][3][crop][crop]: (per-image losses, top-1/top-5 correct
     counts, cache for model_backward)."""
@@ -455,13 +507,18 @@ def model_forward(arch, params, x, labels, dropout=0.5, seed=0, step=0, train=Tr
         name = LAYERS[i]
         cache[f"{name}.in"] = a
         a = conv_forward(a, params[f"{name}.weight"], params[f"{name}.bias"], arch["conv_stride"][i],
-                         arch["conv_pad"][i], CONV_GROUPS[i], relu=True)
+                         arch["conv_pad"][i], CONV_GROUPS[i], relu=not _relu_after_pool(arch, i))
         cache[f"{name}.out"] = a
         if CONV_LRN[i]:
             a, cache[f"{name}.scale"] = _lrn_towers(a, arch)
             cache[f"{name}.lrn"] = a
+        if _spatial_norm(arch, i):
+            a, cache[f"{name}.spatial_scale"] = spatial_norm_forward(a, *_spatial_settings(arch))
+            cache[f"{name}.spatial"] = a
         if CONV_POOLED[i]:
             a = maxpool_forward(a, arch["pool_size"], arch["pool_stride"])
+        if _relu_after_pool(arch, i):
+            a = cache[f"{name}.pool"] = relu_forward(a)
     a = a.reshape(len(a), -1)  # (channel, y, x) of pool5, tower 0's channels first
     for f, name in enumerate(LAYERS[5:]):
         cache[f"{name}.in"] = a
@@ -490,9 +547,15 @@ def model_backward(arch, params, cache, dropout=0.5, seed=0, step=0):
         out = cache[f"{name}.out"]
         if CONV_POOLED[i]:
             P = pool_output_size(out.shape[2], arch["pool_size"], arch["pool_stride"])
-            d = maxpool_backward(d.reshape(len(d), out.shape[1], P, P),
-                                 cache[f"{name}.lrn"] if CONV_LRN[i] else out, arch["pool_size"],
-                                 arch["pool_stride"])
+            d = d.reshape(len(d), out.shape[1], P, P)
+            if _relu_after_pool(arch, i):
+                d = relu_backward(d, cache[f"{name}.pool"])
+            pooled = cache[f"{name}.spatial"] if _spatial_norm(arch, i) else (
+                cache[f"{name}.lrn"] if CONV_LRN[i] else out)
+            d = maxpool_backward(d, pooled, arch["pool_size"], arch["pool_stride"])
+        if _spatial_norm(arch, i):
+            d = spatial_norm_backward(d, cache[f"{name}.lrn"], cache[f"{name}.spatial"],
+                                      cache[f"{name}.spatial_scale"], *_spatial_settings(arch))
         if CONV_LRN[i]:
             d = np.concatenate([
                 lrn_backward(dh, xh, oh, sh, arch["lrn_size"], arch["lrn_alpha"], arch["lrn_beta"],
@@ -500,7 +563,8 @@ def model_backward(arch, params, cache, dropout=0.5, seed=0, step=0):
                 for dh, xh, oh, sh in zip(np.split(d, 2, axis=1), np.split(out, 2, axis=1),
                                           np.split(cache[f"{name}.lrn"], 2, axis=1), cache[f"{name}.scale"])],
                 axis=1)
-        d = relu_backward(d, out)
+        if not _relu_after_pool(arch, i):
+            d = relu_backward(d, out)
         inp, k = cache[f"{name}.in"], arch["conv_kernel"][i]
         grads[f"{name}.weight"], grads[f"{name}.bias"] = conv_backward_weights(
             d, inp, (k, k), arch["conv_stride"][i], arch["conv_pad"][i], CONV_GROUPS[i])
@@ -512,14 +576,21 @@ def model_backward(arch, params, cache, dropout=0.5, seed=0, step=0):
 
 def model_step(arch, params, momentum, x, labels, lr, momentum_coef, weight_decay, dropout=0.5,
                seed=0, step=0):
-    """One SGD step as train_alexnet does it (no weight decay on biases):
-    (mean loss, new params, new momentum)."""
+    """One SGD step as train_alexnet does it (no weight decay on biases): (mean loss, new params,
+    new momentum). lr: one rate for every parameter, or a learning_rates() dict."""
+    rates = lr if isinstance(lr, dict) else dict(weights=lr, biases=lr, conv1_weights=lr, conv1_biases=lr,
+                                                 conv1_frozen=False)
     losses, _, cache = model_forward(arch, params, x, labels, dropout, seed, step, train=True)
     grads = model_backward(arch, params, cache, dropout, seed, step)
     new_params, new_momentum = {}, {}
     for name in params:
-        wd = weight_decay if name.endswith("weight") else 0.0
-        new_params[name], new_momentum[name] = sgd_update(params[name], momentum[name], grads[name], lr,
+        layer, kind = name.split(".")
+        if layer == "conv1" and rates["conv1_frozen"]:
+            new_params[name], new_momentum[name] = params[name], momentum[name]
+            continue
+        group = ("conv1_" if layer == "conv1" else "") + ("weights" if kind == "weight" else "biases")
+        wd = weight_decay if kind == "weight" else 0.0
+        new_params[name], new_momentum[name] = sgd_update(params[name], momentum[name], grads[name], rates[group],
                                                           momentum_coef, wd)
     return losses.mean(), new_params, new_momentum
 
@@ -1475,6 +1546,8 @@ _HEADER = (  # (name, index, kind, count)
     ("best_error", 55, "f32", 1), ("loss", 56, "f32", 1), ("epochs", 57, "i32", 1), ("steps", 58, "i32", 1),
     ("lr_steps", 60, "list", 8),  # count at index 59
     ("image_height", 68, "i32", 1), ("image_width", 69, "i32", 1),  # 0: not recorded (older checkpoints)
+    ("conv1_relu_after_pool", 70, "i32", 1), ("spatial_size", 71, "i32", 1),  # 0 in older checkpoints
+    ("spatial_alpha", 72, "f32", 1), ("spatial_beta", 73, "f32", 1), ("spatial_k", 74, "f32", 1),
 )
 # The training state of a fresh run: the executables' defaults.
 _DEFAULT_STATE = dict(step=0, seed=1, batch=128, lr=0.01, momentum=0.9, weight_decay=0.0005, dropout=0.5,
@@ -1548,6 +1621,12 @@ def _header_problem(fields, count_of_lr_steps):
     if not all(np.isfinite(fields[name]) for name in ("lrn_alpha", "lrn_beta", "lrn_k")) \
             or not 0 < fields["init_std"] < np.inf:
         return "LRN settings not finite, or an initialisation std that is not positive"
+    if fields["conv1_relu_after_pool"] not in (0, 1):
+        return f"conv1 ReLU order {fields['conv1_relu_after_pool']}"
+    if fields["spatial_size"] and not (1 <= fields["spatial_size"] <= 64 and fields["spatial_alpha"] >= 0
+                                       and 0 < fields["spatial_k"] < np.inf and np.isfinite(fields["spatial_alpha"])
+                                       and np.isfinite(fields["spatial_beta"])):
+        return f"bad within-map normalisation settings (size {fields['spatial_size']})"
     if not 0 <= count_of_lr_steps <= MAX_LR_STEPS or not all(1 <= e <= 1000000 for e in fields["lr_steps"]):
         return f"{count_of_lr_steps} --lr-steps epochs (at most {MAX_LR_STEPS}, each 1..1000000)"
     if not (fields["best_error"] == np.inf or 0 <= fields["best_error"] <= 1):
@@ -1890,9 +1969,9 @@ _CDEFS.append("""
 int alexnet_philox4x32(uint32_t* out, const uint32_t* counter, const uint32_t* key);
 int alexnet_augment_images(float* out, const uint8_t* images, const float* mean, const int* offsets,
                            const uint8_t* flips, const float* alphas, const float* eigval,
-                           const float* eigvec, int N, int H, int W, int crop);
-int alexnet_augmentation_draws(int* offsets, uint8_t* flips, float* alphas, uint64_t seed, long step,
-                               int n, int H, int W, int crop);
+                           const float* eigvec, int N, int H, int W, int crop, int centre_mean, float divisor);
+int alexnet_augmentation_draws(int* offsets, uint8_t* flips, float* alphas, float* divisor, const char* preset,
+                               uint64_t seed, long step, long epoch, int n, int H, int W, int crop);
 int alexnet_view_geometry(int* ys, int* xs, uint8_t* flips, int H, int W, int crop);
 int alexnet_relu_forward(float* out, const float* inp, long n);
 int alexnet_relu_backward(float* dinp, const float* dout, const float* out, long n);
@@ -1949,13 +2028,15 @@ def cuda_philox4x32(counter, key):
     return out
 
 
-def cuda_augmentation_draws(seed, step, n, H, W, crop):
+def cuda_augmentation_draws(seed, step, n, H, W, crop, preset="alexnet", epoch=0):
     """The random crop offsets [n][2], flips [n] and lighting weights [n][3] that the
-    executable's loader draws for the first n images of training batch `step`."""
+    executable's loader draws for the first n images of training batch `step` (in `epoch`)
+    of a run of `preset`, and the divisor of those crops."""
     offsets, flips, alphas = np.empty((n, 2), np.int32), np.empty(n, np.uint8), np.empty((n, 3), np.float32)
+    divisor = np.empty(1, np.float32)
     _check(library()[1].alexnet_augmentation_draws(_ptr(offsets, "int"), _ptr(flips, "uint8_t"), _ptr(alphas),
-                                                   seed, step, n, H, W, crop))
-    return offsets, flips, alphas
+                                                   _ptr(divisor), preset.encode(), seed, step, epoch, n, H, W, crop))
+    return offsets, flips, alphas, float(divisor[0])
 
 
 def cuda_view_geometry(H, W, crop):
@@ -1965,7 +2046,7 @@ def cuda_view_geometry(H, W, crop):
     return [(int(y), int(x), int(f)) for y, x, f in zip(ys, xs, flips)]
 
 
-def cuda_augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, crop):
+def cuda_augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, crop, centre_mean=False, divisor=1.0):
     images = np.ascontiguousarray(images, dtype=np.uint8)
     if images.ndim != 4 or images.shape[3] != 3:
         raise AlexNetError(f"augment_images: expected N x H x W x 3 images, got shape {images.shape}")
@@ -1979,7 +2060,7 @@ def cuda_augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, cr
     out = np.empty((N, 3, crop, crop), dtype=np.float32)
     _check(library()[1].alexnet_augment_images(
         _ptr(out), _ptr(images, "uint8_t"), _ptr(mean), _ptr(offsets, "int"), _ptr(flips, "uint8_t"),
-        _ptr(alphas), _ptr(eigval), _ptr(eigvec), N, H, W, crop))
+        _ptr(alphas), _ptr(eigval), _ptr(eigvec), N, H, W, crop, int(centre_mean), divisor))
     return out
 
 
@@ -2189,7 +2270,8 @@ class NumpyModel:
         n = len(images)
         x = augment_images(np.asarray(images, np.uint8), self.mean, np.asarray(offsets, np.int32),
                            np.asarray(flips, np.uint8), np.zeros((n, 3), np.float32),
-                           np.zeros(3, np.float32), np.eye(3, dtype=np.float32), self.crop)
+                           np.zeros(3, np.float32), np.eye(3, dtype=np.float32), self.crop,
+                           centre_mean=RECIPES[self.arch["arch"]]["centre_mean"])
         _, _, cache = model_forward(self.arch, self.params, x.astype(np.float64),
                                     np.zeros(n, np.int64), self.arch["dropout"], train=False)
         logits = fc_forward(cache["fc8.in"], self.params["fc8.weight"], self.params["fc8.bias"],

@@ -184,16 +184,20 @@ extern "C" int alexnet_philox4x32(uint32_t* out, const uint32_t* counter, const 
     });
 }
 
-// The augmentation the loader draws for training batch `step` (n images of H x W, crops
-// of `crop`): the same stream and function as Loader::fill, for the statistical tests.
-extern "C" int alexnet_augmentation_draws(int* offsets, uint8_t* flips, float* alphas, uint64_t seed, long step,
-                                          int n, int H, int W, int crop) {
+// The augmentation the loader draws for training batch `step` of `epoch` in a run of
+// `preset` (n images of H x W, crops of `crop`), and the divisor of its crops: the same
+// stream and function as Loader::fill, for the statistical tests.
+extern "C" int alexnet_augmentation_draws(int* offsets, uint8_t* flips, float* alphas, float* divisor,
+                                          const char* preset, uint64_t seed, long step, long epoch, int n, int H,
+                                          int W, int crop) {
     return api_call([&] {
-        require_pointers("augmentation_draws", {{"offsets", offsets}, {"flips", flips}, {"alphas", alphas}});
-        require(n >= 0 && step >= 0 && crop >= 1 && crop <= H && crop <= W && H <= MAX_IMAGE_SIDE && W <= MAX_IMAGE_SIDE,
-                "augmentation_draws: need n, step >= 0 and 1 <= crop <= H, W <= %d", (int)MAX_IMAGE_SIDE);
+        require_pointers("augmentation_draws", {{"offsets", offsets}, {"flips", flips}, {"alphas", alphas},
+                                                {"divisor", divisor}, {"preset", preset}});
+        require(n >= 0 && step >= 0 && epoch >= 0 && crop >= 1 && crop <= H && crop <= W && H <= MAX_IMAGE_SIDE &&
+                    W <= MAX_IMAGE_SIDE,
+                "augmentation_draws: need n, step, epoch >= 0 and 1 <= crop <= H, W <= %d", (int)MAX_IMAGE_SIDE);
         HostRng rng(seed, RNG_AUGMENT, step);
-        for (int i = 0; i < n; i++) draw_augmentation(rng, H, W, crop, &offsets[2 * i], &flips[i], &alphas[3 * i]);
+        *divisor = draw_augmentation(rng, recipe(find_preset(preset)), epoch, n, H, W, crop, offsets, flips, alphas);
     });
 }
 
@@ -208,11 +212,12 @@ extern "C" int alexnet_view_geometry(int* ys, int* xs, uint8_t* flips, int H, in
 
 extern "C" int alexnet_augment_images(float* out, const uint8_t* images, const float* mean,
                                       const int* offsets, const uint8_t* flips, const float* alphas,
-                                      const float* eigval, const float* eigvec, int N, int H, int W, int crop) {
+                                      const float* eigval, const float* eigvec, int N, int H, int W, int crop,
+                                      int centre_mean, float divisor) {
     return api_call([&] {
         require_pointers("augment_images", {{"out", out}, {"images", images}, {"mean", mean}, {"offsets", offsets},
                                             {"flips", flips}, {"alphas", alphas}, {"eigval", eigval}, {"eigvec", eigvec}});
-        long count = augment_images_check(N, H, W, crop);
+        long count = augment_images_check(N, H, W, crop, divisor);
         for (int n = 0; n < N; n++) {
             int oy = offsets[2 * n], ox = offsets[2 * n + 1];
             require(oy >= 0 && oy <= H - crop && ox >= 0 && ox <= W - crop,
@@ -226,7 +231,7 @@ extern "C" int alexnet_augment_images(float* out, const uint8_t* images, const f
         DeviceArray<uint8_t> d_flips(flips, N);
         DeviceArray<float> d_out(count);
         augment_images(d_out.ptr, d_images.ptr, d_mean.ptr, d_offsets.ptr, d_flips.ptr, d_alphas.ptr,
-                       d_eigval.ptr, d_eigvec.ptr, N, H, W, crop, 0);
+                       d_eigval.ptr, d_eigvec.ptr, N, H, W, crop, centre_mean != 0, divisor, 0);
         d_out.download(out);
     });
 }
@@ -251,54 +256,59 @@ extern "C" int alexnet_relu_backward(float* dinp, const float* dout, const float
     });
 }
 
-extern "C" int alexnet_lrn_forward(float* out, float* scale, const float* inp, int N, int C, int H, int W,
-                                   int size, float alpha, float beta, float k) {
+// The two normalisations (across channels: lrn_*, within a map: spatial_norm_*) share
+// their arguments: `check` validates the sizes, `forward` / `backward` is the launcher.
+template <typename Check, typename Forward>
+static int normalisation_forward(const char* op, Check check, Forward forward, float* out, float* scale,
+                                 const float* inp, int N, int C, int H, int W, int size, float alpha, float beta,
+                                 float k) {
     return api_call([&] {
-        require_pointers("lrn_forward", {{"out", out}, {"scale", scale}, {"inp", inp}});
-        long count = lrn_check(N, C, H, W, size, alpha, beta, k);
+        require_pointers(op, {{"out", out}, {"scale", scale}, {"inp", inp}});
+        long count = check(N, C, H, W, size, alpha, beta, k);
         DeviceArray<float> d_inp(inp, count), d_out(count), d_scale(count);
-        lrn_forward(d_out.ptr, d_scale.ptr, d_inp.ptr, N, C, H, W, size, alpha, beta, k, 0);
+        forward(d_out.ptr, d_scale.ptr, d_inp.ptr, N, C, H, W, size, alpha, beta, k, 0);
         d_out.download(out);
         d_scale.download(scale);
     });
+}
+
+template <typename Check, typename Backward>
+static int normalisation_backward(const char* op, Check check, Backward backward, float* dinp, const float* dout,
+                                  const float* inp, const float* out, const float* scale, int N, int C, int H, int W,
+                                  int size, float alpha, float beta, float k) {
+    return api_call([&] {
+        require_pointers(op, {{"dinp", dinp}, {"dout", dout}, {"inp", inp}, {"out", out}, {"scale", scale}});
+        long count = check(N, C, H, W, size, alpha, beta, k);
+        DeviceArray<float> d_dout(dout, count), d_inp(inp, count), d_out(out, count), d_scale(scale, count), d_dinp(count);
+        backward(d_dinp.ptr, d_dout.ptr, d_inp.ptr, d_out.ptr, d_scale.ptr, N, C, H, W, size, alpha, beta, k, 0);
+        d_dinp.download(dinp);
+    });
+}
+
+extern "C" int alexnet_lrn_forward(float* out, float* scale, const float* inp, int N, int C, int H, int W,
+                                   int size, float alpha, float beta, float k) {
+    return normalisation_forward("lrn_forward", lrn_check, lrn_forward, out, scale, inp, N, C, H, W, size, alpha,
+                                 beta, k);
 }
 
 extern "C" int alexnet_lrn_backward(float* dinp, const float* dout, const float* inp, const float* out,
                                     const float* scale, int N, int C, int H, int W, int size, float alpha,
                                     float beta, float k) {
-    return api_call([&] {
-        require_pointers("lrn_backward", {{"dinp", dinp}, {"dout", dout}, {"inp", inp}, {"out", out}, {"scale", scale}});
-        long count = lrn_check(N, C, H, W, size, alpha, beta, k);
-        DeviceArray<float> d_dout(dout, count), d_inp(inp, count), d_out(out, count), d_scale(scale, count), d_dinp(count);
-        lrn_backward(d_dinp.ptr, d_dout.ptr, d_inp.ptr, d_out.ptr, d_scale.ptr, N, C, H, W, size, alpha, beta, k, 0);
-        d_dinp.download(dinp);
-    });
+    return normalisation_backward("lrn_backward", lrn_check, lrn_backward, dinp, dout, inp, out, scale, N, C, H, W,
+                                  size, alpha, beta, k);
 }
 
 extern "C" int alexnet_spatial_norm_forward(float* out, float* scale, const float* inp, int N, int C, int H, int W,
                                             int size, float alpha, float beta, float k) {
-    return api_call([&] {
-        require_pointers("spatial_norm_forward", {{"out", out}, {"scale", scale}, {"inp", inp}});
-        long count = spatial_norm_check(N, C, H, W, size, alpha, beta, k);
-        DeviceArray<float> d_inp(inp, count), d_out(count), d_scale(count);
-        spatial_norm_forward(d_out.ptr, d_scale.ptr, d_inp.ptr, N, C, H, W, size, alpha, beta, k, 0);
-        d_out.download(out);
-        d_scale.download(scale);
-    });
+    return normalisation_forward("spatial_norm_forward", spatial_norm_check, spatial_norm_forward, out, scale, inp,
+                                 N, C, H, W, size, alpha, beta, k);
 }
 
 extern "C" int alexnet_spatial_norm_backward(float* dinp, const float* dout, const float* inp, const float* out,
                                              const float* scale, int N, int C, int H, int W, int size, float alpha,
                                              float beta, float k) {
-    return api_call([&] {
-        require_pointers("spatial_norm_backward",
-                         {{"dinp", dinp}, {"dout", dout}, {"inp", inp}, {"out", out}, {"scale", scale}});
-        long count = spatial_norm_check(N, C, H, W, size, alpha, beta, k);
-        DeviceArray<float> d_dout(dout, count), d_inp(inp, count), d_out(out, count), d_scale(scale, count), d_dinp(count);
-        spatial_norm_backward(d_dinp.ptr, d_dout.ptr, d_inp.ptr, d_out.ptr, d_scale.ptr, N, C, H, W, size, alpha, beta,
-                              k, 0);
-        d_dinp.download(dinp);
-    });
+    return normalisation_backward("spatial_norm_backward", spatial_norm_check, spatial_norm_backward, dinp, dout,
+                                  inp, out, scale, N, C, H, W, size, alpha, beta, k);
 }
 
 extern "C" int alexnet_maxpool_forward(float* out, const float* inp, int N, int C, int H, int W, int size,

@@ -195,9 +195,13 @@ __host__ __device__ __forceinline__ float philox_uniform(uint32_t word) {
 // ----------------------------------------------------------------------------
 // 2. Data augmentation
 //
-// out[n][c][y][x] = img[n][oy+y][ox+x'][c] - mean[oy+y][ox+x'][c] + light[n][c]
+// out[n][c][y][x] = (img[n][oy+y][ox+x'][c] - mean[my][mx][c] + light[n][c]) / divisor
 //   x' = flip ? crop-1-x : x,   light[n][c] = sum_i alphas[n][i] * eigval[i] * eigvec[c][i]
 // (PCA lighting, paper section 4.1; eigvec row-major, column i is eigenvector i).
+// The paper's mean is the mean image under the crop, (my, mx) = (oy+y, ox+x'); the 2012
+// code subtracts the mean image's centre crop at the output pixel, unmirrored:
+// (my, mx) = ((H-crop)/2 + y, (W-crop)/2 + x) (centre_mean). The 2012 code's lighting
+// passes sqrt(eigval) as `eigval` and divides by 1.1 (doc/alexnet-2012-code.md, note 4).
 // One thread per output pixel (n, y, x) doing its three channels: consecutive threads
 // read consecutive pixels of an image row and write consecutive floats of each plane.
 // The offsets must keep the crop inside the image (the C API checks them on the host).
@@ -205,35 +209,39 @@ __global__ void augment_images_kernel(float* __restrict__ out, const uint8_t* __
                                       const float* __restrict__ mean, const int* __restrict__ offsets,
                                       const uint8_t* __restrict__ flips, const float* __restrict__ alphas,
                                       const float* __restrict__ eigval, const float* __restrict__ eigvec,
-                                      int N, int H, int W, int crop) {
+                                      int N, int H, int W, int crop, bool centre_mean, float divisor) {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= N * crop * crop) return;
     int x = t % crop, y = t / crop % crop, n = t / (crop * crop);
     int sy = offsets[2 * n] + y;
     int sx = offsets[2 * n + 1] + (flips[n] ? crop - 1 - x : x);
     long pixel = ((long)sy * W + sx) * 3;
+    long mean_pixel = centre_mean ? ((long)((H - crop) / 2 + y) * W + (W - crop) / 2 + x) * 3 : pixel;
     const uint8_t* img = images + (long)n * H * W * 3;
     for (int c = 0; c < 3; c++) {
         float light = 0.0f;
         for (int i = 0; i < 3; i++) light += alphas[3 * n + i] * eigval[i] * eigvec[3 * c + i];
-        out[((long)(n * 3 + c) * crop + y) * crop + x] = ((float)img[pixel + c] - mean[pixel + c]) + light;
+        out[((long)(n * 3 + c) * crop + y) * crop + x] =
+            (((float)img[pixel + c] - mean[mean_pixel + c]) + light) / divisor;
     }
 }
 
-static long augment_images_check(int N, int H, int W, int crop) {
+static long augment_images_check(int N, int H, int W, int crop, float divisor) {
     require(N > 0 && H > 0 && W > 0 && crop > 0, "augment_images: sizes must be positive (N=%d H=%d W=%d crop=%d)", N, H, W, crop);
     require(crop <= H && crop <= W, "augment_images: crop %d is larger than the %dx%d image", crop, H, W);
     require((long)N * H * W * 3 <= INT32_MAX, "augment_images: batch too large");
+    require(divisor > 0 && isfinite(divisor), "augment_images: the divisor must be positive and finite (got %g)",
+            divisor);
     return (long)N * 3 * crop * crop;
 }
 
 void augment_images(float* out, const uint8_t* images, const float* mean, const int* offsets,
                     const uint8_t* flips, const float* alphas, const float* eigval, const float* eigvec,
-                    int N, int H, int W, int crop, cudaStream_t stream) {
-    augment_images_check(N, H, W, crop);
+                    int N, int H, int W, int crop, bool centre_mean, float divisor, cudaStream_t stream) {
+    augment_images_check(N, H, W, crop, divisor);
     const int threads = 256;
     LAUNCH(augment_images_kernel, ceil_div((long)N * crop * crop, threads), threads, 0, stream,
-           out, images, mean, offsets, flips, alphas, eigval, eigvec, N, H, W, crop);
+           out, images, mean, offsets, flips, alphas, eigval, eigvec, N, H, W, crop, centre_mean, divisor);
 }
 
 // ----------------------------------------------------------------------------
@@ -1599,6 +1607,8 @@ static const char* LAYER_NAMES[NUM_LAYERS] = {"conv1", "conv2", "conv3", "conv4"
 // A preset: sizes are for the whole network (both towers). The topology is fixed:
 // conv1 ReLU LRN pool, conv2 ReLU LRN pool, conv3 ReLU, conv4 ReLU, conv5 ReLU pool,
 // fc6 ReLU dropout, fc7 ReLU dropout, fc8 softmax; the towers meet at conv3, fc6, fc7, fc8.
+// The authors' 2012 code differs in two places, each a field: conv1's ReLU comes after the
+// pooling (conv1 LRN pool ReLU), and conv2's LRN is followed by a within-map normalisation.
 struct Arch {
     int preset;                 // index into PRESETS
     int crop;                   // the network's square input, cropped from the stored image
@@ -1608,26 +1618,54 @@ struct Arch {
     int pool_size, pool_stride; // overlapping max pooling
     int lrn_size;
     float lrn_alpha, lrn_beta, lrn_k;
-    float init_std;             // weights ~ N(0, init_std^2)
+    float init_std;             // weights ~ N(0, (init_std * Recipe::init_std_scale[layer])^2)
+    bool conv1_relu_after_pool; // conv1 LRN pool ReLU instead of conv1 ReLU LRN pool
+    int spatial_size;           // conv2's within-map normalisation after its LRN (0: none)
+    float spatial_alpha, spatial_beta, spatial_k;
 };
 
 // "alexnet": the paper's network (Krizhevsky et al. 2012, section 3). "small": the same topology for 32x32 images with
 // 28x28 crops (28 -> conv1 28 -> pool 13 -> conv2 13 -> pool 6 -> conv3..5 6 -> pool 2),
 // used by the tests and the CPU demo. LRN k=2, n=5, alpha=1e-4 (divided by n), beta=0.75.
-static const char* PRESET_NAMES[] = {"alexnet", "small"};
+// "alexnet-2012-code": the network of the authors' own 2012 run behind the paper's
+// numbers (doc/alexnet-2012-code.md): the paper's sizes, conv1 LRN pool ReLU, and a 5x5
+// within-map normalisation (alpha 1e-3 divided by 25, beta 0.75, k 1) after conv2's LRN.
+static const char* PRESET_NAMES[] = {"alexnet", "small", "alexnet-2012-code"};
 static const Arch PRESETS[] = {
     {0, 224, 1000, {96, 256, 384, 384, 256}, {11, 5, 3, 3, 3}, {4, 1, 1, 1, 1}, {0, 2, 1, 1, 1},
-     {4096, 4096}, 3, 2, 5, 1e-4f, 0.75f, 2.0f, 0.01f},
+     {4096, 4096}, 3, 2, 5, 1e-4f, 0.75f, 2.0f, 0.01f, false, 0, 0.0f, 0.0f, 0.0f},
     {1, 28, 10, {16, 32, 48, 48, 32}, {5, 5, 3, 3, 3}, {1, 1, 1, 1, 1}, {2, 2, 1, 1, 1},
-     {128, 128}, 3, 2, 5, 1e-4f, 0.75f, 2.0f, 0.05f},
+     {128, 128}, 3, 2, 5, 1e-4f, 0.75f, 2.0f, 0.05f, false, 0, 0.0f, 0.0f, 0.0f},
+    {2, 224, 1000, {96, 256, 384, 384, 256}, {11, 5, 3, 3, 3}, {4, 1, 1, 1, 1}, {0, 2, 1, 1, 1},
+     {4096, 4096}, 3, 2, 5, 1e-4f, 0.75f, 2.0f, 0.01f, true, 5, 1e-3f, 0.75f, 1.0f},
 };
 enum { NUM_PRESETS = sizeof(PRESETS) / sizeof(PRESETS[0]) };
 
 static Arch find_preset(const char* name) {
     for (int i = 0; i < NUM_PRESETS; i++)
         if (strcmp(name, PRESET_NAMES[i]) == 0) return PRESETS[i];
-    fail("unknown preset '%s' (known: alexnet, small)", name);
+    fail("unknown preset '%s' (known: alexnet, small, alexnet-2012-code)", name);
 }
+
+// How a preset is trained, beyond the flags. The paper's text gives one recipe; the
+// authors' 2012 run (doc/alexnet-2012-code.md, note 5) used another, epochs counted from 0:
+struct Recipe {
+    float init_std_scale[NUM_LAYERS];  // each layer's init std, in units of Arch::init_std
+    const char* flag_defaults[4];      // flag, value pairs the preset sets unless the command line does
+    int crop_chunk;         // consecutive images of a batch that share one crop and one mirror
+    bool centre_mean;       // subtract the mean image's centre crop, not the mean under the crop
+    bool lighting_stdev;    // colour noise 0.1 z_i sqrt(lambda_i) p_i, then the crop / 1.1
+    int lighting_epochs;    // epochs with colour noise (0: all)
+    float bias_lr_scale;    // biases: this times --lr, never lowered (0: the weights' rate)
+    int conv1_slow_epoch;   // from this epoch conv1's weights learn at a tenth of the others' rate (-1: never)
+    int conv1_frozen_epoch; // from this epoch conv1 is not updated at all (-1: never)
+};
+static const Recipe RECIPES[NUM_PRESETS] = {
+    {{1, 1, 1, 1, 1, 1, 1, 1}, {}, 1, false, false, 0, 0.0f, -1, -1},
+    {{1, 1, 1, 1, 1, 1, 1, 1}, {}, 1, false, false, 0, 0.0f, -1, -1},
+    {{1, 1, 3, 3, 3, 1, 1, 1}, {"--lr-steps", "24,50,78", "--patience", "0"}, 32, true, true, 66, 2.0f, 66, 71},
+};
+static const Recipe& recipe(const Arch& a) { return RECIPES[a.preset]; }
 
 // The paper initialises biases to 1 in conv2, conv4, conv5, fc6 and fc7 so that the
 // ReLUs start in their linear part, and to 0 in conv1, conv3 and fc8.
@@ -1663,6 +1701,10 @@ static void validate_arch(const Arch& a) {
             "fc6 and fc7 widths must be positive and even");
     require(a.pool_size > 0 && a.pool_stride > 0 && a.lrn_size > 0 && a.init_std > 0,
             "bad pooling, LRN or init settings");
+    require(a.spatial_size == 0 || (a.spatial_size >= 1 && a.spatial_size <= 64 && a.spatial_k > 0 &&
+                                    a.spatial_alpha >= 0 && std::isfinite(a.spatial_alpha) &&
+                                    std::isfinite(a.spatial_beta) && std::isfinite(a.spatial_k)),
+            "bad within-map normalisation settings (size %d)", a.spatial_size);
 }
 
 // The shapes of every layer for one tower. Throws when the input is too small.
@@ -1766,6 +1808,7 @@ struct Batch {
     int* offsets;          // [n][2] crop (y, x)
     uint8_t* flips;        // [n]
     float* alphas;         // [n][3] PCA lighting
+    float divisor = 1.0f;  // every crop divided by this (the 2012 code's colour noise)
 };
 
 // Where the towers meet: the inputs of conv3, fc6, fc7 and fc8, which read both towers'
@@ -1791,13 +1834,17 @@ struct Meeting {
 
 // conv1 and conv2 with what follows them: ReLU (fused into the conv), LRN, max pooling.
 // Shapes for the alexnet preset, one tower: conv1 [N, 48, 55, 55] pooled to 27x27,
-// conv2 [N, 128, 27, 27] pooled to 13x13.
+// conv2 [N, 128, 27, 27] pooled to 13x13. The 2012 code's variants: conv1's ReLU after
+// the pooling (relu_after_pool), conv2's within-map normalisation between LRN and pooling.
 struct NormPoolLayer {
-    float* out;         // conv + ReLU          [N, K, OH, OW]
-    float* scale;       // LRN denominators     [N, K, OH, OW]
-    float* lrn;         // LRN output           [N, K, OH, OW]
-    float* pool;        // max pooled           [N, K, P, P]
-    float *dout, *dlrn, *dpool;  // gradients at out, lrn and pool
+    bool relu_after_pool;
+    float* out;         // conv (+ ReLU unless relu_after_pool)      [N, K, OH, OW]
+    float* scale;       // LRN denominators                          [N, K, OH, OW]
+    float* lrn;         // LRN output                                [N, K, OH, OW]
+    float* spatial_scale;  // within-map denominators (NULL: none)   [N, K, OH, OW]
+    float* spatial;     // within-map normalisation output           [N, K, OH, OW]
+    float* pool;        // max pooled (+ ReLU if relu_after_pool)    [N, K, P, P]
+    float *dout, *dlrn, *dspatial, *dpool;  // gradients at out, lrn, spatial and pool
 };
 
 // fc6 and fc7: ReLU (fused), then dropout. alexnet: [N, 2048] per tower.
@@ -1816,6 +1863,7 @@ struct DeviceBatch {  // one batch of stored images and its augmentation, on a d
     uint8_t* flips;       // [n]
     float* alphas;        // [n][3] PCA lighting
     int* labels;          // [n]
+    float divisor;        // Batch::divisor (a kernel argument, kept on the host)
 };
 
 struct Tower {
@@ -1871,6 +1919,12 @@ struct Tower {
         allocations.push_back(p);
         return (T*)p;
     }
+};
+
+// The learning rates of one step (Model::update).
+struct Rates {
+    float weights, biases, conv1_weights, conv1_biases;
+    bool conv1_frozen;
 };
 
 // The last step's results, on the host.
@@ -1961,8 +2015,13 @@ struct Model {
         for (int l = 0; l < 2; l++) {
             NormPoolLayer& c = l == 0 ? T.conv1 : T.conv2;
             const long size = N * s[l].out_size();
+            c.relu_after_pool = l == 0 && arch.conv1_relu_after_pool;
             c.out = T.alloc<float>(size), c.scale = T.alloc<float>(size), c.lrn = T.alloc<float>(size);
             c.dout = T.alloc<float>(size), c.dlrn = T.alloc<float>(size);
+            if (l == 1 && arch.spatial_size > 0) {
+                c.spatial_scale = T.alloc<float>(size), c.spatial = T.alloc<float>(size);
+                c.dspatial = T.alloc<float>(size);
+            }
         }
         T.conv1.pool = T.alloc<float>(N * s[1].in_size()), T.conv1.dpool = T.alloc<float>(N * s[1].in_size());
         T.conv3 = T.alloc<float>(N * s[2].out_size()), T.dconv3 = T.alloc<float>(N * s[2].out_size());
@@ -2018,7 +2077,13 @@ struct Model {
         return conv_workspace(N, c.C, c.H, c.W, c.K, c.R, c.R, c.stride, c.pad, 1, c.OH, c.OW);
     }
 
-    void set_statistics(const float* mean, const float* eigval, const float* eigvec) {
+    // The mean image and the lighting's principal axes: eigvec's columns, each scaled by
+    // its eigenvalue (the paper's formula on 0..1 pixels) or by its square root, the
+    // standard deviation along it (the 2012 code's).
+    void set_statistics(const float* mean, const float* eigval_in, const float* eigvec) {
+        float eigval[3];
+        for (int i = 0; i < 3; i++)
+            eigval[i] = recipe(arch).lighting_stdev ? sqrtf(std::max(eigval_in[i], 0.0f)) : eigval_in[i];
         for (Tower& T : towers) {
             cudaCheck(cudaSetDevice(T.device));
             cudaCheck(cudaMemcpy(T.mean, mean, (size_t)image_h * image_w * 3 * sizeof(float),
@@ -2068,7 +2133,8 @@ struct Model {
         for (int l = 0; l < NUM_LAYERS; l++) {
             long weights = towers[0].shape[l].weights() + towers[1].shape[l].weights();
             long biases = towers[0].shape[l].K + towers[1].shape[l].K;
-            for (long i = 0; i < weights; i++) params[pos++] = (float)(arch.init_std * rng.normal());
+            const double std = (double)arch.init_std * recipe(arch).init_std_scale[l];
+            for (long i = 0; i < weights; i++) params[pos++] = (float)(std * rng.normal());
             for (long i = 0; i < biases; i++) params[pos++] = BIAS_INIT[l];
         }
         upload_state(params.data(), momentum.data());
@@ -2188,6 +2254,7 @@ struct Model {
         cudaCheck(cudaMemcpyAsync(d.offsets, b.offsets, 2 * b.n * sizeof(int), cudaMemcpyHostToDevice, stream));
         cudaCheck(cudaMemcpyAsync(d.flips, b.flips, b.n, cudaMemcpyHostToDevice, stream));
         cudaCheck(cudaMemcpyAsync(d.alphas, b.alphas, 3 * b.n * sizeof(float), cudaMemcpyHostToDevice, stream));
+        d.divisor = b.divisor;
         if (d.labels)
             cudaCheck(cudaMemcpyAsync(d.labels, b.labels, b.n * sizeof(int), cudaMemcpyHostToDevice, stream));
     }
@@ -2210,21 +2277,30 @@ struct Model {
             }
             const DeviceBatch& d = T.input;
             augment_images(T.x, d.images, T.mean, d.offsets, d.flips, d.alphas, T.eigval, T.eigvec, n,
-                           image_h, image_w, arch.crop, T.stream);
+                           image_h, image_w, arch.crop, recipe(arch).centre_mean, d.divisor, T.stream);
             cudaCheck(cudaEventRecord(T.augmented, T.stream));
         }
     }
 
     static void conv(const LayerShape& c, float* out, const float* inp, const float* w,
-                     const float* b, int n, const Tower& T) {
+                     const float* b, int n, const Tower& T, bool relu = true) {
         conv_forward(out, inp, w, b, n, c.C, c.H, c.W, c.K, c.R, c.R, c.stride, c.pad, 1, c.OH,
-                     c.OW, true, T.workspace, T.stream);
+                     c.OW, relu, T.workspace, T.stream);
     }
-    // The LRN and the pooling after conv1 and conv2.
+    // What follows conv1 and conv2: LRN, the within-map normalisation where there is one,
+    // pooling, and the ReLU where it comes after the pooling.
     void lrn_pool(const LayerShape& c, NormPoolLayer& L, int n, cudaStream_t stream) {
         lrn_forward(L.lrn, L.scale, L.out, n, c.K, c.OH, c.OW, arch.lrn_size, arch.lrn_alpha, arch.lrn_beta,
                     arch.lrn_k, stream);
-        pool(c, L.pool, L.lrn, n, stream);
+        if (L.spatial)
+            spatial_norm_forward(L.spatial, L.spatial_scale, L.lrn, n, c.K, c.OH, c.OW, arch.spatial_size,
+                                 arch.spatial_alpha, arch.spatial_beta, arch.spatial_k, stream);
+        pool(c, L.pool, L.spatial ? L.spatial : L.lrn, n, stream);
+        if (L.relu_after_pool) relu_forward(L.pool, L.pool, pooled_size(c, n), stream);
+    }
+    long pooled_size(const LayerShape& c, int n) const {
+        const long P = pool_out_size(arch, c.OH);
+        return n * c.K * P * P;
     }
     void pool(const LayerShape& c, float* out, const float* inp, int n, cudaStream_t stream) {
         int P = pool_out_size(arch, c.OH);
@@ -2239,7 +2315,7 @@ struct Model {
             Tower& T = towers[t];
             const LayerShape* s = T.shape;
             cudaCheck(cudaSetDevice(T.device));
-            conv(s[0], T.conv1.out, T.x, T.weight(0), T.bias(0), n, T);
+            conv(s[0], T.conv1.out, T.x, T.weight(0), T.bias(0), n, T, !T.conv1.relu_after_pool);
             lrn_pool(s[0], T.conv1, n, T.stream);
             conv(s[1], T.conv2.out, T.conv1.pool, T.weight(1), T.bias(1), n, T);
             lrn_pool(s[1], T.conv2, n, T.stream);
@@ -2392,22 +2468,33 @@ struct Model {
                          P, stream);
     }
     // From L.dpool, the gradient at the pool output, to L.dout, the gradient at the conv
-    // output (ReLU undone), through L.dlrn, the gradient at the LRN output.
+    // output (ReLU undone), through L.dspatial and L.dlrn, the gradients at the within-map
+    // normalisation's and the LRN's outputs.
     void lrn_pool_backward(const LayerShape& c, NormPoolLayer& L, int n, cudaStream_t stream) {
-        pool_backward(c, L.dlrn, L.dpool, L.lrn, n, stream);
+        if (L.relu_after_pool) relu_backward(L.dpool, L.dpool, L.pool, pooled_size(c, n), stream);
+        pool_backward(c, L.spatial ? L.dspatial : L.dlrn, L.dpool, L.spatial ? L.spatial : L.lrn, n, stream);
+        if (L.spatial)
+            spatial_norm_backward(L.dlrn, L.dspatial, L.lrn, L.spatial, L.spatial_scale, n, c.K, c.OH, c.OW,
+                                  arch.spatial_size, arch.spatial_alpha, arch.spatial_beta, arch.spatial_k, stream);
         lrn_backward(L.dout, L.dlrn, L.out, L.lrn, L.scale, n, c.K, c.OH, c.OW, arch.lrn_size, arch.lrn_alpha,
                      arch.lrn_beta, arch.lrn_k, stream);
-        relu_backward(L.dout, L.dout, L.out, n * c.out_size(), stream);
+        if (!L.relu_after_pool) relu_backward(L.dout, L.dout, L.out, n * c.out_size(), stream);
     }
 
     // SGD with momentum on every tower: weight decay on the weights, none on the biases.
-    void update(float lr, float momentum, float weight_decay) {
+    // Four parameter groups, each with its rate: conv1's weights, the other weights, conv1's
+    // biases, the other biases (one buffer holds all weights, then all biases: each group is
+    // one range). A frozen conv1 is not updated at all: with rate 0, momentum would still move it.
+    void update(const Rates& r, float momentum, float weight_decay) {
         for (Tower& T : towers) {
             cudaCheck(cudaSetDevice(T.device));
-            long weights = T.bias_offset[0];
-            sgd_update(T.params, T.momentum, T.grads, weights, lr, momentum, weight_decay, T.stream);
-            sgd_update(T.params + weights, T.momentum + weights, T.grads + weights,
-                       T.num_params - weights, lr, momentum, 0.0f, T.stream);
+            const long group[5] = {0, T.weight_offset[1], T.bias_offset[0], T.bias_offset[1], T.num_params};
+            const float lr[4] = {r.conv1_weights, r.weights, r.conv1_biases, r.biases};
+            for (int g = 0; g < 4; g++) {
+                if (r.conv1_frozen && (g == 0 || g == 2)) continue;
+                sgd_update(T.params + group[g], T.momentum + group[g], T.grads + group[g], group[g + 1] - group[g],
+                           lr[g], momentum, g < 2 ? weight_decay : 0.0f, T.stream);
+            }
         }
     }
 
@@ -2609,15 +2696,28 @@ struct Stats {
     }
 };
 
-// One training image's augmentation, as the paper draws it: a crop offset uniform over
-// every position, a mirror with probability 1/2, and PCA-lighting weights alpha ~ N(0, 0.1)
-// on pixels scaled to [0, 1], where the eigenvalues are 255^2 times smaller: in the
-// 0..255 units of the data that is alpha / 255.
-static void draw_augmentation(HostRng& rng, int H, int W, int crop, int* offset, uint8_t* flip, float* alphas) {
-    offset[0] = (int)rng.below(H - crop + 1);
-    offset[1] = (int)rng.below(W - crop + 1);
-    *flip = rng.uniform() < 0.5;
-    for (int c = 0; c < 3; c++) alphas[c] = (float)(0.1 * rng.normal() / 255.0);
+// The augmentation of one training batch of n images in `epoch`, as the paper draws it:
+// for every image a crop offset uniform over every position, a mirror with probability
+// 1/2, and PCA-lighting weights alpha ~ N(0, 0.1) on pixels scaled to [0, 1], where the
+// eigenvalues are 255^2 times smaller: in the 0..255 units of the data that is alpha / 255.
+// The 2012 code draws one offset and mirror per chunk of 32 images, weights 0.1 z with
+// z ~ N(0, 1) for the square roots of the eigenvalues, divides the crop by 1 + 0.1, and
+// stops the colour noise after recipe.lighting_epochs. Returns the divisor.
+static float draw_augmentation(HostRng& rng, const Recipe& r, long epoch, int n, int H, int W, int crop,
+                               int* offsets, uint8_t* flips, float* alphas) {
+    const bool lighting = r.lighting_epochs == 0 || epoch < r.lighting_epochs;
+    const double alpha_std = !lighting ? 0.0 : r.lighting_stdev ? 0.1 : 0.1 / 255.0;
+    for (int i = 0; i < n; i++) {
+        if (i % r.crop_chunk == 0) {
+            offsets[2 * i] = (int)rng.below(H - crop + 1);
+            offsets[2 * i + 1] = (int)rng.below(W - crop + 1);
+            flips[i] = rng.uniform() < 0.5;
+        } else {
+            offsets[2 * i] = offsets[2 * i - 2], offsets[2 * i + 1] = offsets[2 * i - 1], flips[i] = flips[i - 1];
+        }
+        for (int c = 0; c < 3; c++) alphas[3 * i + c] = (float)(alpha_std * rng.normal());
+    }
+    return lighting && r.lighting_stdev ? 1.1f : 1.0f;
 }
 
 // Batches of one split, assembled on a background thread. Training batches (train =
@@ -2625,6 +2725,7 @@ static void draw_augmentation(HostRng& rng, int H, int W, int crop, int* offset,
 // last one possibly smaller, always centre-cropped.
 struct Loader {
     const Dataset& data;
+    const Recipe& recipe;
     int batch, crop;
     bool train, augment;
     uint64_t seed;
@@ -2634,8 +2735,9 @@ struct Loader {
     long permutation_epoch = -1;  // the epoch `permutation` belongs to (background thread only)
     std::vector<long> permutation;
 
-    Loader(const Dataset& d, int batch_size, int crop_size, bool training, bool augmenting, uint64_t s)
-        : data(d), batch(batch_size), crop(crop_size), train(training), augment(augmenting), seed(s) {
+    Loader(const Dataset& d, int batch_size, const Arch& arch, bool training, bool augmenting, uint64_t s)
+        : data(d), recipe(::recipe(arch)), batch(batch_size), crop(arch.crop), train(training), augment(augmenting),
+          seed(s) {
         size_t pixels = (size_t)d.H * d.W * 3;
         for (Batch& b : slots) {
             cudaCheck(cudaMallocHost((void**)&b.images, batch * pixels));
@@ -2675,22 +2777,25 @@ struct Loader {
 
     // Assemble batch `index` (the step when training) into b.
     void fill(Batch& b, long index) {
-        HostRng rng(seed, RNG_AUGMENT, index);
         size_t pixels = (size_t)data.H * data.W * 3;
         long start = train ? index % steps_per_epoch() * batch : index * batch;
         b.n = (int)std::min<long>(batch, data.count - start);
         for (int i = 0; i < b.n; i++) {
             long image = train ? shuffled(index / steps_per_epoch(), start + i) : start + i;
             b.labels[i] = data.read(image, b.images + i * pixels);
-            int* offset = b.offsets + 2 * i;
-            if (train && augment) {
-                draw_augmentation(rng, data.H, data.W, crop, offset, &b.flips[i], &b.alphas[3 * i]);
-            } else {  // the centre crop, unchanged
-                offset[0] = (data.H - crop) / 2;
-                offset[1] = (data.W - crop) / 2;
-                b.flips[i] = 0;
-                for (int c = 0; c < 3; c++) b.alphas[3 * i + c] = 0.0f;
-            }
+        }
+        if (train && augment) {
+            HostRng rng(seed, RNG_AUGMENT, index);
+            b.divisor = draw_augmentation(rng, recipe, index / steps_per_epoch(), b.n, data.H, data.W, crop, b.offsets,
+                                          b.flips, b.alphas);
+            return;
+        }
+        b.divisor = 1.0f;  // the centre crop, unchanged
+        for (int i = 0; i < b.n; i++) {
+            b.offsets[2 * i] = (data.H - crop) / 2;
+            b.offsets[2 * i + 1] = (data.W - crop) / 2;
+            b.flips[i] = 0;
+            for (int c = 0; c < 3; c++) b.alphas[3 * i + c] = 0.0f;
         }
     }
 
@@ -2852,6 +2957,16 @@ static int lr_drops(const Options& o, const TrainState& s, long epoch) {
 }
 static float learning_rate(const Options& o, const TrainState& s, long epoch) {
     return (float)(o.lr * pow(0.1, lr_drops(o, s, epoch)));
+}
+// Every parameter group's rate in `epoch`: the schedule above, except where the preset's
+// recipe sets the biases' rate or anneals and freezes conv1.
+static Rates learning_rates(const Recipe& r, const Options& o, const TrainState& s, long epoch) {
+    const float lr = learning_rate(o, s, epoch);
+    Rates rates{lr, lr, lr, lr, false};
+    if (r.bias_lr_scale > 0) rates.biases = rates.conv1_biases = r.bias_lr_scale * o.lr;
+    if (r.conv1_slow_epoch >= 0 && epoch >= r.conv1_slow_epoch) rates.conv1_weights = 0.1f * lr;
+    rates.conv1_frozen = r.conv1_frozen_epoch >= 0 && epoch >= r.conv1_frozen_epoch;
+    return rates;
 }
 
 // A NaN's sign bit is arbitrary (x86 makes inf - inf negative) and printf shows it:
@@ -3026,7 +3141,7 @@ static void benchmark(Model& model, Loader& loader, const Options& o, Log& log) 
     auto step = [&](long i) {
         model.forward(b.n, true, o.seed, i);
         model.backward(b.n, o.seed, i);
-        model.update(o.lr, o.momentum, o.weight_decay);
+        model.update(learning_rates(recipe(model.arch), o, TrainState(), 0), o.momentum, o.weight_decay);
         return model.finish(b.n);
     };
     for (long i = 0; i < 3; i++) step(i);
@@ -3086,10 +3201,10 @@ static void train_loop(Model& model, Loader& loader, Loader* val_loader, const O
             n = b.n;
             model.load_batch(b);
         }
-        const float lr = learning_rate(o, state, step / per_epoch);
+        const Rates rates = learning_rates(recipe(arch), o, state, step / per_epoch);
         model.forward(n, true, o.seed, step);
         model.backward(n, o.seed, step);
-        model.update(lr, o.momentum, o.weight_decay);
+        model.update(rates, o.momentum, o.weight_decay);
         if (step + 1 < total) {  // batch step+1 uploads while this step computes
             model.wait_staged();   // the host batch that take() refills has been read
             model.stage(loader.take(step + 2 < total ? step + 2 : -1));
@@ -3107,7 +3222,7 @@ static void train_loop(Model& model, Loader& loader, Loader* val_loader, const O
             log("step %ld/%ld | epoch %.2f | loss %.4f | top-1 error %.4f | top-5 error %.4f | lr %.2e | "
                 "%.1f img/s | elapsed %s | eta %s",
                 state.step, total, (double)state.step / per_epoch, r.loss, 1.0 - (double)r.top1 / n,
-                1.0 - (double)r.top5 / n, lr,
+                1.0 - (double)r.top5 / n, rates.weights,
                 interval_images / (t - interval_start), duration(elapsed).c_str(), duration(eta).c_str());
             interval_start = t, interval_images = 0;
         }
@@ -3172,7 +3287,9 @@ enum CheckpointField {  // header indices; "f32" fields hold the bits of a float
     H_PLATEAU_DROPS = 53, H_BAD_EVALS = 54, H_BEST_ERROR = 55, H_LOSS = 56,    // f32 55, 56
     H_EPOCHS = 57, H_STEPS = 58, H_NUM_LR_STEPS = 59, H_LR_STEPS = 60,         // up to 8 epochs
     MAX_LR_STEPS = 8,
-    H_IMAGE_H = 68, H_IMAGE_W = 69  // the training images' size (0: not recorded, older checkpoints)
+    H_IMAGE_H = 68, H_IMAGE_W = 69,  // the training images' size (0: not recorded, older checkpoints)
+    H_CONV1_RELU_AFTER_POOL = 70,    // the 2012 code's layer variants (0 in older checkpoints: none)
+    H_SPATIAL_SIZE = 71, H_SPATIAL_ALPHA = 72, H_SPATIAL_BETA = 73, H_SPATIAL_K = 74  // f32 72..74
 };
 
 static int32_t float_bits(float f) { int32_t i; memcpy(&i, &f, 4); return i; }
@@ -3208,6 +3325,9 @@ static void encode_header(int32_t* h, const Model& model, const Options& o, cons
     h[H_NUM_LR_STEPS] = (int32_t)o.lr_steps.size();
     for (size_t i = 0; i < o.lr_steps.size(); i++) h[H_LR_STEPS + i] = o.lr_steps[i];
     h[H_IMAGE_H] = model.image_h, h[H_IMAGE_W] = model.image_w;
+    h[H_CONV1_RELU_AFTER_POOL] = a.conv1_relu_after_pool, h[H_SPATIAL_SIZE] = a.spatial_size;
+    h[H_SPATIAL_ALPHA] = float_bits(a.spatial_alpha), h[H_SPATIAL_BETA] = float_bits(a.spatial_beta);
+    h[H_SPATIAL_K] = float_bits(a.spatial_k);
 }
 
 // Sets an option as its command-line flag would, with the flag's checks (section 14).
@@ -3242,6 +3362,11 @@ struct Checkpoint {
         arch.lrn_size = h[H_LRN_SIZE], arch.lrn_alpha = bits_float(h[H_LRN_ALPHA]);
         arch.lrn_beta = bits_float(h[H_LRN_BETA]), arch.lrn_k = bits_float(h[H_LRN_K]);
         arch.init_std = bits_float(h[H_INIT_STD]);
+        require(h[H_CONV1_RELU_AFTER_POOL] == 0 || h[H_CONV1_RELU_AFTER_POOL] == 1,
+                "%s: bad header: conv1 ReLU order %d", path.c_str(), h[H_CONV1_RELU_AFTER_POOL]);
+        arch.conv1_relu_after_pool = h[H_CONV1_RELU_AFTER_POOL] != 0;
+        arch.spatial_size = h[H_SPATIAL_SIZE], arch.spatial_alpha = bits_float(h[H_SPATIAL_ALPHA]);
+        arch.spatial_beta = bits_float(h[H_SPATIAL_BETA]), arch.spatial_k = bits_float(h[H_SPATIAL_K]);
         try {
             LayerShape shapes[NUM_LAYERS];
             tower_shapes(arch, 0, shapes);
@@ -3400,6 +3525,9 @@ static void run(Options& o) {
         require(!o.eval_only, "--eval needs a checkpoint: --resume FILE");
         arch = find_preset(o.arch.c_str());
         arch.classes = any.classes;
+        const char* const* defaults = recipe(arch).flag_defaults;
+        for (int i = 0; i < 4 && defaults[i]; i += 2)
+            if (!o.given.count(defaults[i])) set_option(o, defaults[i], defaults[i + 1]);
         std::string fits;  // the presets whose crops fit the images
         for (int p = 0; p < NUM_PRESETS; p++)
             if (PRESETS[p].crop <= any.H && PRESETS[p].crop <= any.W) fits += std::string(" --arch ") + PRESET_NAMES[p];
@@ -3418,7 +3546,7 @@ static void run(Options& o) {
 
     Log log;
     if (o.eval_only) {
-        Loader loader(val, o.batch, arch.crop, false, false, o.seed);
+        Loader loader(val, o.batch, arch, false, false, o.seed);
         ViewEvaluation v = evaluate_ten_views(model, loader);
         for (const Evaluation* e : {&v.centre, &v.ten})
             log("eval %s | step %ld | %s | val loss %.4f | top-1 error %.4f | top-5 error %.4f | %ld images",
@@ -3427,13 +3555,13 @@ static void run(Options& o) {
         return;
     }
 
-    Loader loader(train, o.batch, arch.crop, true, o.augment, o.seed);
+    Loader loader(train, o.batch, arch, true, o.augment, o.seed);
     if (o.bench > 0) {
         benchmark(model, loader, o, log);
         return;
     }
     std::unique_ptr<Loader> val_loader;
-    if (val.count > 0) val_loader.reset(new Loader(val, o.batch, arch.crop, false, false, o.seed));
+    if (val.count > 0) val_loader.reset(new Loader(val, o.batch, arch, false, false, o.seed));
 
     require(mkdir(o.out.c_str(), 0777) == 0 || errno == EEXIST, "cannot create %s: %s", o.out.c_str(), strerror(errno));
     lock_output(o.out);
@@ -3510,7 +3638,9 @@ static std::vector<int> parse_list(const char* flag, const char* text, long lo, 
 static const Flag FLAGS[] = {
     {"--data", "DIR", nullptr, "dataset folder written by `python alexnet.py prepare`",
      [](Options& o, const char*, const char* v) { o.data = v; }},
-    {"--arch", "NAME", "alexnet", "preset: alexnet (the paper, 224x224 crops) or small (28x28 crops of 32x32 images)",
+    {"--arch", "NAME", "alexnet",
+     "preset: alexnet (the paper, 224x224 crops), alexnet-2012-code (the authors' own 2012 run) or small (28x28 "
+     "crops of 32x32 images)",
      [](Options& o, const char*, const char* v) { find_preset(v); o.arch = v; }},
     {"--resume", "FILE", "none", "continue from a checkpoint (its options apply unless given here)",
      [](Options& o, const char*, const char* v) { o.resume = v; }},

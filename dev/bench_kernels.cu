@@ -184,23 +184,33 @@ static void bench_relu(Bench& b) {
     });
 }
 
-static void bench_lrn(Bench& b, const char* layer, int C, int H) {
-    if (!b.selects(layer, {"lrn_forward", "lrn_backward"})) return;
+// The two normalisations, LRN across channels (lrn_*) and the 2012 code's within a map
+// (spatial_norm_*), share their arguments: `op` names the pair, forward and backward.
+typedef void (*NormForward)(float*, float*, const float*, int, int, int, int, int, float, float, float,
+                            cudaStream_t);
+typedef void (*NormBackward)(float*, const float*, const float*, const float*, const float*, int, int, int, int,
+                             int, float, float, float, cudaStream_t);
+
+static void bench_norm(Bench& b, const char* layer, const char* op, NormForward forward, NormBackward backward,
+                       int C, int H, float alpha, float k) {
+    char forward_name[48], backward_name[48];
+    snprintf(forward_name, sizeof(forward_name), "%s_forward", op);
+    snprintf(backward_name, sizeof(backward_name), "%s_backward", op);
+    if (!b.selects(layer, {forward_name, backward_name})) return;
     const int N = b.opt.batch;
     const long n = (long)N * C * H * H;
     RandomBuffer x(n, 11, 0.0f, 10.0f), dy(n, 12);
     DeviceArray<float> y(n), scale(n), dx(n);
-    char shape[96], name[64];
+    char shape[96], name[96];
     snprintf(shape, sizeof(shape), "%dx%dx%d n5", C, H, H);
-    snprintf(name, sizeof(name), "%s lrn_forward", layer);
+    snprintf(name, sizeof(name), "%s %s", layer, forward_name);
     b.run(name, shape, 12.0 * n, false, 1, [&] {
-        lrn_forward(y.ptr, scale.ptr, x.ptr, N, C, H, H, 5, 1e-4f, 0.75f, 2.0f, b.stream);
+        forward(y.ptr, scale.ptr, x.ptr, N, C, H, H, 5, alpha, 0.75f, k, b.stream);
     });
-    lrn_forward(y.ptr, scale.ptr, x.ptr, N, C, H, H, 5, 1e-4f, 0.75f, 2.0f, b.stream);
-    snprintf(name, sizeof(name), "%s lrn_backward", layer);
+    forward(y.ptr, scale.ptr, x.ptr, N, C, H, H, 5, alpha, 0.75f, k, b.stream);
+    snprintf(name, sizeof(name), "%s %s", layer, backward_name);
     b.run(name, shape, 20.0 * n, false, 1, [&] {
-        lrn_backward(dx.ptr, dy.ptr, x.ptr, y.ptr, scale.ptr, N, C, H, H, 5, 1e-4f, 0.75f, 2.0f,
-                     b.stream);
+        backward(dx.ptr, dy.ptr, x.ptr, y.ptr, scale.ptr, N, C, H, H, 5, alpha, 0.75f, k, b.stream);
     });
 }
 
@@ -273,7 +283,7 @@ static void bench_augment(Bench& b) {
     // One augmentation per step feeds both towers: count it once per pair.
     b.run("augment_images", "256x256x3 u8 -> 3x224x224", bytes, false, 0.5, [&] {
         augment_images(out.ptr, images.ptr, mean.ptr, offset.ptr, flip.ptr, alphas.ptr, eigval.ptr,
-                       eigvec.ptr, N, H, W, crop, b.stream);
+                       eigvec.ptr, N, H, W, crop, false, 1.0f, b.stream);
     });
 }
 
@@ -337,8 +347,9 @@ static int run(int argc, char** argv) {
         bench_augment(b);
         for (const ConvLayer& c : CONVS) bench_conv(b, c);
         bench_relu(b);
-        bench_lrn(b, "lrn1", 48, 55);
-        bench_lrn(b, "lrn2", 128, 27);
+        bench_norm(b, "lrn1", "lrn", lrn_forward, lrn_backward, 48, 55, 1e-4f, 2.0f);
+        bench_norm(b, "lrn2", "lrn", lrn_forward, lrn_backward, 128, 27, 1e-4f, 2.0f);
+        bench_norm(b, "norm2", "spatial_norm", spatial_norm_forward, spatial_norm_backward, 128, 27, 1e-3f, 1.0f);
         bench_maxpool(b, "pool1", 48, 55, 27);
         bench_maxpool(b, "pool2", 128, 27, 13);
         bench_maxpool(b, "pool5", 128, 13, 6);

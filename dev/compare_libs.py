@@ -41,6 +41,7 @@ SHAPES = {
                  ("conv5", 192, 13, 128, 3, 1, 1, 13)],
         "fc": [("fc6", 9216, 2048), ("fc7", 4096, 2048), ("fc8", 4096, 500)],
         "lrn": [("lrn1", 48, 55), ("lrn2", 128, 27)],
+        "spatial_norm": [("norm2", 128, 27)],
         "pool": [("pool1", 48, 55, 27), ("pool2", 128, 27, 13), ("pool5", 128, 13, 6)],
         "classes": 1000, "image": (256, 224), "params": 1 << 20,
     },
@@ -49,6 +50,7 @@ SHAPES = {
                  ("conv_c", 17, 7, 13, 3, 2, 1, 4)],
         "fc": [("fc_a", 37, 19), ("fc_b", 130, 1)],
         "lrn": [("lrn_a", 7, 5)],
+        "spatial_norm": [("norm_a", 3, 6)],
         "pool": [("pool_a", 5, 11, 5), ("pool_b", 3, 6, 2)],
         "classes": 10, "image": (20, 17), "params": 1237,
     },
@@ -97,6 +99,14 @@ def cases(shapes, batch):
             dx = A.cuda_lrn_backward(dy, x, y, scale, 5, 1e-4, 0.75, 2.0)
             return {"forward": y, "scale": scale, "backward": dx}
         out.append((f"{name} lrn", 5, lrn))
+
+    for name, C, H in shapes["spatial_norm"]:
+        def spatial_norm(rng, C=C, H=H):
+            x, dy = uniform(rng, N, C, H, H, lo=-20, hi=20), uniform(rng, N, C, H, H)
+            y, scale = A.cuda_spatial_norm_forward(x, 5, 1e-3, 0.75, 1.0)
+            dx = A.cuda_spatial_norm_backward(dy, x, y, scale, 5, 1e-3, 0.75, 1.0)
+            return {"forward": y, "scale": scale, "backward": dx}
+        out.append((f"{name} spatial_norm", 25, spatial_norm))
 
     for name, C, H, OH in shapes["pool"]:
         def pool(rng, C=C, H=H, OH=OH):

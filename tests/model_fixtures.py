@@ -36,6 +36,15 @@ def random_dataset(folder, train, val=0, size=32, classes=10, seed=0):
     return images, labels, stats
 
 
+def small_2012_code(classes):
+    """The 2012 code's layers (conv1 LRN pool ReLU, conv2's within-map normalisation) on the
+    small preset's sizes: a checkpoint's header carries the sizes, so the executable trains
+    this as the alexnet-2012-code preset, with that preset's recipe."""
+    code = alexnet.PRESETS["alexnet-2012-code"]
+    layers = {k: v for k, v in code.items() if k.startswith(("conv1_", "spatial_"))}
+    return dict(alexnet.architecture("small", classes), preset=code["preset"], **layers)
+
+
 def run(*args, env=None, **kwargs):
     """Run the CPU training executable; returns the CompletedProcess (text output)."""
     full_env = dict(os.environ, **(env or {}))

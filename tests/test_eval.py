@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import alexnet as A
+from model_fixtures import small_2012_code
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_EXECUTABLE = os.path.join(ROOT, "train_alexnet_cpu")
@@ -34,9 +35,7 @@ def dataset(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    arch = A.architecture("small", 10)
+def _random_checkpoint(folder, arch):
     rng = np.random.default_rng(2012)
     params = {}
     for name, shape in A.parameter_shapes(arch).items():
@@ -46,9 +45,21 @@ def checkpoint(tmp_path_factory):
         else:
             params[name] = rng.normal(0, 0.1, shape).astype(np.float32)
     params["fc8.weight"] *= 0.5  # logits of a few units: confident, but no probability underflows
-    path = str(tmp_path_factory.mktemp("ckpt") / "random.bin")
+    path = str(folder / "random.bin")
     A.save_checkpoint(path, dict(arch, dropout=0.5, step=7), params)
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _random_checkpoint(tmp_path_factory.mktemp("ckpt"), A.architecture("small", 10))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_2012(tmp_path_factory):
+    """The 2012 code's layers on the small preset's sizes: conv1 LRN pool ReLU, conv2's
+    within-map normalisation, and the mean image's centre crop subtracted from every view."""
+    return _random_checkpoint(tmp_path_factory.mktemp("ckpt_2012"), small_2012_code(10))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +76,9 @@ def test_ten_views_are_the_corners_and_the_centre_then_mirrored():
     assert views[A.CENTRE_VIEW] == (2, 4, 0)
 
 
-def test_library_probabilities_match_the_numpy_reference(checkpoint, val):
+@pytest.mark.parametrize("preset", ["small", "2012 code"])
+def test_library_probabilities_match_the_numpy_reference(checkpoint, checkpoint_2012, val, preset):
+    checkpoint = checkpoint if preset == "small" else checkpoint_2012
     images, labels, mean, _ = val
     chunk = images[:6]
     views = A.ten_views(32, 32, 28)
@@ -120,7 +133,9 @@ def _scores(text):
     return {name: tuple(float(v) for v in values) for name, *values in found}
 
 
-def test_executable_eval_and_python_eval_agree(checkpoint, dataset):
+@pytest.mark.parametrize("preset", ["small", "2012 code"])
+def test_executable_eval_and_python_eval_agree(checkpoint, checkpoint_2012, dataset, preset):
+    checkpoint = checkpoint if preset == "small" else checkpoint_2012
     run = subprocess.run([CPU_EXECUTABLE, "--data", dataset, "--resume", checkpoint, "--eval", "--batch", "8"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

@@ -440,18 +440,18 @@ def pca_lighting(rng):
     return eigval.astype(np.float32), eigvec.astype(np.float32)
 
 
-def check_augment(rng, N, H, W, crop, offsets, flips):
+def check_augment(rng, N, H, W, crop, offsets, flips, centre_mean=False, divisor=1.0):
     images = rng.integers(0, 256, size=(N, H, W, 3), dtype=np.uint8)
     mean = rng.uniform(0, 255, size=(H, W, 3)).astype(np.float32)
     alphas = rng.normal(0, 0.1, size=(N, 3)).astype(np.float32)
     eigval, eigvec = pca_lighting(rng)
     offsets, flips = np.array(offsets, np.int32), np.array(flips, np.uint8)
-    out = A.cuda_augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, crop)
-    expected = A.augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, crop)
+    out = A.cuda_augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, crop, centre_mean, divisor)
+    expected = A.augment_images(images, mean, offsets, flips, alphas, eigval, eigvec, crop, centre_mean, divisor)
     # pixel - mean is one rounding of a number below 256; the lighting is a 3-term sum of
-    # 2-factor products (~6 ulp of its terms); plus the final addition
+    # 2-factor products (~6 ulp of its terms); plus the final addition and the division
     light_terms = np.abs(alphas * eigval) @ np.abs(eigvec).T
-    bound = 2 * (EPS * 512 + 6 * EPS * light_terms[:, :, None, None] + EPS * np.abs(expected))
+    bound = 2 * (EPS * 512 + 6 * EPS * light_terms[:, :, None, None] + 2 * EPS * np.abs(expected))
     assert_within(out, expected.astype(np.float64), bound, "augment")
     # without mean and lighting the output is the crop itself, exactly
     zero_mean, zero_alphas = np.zeros_like(mean), np.zeros_like(alphas)
@@ -464,6 +464,25 @@ def check_augment(rng, N, H, W, crop, offsets, flips):
 @TWO_SCHEDULES
 def test_augment_alexnet_shape(schedule, rng):
     check_augment(rng, 2, 256, 256, 224, offsets=[(0, 32), (17, 5)], flips=[1, 0])
+
+
+def test_augment_2012_code_mean_and_divisor(schedule, rng):
+    """The 2012 code subtracts the mean image's centre crop at the output pixel (it does not move
+    or mirror with the crop) and divides the crop by 1.1 while colour noise is on. A mean image
+    that varies with x and y makes the placement visible."""
+    check_augment(rng, 3, 9, 11, 5, offsets=[(0, 0), (4, 6), (1, 3)], flips=[0, 1, 1], centre_mean=True, divisor=1.1)
+    images = rng.integers(0, 256, size=(2, 9, 11, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:9, 0:11]
+    mean = np.stack([yy * 20.0, xx * 7.0, yy + xx], axis=2).astype(np.float32)
+    offsets, flips = np.array([(0, 6), (4, 1)], np.int32), np.array([1, 0], np.uint8)
+    out = A.cuda_augment_images(images, mean, offsets, flips, np.zeros((2, 3)), np.zeros(3), np.eye(3), 5, True, 1.1)
+    for n in range(2):
+        oy, ox = offsets[n]
+        for y in range(5):
+            for x in range(5):
+                sx = ox + (4 - x if flips[n] else x)
+                want = (images[n, oy + y, sx].astype(np.float64) - mean[2 + y, 3 + x]) / 1.1
+                np.testing.assert_allclose(out[n, :, y, x], want, rtol=1e-6, atol=1e-4)
 
 
 @pytest.mark.parametrize("N,H,W,crop,offsets,flips", [
@@ -528,9 +547,10 @@ def test_bad_arguments_are_reported():
         (lambda: raw("sgd_update", f, f, NULL, 4, 0.01, 0.9, 0.0005), "g is NULL"),
         (lambda: raw("sgd_update", f, f, f, 0, 0.01, 0.9, 0.0005), "element count"),
         (lambda: A.cuda_sgd_update(buf, buf, buf, float("nan"), 0.9, 0.0005), "must be finite"),
-        (lambda: raw("augment_images", f, bytes_, NULL, ints, bytes_, f, f, f, 1, 8, 8, 4), "mean is NULL"),
-        (lambda: raw("augment_images", f, bytes_, f, ints, bytes_, f, f, f, 1, 8, 8, 9), "crop 9 is larger than the 8x8 image"),
-        (lambda: raw("augment_images", f, bytes_, f, ints, bytes_, f, f, f, 0, 8, 8, 4), "sizes must be positive"),
+        (lambda: raw("augment_images", f, bytes_, NULL, ints, bytes_, f, f, f, 1, 8, 8, 4, 0, 1.0), "mean is NULL"),
+        (lambda: raw("augment_images", f, bytes_, f, ints, bytes_, f, f, f, 1, 8, 8, 9, 0, 1.0), "crop 9 is larger than the 8x8 image"),
+        (lambda: raw("augment_images", f, bytes_, f, ints, bytes_, f, f, f, 0, 8, 8, 4, 0, 1.0), "sizes must be positive"),
+        (lambda: raw("augment_images", f, bytes_, f, ints, bytes_, f, f, f, 1, 8, 8, 4, 1, 0.0), "divisor must be positive"),
     ]
     images = np.zeros((2, 8, 8, 3), np.uint8)
     mean, alphas, eigval, eigvec = np.zeros((8, 8, 3)), np.zeros((2, 3)), np.ones(3), np.eye(3)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import alexnet
-from model_fixtures import random_dataset, run
+from model_fixtures import random_dataset, run, small_2012_code
 
 LR, MOMENTUM, WEIGHT_DECAY, SEED = 0.01, 0.9, 5e-4, 7
 EPS32 = 2.0 ** -23  # float32 unit roundoff x 2
@@ -24,33 +24,44 @@ def _f64(tensors):
     return {name: value.astype(np.float64) for name, value in tensors.items()}
 
 
-def one_step(tmp_path, preset, size, batch, classes, dropout, momentum_std=1e-3):
-    """Run one SGD step of `preset` through the executable and the NumPy reference from the
-    same random parameters and momentum: ((loss, params, momentum) of the executable,
-    (loss, params, momentum) of NumPy in float64, initial momentum)."""
+def one_step(tmp_path, preset, size, batch, classes, dropout, momentum_std=1e-3, arch=None, step=0, augment=False,
+             seed=SEED):
+    """Run one SGD step of `preset` (or of `arch`) through the executable and the NumPy reference
+    from the same random parameters and momentum, resuming at `step`: ((loss, params, momentum)
+    of the executable, (loss, params, momentum) of NumPy in float64, (arch, initial params and
+    momentum, crops, labels)). The dataset holds one batch, so step s is in epoch s; with
+    `augment` the crops, mirrors and lighting are the ones the executable's loader draws."""
     images, labels, _ = random_dataset(tmp_path / "data", batch, size=size, classes=classes)
     stats = alexnet.read_stats(str(tmp_path / "data" / "stats.bin"))
-    arch = alexnet.architecture(preset, classes)
-    rng = np.random.default_rng(SEED)
+    arch = arch or alexnet.architecture(preset, classes)
+    rng = np.random.default_rng(seed)
     params = alexnet.init_params(arch, rng)
     momentum = {k: (momentum_std * rng.standard_normal(v.shape)).astype(np.float32) for k, v in params.items()}
     settings = dict(batch=batch, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, dropout=dropout,
-                    augment=0, seed=SEED)
+                    augment=int(augment), seed=seed, step=step)
     alexnet.save_checkpoint(str(tmp_path / "init.bin"), dict(arch, **settings), params, momentum)
 
-    result = run("--data", tmp_path / "data", "--resume", tmp_path / "init.bin", "--steps", 1,
+    result = run("--data", tmp_path / "data", "--resume", tmp_path / "init.bin", "--steps", step + 1,
                  "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    header, cuda_params, cuda_momentum = alexnet.load_checkpoint(str(tmp_path / "out" / "ckpt_00000001.bin"))
-    assert header["step"] == 1
+    header, cuda_params, cuda_momentum = alexnet.load_checkpoint(str(tmp_path / "out" / f"ckpt_{step + 1:08d}.bin"))
+    assert header["step"] == step + 1
 
-    order = alexnet.training_batch_indices(batch, batch, SEED, 0)
-    crop = arch["crop"]
-    offsets = np.full((batch, 2), (size - crop) // 2)
-    x = alexnet.augment_images(images[order], stats.mean, offsets, np.zeros(batch, np.uint8),
-                               np.zeros((batch, 3), np.float32), stats.eigval, stats.eigvec, crop)
+    order = alexnet.training_batch_indices(batch, batch, seed, step)
+    crop, name = arch["crop"], alexnet.PRESET_NAMES[arch["preset"]]
+    recipe = alexnet.RECIPES[name]
+    if augment:
+        offsets, flips, alphas, divisor = alexnet.cuda_augmentation_draws(seed, step, batch, size, size, crop, name,
+                                                                          epoch=step)
+    else:
+        offsets, flips, alphas, divisor = (np.full((batch, 2), (size - crop) // 2), np.zeros(batch, np.uint8),
+                                           np.zeros((batch, 3), np.float32), 1.0)
+    eigval = np.sqrt(np.maximum(stats.eigval, 0)) if recipe["lighting_stdev"] else stats.eigval
+    x = alexnet.augment_images(images[order], stats.mean, offsets, flips, alphas, eigval, stats.eigvec, crop,
+                               recipe["centre_mean"], divisor)
+    rates = alexnet.learning_rates(name, LR, epoch=step, drops=0)
     reference = alexnet.model_step(arch, _f64(params), _f64(momentum), x.astype(np.float64), labels[order],
-                                   LR, MOMENTUM, WEIGHT_DECAY, dropout, SEED, 0)
+                                   rates, MOMENTUM, WEIGHT_DECAY, dropout, seed, step)
     return (header["loss"], cuda_params, cuda_momentum), reference, (arch, params, momentum, x, labels[order])
 
 
@@ -82,6 +93,36 @@ def test_alexnet_step_with_dropout_matches_numpy(tmp_path):
     assert_step_matches(cuda, reference, momentum)
 
 
+def test_alexnet_2012_code_step_matches_numpy(tmp_path):
+    """The authors' 2012 network: conv1 LRN pool ReLU, conv2's within-map normalisation, the
+    biases at twice the weights' rate, init std 0.03 in conv3..conv5; batch 2, dropout 0.
+    Seed 8: with seed 7 one conv2 pooling window's two largest inputs differ by 1.1e-6 of their
+    value, within the float32 forward's error, so float32 and float64 pick different winners and
+    send that pixel's gradient elsewhere, an O(1) change no rounding tolerance covers."""
+    cuda, reference, (_, _, momentum, _, _) = one_step(tmp_path, "alexnet-2012-code", 256, 2, 1000, dropout=0.0,
+                                                       seed=8)
+    assert_step_matches(cuda, reference, momentum)
+
+
+@pytest.mark.parametrize("step", [0, 66, 71])
+def test_2012_code_recipe_with_augmentation_matches_numpy(tmp_path, step):
+    """A whole step of the 2012 recipe with its data path: crops and mirrors shared by chunks of
+    32 images, the centre mean crop, colour noise 0.1 z sqrt(lambda) and the division by 1.1
+    (on until epoch 66), conv1 at a tenth of the rate from 66 and frozen from 71."""
+    arch = small_2012_code(10)
+    cuda, reference, (_, params, momentum, x, labels) = one_step(tmp_path, None, 32, 8, 10, dropout=0.5, arch=arch,
+                                                                 step=step, augment=True)
+    assert_step_matches(cuda, reference, momentum)
+    if step >= 71:  # frozen: not even the momentum moves conv1
+        for name in ("conv1.weight", "conv1.bias"):
+            assert np.array_equal(cuda[1][name], params[name]) and np.array_equal(cuda[2][name], momentum[name])
+    # the 2012 layers are really in the step: the paper's layers give another loss
+    paper = dict(arch, **alexnet.PAPER_LAYERS)
+    paper_loss = alexnet.model_step(paper, _f64(params), _f64(momentum), x.astype(np.float64), labels,
+                                    LR, MOMENTUM, WEIGHT_DECAY, 0.5, SEED, step)[0]
+    assert abs(paper_loss - reference[0]) > 1e-4
+
+
 def test_small_step_with_dropout_matches_numpy(tmp_path):
     """Dropout masks of both towers' fc6 and fc7 from the shared Philox rule; the same
     step without dropout gives a different loss, so the masks are really applied."""
@@ -104,24 +145,29 @@ def test_alexnet_has_the_papers_parameter_count():
     assert shapes["conv2.weight"] == (256, 48, 5, 5) and shapes["fc6.weight"] == (4096, 9216)
 
 
-def test_executable_presets_and_init_match_python(tmp_path):
-    """A fresh run writes the preset's architecture into the header, and initialises as the
-    paper does: weights ~ N(0, std^2), biases 1 in conv2, conv4, conv5, fc6, fc7, else 0."""
-    random_dataset(tmp_path / "data", 16, size=32, classes=10)
-    result = run("--data", tmp_path / "data", "--arch", "small", "--batch", 16, "--steps", 1,
+@pytest.mark.parametrize("preset,size,batch,classes", [("small", 32, 16, 10), ("alexnet-2012-code", 256, 2, 1000)])
+def test_executable_presets_and_init_match_python(tmp_path, preset, size, batch, classes):
+    """A fresh run writes the preset's architecture and the schedule flags it sets into the
+    header, and initialises as the preset does: weights ~ N(0, std^2) with the layer's std
+    (alexnet-2012-code: 0.03 in conv3..conv5), biases 1 in conv2, conv4, conv5, fc6, fc7, else 0."""
+    random_dataset(tmp_path / "data", batch, size=size, classes=classes)
+    result = run("--data", tmp_path / "data", "--arch", preset, "--batch", batch, "--steps", 1,
                  "--lr", 1e-12, "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     header, params, momentum = alexnet.load_checkpoint(str(tmp_path / "out" / "latest.bin"))
-    arch = alexnet.architecture("small", 10)
+    arch, recipe = alexnet.architecture(preset, classes), alexnet.RECIPES[preset]
     for key, value in arch.items():
         assert header[key] == pytest.approx(value), key
+    assert header["lr_steps"] == recipe["flag_defaults"].get("lr_steps", ())
+    assert header["patience"] == recipe["flag_defaults"].get("patience", 3)
     for name, value in params.items():
         layer = alexnet.LAYERS.index(name.split(".")[0])
+        std = arch["init_std"] * recipe["init_std_scale"][layer]
         if name.endswith("bias"):  # lr 1e-12: the step moved nothing visibly
             np.testing.assert_allclose(value, alexnet.BIAS_INIT[layer], atol=1e-6)
-        elif value.size >= 1000:  # sample std within 5 standard errors of init_std
-            assert abs(value.std() - arch["init_std"]) < 5 * arch["init_std"] / np.sqrt(2 * value.size), name
-            assert abs(value.mean()) < 5 * arch["init_std"] / np.sqrt(value.size), name
+        elif value.size >= 1000:  # sample std within 5 standard errors of the layer's std
+            assert abs(value.std() - std) < 5 * std / np.sqrt(2 * value.size), name
+            assert abs(value.mean()) < 5 * std / np.sqrt(value.size), name
 
 
 def test_checkpoint_round_trip_and_damage(tmp_path):

@@ -24,7 +24,7 @@ CROP = 224                                # offsets 0..32 on each axis, as in th
 def draws():
     offsets, flips, alphas = [], [], []
     for step in range(STEPS):
-        o, f, a = alexnet.cuda_augmentation_draws(seed=1, step=step, n=BATCH, H=H, W=W, crop=CROP)
+        o, f, a, _ = alexnet.cuda_augmentation_draws(seed=1, step=step, n=BATCH, H=H, W=W, crop=CROP)
         offsets.append(o), flips.append(f), alphas.append(a)
     return np.concatenate(offsets), np.concatenate(flips), np.concatenate(alphas)
 
@@ -124,3 +124,59 @@ def test_the_learning_rate_drops_on_a_plateau_as_documented(tmp_path):
     assert drops >= 1, errors  # the run did meet a plateau (else this test proves nothing)
     header, _, _ = alexnet.load_checkpoint(str(tmp_path / "out" / "latest.bin"))
     assert header["plateau_drops"] == drops and header["best_error"] == pytest.approx(best, abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# The authors' 2012 run (alexnet-2012-code): crops and mirrors per chunk of 32 images,
+# colour noise on the square roots of the eigenvalues with the crop divided by 1.1, and no
+# colour noise from epoch 66 (the run's epoch 67).
+
+CODE_2012 = "alexnet-2012-code"
+
+
+@pytest.fixture(scope="module")
+def draws_2012():
+    return [alexnet.cuda_augmentation_draws(seed=1, step=step, n=BATCH, H=H, W=W, crop=CROP, preset=CODE_2012)
+            for step in range(STEPS)]
+
+
+def test_2012_code_shares_crops_and_mirrors_by_chunks_of_32(draws_2012):
+    chunks = []
+    for offsets, flips, _, _ in draws_2012:
+        for start in range(0, BATCH, 32):
+            assert (offsets[start:start + 32] == offsets[start]).all() and (flips[start:start + 32] == flips[start]).all()
+            chunks.append((*offsets[start], flips[start]))
+    chunks = np.array(chunks)                           # 400 chunks: each draws as one paper image
+    for axis in range(2):
+        counts = np.bincount(chunks[:, axis], minlength=H - CROP + 1)
+        assert len(counts) == H - CROP + 1 and chi_square_p_value(counts) > 1e-6, counts
+    assert abs(chunks[:, 2].mean() - 0.5) < 5 * math.sqrt(0.25 / len(chunks))
+    assert len({tuple(c) for c in chunks}) > len(chunks) // 2  # chunks draw afresh, not one per batch
+
+
+def test_2012_code_colour_noise_is_0_1_z_and_divides_by_1_1(draws_2012):
+    """The weights multiply sqrt(eigval) (the standard deviation along each axis), so they are
+    0.1 z, z ~ N(0, 1), with no /255; every crop is then divided by 1 + 0.1."""
+    alphas = np.concatenate([a for _, _, a, _ in draws_2012])
+    assert {d for _, _, _, d in draws_2012} == {np.float32(1.1)}
+    n = len(alphas)
+    for c in range(3):
+        assert abs(alphas[:, c].mean()) < 5 * 0.1 / math.sqrt(n)
+        assert abs(alphas[:, c].std() / 0.1 - 1) < 5 / math.sqrt(2 * n)
+    assert np.abs(np.corrcoef(alphas.T) - np.eye(3)).max() < 5 / math.sqrt(n)
+
+
+def test_2012_code_colour_noise_stops_at_epoch_66():
+    for epoch, noise in ((0, True), (65, True), (66, False), (89, False)):
+        offsets, flips, alphas, divisor = alexnet.cuda_augmentation_draws(seed=3, step=7, n=64, H=H, W=W, crop=CROP,
+                                                                          preset=CODE_2012, epoch=epoch)
+        assert (np.abs(alphas).max() > 0) == noise and divisor == pytest.approx(1.1 if noise else 1.0)
+        # the crops and mirrors do not depend on the epoch: only the noise stops
+        same = alexnet.cuda_augmentation_draws(seed=3, step=7, n=64, H=H, W=W, crop=CROP, preset=CODE_2012)
+        assert np.array_equal(offsets, same[0]) and np.array_equal(flips, same[1])
+
+
+def test_paper_presets_draw_per_image_without_a_divisor():
+    offsets, flips, alphas, divisor = alexnet.cuda_augmentation_draws(seed=1, step=0, n=BATCH, H=H, W=W, crop=CROP,
+                                                                      epoch=80)
+    assert divisor == 1.0 and len({tuple(o) for o in offsets}) > BATCH // 2 and np.abs(alphas).max() > 0

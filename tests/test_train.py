@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import alexnet
-from model_fixtures import EXE, ROOT, learnable_dataset, random_dataset, run
+from model_fixtures import EXE, ROOT, learnable_dataset, random_dataset, run, small_2012_code
 
 
 def checkpoint_bytes(path):
@@ -125,6 +125,48 @@ def test_checkpoints_latest_and_keep(tmp_path, small_data):
     assert (header["image_height"], header["image_width"]) == (32, 32)  # what eval and predict compare
     log = (out / "log.txt").read_text()
     assert "step 5/5" in log and "img/s" in log and "eta" in log
+
+
+def test_2012_code_recipe_trains_resumes_bitwise_and_evaluates(tmp_path, small_data):
+    """The alexnet-2012-code recipe on the small sizes (the header carries them), from a
+    checkpoint at step 520 of 8 steps per epoch, across epoch 66 (no more colour noise, conv1 at
+    a tenth of the rate, step 528) and epoch 71 (conv1 frozen, step 568): the run resumed at
+    step 548 ends bit for bit where the whole run ends, conv1 does not move after step 568,
+    and --eval scores the result."""
+    arch = small_2012_code(10)
+    params = alexnet.init_params(arch, np.random.default_rng(0))
+    alexnet.save_checkpoint(str(tmp_path / "init.bin"), dict(arch, step=520, batch=8, lr=0.02), params)
+    flags = ("--data", small_data, "--steps", 576, "--save-every", 4, "--eval-every", 16)
+    whole = run(*flags, "--resume", tmp_path / "init.bin", "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    assert "alexnet-2012-code preset" in whole.stdout and "resuming at step 520" in whole.stdout
+    part = run(*flags, "--resume", tmp_path / "init.bin", "--steps", 548, "--out", tmp_path / "part")
+    assert part.returncode == 0, part.stderr
+    resumed = run(*flags, "--resume", tmp_path / "part" / "ckpt_00000548.bin", "--out", tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint_bytes(tmp_path / "whole" / "ckpt_00000576.bin") == \
+        checkpoint_bytes(tmp_path / "resumed" / "ckpt_00000576.bin")
+    _, at_568, _ = alexnet.load_checkpoint(str(tmp_path / "whole" / "ckpt_00000568.bin"))
+    _, at_572, _ = alexnet.load_checkpoint(str(tmp_path / "whole" / "ckpt_00000572.bin"))
+    _, at_576, _ = alexnet.load_checkpoint(str(tmp_path / "whole" / "ckpt_00000576.bin"))
+    for name in at_576:
+        frozen = np.array_equal(at_568[name], at_576[name])
+        assert frozen == name.startswith("conv1."), name
+    assert not np.array_equal(at_572["conv2.weight"], at_576["conv2.weight"])
+    evaluation = run("--data", small_data, "--eval", "--resume", tmp_path / "whole" / "latest.bin", "--batch", 8)
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert "10 views" in evaluation.stdout and "16 images" in evaluation.stdout
+
+
+def test_flags_given_win_over_the_presets_schedule(tmp_path):
+    """alexnet-2012-code sets --lr-steps 24,50,78 --patience 0 (the header test in
+    test_model.py), but only where the command line does not."""
+    random_dataset(tmp_path / "data", 2, size=256, classes=1000)
+    result = run("--data", tmp_path / "data", "--arch", "alexnet-2012-code", "--batch", 2, "--steps", 1,
+                 "--patience", 2, "--lr-steps", 5, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    header = alexnet.read_checkpoint_header(str(tmp_path / "out" / "latest.bin"))
+    assert header["patience"] == 2 and header["lr_steps"] == (5,)
 
 
 def test_eval_mode(tmp_path, small_data):
