@@ -140,7 +140,7 @@ $(LADDER_CPU): build/cpu/dev_cuda/%: dev/cuda/%.cu dev/cuda/common.h $(SOURCES)
 ifneq ($(GPU_BUILT),)
 dev-cuda-gpu: $(LADDER:%=build/gpu/dev_cuda/%)
 
-$(LADDER:%=build/gpu/dev_cuda/%): build/gpu/dev_cuda/%: dev/cuda/%.cu dev/cuda/common.h train_alexnet.cu
+$(LADDER:%=build/gpu/dev_cuda/%): build/gpu/dev_cuda/%: dev/cuda/%.cu dev/cuda/common.h dev/tensor_core_ptx.cuh train_alexnet.cu
 	@mkdir -p $(@D)
 	$(NVCC) $(NVCC_FLAGS) $< -o $@ 2> $@.ptxas.log || { cat $@.ptxas.log; exit 1; }
 else

@@ -27,7 +27,16 @@ version 4: the core of train_alexnet.cu: conv_forward() with its own tile and sp
 choice, then the ConvForward problem on each tile shape with one split
 ./conv_forward 4
 
-Every version is checked against a host reference (common.h says how), then timed.
+version 5: tensor cores, TF32: the ConvForward problem (the core's gathers) on
+mma.m16n8k8 .tf32, operands rounded by cvt.rna, FP32 accumulation, 128x128 tiles
+./conv_forward 5
+
+version 6: tensor cores, BF16: the same on mma.m16n8k16 .bf16, operands rounded to
+nearest even
+./conv_forward 6
+
+Every version is checked against a host reference (common.h says how; versions 5 and 6
+against the reference of their rounded operands), then timed.
 Exit status: 0 if every version passes, 1 on any FAIL, 2 on an error.
 */
 #define ALEXNET_NO_MAIN
@@ -195,6 +204,11 @@ __global__ void __launch_bounds__(THREADS) implicit_gemm_kernel3(float* out, con
 // carries), slices of 16 double-buffered in shared memory with one barrier each, and
 // split-K when the tiles alone would leave SMs idle.
 
+// Versions 5 and 6 are common.h's mma_gemm_kernel on the ConvForward problem: the
+// gathers of version 4 (origins, step tables), each value rounded to TF32 or BF16 as it
+// is stored to shared memory, 64x32 outputs per warp computed by mma.sync from
+// fragments that ldmatrix reads. The 8x8 FFMA of a thread become 16 mma per warp per step.
+
 // ----------------------------------------------------------------------------
 // Kernel launchers
 
@@ -230,6 +244,12 @@ void conv_forward4_tiles(float* out, const float* inp, const float* w, const flo
     gemm_launch_tiles<TILE_M, TILE_N>(p, nullptr, stream);
 }
 
+template <typename Precision>
+void conv_forward_mma(float* out, const float* inp, const float* w, const float* bias,
+                      const ConvShape& s, cudaStream_t stream) {
+    mma_gemm_launch<Precision>(ConvForward(s, out, inp, w, bias, true), stream);
+}
+
 // ----------------------------------------------------------------------------
 // Layers, the host reference, main
 
@@ -251,16 +271,16 @@ static const Layer LAYERS[] = {
 
 static const char* USAGE =
     "usage: conv_forward [VERSION] [--layer NAME] [--batch N] [--iters N]\n"
-    "  VERSION    1 naive, 2 im2col + SGEMM, 3 first implicit GEMM, 4 train_alexnet.cu's core\n"
-    "             (default: all)\n"
+    "  VERSION    1 naive, 2 im2col + SGEMM, 3 first implicit GEMM, 4 train_alexnet.cu's core,\n"
+    "             5 tensor cores TF32, 6 tensor cores BF16 (sm_80 and later); default: all\n"
     "  --layer    conv1..conv5 (one AlexNet tower) or small (a test shape); default conv2\n"
     "  --batch N  images (default: 128 on a GPU, 2 on the CPU build)\n"
-    "  --iters N  timed launches per version (default: 20 on a GPU, 1 on the CPU build)\n";
+    "  --iters N  timed launches per version (default: 20 on a GPU, 1 on the CPU build; 0: check only)\n";
 
 static int run(int argc, char** argv) {
     Args a;
     a.layer = "conv2";
-    if (!parse_args(argc, argv, 4, USAGE, a)) return 0;
+    if (!parse_args(argc, argv, 6, USAGE, a)) return 0;
     const Layer* l = &find_layer(LAYERS, a.layer);
     const ConvShape s{a.batch, l->C, l->H, l->W, l->K, l->R, l->S, l->stride, l->pad, 1, l->OH, l->OW};
     conv_check_shape(s);
@@ -271,19 +291,22 @@ static int run(int argc, char** argv) {
     std::vector<float> inp = uniform(in_size, 1, -1.0f, 1.0f);
     std::vector<float> w = uniform((long)s.K * depth, 2, -scale, scale);
     std::vector<float> bias = uniform(s.K, 3, -0.5f, 0.5f);
-    Reference ref(outputs, depth, (long)s.K * s.OH * s.OW, [&](long i, double& sum, double& abs_sum) {
-        int ox = i % s.OW, oy = i / s.OW % s.OH, k = i / s.OW / s.OH % s.K;
-        long image = i / s.OW / s.OH / s.K;
-        sum = bias[k], abs_sum = fabs(bias[k]);
-        for (int c = 0; c < s.C; c++)
-            for (int r = 0; r < s.R; r++)
-                for (int t = 0; t < s.S; t++) {
-                    int y = oy * s.stride - s.pad + r, x = ox * s.stride - s.pad + t;
-                    if (y < 0 || y >= s.H || x < 0 || x >= s.W) continue;
-                    double term = (double)w[((k * s.C + c) * s.R + r) * s.S + t]
-                                  * inp[((image * s.C + c) * s.H + y) * s.W + x];
-                    sum += term, abs_sum += fabs(term);
-                }
+    References refs([&](Format f) {
+        const std::vector<float> wf = round_to(f, w), xf = round_to(f, inp);
+        return Reference(outputs, depth, (long)s.K * s.OH * s.OW, [&](long i, double& sum, double& abs_sum) {
+            int ox = i % s.OW, oy = i / s.OW % s.OH, k = i / s.OW / s.OH % s.K;
+            long image = i / s.OW / s.OH / s.K;
+            sum = bias[k], abs_sum = fabs(bias[k]);
+            for (int c = 0; c < s.C; c++)
+                for (int r = 0; r < s.R; r++)
+                    for (int t = 0; t < s.S; t++) {
+                        int y = oy * s.stride - s.pad + r, x = ox * s.stride - s.pad + t;
+                        if (y < 0 || y >= s.H || x < 0 || x >= s.W) continue;
+                        double term = (double)wf[((k * s.C + c) * s.R + r) * s.S + t]
+                                      * xf[((image * s.C + c) * s.H + y) * s.W + x];
+                        sum += term, abs_sum += fabs(term);
+                    }
+        });
     });
 
     DeviceArray<float> d_inp(inp.data(), inp.size()), d_w(w.data(), w.size()),
@@ -301,7 +324,7 @@ static int run(int argc, char** argv) {
              plan.tile_n, plan.dims.splits, plan.dims.splits > 1 ? "s" : "");
 
     float *o = out.ptr, *x = d_inp.ptr, *wp = d_w.ptr, *b = d_bias.ptr;
-    const std::vector<Version> versions = {
+    std::vector<Version> versions = {
         {1, "naive direct", [&] { conv_forward1(o, x, wp, b, s, stream); }},
         {2, "im2col + SGEMM 64x64", [&] { conv_forward2(o, x, wp, b, s, cols.ptr, stream); }},
         {3, "implicit GEMM 64x64, div/mod gathers", [&] { conv_forward3(o, x, wp, b, s, stream); }},
@@ -313,13 +336,17 @@ static int run(int argc, char** argv) {
         {4, "core 64x128, 1 split", [&] { conv_forward4_tiles<64, 128>(o, x, wp, b, s, stream); }},
         {4, "core 128x64, 1 split", [&] { conv_forward4_tiles<128, 64>(o, x, wp, b, s, stream); }},
     };
+    if (has_tensor_cores()) {
+        versions.push_back({5, "mma tf32 128x128, warp 64x32", [&] { conv_forward_mma<Tf32>(o, x, wp, b, s, stream); }, TF32});
+        versions.push_back({6, "mma bf16 128x128, warp 64x32", [&] { conv_forward_mma<Bf16>(o, x, wp, b, s, stream); }, BF16});
+    }
     char what[160];
     snprintf(what, sizeof(what), "conv_forward %s: %dx%dx%d -> %dx%dx%d, %dx%d filter, stride %d, pad %d, "
              "batch %d, depth %d", l->name, s.C, s.H, s.W, s.K, s.OH, s.OW, s.R, s.S, s.stride,
              s.pad, s.N, depth);
-    print_setup(what, ref, outputs);
+    print_setup(what, refs(FP32), outputs);
     const double flop = 2.0 * outputs * depth;
-    int status = run_versions(a, versions, ref, out, flop, stream);
+    int status = run_versions(a, versions, refs, out, flop, stream);
     cudaCheck(cudaStreamDestroy(stream));
     return status;
 }

@@ -24,7 +24,12 @@ version 3: the core as the model calls it: fc_forward(), tile and split-K chosen
 the device (the CPU build answers as a 132-SM H100)
 ./fc_forward 3
 
-Every version is checked against a host reference (common.h says how), then timed.
+versions 4 and 5: tensor cores, TF32 and BF16: the FcForward problem on common.h's
+mma_gemm_kernel (as conv_forward.cu's versions 5 and 6), 128x128 tiles, no split
+./fc_forward 4
+
+Every version is checked against a host reference (common.h says how; versions 4 and 5
+against the reference of their rounded operands), then timed.
 Exit status: 0 if every version passes, 1 on any FAIL, 2 on an error.
 */
 #define ALEXNET_NO_MAIN
@@ -56,6 +61,10 @@ __global__ void fc_forward_kernel1(float* out, const float* inp, const float* w,
 // split writes its partial tile to the workspace, and gemm_split_sum_kernel adds the
 // splits in a fixed order (the same bits every run) before the bias and ReLU.
 
+// Versions 4 and 5 run FcForward on common.h's mma_gemm_kernel: inputs and weights, both
+// read along the reduction, rounded to TF32 or BF16 into k-contiguous shared tiles, and
+// multiplied by mma.sync in FP32. Without split-K: at batch 128, fc6 is 16 tiles again.
+
 // ----------------------------------------------------------------------------
 // Kernel launchers
 
@@ -76,6 +85,12 @@ void fc_forward2(float* out, const float* inp, const float* w, const float* bias
     gemm_launch_tiles<128, 128>(p, nullptr, stream);
 }
 
+template <typename Precision>
+void fc_forward_mma(float* out, const float* inp, const float* w, const float* bias, int N, int in,
+                    int out_features, cudaStream_t stream) {
+    mma_gemm_launch<Precision>(FcForward(N, in, out_features, out, inp, w, bias, true), stream);
+}
+
 // ----------------------------------------------------------------------------
 // Layers, the host reference, main
 
@@ -91,16 +106,16 @@ static const Layer LAYERS[] = {
 
 static const char* USAGE =
     "usage: fc_forward [VERSION] [--layer NAME] [--batch N] [--iters N]\n"
-    "  VERSION    1 naive, 2 train_alexnet.cu's core without split-K, 3 fc_forward (split-K)\n"
-    "             (default: all)\n"
+    "  VERSION    1 naive, 2 train_alexnet.cu's core without split-K, 3 fc_forward (split-K),\n"
+    "             4 tensor cores TF32, 5 tensor cores BF16 (sm_80 and later); default: all\n"
     "  --layer    fc6, fc7, fc8 (one AlexNet tower) or small (a test shape); default fc6\n"
     "  --batch N  images (default: 128 on a GPU, 2 on the CPU build)\n"
-    "  --iters N  timed launches per version (default: 20 on a GPU, 1 on the CPU build)\n";
+    "  --iters N  timed launches per version (default: 20 on a GPU, 1 on the CPU build; 0: check only)\n";
 
 static int run(int argc, char** argv) {
     Args a;
     a.layer = "fc6";
-    if (!parse_args(argc, argv, 3, USAGE, a)) return 0;
+    if (!parse_args(argc, argv, 5, USAGE, a)) return 0;
     const Layer* l = &find_layer(LAYERS, a.layer);
     const int N = a.batch, in = l->in, outf = l->out;
     fc_check_shape(N, in, outf);
@@ -110,13 +125,16 @@ static int run(int argc, char** argv) {
     std::vector<float> inp = uniform((long)N * in, 1, -1.0f, 1.0f);
     std::vector<float> w = uniform((long)outf * in, 2, -scale, scale);
     std::vector<float> bias = uniform(outf, 3, -0.5f, 0.5f);
-    Reference ref(outputs, in, outf, [&](long j, double& sum, double& abs_sum) {
-        long n = j / outf, o = j % outf;
-        sum = bias[o], abs_sum = fabs(bias[o]);
-        for (long i = 0; i < in; i++) {
-            double term = (double)inp[n * in + i] * w[o * in + i];
-            sum += term, abs_sum += fabs(term);
-        }
+    References refs([&](Format f) {
+        const std::vector<float> xf = round_to(f, inp), wf = round_to(f, w);
+        return Reference(outputs, in, outf, [&](long j, double& sum, double& abs_sum) {
+            long n = j / outf, o = j % outf;
+            sum = bias[o], abs_sum = fabs(bias[o]);
+            for (long i = 0; i < in; i++) {
+                double term = (double)xf[n * in + i] * wf[o * in + i];
+                sum += term, abs_sum += fabs(term);
+            }
+        });
     });
 
     DeviceArray<float> d_inp(inp.data(), inp.size()), d_w(w.data(), w.size()),
@@ -132,15 +150,19 @@ static int run(int argc, char** argv) {
              plan.tile_n, plan.dims.splits, plan.dims.splits > 1 ? "s" : "");
 
     float *o = out.ptr, *x = d_inp.ptr, *wp = d_w.ptr, *b = d_bias.ptr;
-    const std::vector<Version> versions = {
+    std::vector<Version> versions = {
         {1, "naive", [&] { fc_forward1(o, x, wp, b, N, in, outf, stream); }},
         {2, "core 128x128, 1 split", [&] { fc_forward2(o, x, wp, b, N, in, outf, stream); }},
         {3, automatic, [&] { fc_forward(o, x, wp, b, N, in, outf, true, ws, stream); }},
     };
+    if (has_tensor_cores()) {
+        versions.push_back({4, "mma tf32 128x128, warp 64x32", [&] { fc_forward_mma<Tf32>(o, x, wp, b, N, in, outf, stream); }, TF32});
+        versions.push_back({5, "mma bf16 128x128, warp 64x32", [&] { fc_forward_mma<Bf16>(o, x, wp, b, N, in, outf, stream); }, BF16});
+    }
     char what[96];
     snprintf(what, sizeof(what), "fc_forward %s: %d -> %d, batch %d", l->name, in, outf, N);
-    print_setup(what, ref, outputs);
-    int status = run_versions(a, versions, ref, out, 2.0 * outputs * in, stream);
+    print_setup(what, refs(FP32), outputs);
+    int status = run_versions(a, versions, refs, out, 2.0 * outputs * in, stream);
     cudaCheck(cudaStreamDestroy(stream));
     return status;
 }
