@@ -197,7 +197,7 @@ extern "C" int alexnet_augmentation_draws(int* offsets, uint8_t* flips, float* a
                     W <= MAX_IMAGE_SIDE,
                 "augmentation_draws: need n, step, epoch >= 0 and 1 <= crop <= H, W <= %d", (int)MAX_IMAGE_SIDE);
         HostRng rng(seed, RNG_AUGMENT, step);
-        *divisor = draw_augmentation(rng, recipe(find_preset(preset)), epoch, n, H, W, crop, offsets, flips, alphas);
+        *divisor = draw_augmentation(rng, recipe_of(find_preset(preset)), epoch, n, H, W, crop, offsets, flips, alphas);
     });
 }
 

@@ -1665,7 +1665,7 @@ static const Recipe RECIPES[NUM_PRESETS] = {
     {{1, 1, 1, 1, 1, 1, 1, 1}, {}, 1, false, false, 0, 0.0f, -1, -1},
     {{1, 1, 3, 3, 3, 1, 1, 1}, {"--lr-steps", "24,50,78", "--patience", "0"}, 32, true, true, 66, 2.0f, 66, 71},
 };
-static const Recipe& recipe(const Arch& a) { return RECIPES[a.preset]; }
+static const Recipe& recipe_of(const Arch& a) { return RECIPES[a.preset]; }
 
 // The paper initialises biases to 1 in conv2, conv4, conv5, fc6 and fc7 so that the
 // ReLUs start in their linear part, and to 0 in conv1, conv3 and fc8.
@@ -2083,7 +2083,7 @@ struct Model {
     void set_statistics(const float* mean, const float* eigval_in, const float* eigvec) {
         float eigval[3];
         for (int i = 0; i < 3; i++)
-            eigval[i] = recipe(arch).lighting_stdev ? sqrtf(std::max(eigval_in[i], 0.0f)) : eigval_in[i];
+            eigval[i] = recipe_of(arch).lighting_stdev ? sqrtf(std::max(eigval_in[i], 0.0f)) : eigval_in[i];
         for (Tower& T : towers) {
             cudaCheck(cudaSetDevice(T.device));
             cudaCheck(cudaMemcpy(T.mean, mean, (size_t)image_h * image_w * 3 * sizeof(float),
@@ -2133,7 +2133,7 @@ struct Model {
         for (int l = 0; l < NUM_LAYERS; l++) {
             long weights = towers[0].shape[l].weights() + towers[1].shape[l].weights();
             long biases = towers[0].shape[l].K + towers[1].shape[l].K;
-            const double std = (double)arch.init_std * recipe(arch).init_std_scale[l];
+            const double std = (double)arch.init_std * recipe_of(arch).init_std_scale[l];
             for (long i = 0; i < weights; i++) params[pos++] = (float)(std * rng.normal());
             for (long i = 0; i < biases; i++) params[pos++] = BIAS_INIT[l];
         }
@@ -2277,7 +2277,7 @@ struct Model {
             }
             const DeviceBatch& d = T.input;
             augment_images(T.x, d.images, T.mean, d.offsets, d.flips, d.alphas, T.eigval, T.eigvec, n,
-                           image_h, image_w, arch.crop, recipe(arch).centre_mean, d.divisor, T.stream);
+                           image_h, image_w, arch.crop, recipe_of(arch).centre_mean, d.divisor, T.stream);
             cudaCheck(cudaEventRecord(T.augmented, T.stream));
         }
     }
@@ -2736,7 +2736,7 @@ struct Loader {
     std::vector<long> permutation;
 
     Loader(const Dataset& d, int batch_size, const Arch& arch, bool training, bool augmenting, uint64_t s)
-        : data(d), recipe(::recipe(arch)), batch(batch_size), crop(arch.crop), train(training), augment(augmenting),
+        : data(d), recipe(recipe_of(arch)), batch(batch_size), crop(arch.crop), train(training), augment(augmenting),
           seed(s) {
         size_t pixels = (size_t)d.H * d.W * 3;
         for (Batch& b : slots) {
@@ -3141,7 +3141,7 @@ static void benchmark(Model& model, Loader& loader, const Options& o, Log& log) 
     auto step = [&](long i) {
         model.forward(b.n, true, o.seed, i);
         model.backward(b.n, o.seed, i);
-        model.update(learning_rates(recipe(model.arch), o, TrainState(), 0), o.momentum, o.weight_decay);
+        model.update(learning_rates(recipe_of(model.arch), o, TrainState(), 0), o.momentum, o.weight_decay);
         return model.finish(b.n);
     };
     for (long i = 0; i < 3; i++) step(i);
@@ -3201,7 +3201,7 @@ static void train_loop(Model& model, Loader& loader, Loader* val_loader, const O
             n = b.n;
             model.load_batch(b);
         }
-        const Rates rates = learning_rates(recipe(arch), o, state, step / per_epoch);
+        const Rates rates = learning_rates(recipe_of(arch), o, state, step / per_epoch);
         model.forward(n, true, o.seed, step);
         model.backward(n, o.seed, step);
         model.update(rates, o.momentum, o.weight_decay);
@@ -3525,7 +3525,7 @@ static void run(Options& o) {
         require(!o.eval_only, "--eval needs a checkpoint: --resume FILE");
         arch = find_preset(o.arch.c_str());
         arch.classes = any.classes;
-        const char* const* defaults = recipe(arch).flag_defaults;
+        const char* const* defaults = recipe_of(arch).flag_defaults;
         for (int i = 0; i < 4 && defaults[i]; i += 2)
             if (!o.given.count(defaults[i])) set_option(o, defaults[i], defaults[i + 1]);
         std::string fits;  // the presets whose crops fit the images
