@@ -117,8 +117,10 @@ static std::vector<float> round_to(Format f, std::vector<float> v) {
 // FP32, so against a reference built from the *rounded* operands the same bound holds,
 // with sum|terms| the sum of the rounded products: the tolerance stays that of FP32
 // accumulation, and a fragment element in the wrong register still fails. (On a GPU the
-// order and rounding inside the tensor cores are unspecified; the CPU runtime adds in k
-// order, rounding to nearest even.)
+// order and rounding inside the tensor cores are unspecified, and measured to truncate
+// (Fasi et al., PeerJ Comput. Sci. 7:e330, 2021): twice u per addition and biased, which
+// this bound, scaled by sum|terms| rather than |sum|, should still cover but has not been
+// tried on one. The CPU runtime adds in k order, rounding to nearest even.)
 struct Reference {
     long step = 1;
     std::vector<double> value, tol, abs_sum;  // of outputs 0, step, 2*step, ...: after ReLU
@@ -246,7 +248,6 @@ static bool has_tensor_cores() {
 // x 8 words of A and 8 columns x 8 words of B, and everything but the packing and the
 // mma itself is shared.
 struct Tf32 {
-    static constexpr Format FORMAT = TF32;
     static constexpr int PER_WORD = 1;
     static __device__ __forceinline__ unsigned pack(const float (&x)[1]) { return cvt_rna_tf32(x[0]); }
     static __device__ __forceinline__ void mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
@@ -254,7 +255,6 @@ struct Tf32 {
     }
 };
 struct Bf16 {
-    static constexpr Format FORMAT = BF16;
     static constexpr int PER_WORD = 2;
     static __device__ __forceinline__ unsigned pack(const float (&x)[2]) { return pack_bf16x2(x[0], x[1]); }
     static __device__ __forceinline__ void mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
