@@ -1661,8 +1661,12 @@ struct Recipe {
     int conv1_frozen_epoch; // from this epoch conv1 is not updated at all (-1: never)
 };
 static const Recipe RECIPES[NUM_PRESETS] = {
+    // alexnet and small: the paper's text (the schedule comes from the flags)
     {{1, 1, 1, 1, 1, 1, 1, 1}, {}, 1, false, false, 0, 0.0f, -1, -1},
     {{1, 1, 1, 1, 1, 1, 1, 1}, {}, 1, false, false, 0, 0.0f, -1, -1},
+    // alexnet-2012-code: std 0.03 in conv3..5; the weights' rate drops at the run's epochs
+    // 25, 51 and 79; chunks of 32; colour noise and conv1's slowing at the run's epoch 67,
+    // conv1 frozen at its epoch 72; biases at 0.02 for --lr 0.01
     {{1, 1, 3, 3, 3, 1, 1, 1}, {"--lr-steps", "24,50,78", "--patience", "0"}, 32, true, true, 66, 2.0f, 66, 71},
 };
 static const Recipe& recipe_of(const Arch& a) { return RECIPES[a.preset]; }
