@@ -24,7 +24,9 @@
 #                  in the same run, ours/torch for each PyTorch mode: fp32 (strict FP32, TF32 off:
 #                  the headline ratio), tf32 (PyTorch's default: TF32 convolutions, FP32 matmuls),
 #                  channels_last (strict FP32), bf16 (AMP autocast, channels_last); then
-#                  build/gpu/bench_kernels --batch 128 (GFLOP/s per kernel)
+#                  build/gpu/bench_kernels --batch 128 (GFLOP/s per kernel); then the kernel
+#                  ladder of dev/cuda at conv2 and fc6 (every version, the tf32/bf16 tensor-core
+#                  ones included, each checked against its reference: a FAIL fails the step)
 #   4 correctness  [150 s] every op through the CPU and the GPU library on the same inputs
 #                  (largest difference); a 50-step training run whose loss must fall
 #   5 sanitizer    [150 s] compute-sanitizer memcheck over every kernel (batch 2) and two training
@@ -182,6 +184,10 @@ build() {
                 && nvcc $flags build/gpu/train_alexnet.o -o train_alexnet \
                 && nvcc $flags -shared build/gpu/train_alexnet.o -o libalexnet.so; } &
             nvcc $flags dev/bench_kernels.cu -o build/gpu/bench_kernels 2> build/gpu/bench_ptxas.log &
+            mkdir -p build/gpu/dev_cuda
+            local rung; for rung in conv_forward fc_forward; do
+                nvcc $flags dev/cuda/$rung.cu -o build/gpu/dev_cuda/$rung 2> build/gpu/dev_cuda/$rung.ptxas.log &
+            done
             g++ -std=c++17 -O2 -g -pthread -fPIC -I. -x c++ -shared dev/runtime_test_kernels.cu -o build/libruntime_tests.so &
         fi
         g++ -std=c++17 -O2 -g -pthread -fPIC -x c++ -shared alexnet_api.cu -o libalexnet_cpu.so &
@@ -222,9 +228,9 @@ step1() {
     local nvcc_version
     nvcc_version=$(nvcc --version 2>/dev/null | tail -1 | sed 's/^Build //')
     say "nvcc: ${nvcc_version:-not found}" | tee -a "$log"
-    # What steps 2-6 run: train_alexnet, libalexnet.so, build/gpu/bench_kernels; the CPU
-    # library (step 4) and what the test suite loads (step 6). No ASan build.
-    build GPU_ARCH="$ARCH" gpu cpu bench-kernels build/libruntime_tests.so 2>&1 | tee -a "$log"
+    # What steps 2-6 run: train_alexnet, libalexnet.so, build/gpu/bench_kernels, the ladder
+    # (step 3); the CPU library (step 4) and what the test suite loads (step 6). No ASan build.
+    build GPU_ARCH="$ARCH" gpu cpu bench-kernels dev-cuda-gpu build/libruntime_tests.so 2>&1 | tee -a "$log"
     status=${PIPESTATUS[0]}
     gpu_peak
     say "SMs: ${SMS:-?}, max SM clock ${CLOCK:-?} MHz, sm_$ARCH, FP32 peak ${PEAK_TFLOPS:-?} TFLOP/s"
@@ -295,6 +301,17 @@ step3() {
     run 60 build/gpu/bench_kernels --batch 128 --iters 10 2>&1 | tee -a "$log"
     status=${PIPESTATUS[0]}
     [ "$status" = 0 ] || bad+=("bench_kernels: exit $status")
+    # The ladder: the tensor-core versions checked on the hardware against their rounded-operand
+    # reference (the CPU build checks them under the emulation), and timed beside the core.
+    local rung line ladder=()
+    for rung in "conv_forward --layer conv2" "fc_forward --layer fc6"; do
+        say "--- the ladder: build/gpu/dev_cuda/$rung --iters 5" | tee -a "$log"
+        run 30 build/gpu/dev_cuda/$rung --iters 5 2>&1 | tee "$WORK/ladder.log" | tee -a "$log"
+        status=${PIPESTATUS[0]}
+        [ "$status" = 0 ] || bad+=("ladder ${rung%% *}: exit $status")
+        while IFS= read -r line; do ladder+=("    ${rung##* } $line"); done \
+            < <(grep -E '^[0-9]+ (conv_forward|fc_forward) \(auto|^[0-9]+ mma ' "$WORK/ladder.log" | sed 's/  */ /g')
+    done
     if [ $TORCH_COMPILE = 1 ]; then
         say "--- PyTorch torch.compile (--torch-compile), strict FP32" | tee -a "$log"
         run 150 "$TORCH_PYTHON" dev/bench_torch.py --batch 128 --steps 20 --warmup 3 --modes compile \
@@ -315,6 +332,7 @@ step3() {
     local text="ours ${ours_line:-${OURS_IPS:-?} images/s}; ours/torch: ${ratios:-none}; kernels alone: ${kernels:-?} images/s; $GFLOP_PER_IMAGE GFLOP/image"
     STEP_DETAILS=()
     while IFS= read -r mode; do STEP_DETAILS+=("    $mode"); done < <(grep -E '^torch [a-z_0-9]+: ' "$log")
+    STEP_DETAILS+=("${ladder[@]}")
     if [ ${#bad[@]} = 0 ]; then verdict "PASS ($text)"
     else verdict "FAIL ($(IFS=';'; echo "${bad[*]}" | sed 's/;/; /g'); $text; see throughput.log)"; fi
 }

@@ -173,8 +173,9 @@ FAKES = {
     "nvidia-smi": 'echo "NVIDIA H100 80GB HBM3, 550.54.15, 81559 MiB, 9.0, 1980 MHz"',
     "nvcc": 'echo "Build cuda_12.4.r12.4/compiler.34097967_0"',
     "make": """echo "make $*" >> "$CALLS"
-mkdir -p build/gpu
+mkdir -p build/gpu/dev_cuda
 cp "$FAKES/train" train_alexnet; cp "$FAKES/bench" build/gpu/bench_kernels
+cp "$FAKES/ladder" build/gpu/dev_cuda/conv_forward; cp "$FAKES/ladder" build/gpu/dev_cuda/fc_forward
 : > libalexnet.so; : > libalexnet_cpu.so
 printf 'ptxas info    : 0 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads\\n' > build/gpu/ptxas.log
 exit ${FAKE_MAKE_STATUS:-0}""",
@@ -192,6 +193,10 @@ case " $* " in *" --bench "*) echo "bench | 3 steps of batch 128 | 50.000 ms per
 echo "bench_kernels: NVIDIA H100 80GB HBM3, 132 SMs, batch 128, 10 timed calls per op"
 echo "sum over one training step (both towers, kernels back to back, no exchange): 40.00 ms = 3200.0 images/s"
 """,
+    "ladder": """echo "ladder $(basename "$0") $*" >> "$CALLS"
+echo "4 conv_forward (auto: 128x128, 1 split)    PASS  max|diff| 3.96e-07 = 2.4e-02 tol      0.840 ms  20000.0 GFLOP/s"
+echo "5 mma tf32 128x128, warp 64x32             ${FAKE_LADDER:-PASS}  max|diff| 3.79e-07 = 2.4e-02 tol      0.200 ms  90000.0 GFLOP/s  vs fp32  0.30 u_tf32*sum|terms|"
+[ -z "${FAKE_LADDER:-}" ]""",
     "torch": """echo "torch $*" >> "$CALLS"
 exec "$REAL_PYTHON" - "$@" <<'EOF'
 import argparse, os, sys
@@ -257,7 +262,7 @@ def test_gpu_run_order_and_summary(tmp_path):
     assert files == ["build.log", "sanitizer.log", "smoke.log", "summary.txt", "throughput.log"]
 
     kinds = [call.split()[0] for call in calls]
-    assert calls[0] == "make -k -j16 GPU_ARCH=90 gpu cpu bench-kernels build/libruntime_tests.so"
+    assert calls[0] == "make -k -j16 GPU_ARCH=90 gpu cpu bench-kernels dev-cuda-gpu build/libruntime_tests.so"
     smoke = [c for c in calls if c.startswith("train ") and "--bench 3 " in c + " "]
     bench = [c for c in calls if c.startswith("train ") and "--bench 20" in c]
     assert len(smoke) == 1 and smoke[0].endswith("sync=1") and "--batch 128" in smoke[0]
@@ -267,6 +272,10 @@ def test_gpu_run_order_and_summary(tmp_path):
     assert len(torch) == 1 and "--modes fp32,tf32,channels_last,bf16 --ours 2560.0 --peak 66.9" in torch[0]
     per_kernel = calls.index("bench_kernels --batch 128 --iters 10")
     assert calls.index(bench[0]) < calls.index(torch[0]) < per_kernel
+    ladder = [calls.index("ladder conv_forward --layer conv2 --iters 5"), calls.index("ladder fc_forward --layer fc6 --iters 5")]
+    assert per_kernel < ladder[0] < ladder[1]
+    details = [line for line in text.splitlines() if line.startswith(("    conv2 ", "    fc6 "))]
+    assert len(details) == 4 and details[1].startswith("    conv2 5 mma tf32 128x128, warp 64x32 PASS"), details
     sanitizers = [c for c in calls if c.startswith("sanitizer ")]
     tools = [c.split()[1] for c in sanitizers]
     assert tools[:2] == ["memcheck", "memcheck"] and "racecheck" in tools
@@ -287,6 +296,17 @@ def test_gpu_run_failures_are_reported_and_the_run_goes_on(tmp_path):
     assert "FAIL (exit 1: error: lrn_forward_kernel: an illegal memory access was encountered; see smoke.log)" in steps[2]
     assert "PASS (ours 2560.0 images/s" in steps[3]
     assert "some step FAILED" in text.splitlines()[-1]
+
+
+@pytest.mark.no_asan
+def test_a_failing_ladder_version_fails_the_throughput_step(tmp_path):
+    """A tensor-core version of the ladder that misses its reference on the GPU (exit 1) is
+    a failure of step 3, named, with the version's line among the details."""
+    proc, text, _, _ = fake_gpu_run(tmp_path, "--only", "1,3", env={"FAKE_LADDER": "FAIL"})
+    assert proc.returncode == 1
+    steps = check_summary(text, proc.stdout)
+    assert "FAIL (ladder conv_forward: exit 1; ladder fc_forward: exit 1; ours 2560.0 images/s" in steps[3], steps[3]
+    assert "    conv2 5 mma tf32 128x128, warp 64x32 FAIL max|diff|" in text
 
 
 def test_compare_verdicts():
