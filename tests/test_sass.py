@@ -377,3 +377,51 @@ def test_report_on_a_tiny_kernel(tmp_path):
     # 4 + 4 scalar shared loads feed 16 FFMA: 2 per load, under the target
     assert "FAIL: FFMA/shared load" in text or "FAIL: FFMA %, FFMA/shared load" in text
     assert sass.main(["--source", str(source), "--arch", "90", "--check"]) == 1
+
+
+# A tensor-core slice loop (HMMA, no FFMA) whose gather divides: the k loop at 0x20-0x50 sits
+# in the slice loop 0x10-0x90, which holds nvcc's inline division (I2F.U32.RP ... MUFU.RCP).
+TENSOR_CORE = textwrap.dedent("""\
+    \t.section\t.text._Z2tcv,"ax",@progbits
+            /*0000*/                   MOV R0, RZ ;
+    .L_x_0:
+            /*0010*/                   I2F.U32.RP R9, R7 ;
+    .L_x_1:
+            /*0020*/                   LDSM.16.M88.4 R12, [R3] ;
+            /*0030*/                   HMMA.1688.F32.TF32 R16, R12, R14, R16 ;
+            /*0040*/                   HMMA.1688.F32.TF32 R20, R12, R15, R20 ;
+            /*0050*/               @P1 BRA `(.L_x_1) ;
+            /*0060*/                   MUFU.RCP R9, R9 ;
+            /*0070*/                   LDG.E R4, desc[UR4][R10.64] ;
+            /*0080*/                   STS [R5], R4 ;
+            /*0090*/               @P0 BRA `(.L_x_0) ;
+            /*00a0*/                   EXIT ;
+    """)
+
+
+@pytest.mark.parametrize("opcode, operands, division", [
+    ("I2F.U32.RP", "R9, R7", True), ("I2F.RP", "R9, R7", True), ("I2F.U32", "R9, R7", False),
+    ("I2F.F64", "R2, R7", False), ("CALL.REL.NOINC", "`($__internal_0_$__cuda_sm3x_div_u64)", True),
+    ("CALL.REL.NOINC", "`($__internal_1_$__cuda_sm20_rcp_rn_f64)", False), ("MUFU.RCP", "R9, R9", False),
+])
+def test_integer_division_marks(opcode, operands, division):
+    assert sass.is_integer_division(sass.Instr(0, opcode, operands)) == division
+
+
+def kernel_with(loop, regs=128, local=0, warps=16):
+    return sass.Kernel("k", sass.Resources(regs, local, 0, 0), 256, False, 0,
+                       sass.Occupancy(warps // 8, warps, "registers", 100.0 * warps / 64), True, loop)
+
+
+def test_tensor_core_targets_and_divisions_in_the_loops_around_the_k_loop():
+    fn = sass.parse_sass(TENSOR_CORE)["_Z2tcv"]
+    r = sass.reduction_loop(fn, None)  # geometry unknown: the k loop is the bulk loop
+    assert r.loop == "0x20-0x50" and r.tensor_core and r.counts["HMMA"] == 2
+    assert r.divisions == 1  # the I2F.RP of the slice loop around it
+    assert kernel_with(r).failures() == ["integer division"]  # FFMA % and FFMA/shared load do not apply
+    no_division = sass.reduction_loop(sass.parse_sass(TENSOR_CORE.replace("I2F.U32.RP", "I2F.U32"))["_Z2tcv"], None)
+    assert no_division.divisions == 0 and kernel_with(no_division).failures() == []
+    assert kernel_with(no_division, local=8, warps=4).failures() == ["local memory", "warps/SM"]
+    # an FP32 loop keeps its FFMA targets (HEX_TARGETS: 50% FFMA, no shared loads)
+    fp32 = sass.reduction_loop(sass.parse_sass(HEX_TARGETS)["_Z3hexv"], 2)
+    assert not fp32.tensor_core and kernel_with(fp32).failures() == ["FFMA %"]
