@@ -92,21 +92,15 @@ def cases(shapes, batch):
         return {"forward": y, "backward": A.cuda_relu_backward(dy, y)}
     out.append(("relu", 0, relu))
 
-    for name, C, H in shapes["lrn"]:
-        def lrn(rng, C=C, H=H):
-            x, dy = uniform(rng, N, C, H, H, lo=-20, hi=20), uniform(rng, N, C, H, H)
-            y, scale = A.cuda_lrn_forward(x, 5, 1e-4, 0.75, 2.0)
-            dx = A.cuda_lrn_backward(dy, x, y, scale, 5, 1e-4, 0.75, 2.0)
-            return {"forward": y, "scale": scale, "backward": dx}
-        out.append((f"{name} lrn", 5, lrn))
-
-    for name, C, H in shapes["spatial_norm"]:
-        def spatial_norm(rng, C=C, H=H):
-            x, dy = uniform(rng, N, C, H, H, lo=-20, hi=20), uniform(rng, N, C, H, H)
-            y, scale = A.cuda_spatial_norm_forward(x, 5, 1e-3, 0.75, 1.0)
-            dx = A.cuda_spatial_norm_backward(dy, x, y, scale, 5, 1e-3, 0.75, 1.0)
-            return {"forward": y, "scale": scale, "backward": dx}
-        out.append((f"{name} spatial_norm", 25, spatial_norm))
+    # the two normalisations: (op, settings size/alpha/beta/k, summed terms per output)
+    for op, settings, terms in (("lrn", (5, 1e-4, 0.75, 2.0), 5), ("spatial_norm", (5, 1e-3, 0.75, 1.0), 25)):
+        forward, backward = getattr(A, f"cuda_{op}_forward"), getattr(A, f"cuda_{op}_backward")
+        for name, C, H in shapes[op]:
+            def norm(rng, C=C, H=H, forward=forward, backward=backward, settings=settings):
+                x, dy = uniform(rng, N, C, H, H, lo=-20, hi=20), uniform(rng, N, C, H, H)
+                y, scale = forward(x, *settings)
+                return {"forward": y, "scale": scale, "backward": backward(dy, x, y, scale, *settings)}
+            out.append((f"{name} {op}", terms, norm))
 
     for name, C, H, OH in shapes["pool"]:
         def pool(rng, C=C, H=H, OH=OH):

@@ -471,7 +471,7 @@ struct ThreadSlot {
 // A cp.async copy that no wait has covered yet.
 struct AsyncCopy {
     int thread;
-    uint32_t group;  // the thread's group count when it was issued: the group it will belong to
+    uint32_t group;  // the thread's group count when the copy was made: the group it will belong to
     char* dst;
     const char* src;
 };
@@ -1708,8 +1708,8 @@ static uint32_t bf16_rn(float x) {
 }
 
 // cp.async: the copy is deferred until a wait covers its group (the PTX ISA makes the
-// writes visible to the issuing thread only after cp.async.wait_group on their group or
-// cp.async.wait_all), and the destination holds NaN bytes from the issue until then, so
+// writes visible to the copying thread only after cp.async.wait_group on their group or
+// cp.async.wait_all), and the destination holds NaN bytes from the call until then, so
 // a kernel that reads it too early sees the poison. The source is read at the wait too.
 static void async_copy(void* dst, const void* src, const char* file, int line) {
     Worker& w = kernel_worker("cp_async_16");

@@ -29,8 +29,8 @@ shared-memory load must feed several FFMA (register blocking).
 
 Table 3 checks the targets on sm_90. FP32 kernels (FFMA): FFMA >= 70% of the instructions
 per slice, >= 4 FFMA per shared-memory load instruction. Tensor-core kernels (HMMA in the
-slice loop): the issue rate of HMMA is not the measure there (one HMMA does 256 or 512
-multiply-adds), so their targets are HMMA in the slice loop and the rest below. Both: no
+slice loop): HMMA's share of the instructions is not the measure there (one HMMA does 256
+or 512 multiply-adds), so their targets are HMMA in the slice loop and the rest below. Both: no
 integer division in the slice loop or a loop around it (nvcc's inline division starts with
 I2F.RP and its 64-bit one is a CALL to a division routine), no local memory, >= 8 resident
 warps per SM.
