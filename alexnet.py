@@ -392,13 +392,11 @@ PRESETS = {
                   conv_stride=(1, 1, 1, 1, 1), conv_pad=(2, 2, 1, 1, 1), fc_out=(128, 128),
                   pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
                   init_std=0.05, **PAPER_LAYERS),
-    # the authors' 2012 run: conv1 LRN pool ReLU; a 5x5 within-map normalisation after conv2's LRN
-    "alexnet-2012-code": dict(preset=2, crop=224, conv_out=(96, 256, 384, 384, 256), conv_kernel=(11, 5, 3, 3, 3),
-                              conv_stride=(4, 1, 1, 1, 1), conv_pad=(0, 2, 1, 1, 1), fc_out=(4096, 4096),
-                              pool_size=3, pool_stride=2, lrn_size=5, lrn_alpha=1e-4, lrn_beta=0.75, lrn_k=2.0,
-                              init_std=0.01, conv1_relu_after_pool=1, spatial_size=5, spatial_alpha=1e-3,
-                              spatial_beta=0.75, spatial_k=1.0),
 }
+# the authors' 2012 run: the paper's sizes; conv1 LRN pool ReLU; a 5x5 within-map normalisation
+# after conv2's LRN
+PRESETS["alexnet-2012-code"] = dict(PRESETS["alexnet"], preset=2, conv1_relu_after_pool=1, spatial_size=5,
+                                    spatial_alpha=1e-3, spatial_beta=0.75, spatial_k=1.0)
 PRESET_NAMES = tuple(PRESETS)
 
 # How each preset is trained beyond the flags (the .cu's RECIPES; epochs counted from 0).
@@ -486,12 +484,12 @@ def _lrn_towers(x, arch):
 
 def _relu_after_pool(arch, i):
     """The 2012 code's conv1: conv, LRN, pool, then the ReLU."""
-    return i == 0 and arch.get("conv1_relu_after_pool", 0) == 1
+    return i == 0 and arch["conv1_relu_after_pool"] == 1
 
 
 def _spatial_norm(arch, i):
     """The 2012 code's conv2: a within-map normalisation between the LRN and the pooling."""
-    return i == 1 and arch.get("spatial_size", 0) > 0
+    return i == 1 and arch["spatial_size"] > 0
 
 
 def _spatial_settings(arch):
