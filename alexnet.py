@@ -66,6 +66,31 @@ COMMANDS = {}  # name -> (add_arguments(parser), run(args)); each section regist
 # convolution reads input rows oy*stride - pad + r (likewise columns); anything outside
 # the input reads 0, which covers the padding and conv1's overhang on the bottom/right.
 # The functions compute in the dtype of their inputs (float32 or float64).
+#
+# precision: the arithmetic of train_alexnet.cu's --precision. "fp32" multiplies the
+# operands as they are; "tf32" and "bf16" first round both matrix operands as the tensor
+# cores read them (round_operand); the products and sums are then exact here, while the
+# GPU's are FP32. Biases and the bias gradient are never rounded.
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def round_operand(x, precision):
+    """x as a tensor core reads it: each value as float32, rounded to TF32 (10 mantissa bits,
+    to nearest with ties away from zero, as cvt.rna.tf32.f32) or to BF16 (7 bits, to nearest
+    even, as cvt.rn.bf16x2.f32), returned in x's dtype; "fp32" returns x unchanged. The
+    rounding is done on the bit pattern: add half a unit of the kept last bit (plus the kept
+    last bit's value minus one, for ties to even), then clear the dropped bits."""
+    if precision == "fp32":
+        return x
+    if precision not in PRECISIONS:
+        raise AlexNetError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    if precision == "tf32":
+        rounded = (bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)
+    else:
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32).astype(np.asarray(x).dtype)
 
 
 def conv_output_size(size, kernel, stride=1, pad=0):
@@ -88,8 +113,9 @@ def _unrolled_input(inp, kernel_hw, stride, pad, out_hw):
     return windows[:, :, ::stride, ::stride]
 
 
-def conv_forward(inp, weight, bias, stride=1, pad=0, groups=1, out_hw=None, relu=False):
+def conv_forward(inp, weight, bias, stride=1, pad=0, groups=1, out_hw=None, relu=False, precision="fp32"):
     """out[n][k] = [relu](bias[k] + sum over c in k's group, r, s of w[k][c][r][s] * window)."""
+    inp, weight = round_operand(inp, precision), round_operand(weight, precision)
     N, C, H, W = inp.shape
     K, Cg, R, S = weight.shape
     OH, OW = out_hw or (conv_output_size(H, R, stride, pad), conv_output_size(W, S, stride, pad))
@@ -102,8 +128,9 @@ def conv_forward(inp, weight, bias, stride=1, pad=0, groups=1, out_hw=None, relu
     return np.maximum(out, 0) if relu else out
 
 
-def conv_backward_data(dout, weight, in_hw, stride=1, pad=0, groups=1):
+def conv_backward_data(dout, weight, in_hw, stride=1, pad=0, groups=1, precision="fp32"):
     """dinp: every tap (r, s) of every window adds dout * w back onto the pixel it read."""
+    dout, weight = round_operand(dout, precision), round_operand(weight, precision)
     N, K, OH, OW = dout.shape
     _, Cg, R, S = weight.shape
     (H, W), Kg = in_hw, K // groups
@@ -119,8 +146,10 @@ def conv_backward_data(dout, weight, in_hw, stride=1, pad=0, groups=1):
     return dpadded[:, :, pad:pad + H, pad:pad + W]
 
 
-def conv_backward_weights(dout, inp, kernel_hw, stride=1, pad=0, groups=1):
+def conv_backward_weights(dout, inp, kernel_hw, stride=1, pad=0, groups=1, precision="fp32"):
     """(dweight, dbias): dw[k][c][r][s] = sum over images and windows of dout * window."""
+    dbias = dout.sum(axis=(0, 2, 3))
+    dout, inp = round_operand(dout, precision), round_operand(inp, precision)
     N, K, OH, OW = dout.shape
     C = inp.shape[1]
     Cg, Kg = C // groups, K // groups
@@ -129,23 +158,23 @@ def conv_backward_weights(dout, inp, kernel_hw, stride=1, pad=0, groups=1):
         np.einsum("nkyx,ncyxrs->kcrs", dout[:, g * Kg:(g + 1) * Kg], cols[:, g * Cg:(g + 1) * Cg],
                   optimize=True)
         for g in range(groups)])
-    return dweight, dout.sum(axis=(0, 2, 3))
+    return dweight, dbias
 
 
-def fc_forward(inp, weight, bias, relu=False):
+def fc_forward(inp, weight, bias, relu=False, precision="fp32"):
     """out[n][o] = [relu](bias[o] + sum_i inp[n][i] * w[o][i])."""
-    out = inp @ weight.T + bias
+    out = round_operand(inp, precision) @ round_operand(weight, precision).T + bias
     return np.maximum(out, 0) if relu else out
 
 
-def fc_backward_data(dout, weight):
+def fc_backward_data(dout, weight, precision="fp32"):
     """dinp[n][i] = sum_o dout[n][o] * w[o][i]."""
-    return dout @ weight
+    return round_operand(dout, precision) @ round_operand(weight, precision)
 
 
-def fc_backward_weights(dout, inp):
+def fc_backward_weights(dout, inp, precision="fp32"):
     """(dweight, dbias): dw[o][i] = sum_n dout[n][o] * inp[n][i], db[o] = sum_n dout[n][o]."""
-    return dout.T @ inp, dout.sum(axis=0)
+    return round_operand(dout, precision).T @ round_operand(inp, precision), dout.sum(axis=0)
 
 # --- 1b. the other layers
 #
@@ -496,16 +525,17 @@ def _spatial_settings(arch):
     return arch["spatial_size"], arch["spatial_alpha"], arch["spatial_beta"], arch["spatial_k"]
 
 
-def model_forward(arch, params, x, labels, dropout=0.5, seed=0, step=0, train=True):
+def model_forward(arch, params, x, labels, dropout=0.5, seed=0, step=0, train=True, precision="fp32"):
     """Forward pass on crops x [N][3][crop][crop]: (per-image losses, top-1/top-5 correct
-    counts, cache for model_backward)."""
+    counts, cache for model_backward). precision: of the conv and fc products."""
     cache = {"x": x}
     a = x
     for i in range(5):
         name = LAYERS[i]
         cache[f"{name}.in"] = a
         a = conv_forward(a, params[f"{name}.weight"], params[f"{name}.bias"], arch["conv_stride"][i],
-                         arch["conv_pad"][i], CONV_GROUPS[i], relu=not _relu_after_pool(arch, i))
+                         arch["conv_pad"][i], CONV_GROUPS[i], relu=not _relu_after_pool(arch, i),
+                         precision=precision)
         cache[f"{name}.out"] = a
         if CONV_LRN[i]:
             a, cache[f"{name}.scale"] = _lrn_towers(a, arch)
@@ -520,7 +550,7 @@ def model_forward(arch, params, x, labels, dropout=0.5, seed=0, step=0, train=Tr
     a = a.reshape(len(a), -1)  # (channel, y, x) of pool5, tower 0's channels first
     for f, name in enumerate(LAYERS[5:]):
         cache[f"{name}.in"] = a
-        a = fc_forward(a, params[f"{name}.weight"], params[f"{name}.bias"], relu=f < 2)
+        a = fc_forward(a, params[f"{name}.weight"], params[f"{name}.bias"], relu=f < 2, precision=precision)
         if f < 2:
             cache[f"{name}.out"] = a
             a = _dropout_towers(a, dropout, seed, f, step, train)
@@ -529,7 +559,7 @@ def model_forward(arch, params, x, labels, dropout=0.5, seed=0, step=0, train=Tr
     return losses, correct, cache
 
 
-def model_backward(arch, params, cache, dropout=0.5, seed=0, step=0):
+def model_backward(arch, params, cache, dropout=0.5, seed=0, step=0, precision="fp32"):
     """Gradients of the batch-mean loss of the last model_forward: {name: array}."""
     grads = {}
     d = cache["dlogits"]
@@ -538,8 +568,8 @@ def model_backward(arch, params, cache, dropout=0.5, seed=0, step=0):
         if f < 2:
             d = _dropout_towers(d, dropout, seed, f, step, True, backward=True)
             d = relu_backward(d, cache[f"{name}.out"])
-        grads[f"{name}.weight"], grads[f"{name}.bias"] = fc_backward_weights(d, cache[f"{name}.in"])
-        d = fc_backward_data(d, params[f"{name}.weight"])
+        grads[f"{name}.weight"], grads[f"{name}.bias"] = fc_backward_weights(d, cache[f"{name}.in"], precision)
+        d = fc_backward_data(d, params[f"{name}.weight"], precision)
     for i in (4, 3, 2, 1, 0):
         name = LAYERS[i]
         out = cache[f"{name}.out"]
@@ -565,21 +595,22 @@ def model_backward(arch, params, cache, dropout=0.5, seed=0, step=0):
             d = relu_backward(d, out)
         inp, k = cache[f"{name}.in"], arch["conv_kernel"][i]
         grads[f"{name}.weight"], grads[f"{name}.bias"] = conv_backward_weights(
-            d, inp, (k, k), arch["conv_stride"][i], arch["conv_pad"][i], CONV_GROUPS[i])
+            d, inp, (k, k), arch["conv_stride"][i], arch["conv_pad"][i], CONV_GROUPS[i], precision)
         if i > 0:
             d = conv_backward_data(d, params[f"{name}.weight"], inp.shape[2:], arch["conv_stride"][i],
-                                   arch["conv_pad"][i], CONV_GROUPS[i])
+                                   arch["conv_pad"][i], CONV_GROUPS[i], precision)
     return grads
 
 
 def model_step(arch, params, momentum, x, labels, lr, momentum_coef, weight_decay, dropout=0.5,
-               seed=0, step=0):
+               seed=0, step=0, precision="fp32"):
     """One SGD step as train_alexnet does it (no weight decay on biases): (mean loss, new params,
-    new momentum). lr: one rate for every parameter, or a learning_rates() dict."""
+    new momentum). lr: one rate for every parameter, or a learning_rates() dict. precision: of the
+    conv and fc products; the update is the same in every precision."""
     rates = lr if isinstance(lr, dict) else dict(weights=lr, biases=lr, conv1_weights=lr, conv1_biases=lr,
                                                  conv1_frozen=False)
-    losses, _, cache = model_forward(arch, params, x, labels, dropout, seed, step, train=True)
-    grads = model_backward(arch, params, cache, dropout, seed, step)
+    losses, _, cache = model_forward(arch, params, x, labels, dropout, seed, step, train=True, precision=precision)
+    grads = model_backward(arch, params, cache, dropout, seed, step, precision)
     new_params, new_momentum = {}, {}
     for name in params:
         layer, kind = name.split(".")
@@ -1546,12 +1577,13 @@ _HEADER = (  # (name, index, kind, count)
     ("image_height", 68, "i32", 1), ("image_width", 69, "i32", 1),  # 0: not recorded (older checkpoints)
     ("conv1_relu_after_pool", 70, "i32", 1), ("spatial_size", 71, "i32", 1),  # 0 in older checkpoints
     ("spatial_alpha", 72, "f32", 1), ("spatial_beta", 73, "f32", 1), ("spatial_k", 74, "f32", 1),
+    ("precision", 75, "i32", 1),  # of the matrix products: index in PRECISIONS (0 fp32, also older checkpoints)
 )
 # The training state of a fresh run: the executables' defaults.
 _DEFAULT_STATE = dict(step=0, seed=1, batch=128, lr=0.01, momentum=0.9, weight_decay=0.0005, dropout=0.5,
                       augment=1, eval_every=0, patience=3, max_drops=3, plateau_drops=0, bad_evals=0,
                       best_error=float("inf"), loss=float("nan"), epochs=90, steps=0, lr_steps=(),
-                      image_height=0, image_width=0)
+                      image_height=0, image_width=0, precision=0)
 
 
 def _encode_header(fields):
@@ -1594,6 +1626,7 @@ _HEADER_RANGES = dict(
     weight_decay=(0, 1, False), dropout=(0, 1, True), augment=(0, 1, False), eval_every=(0, INT32_MAX, False),
     patience=(0, 1000000, False), max_drops=(0, 100, False), plateau_drops=(0, 100, False),
     bad_evals=(0, 1000000, False), epochs=(1, 1000000, False), steps=(0, INT32_MAX, False),
+    precision=(0, len(PRECISIONS), True),
 )
 MAX_LR_STEPS = 8
 _FIELD_AT = {name: at for name, at, _, _ in _HEADER}
@@ -1844,18 +1877,25 @@ _CONV_DIMS = ("int N, int C, int H, int W, int K, int R, int S, int stride, int 
               "int OH, int OW")
 _CDEFS += [
     "int alexnet_conv_forward(float* out, const float* inp, const float* weight, "
-    f"const float* bias, {_CONV_DIMS}, int relu);",
+    f"const float* bias, {_CONV_DIMS}, int relu, int precision);",
     "int alexnet_conv_backward_data(float* dinp, const float* dout, const float* weight, "
-    f"{_CONV_DIMS});",
+    f"{_CONV_DIMS}, int precision);",
     "int alexnet_conv_backward_weights(float* dweight, float* dbias, const float* dout, "
-    f"const float* inp, {_CONV_DIMS});",
+    f"const float* inp, {_CONV_DIMS}, int precision);",
     "int alexnet_fc_forward(float* out, const float* inp, const float* weight, const float* bias, "
-    "int N, int in, int out_features, int relu);",
+    "int N, int in, int out_features, int relu, int precision);",
     "int alexnet_fc_backward_data(float* dinp, const float* dout, const float* weight, int N, "
-    "int in, int out_features);",
+    "int in, int out_features, int precision);",
     "int alexnet_fc_backward_weights(float* dweight, float* dbias, const float* dout, "
-    "const float* inp, int N, int in, int out_features);",
+    "const float* inp, int N, int in, int out_features, int precision);",
 ]
+
+
+def _precision_number(precision):
+    """The C API's number for a precision name: its index in PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise AlexNetError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS.index(precision)
 
 
 def _float32(array, shape, what):
@@ -1877,7 +1917,7 @@ def _conv_dims(inp_shape, weight_shape, stride, pad, groups, out_hw):
     return N, C, H, W, K, R, S, stride, pad, groups, OH, OW
 
 
-def cuda_conv_forward(inp, weight, bias, stride=1, pad=0, groups=1, out_hw=None, relu=False):
+def cuda_conv_forward(inp, weight, bias, stride=1, pad=0, groups=1, out_hw=None, relu=False, precision="fp32"):
     _, lib = library()
     inp, weight = _float32(inp, (-1,) * 4, "input"), _float32(weight, (-1,) * 4, "weight")
     bias = _float32(bias, (weight.shape[0],), "bias")
@@ -1885,11 +1925,11 @@ def cuda_conv_forward(inp, weight, bias, stride=1, pad=0, groups=1, out_hw=None,
     N, _, _, _, K, _, _, _, _, _, OH, OW = dims
     out = np.empty((N, K, OH, OW), np.float32)
     _check(lib.alexnet_conv_forward(_ptr(out), _ptr(inp), _ptr(weight), _ptr(bias), *dims,
-                                    int(relu)))
+                                    int(relu), _precision_number(precision)))
     return out
 
 
-def cuda_conv_backward_data(dout, weight, in_hw, stride=1, pad=0, groups=1):
+def cuda_conv_backward_data(dout, weight, in_hw, stride=1, pad=0, groups=1, precision="fp32"):
     _, lib = library()
     dout = _float32(dout, (-1,) * 4, "dout")
     N, K, OH, OW = dout.shape
@@ -1897,11 +1937,12 @@ def cuda_conv_backward_data(dout, weight, in_hw, stride=1, pad=0, groups=1):
     dims = _conv_dims((N, weight.shape[1] * groups, *in_hw), weight.shape, stride, pad, groups,
                       (OH, OW))
     dinp = np.empty(dims[:4], np.float32)
-    _check(lib.alexnet_conv_backward_data(_ptr(dinp), _ptr(dout), _ptr(weight), *dims))
+    _check(lib.alexnet_conv_backward_data(_ptr(dinp), _ptr(dout), _ptr(weight), *dims,
+                                          _precision_number(precision)))
     return dinp
 
 
-def cuda_conv_backward_weights(dout, inp, kernel_hw, stride=1, pad=0, groups=1):
+def cuda_conv_backward_weights(dout, inp, kernel_hw, stride=1, pad=0, groups=1, precision="fp32"):
     _, lib = library()
     dout = _float32(dout, (-1,) * 4, "dout")
     N, K, OH, OW = dout.shape
@@ -1910,55 +1951,56 @@ def cuda_conv_backward_weights(dout, inp, kernel_hw, stride=1, pad=0, groups=1):
     dims = _conv_dims(inp.shape, weight_shape, stride, pad, groups, (OH, OW))
     dweight, dbias = np.empty(weight_shape, np.float32), np.empty(K, np.float32)
     _check(lib.alexnet_conv_backward_weights(_ptr(dweight), _ptr(dbias), _ptr(dout), _ptr(inp),
-                                             *dims))
+                                             *dims, _precision_number(precision)))
     return dweight, dbias
 
 
-def cuda_fc_forward(inp, weight, bias, relu=False):
+def cuda_fc_forward(inp, weight, bias, relu=False, precision="fp32"):
     _, lib = library()
     inp, weight = _float32(inp, (-1, -1), "input"), _float32(weight, (-1, inp.shape[1]), "weight")
     bias = _float32(bias, (weight.shape[0],), "bias")
     out = np.empty((inp.shape[0], weight.shape[0]), np.float32)
     _check(lib.alexnet_fc_forward(_ptr(out), _ptr(inp), _ptr(weight), _ptr(bias), *inp.shape,
-                                  weight.shape[0], int(relu)))
+                                  weight.shape[0], int(relu), _precision_number(precision)))
     return out
 
 
-def cuda_fc_backward_data(dout, weight):
+def cuda_fc_backward_data(dout, weight, precision="fp32"):
     _, lib = library()
     dout, weight = _float32(dout, (-1, -1), "dout"), _float32(weight, (-1, -1), "weight")
     _float32(dout, (-1, weight.shape[0]), "dout")
     dinp = np.empty((dout.shape[0], weight.shape[1]), np.float32)
     _check(lib.alexnet_fc_backward_data(_ptr(dinp), _ptr(dout), _ptr(weight), *dinp.shape,
-                                        weight.shape[0]))
+                                        weight.shape[0], _precision_number(precision)))
     return dinp
 
 
-def cuda_fc_backward_weights(dout, inp):
+def cuda_fc_backward_weights(dout, inp, precision="fp32"):
     _, lib = library()
     dout, inp = _float32(dout, (-1, -1), "dout"), _float32(inp, (-1, -1), "input")
     _float32(inp, (dout.shape[0], -1), "input")
     dweight = np.empty((dout.shape[1], inp.shape[1]), np.float32)
     dbias = np.empty(dout.shape[1], np.float32)
     _check(lib.alexnet_fc_backward_weights(_ptr(dweight), _ptr(dbias), _ptr(dout), _ptr(inp),
-                                           *inp.shape, dout.shape[1]))
+                                           *inp.shape, dout.shape[1], _precision_number(precision)))
     return dweight, dbias
 
 
 _CDEFS.append("int alexnet_gemm_plan(int op, int N, int C, int H, int W, int K, int R, int S, "
-              "int stride, int pad, int OH, int OW, long* out);")
+              "int stride, int pad, int OH, int OW, int precision, long* out);")
 GEMM_OPS = ("conv_forward", "conv_backward_data", "conv_backward_weights",
             "fc_forward", "fc_backward_data", "fc_backward_weights")
 
 
-def cuda_gemm_plan(op, N, C, K, H=1, R=1, stride=1, pad=0):
+def cuda_gemm_plan(op, N, C, K, H=1, R=1, stride=1, pad=0, precision="fp32"):
     """How the library runs one layer's matrix product on the current device: a dict of
     tile_m, tile_n, splits (of the reduction), tiles (per split) and slots (blocks the
     device holds at once). Square images and filters; fc layers: C = in, K = out features."""
     OH = conv_output_size(H, R, stride, pad)
     ffi, lib = library()
     out = ffi.new("long[5]")
-    _check(lib.alexnet_gemm_plan(GEMM_OPS.index(op), N, C, H, H, K, R, R, stride, pad, OH, OH, out))
+    _check(lib.alexnet_gemm_plan(GEMM_OPS.index(op), N, C, H, H, K, R, R, stride, pad, OH, OH,
+                                 _precision_number(precision), out))
     return dict(zip(("tile_m", "tile_n", "splits", "tiles", "slots"), list(out)))
 
 # --- 6b. bindings: the other layers
@@ -2205,7 +2247,8 @@ def ten_views(H, W, crop):
 CENTRE_VIEW = 4  # index of the centre crop in ten_views
 
 _CDEFS.append("""
-int alexnet_model_open(void** model, const char* checkpoint, int batch, int H, int W, const float* mean);
+int alexnet_model_open(void** model, const char* checkpoint, int batch, int H, int W, const float* mean,
+                       int precision);
 int alexnet_model_shape(void* model, int* crop, int* classes);
 int alexnet_model_probabilities(void* model, float* probs, const uint8_t* images, const int* offsets,
                                 const uint8_t* flips, int n);
@@ -2216,14 +2259,16 @@ void alexnet_model_close(void* model);
 class LibraryModel:
     """A checkpoint's network in the shared library (CPU or GPU build): softmax outputs for
     batches of uint8 images [n][H][W][3] of the dataset's size, each cropped at (y, x),
-    mirrored when flip is 1 and mean-subtracted on the device, as the executables do."""
+    mirrored when flip is 1 and mean-subtracted on the device, as the executables do.
+    precision: of the matrix products (PRECISIONS; None: the checkpoint's)."""
 
-    def __init__(self, checkpoint, mean, batch):
+    def __init__(self, checkpoint, mean, batch, precision=None):
         ffi, lib = library()
         H, W, _ = mean.shape
         handle = ffi.new("void **")
         _check(lib.alexnet_model_open(handle, os.fsencode(checkpoint), batch, H, W,
-                                      _ptr(np.ascontiguousarray(mean, np.float32))))
+                                      _ptr(np.ascontiguousarray(mean, np.float32)),
+                                      -1 if precision is None else _precision_number(precision)))
         self.handle, self.batch, self.shape = handle[0], batch, mean.shape
         crop, classes = ffi.new("int *"), ffi.new("int *")
         _check(lib.alexnet_model_shape(self.handle, crop, classes))
@@ -2256,10 +2301,12 @@ class LibraryModel:
 
 class NumpyModel:
     """The same function as LibraryModel from the NumPy references (sections 1 and 2), in
-    float64: augment_images without lighting, model_forward in test mode, softmax."""
+    float64: augment_images without lighting, model_forward in test mode, softmax; the matrix
+    operands rounded as `precision` says (None: the checkpoint's)."""
 
-    def __init__(self, checkpoint, mean):
+    def __init__(self, checkpoint, mean, precision=None):
         self.arch, params, _ = load_checkpoint(checkpoint)
+        self.precision = PRECISIONS[self.arch["precision"]] if precision is None else precision
         self.params = {k: v.astype(np.float64) for k, v in params.items()}
         self.mean = np.asarray(mean, np.float32)
         self.crop, self.classes = self.arch["crop"], self.arch["classes"]
@@ -2271,9 +2318,10 @@ class NumpyModel:
                            np.zeros(3, np.float32), np.eye(3, dtype=np.float32), self.crop,
                            centre_mean=RECIPES[self.arch["arch"]]["centre_mean"])
         _, _, cache = model_forward(self.arch, self.params, x.astype(np.float64),
-                                    np.zeros(n, np.int64), self.arch["dropout"], train=False)
+                                    np.zeros(n, np.int64), self.arch["dropout"], train=False,
+                                    precision=self.precision)
         logits = fc_forward(cache["fc8.in"], self.params["fc8.weight"], self.params["fc8.bias"],
-                            relu=False)
+                            relu=False, precision=self.precision)
         return softmax_forward(logits)
 
 
@@ -2390,6 +2438,8 @@ def _eval_arguments(p):
     p.add_argument("--data", required=True, help="dataset folder (its val shards and stats.bin)")
     p.add_argument("--views", type=int, choices=(1, 10), default=10, help="1: centre crop only (default: 10)")
     p.add_argument("--batch", type=int, default=128, help="images per forward pass (default: 128)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="matrix products in fp32, or tf32 / bf16 on tensor cores (default: the checkpoint's)")
 
 
 def _eval(args):
@@ -2398,7 +2448,7 @@ def _eval(args):
     _use_gpu_library()
     shards, mean, names = _dataset(args.data)
     require_fit(args.checkpoint, args.data, mean.shape, len(names))
-    with LibraryModel(args.checkpoint, mean, args.batch) as model:
+    with LibraryModel(args.checkpoint, mean, args.batch, args.precision) as model:
         scores = evaluate(model, shards, args.views, args.batch, progress=True)
     print(f"{args.checkpoint} on {args.data}")
     for name, s in scores.items():
@@ -2768,7 +2818,7 @@ COMMANDS["show"] = (_show_arguments, _show)
 # 90: no dropout (it slows learning down and a run this short does not overfit), the
 # paper's learning rate 0.01, divided by 10 after the first epoch (where the paper waits
 # for the validation error to stop improving).
-DEMO_TRAINING = dict(batch=32, lr=0.01, lr_steps="1", dropout=0.0, steps=450, eval_every=150)
+DEMO_TRAINING = dict(batch=32, lr=0.01, lr_steps="1", dropout=0.0, steps=450, eval_every=150, precision="fp32")
 
 
 def _demo_arguments(p):
@@ -2816,7 +2866,7 @@ def _demo(args):
             os.remove(os.path.join(args.out, name))
     flags = ["--data", args.data, "--arch", "small", "--out", args.out, "--batch", str(args.batch),
              "--lr", str(args.lr), "--lr-steps", args.lr_steps, "--dropout", str(args.dropout),
-             "--steps", str(args.steps),
+             "--steps", str(args.steps), "--precision", args.precision,
              "--eval-every", str(args.eval_every), "--save-every", "0", "--log-every", str(max(1, args.eval_every // 4))]
     if run_trainer(executable, flags) != 0:  # Ctrl-C: the trainer checkpoints, and the demo goes on with it
         raise AlexNetError("training failed (see the lines above)")

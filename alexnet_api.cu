@@ -32,6 +32,13 @@ static long conv_input_size(const ConvShape& s) { return (long)s.N * s.C * s.H *
 static long conv_output_size(const ConvShape& s) { return (long)s.N * s.K * s.OH * s.OW; }
 static long conv_weight_size(const ConvShape& s) { return (long)s.K * s.cg() * s.R * s.S; }
 
+// The precision argument of the matrix products: 0 fp32, 1 tf32, 2 bf16 (Precision).
+static Precision api_precision(int precision) {
+    require(precision >= 0 && precision < NUM_PRECISIONS, "precision must be 0 (fp32), 1 (tf32) or 2 (bf16), got %d",
+            precision);
+    return (Precision)precision;
+}
+
 // The workspace of one call (none when the product is not split).
 struct ApiWorkspace {
     DeviceArray<float> array;
@@ -46,26 +53,28 @@ extern "C" size_t alexnet_gemm_shared_bytes(int tile_m, int tile_n) {
     if (tile_m == 128 && tile_n == 64) return GemmTile<128, 64>::SHARED_BYTES;
     return 0;
 }
-// The tile and split that gemm_launch chooses on the current device, for the tests:
+// The tile and split that gemm_launch chooses on the current device in a precision, for
+// the tests:
 // op 0, 1, 2 = conv forward, backward data, backward weights (groups 1); 3, 4, 5 = fc
 // forward, backward data, backward weights with C = in and K = out features (the other
 // sizes ignored). out = {tile_m, tile_n, splits, tiles per split, blocks per wave}.
 extern "C" int alexnet_gemm_plan(int op, int N, int C, int H, int W, int K, int R, int S,
-                                 int stride, int pad, int OH, int OW, long* out) {
+                                 int stride, int pad, int OH, int OW, int precision, long* out) {
     return api_call([&] {
         require(op >= 0 && op < 6 && out, "gemm_plan: op must be 0..5");
+        const Precision pr = api_precision(precision);
         GemmPlan plan;
         if (op < 3) {
             ConvShape s{N, C, H, W, K, R, S, stride, pad, 1, OH, OW};
             conv_check_shape(s);
-            plan = op == 0 ? gemm_plan(ConvForward(s, nullptr, nullptr, nullptr, nullptr, false), -1)
-                   : op == 1 ? gemm_plan(ConvBackwardData(s, nullptr, nullptr, nullptr), -1)
-                             : gemm_plan(ConvBackwardWeights(s, nullptr, nullptr, nullptr), -1);
+            plan = op == 0 ? gemm_plan(ConvForward(s, nullptr, nullptr, nullptr, nullptr, false), -1, pr)
+                   : op == 1 ? gemm_plan(ConvBackwardData(s, nullptr, nullptr, nullptr), -1, pr)
+                             : gemm_plan(ConvBackwardWeights(s, nullptr, nullptr, nullptr), -1, pr);
         } else {
             fc_check_shape(N, C, K);
-            plan = op == 3 ? gemm_plan(FcForward(N, C, K, nullptr, nullptr, nullptr, nullptr, false), -1)
-                   : op == 4 ? gemm_plan(FcBackwardData(N, C, K, nullptr, nullptr, nullptr), -1)
-                             : gemm_plan(FcBackwardWeights(N, C, K, nullptr, nullptr, nullptr), -1);
+            plan = op == 3 ? gemm_plan(FcForward(N, C, K, nullptr, nullptr, nullptr, nullptr, false), -1, pr)
+                   : op == 4 ? gemm_plan(FcBackwardData(N, C, K, nullptr, nullptr, nullptr), -1, pr)
+                             : gemm_plan(FcBackwardWeights(N, C, K, nullptr, nullptr, nullptr), -1, pr);
         }
         long values[5] = {plan.tile_m, plan.tile_n, plan.dims.splits, plan.tiles, plan.slots};
         std::copy(values, values + 5, out);
@@ -78,7 +87,7 @@ extern "C" int alexnet_gemm_tile_k(void) { return GEMM_TILE_K; }
 extern "C" int alexnet_conv_forward(float* out, const float* inp, const float* weight,
                                     const float* bias, int N, int C, int H, int W, int K, int R,
                                     int S, int stride, int pad, int groups, int OH, int OW,
-                                    int relu) {
+                                    int relu, int precision) {
     return api_call([&] {
         ConvShape s{N, C, H, W, K, R, S, stride, pad, groups, OH, OW};
         conv_check_shape(s);
@@ -87,14 +96,14 @@ extern "C" int alexnet_conv_forward(float* out, const float* inp, const float* w
             d_weight(weight, conv_weight_size(s)), d_bias(bias, K);
         ApiWorkspace ws(conv_workspace(N, C, H, W, K, R, S, stride, pad, groups, OH, OW));
         conv_forward(d_out.ptr, d_inp.ptr, d_weight.ptr, d_bias.ptr, N, C, H, W, K, R, S, stride,
-                     pad, groups, OH, OW, relu != 0, ws.get(), 0);
+                     pad, groups, OH, OW, relu != 0, ws.get(), api_precision(precision), 0);
         d_out.download(out);
     });
 }
 
 extern "C" int alexnet_conv_backward_data(float* dinp, const float* dout, const float* weight,
                                           int N, int C, int H, int W, int K, int R, int S,
-                                          int stride, int pad, int groups, int OH, int OW) {
+                                          int stride, int pad, int groups, int OH, int OW, int precision) {
     return api_call([&] {
         ConvShape s{N, C, H, W, K, R, S, stride, pad, groups, OH, OW};
         conv_check_shape(s);
@@ -103,7 +112,7 @@ extern "C" int alexnet_conv_backward_data(float* dinp, const float* dout, const 
             d_weight(weight, conv_weight_size(s));
         ApiWorkspace ws(conv_workspace(N, C, H, W, K, R, S, stride, pad, groups, OH, OW));
         conv_backward_data(d_dinp.ptr, d_dout.ptr, d_weight.ptr, N, C, H, W, K, R, S, stride, pad,
-                           groups, OH, OW, ws.get(), 0);
+                           groups, OH, OW, ws.get(), api_precision(precision), 0);
         d_dinp.download(dinp);
     });
 }
@@ -111,7 +120,7 @@ extern "C" int alexnet_conv_backward_data(float* dinp, const float* dout, const 
 extern "C" int alexnet_conv_backward_weights(float* dweight, float* dbias, const float* dout,
                                              const float* inp, int N, int C, int H, int W, int K,
                                              int R, int S, int stride, int pad, int groups,
-                                             int OH, int OW) {
+                                             int OH, int OW, int precision) {
     return api_call([&] {
         ConvShape s{N, C, H, W, K, R, S, stride, pad, groups, OH, OW};
         conv_check_shape(s);
@@ -120,14 +129,14 @@ extern "C" int alexnet_conv_backward_weights(float* dweight, float* dbias, const
             d_dout(dout, conv_output_size(s)), d_inp(inp, conv_input_size(s));
         ApiWorkspace ws(conv_workspace(N, C, H, W, K, R, S, stride, pad, groups, OH, OW));
         conv_backward_weights(d_dweight.ptr, d_dbias.ptr, d_dout.ptr, d_inp.ptr, N, C, H, W, K, R,
-                              S, stride, pad, groups, OH, OW, ws.get(), 0);
+                              S, stride, pad, groups, OH, OW, ws.get(), api_precision(precision), 0);
         d_dweight.download(dweight);
         d_dbias.download(dbias);
     });
 }
 
 extern "C" int alexnet_fc_forward(float* out, const float* inp, const float* weight,
-                                  const float* bias, int N, int in, int out_features, int relu) {
+                                  const float* bias, int N, int in, int out_features, int relu, int precision) {
     return api_call([&] {
         fc_check_shape(N, in, out_features);
         require(out && inp && weight && bias, "fc_forward: null pointer argument");
@@ -135,26 +144,26 @@ extern "C" int alexnet_fc_forward(float* out, const float* inp, const float* wei
             d_weight(weight, (long)out_features * in), d_bias(bias, out_features);
         ApiWorkspace ws(fc_workspace(N, in, out_features));
         fc_forward(d_out.ptr, d_inp.ptr, d_weight.ptr, d_bias.ptr, N, in, out_features,
-                   relu != 0, ws.get(), 0);
+                   relu != 0, ws.get(), api_precision(precision), 0);
         d_out.download(out);
     });
 }
 
 extern "C" int alexnet_fc_backward_data(float* dinp, const float* dout, const float* weight,
-                                        int N, int in, int out_features) {
+                                        int N, int in, int out_features, int precision) {
     return api_call([&] {
         fc_check_shape(N, in, out_features);
         require(dinp && dout && weight, "fc_backward_data: null pointer argument");
         DeviceArray<float> d_dinp((long)N * in), d_dout(dout, (long)N * out_features),
             d_weight(weight, (long)out_features * in);
         ApiWorkspace ws(fc_workspace(N, in, out_features));
-        fc_backward_data(d_dinp.ptr, d_dout.ptr, d_weight.ptr, N, in, out_features, ws.get(), 0);
+        fc_backward_data(d_dinp.ptr, d_dout.ptr, d_weight.ptr, N, in, out_features, ws.get(), api_precision(precision), 0);
         d_dinp.download(dinp);
     });
 }
 
 extern "C" int alexnet_fc_backward_weights(float* dweight, float* dbias, const float* dout,
-                                           const float* inp, int N, int in, int out_features) {
+                                           const float* inp, int N, int in, int out_features, int precision) {
     return api_call([&] {
         fc_check_shape(N, in, out_features);
         require(dweight && dbias && dout && inp, "fc_backward_weights: null pointer argument");
@@ -162,7 +171,7 @@ extern "C" int alexnet_fc_backward_weights(float* dweight, float* dbias, const f
             d_dout(dout, (long)N * out_features), d_inp(inp, (long)N * in);
         ApiWorkspace ws(fc_workspace(N, in, out_features));
         fc_backward_weights(d_dweight.ptr, d_dbias.ptr, d_dout.ptr, d_inp.ptr, N, in,
-                            out_features, ws.get(), 0);
+                            out_features, ws.get(), api_precision(precision), 0);
         d_dweight.download(dweight);
         d_dbias.download(dbias);
     });
@@ -409,7 +418,7 @@ struct OpenModel {
 };
 
 extern "C" int alexnet_model_open(void** handle, const char* checkpoint, int batch, int H, int W,
-                                  const float* mean) {
+                                  const float* mean, int precision) {
     return api_call([&] {
         require_pointers("model_open", {{"handle", handle}, {"checkpoint", checkpoint}, {"mean", mean}});
         *handle = nullptr;
@@ -418,12 +427,13 @@ extern "C" int alexnet_model_open(void** handle, const char* checkpoint, int bat
         Options o;
         TrainState state;
         Checkpoint c(checkpoint, o, state);
+        if (precision >= 0) o.precision = api_precision(precision);  // else the checkpoint's
         int count = 0;
         cudaCheck(cudaGetDeviceCount(&count));
         require(count > 0, "model_open: no CUDA device");
         const int devices[NUM_TOWERS] = {0, count > 1 ? 1 : 0};
         std::unique_ptr<OpenModel> m(new OpenModel);
-        m->model.reset(new Model(c.arch, batch, H, W, o.dropout, devices));
+        m->model.reset(new Model(c.arch, batch, H, W, o.dropout, o.precision, devices));
         const float no_eigval[3] = {0, 0, 0}, identity[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1};
         m->model->set_statistics(mean, no_eigval, identity);
         m->model->upload_state(c.parameters(), c.momentum());

@@ -40,6 +40,7 @@ dev/cuda_cpu.h, a small CUDA runtime that runs every kernel on the CPU.
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 // ----------------------------------------------------------------------------
@@ -112,6 +113,51 @@ static void launch_check(const char* kernel, const char* file, int line) {
 #define UNROLL _Pragma("unroll")
 #else
 #define UNROLL _Pragma("GCC unroll 16")
+#endif
+
+// The tensor-core instructions (sm_80 and later) that the matrix products use with
+// --precision tf32 / bf16, one function per PTX instruction. The CPU build gets the same
+// functions from dev/cuda_cpu.h, emulated lane by lane with the PTX ISA's fragment
+// layouts. mma and ldmatrix are asm volatile, being warp-synchronous (never dropped or
+// duplicated); ldmatrix reads shared memory behind the compiler's back, hence "memory".
+#ifdef __CUDACC__
+__device__ __forceinline__ void mma_m16n8k8_tf32(float d[4], const unsigned a[4], const unsigned b[2],
+                                                 const float c[4]) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+                   "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
+__device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2],
+                                                  const float c[4]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),
+                   "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((unsigned)__cvta_generic_to_shared(row))
+                 : "memory");
+}
+
+// Conversions are plain asm: the compiler may schedule them like arithmetic.
+__device__ __forceinline__ unsigned cvt_rna_tf32(float x) {  // to nearest, ties away
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {  // to nearest even;
+    unsigned r;                                                         // hi is the first source
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
 #endif
 
 static inline int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
@@ -251,7 +297,9 @@ void augment_images(float* out, const uint8_t* images, const float* mean, const 
 //     C[m][n] = sum_k A[m][k] * B[k][n]
 // in which A and B are never materialised: a "problem" struct says where element
 // (m, k) of A and (k, n) of B live in the tensors (implicit GEMM), and how C is
-// stored (bias, ReLU, layout). One core, gemm_kernel, serves all of:
+// stored (bias, ReLU, layout). One core serves all of them: gemm_kernel in FP32 on the
+// CUDA cores, or, with --precision tf32 / bf16, mma_gemm_kernel on the tensor cores,
+// which shares its gathers, step tables, split-K and stores:
 //
 //   problem                  rows m        columns n        reduction k
 //   conv_forward             out channel   (image, oy, ox)  (in channel, r, s)
@@ -377,6 +425,62 @@ struct GemmDigits {
     }
 };
 
+// What one block of a product works on (either kernel): its GEMM's constants (batch), its
+// split's range of k cut into slices of slice_k, and the origins of row m of A and
+// column n of B, the ones this thread loads. Rows and columns past the edge read as 0
+// (table operands) or as row 0 (strided operands): either way they only reach outputs
+// that are never stored.
+template <typename Problem>
+struct GemmBlock {
+    decltype(std::declval<const Problem&>().batch(0)) batch;
+    int k_begin, k_end, slices;
+    GemmOrigin a_origin, b_origin;
+    __device__ GemmBlock(const Problem& p, int slice_k, int m, int n) {
+        const GemmDims& d = p.dims;
+        batch = p.batch(blockIdx.z % d.batches);
+        k_begin = blockIdx.z / d.batches * d.depth_per_split;
+        k_end = k_begin + d.depth_per_split < d.depth ? k_begin + d.depth_per_split : d.depth;
+        slices = (k_end - k_begin + slice_k - 1) / slice_k;
+        a_origin = m < d.rows ? p.a_origin(batch, m) : GemmOrigin{0, GEMM_OUTSIDE, 0};
+        b_origin = n < d.cols ? p.b_origin(batch, n) : GemmOrigin{0, GEMM_OUTSIDE, 0};
+    }
+};
+
+// The pipeline of both kernels, over the slices of one split: slice s is multiplied from
+// shared buffer s % 2 while slice s+1 is gathered into registers and stored to the other,
+// in PARTS parts (each part fetched before a part of the multiply and stored after it, so
+// that few values wait in registers); the step tables run one slice further ahead. One
+// barrier per slice. The callbacks: write_steps(s, buf) writes slice s's step table into
+// table buffer buf, fetch(s, buf, part) loads a part of slice s into registers using
+// table buf, stash(buf, part) stores the registers into tile buffer buf, multiply(buf,
+// part) multiplies a part of the slice in tile buffer buf.
+template <int PARTS, typename WriteSteps, typename Fetch, typename Stash, typename Multiply>
+__device__ __forceinline__ void gemm_pipeline(int slices, WriteSteps&& write_steps, Fetch&& fetch, Stash&& stash,
+                                              Multiply&& multiply) {
+    write_steps(0, 0);
+    __syncthreads();
+    UNROLL for (int part = 0; part < PARTS; part++) {
+        fetch(0, 0, part);
+        stash(0, part);
+    }
+    write_steps(1, 1);
+    __syncthreads();
+    auto slice = [&](int s, int buf) {
+        const bool more = s + 1 < slices;
+        UNROLL for (int part = 0; part < PARTS; part++) {
+            if (more) fetch(s + 1, buf ^ 1, part);
+            if (part == 0) write_steps(s + 2, buf);  // the table slice s was fetched from
+            multiply(buf, part);
+            if (more) stash(buf ^ 1, part);  // the tiles slice s-1 was multiplied from
+        }
+        __syncthreads();
+    };
+    for (int s = 0; s < slices; s += 2) {  // two at a time: constant buffer addresses
+        slice(s, 0);
+        if (s + 1 < slices) slice(s + 1, 1);
+    }
+}
+
 // A Problem provides: GemmDims dims; GemmGather a, b; the flags a_k_contiguous and
 // b_k_contiguous (the walk each operand's loads take) and a_strided and b_strided (the
 // operand is a plain strided matrix: no step table); batch(z), the constants of GEMM
@@ -390,11 +494,10 @@ struct GemmDigits {
 // and TILE_M/2 + ty*4 + {0..3}, columns likewise from tx. Per k it reads them as four
 // 128-bit shared loads (two quads of A's column, two of B's row) for 64 FFMA, and the
 // quads of a warp's threads are consecutive (no bank conflicts).
-// Pipeline: while the block multiplies the slice in shared buffer s % 2, each thread
-// gathers its part of slice s+1 in GEMM_PARTS parts, each loaded into registers before
-// a quarter of the slice's 1024 FFMA and stored to the other buffer after them (global
-// latency hidden behind the math); the step tables run one slice further ahead. One
-// barrier per slice. The sum over k runs in k order within each split; splits
+// Pipeline (gemm_pipeline): while the block multiplies the slice in shared buffer s % 2,
+// each thread gathers its part of slice s+1 in GEMM_PARTS parts, each loaded into
+// registers before a quarter of the slice's 1024 FFMA and stored to the other buffer
+// after them (global latency hidden behind the math). The sum over k runs in k order within each split; splits
 // write partial tiles to `partial` ([split][batch][rows][cols]), which
 // gemm_split_sum_kernel adds in split order: the same bits on every run.
 template <int TILE_M, int TILE_N, typename Problem>
@@ -413,17 +516,10 @@ gemm_kernel(Problem p, float* partial) {
 
     const GemmDims d = p.dims;
     const int tid = threadIdx.x, tx = tid % (TILE_N / 8), ty = tid / (TILE_N / 8);
-    const int z = blockIdx.z % d.batches, split = blockIdx.z / d.batches;
-    const auto batch = p.batch(z);
-    const int k_begin = split * d.depth_per_split;
-    const int k_end = k_begin + d.depth_per_split < d.depth ? k_begin + d.depth_per_split : d.depth;
-    const int slices = (k_end - k_begin + K - 1) / K;
-
-    const int m = blockIdx.y * TILE_M + WalkA::mn(tid), n = blockIdx.x * TILE_N + WalkB::mn(tid);
-    // Rows and columns past the edge read as 0 (table operands) or as row 0 (strided
-    // operands): either way they only reach outputs that are never stored.
-    const GemmOrigin a_origin = m < d.rows ? p.a_origin(batch, m) : GemmOrigin{0, GEMM_OUTSIDE, 0};
-    const GemmOrigin b_origin = n < d.cols ? p.b_origin(batch, n) : GemmOrigin{0, GEMM_OUTSIDE, 0};
+    const GemmBlock<Problem> block(p, K, blockIdx.y * TILE_M + WalkA::mn(tid), blockIdx.x * TILE_N + WalkB::mn(tid));
+    const auto& batch = block.batch;
+    const int k_begin = block.k_begin, k_end = block.k_end, slices = block.slices;
+    const GemmOrigin a_origin = block.a_origin, b_origin = block.b_origin;
 
     // Lanes 0..K-1 of warp 0 write A's step table, those of warp 1 B's (table operands).
     const int lane = tid % 32, warp = tid / 32;
@@ -487,30 +583,7 @@ gemm_kernel(Problem p, float* partial) {
         }
     };
 
-    write_steps(0, 0);
-    __syncthreads();
-    UNROLL for (int part = 0; part < GEMM_PARTS; part++) {
-        fetch(0, 0, part);
-        stash(0, part);
-    }
-    write_steps(1, 1);
-    __syncthreads();
-
-    // Slice s: multiply buffer buf = s % 2 while slice s+1 moves into the other one.
-    auto slice = [&](int s, int buf) {
-        const bool more = s + 1 < slices;
-        UNROLL for (int part = 0; part < GEMM_PARTS; part++) {
-            if (more) fetch(s + 1, buf ^ 1, part);
-            if (part == 0) write_steps(s + 2, buf);  // the table slice s was fetched from
-            multiply(buf, part);
-            if (more) stash(buf ^ 1, part);  // the tiles slice s-1 was multiplied from
-        }
-        __syncthreads();
-    };
-    for (int s = 0; s < slices; s += 2) {  // two at a time: constant buffer addresses
-        slice(s, 0);
-        if (s + 1 < slices) slice(s + 1, 1);
-    }
+    gemm_pipeline<GEMM_PARTS>(slices, write_steps, fetch, stash, multiply);
 
     UNROLL for (int i = 0; i < GEMM_MICRO; i++) {
         int row = blockIdx.y * TILE_M + (i / 4) * (TILE_M / 2) + ty * 4 + i % 4;
@@ -538,14 +611,188 @@ __global__ void gemm_split_sum_kernel(Problem p, const float* partial) {
     p.store(p.batch(z), row, col, sum);
 }
 
-// --- choosing the tile and the split from the device
-// 128x128 tiles, unless a product with few rows (or columns) wastes over a quarter less
-// on padding with 64x128 (or 128x64). Then the reduction is split when the tiles alone
-// would leave SMs idle: among 1..GEMM_MAX_SPLITS splits, each at least
-// GEMM_MIN_SPLIT_DEPTH deep and within the workspace, the fewest that fill the waves of
-// resident blocks (SMs x blocks per SM, from the occupancy calculator) to 90%, else the
-// best filling. The CPU runtime answers both queries for an H100 (132 SMs), so the
-// choices made there are those of an H100.
+// --- the same products on tensor cores (--precision tf32, bf16)
+// mma.sync multiplies, per warp, a 16 x 8 tile of A by an 8 x 8 tile of B and adds the
+// 16 x 8 product into FP32 accumulators. Its operands are 32-bit registers holding one
+// TF32 value (m16n8k8 .tf32) or two BF16 values (m16n8k16 .bf16): counted in 32-bit
+// words along k the two shapes are the same, so one kernel serves both, and a format
+// struct says how values are packed into a word and which mma consumes it. Rounding to
+// the format happens once, when a thread packs its gathered values (TF32: to nearest,
+// ties away from zero, as cvt.rna; BF16: to nearest even); products of rounded values
+// are exact in FP32 and the sums are FP32, so only the inputs lose precision.
+struct MmaTf32 {
+    static constexpr int PER_WORD = 1;
+    static __device__ __forceinline__ unsigned pack(const float (&x)[1]) { return cvt_rna_tf32(x[0]); }
+    static __device__ __forceinline__ void mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+        mma_m16n8k8_tf32(acc, a, b, acc);
+    }
+};
+struct MmaBf16 {  // the lower k in the low half of a word
+    static constexpr int PER_WORD = 2;
+    static __device__ __forceinline__ unsigned pack(const float (&x)[2]) { return pack_bf16x2(x[0], x[1]); }
+    static __device__ __forceinline__ void mma(float (&acc)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+        mma_m16n8k16_bf16(acc, a, b, acc);
+    }
+};
+
+// A block of 8 warps computes a TILE_M x TILE_N tile of C (128x128, or 64x128, 32x128,
+// 128x64 for products with few rows or columns), the warps in a 2 x 4 grid: warp w the
+// (TILE_M/2) x (TILE_N/4) at rows (w / 4) TILE_M/2, columns (w % 4) TILE_N/4, in mma tiles
+// of 16 x 8 (128x128: 4 x 4 of them, 64 accumulators per lane). A slice is GEMM_TILE_K =
+// 16 words of k (16 TF32 or 32 BF16 values): two mma steps of 8 words. GemmWalk deals the
+// slice's words out to the threads as it deals gemm_kernel's floats.
+constexpr int MMA_THREADS = 256;
+// Row pitch of the shared tiles in words: the 8 rows of 16 bytes that one ldmatrix
+// matrix reads start at banks 20r mod 32 = 0, 20, 8, 28, 16, 4, 24, 12 and cover all 32
+// banks once (no conflicts), and rows stay 16-byte aligned as ldmatrix requires.
+constexpr int MMA_PITCH = GEMM_TILE_K + 4;
+
+// This thread's words of one part of an operand's next slice, gathered and packed: word i
+// holds the PER_WORD values k = PER_WORD * Walk::k(part * PART + i) + e of the slice that
+// starts at k0.
+template <typename Format, typename Walk, bool STRIDED, int PART>
+__device__ __forceinline__ void mma_fetch(unsigned (&next)[PART], int part, const GemmGather& g,
+                                          GemmOrigin origin, const int4* steps, int k0, int k_end) {
+    UNROLL for (int i = 0; i < PART; i++) {
+        float x[Format::PER_WORD];
+        UNROLL for (int e = 0; e < Format::PER_WORD; e++) {
+            const int k = Walk::k(threadIdx.x, part * PART + i) * Format::PER_WORD + e;
+            if constexpr (STRIDED) x[e] = gemm_load_strided(g, origin, k0 + k, k_end);
+            else x[e] = gemm_load(g, origin, steps[k]);
+        }
+        next[i] = Format::pack(x);
+    }
+}
+
+// gemm_kernel's product on tensor cores: same problems, gathers, step tables, splits
+// and partial tiles; only the tiles and the multiply differ.
+//
+// Shared tiles are k-contiguous for both operands, a_tile[m][word] and b_tile[n][word]
+// (B transposed: the "col" of mma's row.col), double-buffered.
+//
+// Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k8 / m16n8k16"), lane = 4g + t; in
+// words, so for BF16 "word t" is the pair k = 2t, 2t+1:
+//
+//          A, 16 x 8 words              B, 8 words x 8 columns        C, 16 x 8 floats
+//          word t      word t+4         row = word; col g             cols 2t, 2t+1
+//   row g     a[0]        a[2]          word t:    b[0]          row g:     c[0] c[1]
+//   row g+8   a[1]        a[3]          word t+4:  b[1]          row g+8:   c[2] c[3]
+//
+// ldmatrix (m8n8 .b16) gives lane l, from each 8x8 matrix of 16-bit values, row l/4 and
+// columns 2(l%4), 2(l%4)+1: in words, row g and word t, the (g, t) of every fragment
+// above once the tiles are k-contiguous. So A's four registers are one ldmatrix.x4 of the
+// matrices (rows 0-7, words 0-3), (rows 8-15, words 0-3), (rows 0-7, words 4-7), (rows
+// 8-15, words 4-7), lane l passing the address of row l % 16, word 4 (l / 16); and one
+// ldmatrix.x4 gives b[0], b[1] of two neighbouring 8-column tiles, lane l passing column
+// (l % 8) + 8 (l / 16), word 4 ((l / 8) % 2). (.trans, which would read a k-major tile,
+// transposes 16-bit elements and would split a TF32 word: B is stored transposed
+// instead.) Per mma step a warp issues 4 + 2 ldmatrix.x4 for 16 mma.
+//
+// Pipeline (gemm_pipeline): each thread gathers its words of slice s+1 in two parts, each
+// loaded into registers before one of the slice's two mma steps and stored to the other
+// buffer after it (half the words wait in registers at a time). The step tables are
+// written by lanes 0..SLICE_K-1 of warp 0 (A) and of warp 1 (B).
+// Two blocks per SM (16 warps): at most 128 registers a thread, which the two-part
+// fetch keeps every variant within without spills (sm_90, nvcc 13).
+template <typename Format, int TILE_M, int TILE_N, typename Problem>
+__global__ void __launch_bounds__(MMA_THREADS, 2) mma_gemm_kernel(Problem p, float* partial) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // no tf32/bf16 mma before sm_80: gemm_launch refuses such devices
+#else
+    constexpr int SLICE_K = GEMM_TILE_K * Format::PER_WORD;  // values of k per slice
+    using WalkA = GemmWalk<TILE_M, MMA_THREADS, Problem::a_k_contiguous>;
+    using WalkB = GemmWalk<TILE_N, MMA_THREADS, Problem::b_k_contiguous>;
+    SHARED(uint4, a_raw, [2][TILE_M][MMA_PITCH / 4]);  // uint4: 16-byte aligned rows
+    SHARED(uint4, b_raw, [2][TILE_N][MMA_PITCH / 4]);
+    SHARED(int4, a_steps, [2][SLICE_K]);
+    SHARED(int4, b_steps, [2][SLICE_K]);
+    auto a_tile = reinterpret_cast<unsigned(*)[TILE_M][MMA_PITCH]>(a_raw);
+    auto b_tile = reinterpret_cast<unsigned(*)[TILE_N][MMA_PITCH]>(b_raw);
+
+    const GemmDims d = p.dims;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const GemmBlock<Problem> block(p, SLICE_K, blockIdx.y * TILE_M + WalkA::mn(tid), blockIdx.x * TILE_N + WalkB::mn(tid));
+    const auto& batch = block.batch;
+    const int k_begin = block.k_begin, k_end = block.k_end, slices = block.slices;
+    const GemmOrigin a_origin = block.a_origin, b_origin = block.b_origin;
+
+    // Entry k of slice s's table is step(k_begin + s * SLICE_K + k): a slice is PER_WORD
+    // of GemmDigits' advances.
+    const bool writes_a = !Problem::a_strided && warp == 0 && lane < SLICE_K;
+    const bool writes_b = !Problem::b_strided && warp == 1 && lane < SLICE_K;
+    GemmDigits digits{0, 0, 0};
+    if (writes_a) digits.start(p.a, k_begin + lane);
+    if (writes_b) digits.start(p.b, k_begin + lane);
+    auto write_steps = [&](int s, int buf) {
+        if (!(writes_a || writes_b) || s >= slices) return;
+        const GemmGather& g = writes_a ? p.a : p.b;
+        (writes_a ? a_steps : b_steps)[buf][lane] = digits.step(g, k_begin + s * SLICE_K + lane < k_end);
+        UNROLL for (int e = 0; e < Format::PER_WORD; e++) digits.advance(g);
+    };
+
+    constexpr int STEPS = GEMM_TILE_K / 8, PART_A = WalkA::LOADS / STEPS, PART_B = WalkB::LOADS / STEPS;
+    unsigned a_next[PART_A], b_next[PART_B];
+    auto fetch = [&](int s, int buf, int part) {  // part of slice s into registers, from step table buf
+        const int k0 = k_begin + s * SLICE_K;
+        mma_fetch<Format, WalkA, Problem::a_strided>(a_next, part, p.a, a_origin, a_steps[buf], k0, k_end);
+        mma_fetch<Format, WalkB, Problem::b_strided>(b_next, part, p.b, b_origin, b_steps[buf], k0, k_end);
+    };
+    auto stash = [&](int buf, int part) {  // the registers into tile buffer buf
+        UNROLL for (int i = 0; i < PART_A; i++)
+            a_tile[buf][WalkA::mn(tid)][WalkA::k(tid, part * PART_A + i)] = a_next[i];
+        UNROLL for (int i = 0; i < PART_B; i++)
+            b_tile[buf][WalkB::mn(tid)][WalkB::k(tid, part * PART_B + i)] = b_next[i];
+    };
+
+    constexpr int WARP_M = TILE_M / 2, WARP_N = TILE_N / 4, TILES_M = WARP_M / 16, TILES_N = WARP_N / 8;
+    static_assert(TILES_M >= 1 && TILES_N % 2 == 0, "warp tiles of 16 x 16 or more (B's ldmatrix.x4 takes two)");
+    const int warp_m = warp / 4 * WARP_M, warp_n = warp % 4 * WARP_N;
+    float acc[TILES_M][TILES_N][4] = {};
+    auto multiply = [&](int buf, int step) {  // mma step `step`: words 8 step .. 8 step + 7
+        const int w0 = 8 * step;
+        unsigned a[TILES_M][4], b[TILES_N][2];
+        UNROLL for (int i = 0; i < TILES_M; i++)
+            ldmatrix_x4(a[i], &a_tile[buf][warp_m + 16 * i + lane % 16][w0 + 4 * (lane / 16)]);
+        UNROLL for (int j = 0; j < TILES_N; j += 2) {
+            unsigned pair[4];  // b[0], b[1] of column tiles j and j+1
+            ldmatrix_x4(pair, &b_tile[buf][warp_n + 8 * j + lane % 8 + 8 * (lane / 16)][w0 + 4 * (lane / 8 % 2)]);
+            b[j][0] = pair[0], b[j][1] = pair[1], b[j + 1][0] = pair[2], b[j + 1][1] = pair[3];
+        }
+        UNROLL for (int i = 0; i < TILES_M; i++)
+            UNROLL for (int j = 0; j < TILES_N; j++) Format::mma(acc[i][j], a[i], b[j]);
+    };
+
+    gemm_pipeline<STEPS>(slices, write_steps, fetch, stash, multiply);
+
+    const int g = lane / 4, t = lane % 4;
+    UNROLL for (int i = 0; i < TILES_M; i++)
+        UNROLL for (int j = 0; j < TILES_N; j++)
+            UNROLL for (int r = 0; r < 4; r++) {
+                const int row = blockIdx.y * TILE_M + warp_m + 16 * i + g + 8 * (r / 2);
+                const int col = blockIdx.x * TILE_N + warp_n + 8 * j + 2 * t + r % 2;
+                if (row >= d.rows || col >= d.cols) continue;
+                if (d.splits == 1) p.store(batch, row, col, acc[i][j][r]);
+                else partial[((long)blockIdx.z * d.rows + row) * d.cols + col] = acc[i][j][r];
+            }
+#endif
+}
+
+// --- choosing the kernel, the tile and the split from the device
+// The precision picks the kernel: gemm_kernel (FP32) or mma_gemm_kernel (TF32, BF16).
+// Tiles are 128x128, unless a product with few rows (or columns) wastes over a quarter
+// less on padding with 64x128 (or 128x64); mma_gemm_kernel then also takes 32x128 if that
+// wastes over a quarter less again.
+// Then the reduction is split when the tiles alone would leave SMs idle: among
+// 1..GEMM_MAX_SPLITS splits, each at least GEMM_MIN_SPLIT_DEPTH deep and within the
+// workspace, the fewest that fill the waves of resident blocks (SMs x blocks per SM, from
+// the occupancy calculator) to 90%, else the best filling. The CPU runtime answers both
+// queries for an H100 (132 SMs), so the choices made there are those of an H100.
+
+// The arithmetic of the matrix products (--precision): FP32 on the CUDA cores (the
+// paper's), or tensor cores on operands rounded to TF32 or BF16, accumulating in FP32.
+enum Precision { FP32, TF32, BF16 };
+constexpr int NUM_PRECISIONS = 3;
+static const char* const PRECISION_NAMES[NUM_PRECISIONS] = {"fp32", "tf32", "bf16"};
 
 struct Workspace {  // device floats that split products may use for partial results
     float* ptr = nullptr;
@@ -558,13 +805,32 @@ struct GemmPlan {
     long tiles, slots;  // tiles per split; blocks the GPU holds at once
 };
 
-template <int TILE_M, int TILE_N, typename Problem>
-static int gemm_blocks_per_sm() {
+template <typename Kernel>
+static int blocks_per_sm(Kernel kernel, int threads, size_t shared_bytes) {
     int blocks = 0;
-    cudaCheck(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &blocks, gemm_kernel<TILE_M, TILE_N, Problem>, GemmTile<TILE_M, TILE_N>::THREADS,
-        GemmTile<TILE_M, TILE_N>::SHARED_BYTES));
+    cudaCheck(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shared_bytes));
     return std::max(blocks, 1);
+}
+
+// mma_gemm_kernel in the tile of a plan (all take 8 warps and static shared memory).
+template <typename Format, typename Problem>
+static auto mma_gemm_tile_kernel(int tile_m, int tile_n) {
+    return tile_m == 64   ? mma_gemm_kernel<Format, 64, 128, Problem>
+           : tile_m == 32 ? mma_gemm_kernel<Format, 32, 128, Problem>
+           : tile_n == 64 ? mma_gemm_kernel<Format, 128, 64, Problem>
+                          : mma_gemm_kernel<Format, 128, 128, Problem>;
+}
+
+template <typename Problem>
+static int gemm_blocks_per_sm(Precision precision, int tile_m, int tile_n) {
+    if (precision == TF32) return blocks_per_sm(mma_gemm_tile_kernel<MmaTf32, Problem>(tile_m, tile_n), MMA_THREADS, 0);
+    if (precision == BF16) return blocks_per_sm(mma_gemm_tile_kernel<MmaBf16, Problem>(tile_m, tile_n), MMA_THREADS, 0);
+    if (tile_m == 64) return blocks_per_sm(gemm_kernel<64, 128, Problem>, GemmTile<64, 128>::THREADS,
+                                           GemmTile<64, 128>::SHARED_BYTES);
+    if (tile_n == 64) return blocks_per_sm(gemm_kernel<128, 64, Problem>, GemmTile<128, 64>::THREADS,
+                                           GemmTile<128, 64>::SHARED_BYTES);
+    return blocks_per_sm(gemm_kernel<128, 128, Problem>, GemmTile<128, 128>::THREADS,
+                         GemmTile<128, 128>::SHARED_BYTES);
 }
 
 static long gemm_tiles(const GemmDims& d, int tile_m, int tile_n) {
@@ -573,7 +839,7 @@ static long gemm_tiles(const GemmDims& d, int tile_m, int tile_n) {
 
 // workspace_floats < 0: as many as the best split wants (to size a workspace).
 template <typename Problem>
-static GemmPlan gemm_plan(const Problem& p, long workspace_floats) {
+static GemmPlan gemm_plan(const Problem& p, long workspace_floats, Precision precision) {
     GemmPlan plan{128, 128, p.dims, 0, 0};
     GemmDims& d = plan.dims;
     long big = gemm_tiles(d, 128, 128) * 4;  // areas in 64x64 units
@@ -582,12 +848,12 @@ static GemmPlan gemm_plan(const Problem& p, long workspace_floats) {
         if (wide <= tall) plan.tile_m = 64;
         else plan.tile_n = 64;
     }
+    if (precision != FP32 && plan.tile_m == 64 && 4 * gemm_tiles(d, 32, 128) < 3 * gemm_tiles(d, 64, 128) * 2)
+        plan.tile_m = 32;
     int device = 0, sms = 0;
     cudaCheck(cudaGetDevice(&device));
     cudaCheck(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    int per_sm = plan.tile_m == 64 ? gemm_blocks_per_sm<64, 128, Problem>()
-                 : plan.tile_n == 64 ? gemm_blocks_per_sm<128, 64, Problem>()
-                                     : gemm_blocks_per_sm<128, 128, Problem>();
+    const int per_sm = gemm_blocks_per_sm<Problem>(precision, plan.tile_m, plan.tile_n);
     const long slots = (long)sms * per_sm, tiles = gemm_tiles(d, plan.tile_m, plan.tile_n);
     plan.tiles = tiles, plan.slots = slots;
     long per_split = (long)d.batches * d.rows * d.cols;
@@ -601,18 +867,23 @@ static GemmPlan gemm_plan(const Problem& p, long workspace_floats) {
         if (fill > best_fill) best = s, best_fill = fill;
         if (fill >= 0.9) break;
     }
-    int slices = ceil_div(d.depth, GEMM_TILE_K);
+    const int slice_k = GEMM_TILE_K * (precision == BF16 ? 2 : 1);  // values of k per slice
+    int slices = ceil_div(d.depth, slice_k);
     int slices_per_split = ceil_div(slices, best);
     d.splits = ceil_div(slices, slices_per_split);  // no split left with an empty range
-    d.depth_per_split = slices_per_split * GEMM_TILE_K;
+    d.depth_per_split = slices_per_split * slice_k;
     return plan;
 }
 
-// Floats of workspace that gemm_launch may use for this product.
+// Floats of workspace that gemm_launch may use for this product, in any precision.
 template <typename Problem>
 static size_t gemm_workspace(const Problem& p) {
-    GemmDims d = gemm_plan(p, -1).dims;
-    return d.splits > 1 ? (size_t)d.splits * d.batches * d.rows * d.cols : 0;
+    size_t most = 0;
+    for (int precision = 0; precision < NUM_PRECISIONS; precision++) {
+        GemmDims d = gemm_plan(p, -1, (Precision)precision).dims;
+        if (d.splits > 1) most = std::max(most, (size_t)d.splits * d.batches * d.rows * d.cols);
+    }
+    return most;
 }
 
 static void gemm_carries(GemmGather& g) {  // GEMM_TILE_K as digits of radix1, radix2
@@ -621,24 +892,51 @@ static void gemm_carries(GemmGather& g) {  // GEMM_TILE_K as digits of radix1, r
     g.carry0 = GEMM_TILE_K / g.radix2 / g.radix1;
 }
 
+static void gemm_check_grid(const GemmDims& d, int tile_m) {
+    require(ceil_div(d.rows, tile_m) <= 65535 && (long)d.batches * d.splits <= 65535,
+            "gemm: grid too large (%d rows, %d batches x splits)", d.rows, d.batches * d.splits);
+}
+
 template <int TILE_M, int TILE_N, typename Problem>
 static void gemm_launch_tiles(const Problem& p, float* partial, cudaStream_t stream) {
     const GemmDims& d = p.dims;
-    require(ceil_div(d.rows, TILE_M) <= 65535 && (long)d.batches * d.splits <= 65535,
-            "gemm: grid too large (%d rows, %d batches x splits)", d.rows, d.batches * d.splits);
+    gemm_check_grid(d, TILE_M);
     dim3 grid(ceil_div(d.cols, TILE_N), ceil_div(d.rows, TILE_M), d.batches * d.splits);
     LAUNCH((gemm_kernel<TILE_M, TILE_N, Problem>), grid, (GemmTile<TILE_M, TILE_N>::THREADS),
            (GemmTile<TILE_M, TILE_N>::SHARED_BYTES), stream, p, partial);
 }
 
+template <typename Format, typename Problem>
+static void mma_gemm_launch_tiles(const Problem& p, int tile_m, int tile_n, float* partial, cudaStream_t stream) {
+    const GemmDims& d = p.dims;
+    gemm_check_grid(d, tile_m);
+    dim3 grid(ceil_div(d.cols, tile_n), ceil_div(d.rows, tile_m), d.batches * d.splits);
+    auto mma_gemm_kernel_of_the_plan = mma_gemm_tile_kernel<Format, Problem>(tile_m, tile_n);
+    LAUNCH(mma_gemm_kernel_of_the_plan, grid, MMA_THREADS, 0, stream, p, partial);
+}
+
+// Tensor cores need sm_80 or later (the CPU runtime is an H100).
+static void require_tensor_cores(Precision precision) {
+    if (precision == FP32) return;
+    int device = 0, major = 0, minor = 0;
+    cudaCheck(cudaGetDevice(&device));
+    cudaCheck(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    cudaCheck(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    require(major >= 8, "--precision %s needs tensor cores with TF32/BF16 (sm_80 or later); device %d is sm_%d%d",
+            PRECISION_NAMES[precision], device, major, minor);
+}
+
 template <typename Problem>
-static void gemm_launch(Problem p, Workspace workspace, cudaStream_t stream) {
+static void gemm_launch(Problem p, Workspace workspace, Precision precision, cudaStream_t stream) {
+    require_tensor_cores(precision);
     gemm_carries(p.a);
     gemm_carries(p.b);
-    GemmPlan plan = gemm_plan(p, workspace.ptr ? (long)workspace.floats : 0);
+    GemmPlan plan = gemm_plan(p, workspace.ptr ? (long)workspace.floats : 0, precision);
     p.dims = plan.dims;
     float* partial = p.dims.splits > 1 ? workspace.ptr : nullptr;
-    if (plan.tile_m == 64) gemm_launch_tiles<64, 128>(p, partial, stream);
+    if (precision == TF32) mma_gemm_launch_tiles<MmaTf32>(p, plan.tile_m, plan.tile_n, partial, stream);
+    else if (precision == BF16) mma_gemm_launch_tiles<MmaBf16>(p, plan.tile_m, plan.tile_n, partial, stream);
+    else if (plan.tile_m == 64) gemm_launch_tiles<64, 128>(p, partial, stream);
     else if (plan.tile_n == 64) gemm_launch_tiles<128, 64>(p, partial, stream);
     else gemm_launch_tiles<128, 128>(p, partial, stream);
     if (partial) {
@@ -886,29 +1184,29 @@ size_t conv_workspace(int N, int C, int H, int W, int K, int R, int S, int strid
 void conv_forward(float* out, const float* inp, const float* weight, const float* bias,
                   int N, int C, int H, int W, int K, int R, int S, int stride, int pad,
                   int groups, int OH, int OW, bool relu, Workspace workspace,
-                  cudaStream_t stream) {
+                  Precision precision, cudaStream_t stream) {
     ConvShape s{N, C, H, W, K, R, S, stride, pad, groups, OH, OW};
     conv_check_shape(s);
-    gemm_launch(ConvForward(s, out, inp, weight, bias, relu), workspace, stream);
+    gemm_launch(ConvForward(s, out, inp, weight, bias, relu), workspace, precision, stream);
 }
 
 void conv_backward_data(float* dinp, const float* dout, const float* weight,
                         int N, int C, int H, int W, int K, int R, int S, int stride, int pad,
-                        int groups, int OH, int OW, Workspace workspace, cudaStream_t stream) {
+                        int groups, int OH, int OW, Workspace workspace, Precision precision, cudaStream_t stream) {
     ConvShape s{N, C, H, W, K, R, S, stride, pad, groups, OH, OW};
     conv_check_shape(s);
     require((long)groups * stride * stride <= 65535, "conv_backward_data: stride %d too large",
             stride);
-    gemm_launch(ConvBackwardData(s, dinp, dout, weight), workspace, stream);
+    gemm_launch(ConvBackwardData(s, dinp, dout, weight), workspace, precision, stream);
 }
 
 void conv_backward_weights(float* dweight, float* dbias, const float* dout, const float* inp,
                            int N, int C, int H, int W, int K, int R, int S, int stride,
                            int pad, int groups, int OH, int OW, Workspace workspace,
-                           cudaStream_t stream) {
+                           Precision precision, cudaStream_t stream) {
     ConvShape s{N, C, H, W, K, R, S, stride, pad, groups, OH, OW};
     conv_check_shape(s);
-    gemm_launch(ConvBackwardWeights(s, dweight, dout, inp), workspace, stream);
+    gemm_launch(ConvBackwardWeights(s, dweight, dout, inp), workspace, precision, stream);
     bias_backward(dbias, dout, N, K, OH * OW, stream);
 }
 
@@ -1340,22 +1638,22 @@ size_t fc_workspace(int N, int in, int out_features) {
 
 void fc_forward(float* out, const float* inp, const float* weight, const float* bias,
                 int N, int in, int out_features, bool relu, Workspace workspace,
-                cudaStream_t stream) {
+                Precision precision, cudaStream_t stream) {
     fc_check_shape(N, in, out_features);
-    gemm_launch(FcForward(N, in, out_features, out, inp, weight, bias, relu), workspace, stream);
+    gemm_launch(FcForward(N, in, out_features, out, inp, weight, bias, relu), workspace, precision, stream);
 }
 
 void fc_backward_data(float* dinp, const float* dout, const float* weight, int N, int in,
-                      int out_features, Workspace workspace, cudaStream_t stream) {
+                      int out_features, Workspace workspace, Precision precision, cudaStream_t stream) {
     fc_check_shape(N, in, out_features);
-    gemm_launch(FcBackwardData(N, in, out_features, dinp, dout, weight), workspace, stream);
+    gemm_launch(FcBackwardData(N, in, out_features, dinp, dout, weight), workspace, precision, stream);
 }
 
 void fc_backward_weights(float* dweight, float* dbias, const float* dout, const float* inp,
                          int N, int in, int out_features, Workspace workspace,
-                         cudaStream_t stream) {
+                         Precision precision, cudaStream_t stream) {
     fc_check_shape(N, in, out_features);
-    gemm_launch(FcBackwardWeights(N, in, out_features, dweight, dout, inp), workspace, stream);
+    gemm_launch(FcBackwardWeights(N, in, out_features, dweight, dout, inp), workspace, precision, stream);
     bias_backward(dbias, dout, N, out_features, 1, stream);
 }
 
@@ -1941,12 +2239,14 @@ struct Model {
     Arch arch;
     int capacity, image_h, image_w;
     float dropout;
+    Precision precision;         // of the matrix products (--precision)
     int staged_n = 0;            // images in the staged batch (0: none)
     Tower towers[NUM_TOWERS]{};  // value-initialised: unused buffers are NULL
     std::vector<float> host_losses;
 
-    Model(const Arch& a, int batch, int H, int W, float dropout_p, const int devices[NUM_TOWERS])
-        : arch(a), capacity(batch), image_h(H), image_w(W), dropout(dropout_p) {
+    Model(const Arch& a, int batch, int H, int W, float dropout_p, Precision precision_,
+          const int devices[NUM_TOWERS])
+        : arch(a), capacity(batch), image_h(H), image_w(W), dropout(dropout_p), precision(precision_) {
         require(batch >= 1, "batch size must be at least 1");
         require(a.crop <= H && a.crop <= W, "the %s preset crops %dx%d, larger than the %dx%d images",
                 PRESET_NAMES[a.preset], a.crop, a.crop, H, W);
@@ -2286,10 +2586,10 @@ struct Model {
         }
     }
 
-    static void conv(const LayerShape& c, float* out, const float* inp, const float* w,
-                     const float* b, int n, const Tower& T, bool relu = true) {
+    void conv(const LayerShape& c, float* out, const float* inp, const float* w,
+              const float* b, int n, const Tower& T, bool relu = true) {
         conv_forward(out, inp, w, b, n, c.C, c.H, c.W, c.K, c.R, c.R, c.stride, c.pad, 1, c.OH,
-                     c.OW, relu, T.workspace, T.stream);
+                     c.OW, relu, T.workspace, precision, T.stream);
     }
     // What follows conv1 and conv2: LRN, the within-map normalisation where there is one,
     // pooling, and the ReLU where it comes after the pooling.
@@ -2344,7 +2644,7 @@ struct Model {
                 FcLayer& fc = f == 0 ? T.fc6 : T.fc7;
                 cudaCheck(cudaSetDevice(T.device));
                 fc_forward(fc.out, T.meet[AT_FC6 + f].cat, T.weight(NUM_CONV + f), T.bias(NUM_CONV + f), n, s.C,
-                           s.K, true, T.workspace, T.stream);
+                           s.K, true, T.workspace, precision, T.stream);
                 dropout_forward(fc.dropped, fc.out, (long)n * s.K, dropout, seed, dropout_layer(f, t), step, train,
                                 T.stream);
                 width[t] = s.K;
@@ -2356,7 +2656,7 @@ struct Model {
             const LayerShape& s = T.shape[7];
             cudaCheck(cudaSetDevice(T.device));
             fc_forward(T.logits, T.meet[AT_FC8].cat, T.weight(7), T.bias(7), n, s.C, s.K, false, T.workspace,
-                       T.stream);
+                       precision, T.stream);
             width[t] = s.K;
         }
         // tower 0 alone computes the softmax over both towers' logits
@@ -2426,7 +2726,7 @@ struct Model {
             Tower& T = towers[t];
             const LayerShape& s = T.shape[l];
             cudaCheck(cudaSetDevice(T.device));
-            fc_backward_data(T.meet[at].dcat, dout(T), T.weight(l), n, s.C, s.K, T.workspace, T.stream);
+            fc_backward_data(T.meet[at].dcat, dout(T), T.weight(l), n, s.C, s.K, T.workspace, precision, T.stream);
             width[t] = l == NUM_CONV ? (int)(s.C / 2) : T.shape[l - 1].K;
         }
         scatter_send(at, n, width, NUM_TOWERS);
@@ -2435,7 +2735,7 @@ struct Model {
             const LayerShape& s = T.shape[l];
             cudaCheck(cudaSetDevice(T.device));
             fc_backward_weights(T.dweight(l), T.dbias(l), dout(T), T.meet[at].cat, n, s.C, s.K, T.workspace,
-                                T.stream);
+                                precision, T.stream);
         }
         scatter_finish(at, n, width, NUM_TOWERS);
     }
@@ -2455,15 +2755,14 @@ struct Model {
     }
 
     // Conv backward: dinp (skipped when NULL) and/or dweight + dbias (skipped when NULL).
-    static void conv_backward(const LayerShape& c, float* dinp, float* dweight, float* dbias,
-                              const float* dout, const float* inp, const float* weight, int n,
-                              Tower& T) {
+    void conv_backward(const LayerShape& c, float* dinp, float* dweight, float* dbias,
+                       const float* dout, const float* inp, const float* weight, int n, Tower& T) {
         if (dinp)
             conv_backward_data(dinp, dout, weight, n, c.C, c.H, c.W, c.K, c.R, c.R, c.stride,
-                               c.pad, 1, c.OH, c.OW, T.workspace, T.stream);
+                               c.pad, 1, c.OH, c.OW, T.workspace, precision, T.stream);
         if (dweight)
             conv_backward_weights(dweight, dbias, dout, inp, n, c.C, c.H, c.W, c.K, c.R, c.R,
-                                  c.stride, c.pad, 1, c.OH, c.OW, T.workspace, T.stream);
+                                  c.stride, c.pad, 1, c.OH, c.OW, T.workspace, precision, T.stream);
     }
     void pool_backward(const LayerShape& c, float* dinp, const float* dout, const float* inp,
                        int n, cudaStream_t stream) {
@@ -2833,6 +3132,7 @@ struct Options {
     long epochs = 90, steps = 0, eval_every = 0, save_every = 1000, bench = 0;
     uint64_t seed = 1;
     bool augment = true, eval_only = false;
+    Precision precision = FP32;  // of the matrix products
     int keep = 3, log_every = 10, patience = 3, max_drops = 3;
     std::vector<int> lr_steps;  // epochs at which the learning rate is divided by 10
     std::vector<int> devices;   // tower 0's and tower 1's device (one entry: both towers)
@@ -3155,8 +3455,8 @@ static void benchmark(Model& model, Loader& loader, const Options& o, Log& log) 
         for (long i = 0; i < o.bench; i++) r = step(3 + i);
         cudaCheck(cudaSetDevice(model.towers[0].device));
     });
-    log("bench | %ld steps of batch %d | %.3f ms per step | %.1f images/s | last loss %.4f", o.bench, b.n,
-        ms / o.bench, 1000.0 * o.bench * b.n / ms, r.loss);
+    log("bench | %ld steps of batch %d | %s | %.3f ms per step | %.1f images/s | last loss %.4f", o.bench, b.n,
+        PRECISION_NAMES[o.precision], ms / o.bench, 1000.0 * o.bench * b.n / ms, r.loss);
 }
 
 // Writes a checkpoint of the model and the state (section 13d); returns its path.
@@ -3173,9 +3473,9 @@ static void train_loop(Model& model, Loader& loader, Loader* val_loader, const O
     long total = o.epochs * per_epoch;
     if (o.steps > 0) total = std::min(total, o.steps);
     log("%s preset: %ld parameters, crop %d, %d classes | %ld training images (%ld steps of %d per epoch), "
-        "%ld validation | towers on devices %d and %d | %s step %ld of %ld",
+        "%ld validation | towers on devices %d and %d | %s matrix products | %s step %ld of %ld",
         PRESET_NAMES[arch.preset], arch_parameters(arch), arch.crop, arch.classes, train.count, per_epoch,
-        o.batch, val_count, model.towers[0].device, model.towers[1].device,
+        o.batch, val_count, model.towers[0].device, model.towers[1].device, PRECISION_NAMES[o.precision],
         o.resume.empty() ? "starting at" : "resuming at",
         state.step, total);
 
@@ -3293,7 +3593,8 @@ enum CheckpointField {  // header indices; "f32" fields hold the bits of a float
     MAX_LR_STEPS = 8,
     H_IMAGE_H = 68, H_IMAGE_W = 69,  // the training images' size (0: not recorded, older checkpoints)
     H_CONV1_RELU_AFTER_POOL = 70,    // the 2012 code's layer variants (0 in older checkpoints: none)
-    H_SPATIAL_SIZE = 71, H_SPATIAL_ALPHA = 72, H_SPATIAL_BETA = 73, H_SPATIAL_K = 74  // f32 72..74
+    H_SPATIAL_SIZE = 71, H_SPATIAL_ALPHA = 72, H_SPATIAL_BETA = 73, H_SPATIAL_K = 74,  // f32 72..74
+    H_PRECISION = 75  // of the matrix products: 0 fp32 (also older checkpoints), 1 tf32, 2 bf16
 };
 
 static int32_t float_bits(float f) { int32_t i; memcpy(&i, &f, 4); return i; }
@@ -3332,6 +3633,7 @@ static void encode_header(int32_t* h, const Model& model, const Options& o, cons
     h[H_CONV1_RELU_AFTER_POOL] = a.conv1_relu_after_pool, h[H_SPATIAL_SIZE] = a.spatial_size;
     h[H_SPATIAL_ALPHA] = float_bits(a.spatial_alpha), h[H_SPATIAL_BETA] = float_bits(a.spatial_beta);
     h[H_SPATIAL_K] = float_bits(a.spatial_k);
+    h[H_PRECISION] = o.precision;
 }
 
 // Sets an option as its command-line flag would, with the flag's checks (section 14).
@@ -3409,6 +3711,9 @@ struct Checkpoint {
         header_option("--momentum", number(bits_float(h[H_MOMENTUM])));
         header_option("--weight-decay", number(bits_float(h[H_WEIGHT_DECAY])));
         header_option("--dropout", number(bits_float(h[H_DROPOUT])));
+        require(h[H_PRECISION] >= 0 && h[H_PRECISION] < NUM_PRECISIONS, "%s: bad header: precision %d",
+                path.c_str(), h[H_PRECISION]);
+        header_option("--precision", PRECISION_NAMES[h[H_PRECISION]]);
         header_option("--eval-every", std::to_string(h[H_EVAL_EVERY]));
         header_option("--patience", std::to_string(h[H_PATIENCE]));
         header_option("--max-drops", std::to_string(h[H_MAX_DROPS]));
@@ -3542,7 +3847,7 @@ static void run(Options& o) {
     require(o.eval_only || o.batch <= train.count, "batch size %d is larger than the training set (%ld images)",
             o.batch, train.count);
     int devices[NUM_TOWERS] = {o.devices[0], o.devices.back()};
-    Model model(arch, o.batch, any.H, any.W, o.dropout, devices);
+    Model model(arch, o.batch, any.H, any.W, o.dropout, o.precision, devices);
     model.set_statistics(stats.mean.data(), stats.eigval, stats.eigvec);
     if (checkpoint) model.upload_state(checkpoint->parameters(), checkpoint->momentum());
     else model.init_params(o.seed);
@@ -3624,6 +3929,12 @@ static float parse_float(const char* flag, const char* text, double lo, double h
     return f;
 }
 
+static Precision parse_precision(const char* flag, const char* text) {
+    for (int p = 0; p < NUM_PRECISIONS; p++)
+        if (!strcmp(text, PRECISION_NAMES[p])) return (Precision)p;
+    fail("%s: expected fp32, tf32 or bf16, got '%s'", flag, text);
+}
+
 static std::vector<int> parse_list(const char* flag, const char* text, long lo, long hi) {
     std::vector<int> values;
     std::string item;
@@ -3660,6 +3971,10 @@ static const Flag FLAGS[] = {
      [](Options& o, const char* f, const char* v) { o.weight_decay = parse_float(f, v, 0, 1, false); }},
     {"--dropout", "P", "0.5", "dropout probability in fc6 and fc7",
      [](Options& o, const char* f, const char* v) { o.dropout = parse_float(f, v, 0, 1, true); }},
+    {"--precision", "P", "fp32",
+     "matrix products: fp32 (the paper's arithmetic), or tf32 / bf16 on tensor cores (sm_80 or later), "
+     "summed in fp32; weights, gradients and the update stay fp32",
+     [](Options& o, const char* f, const char* v) { o.precision = parse_precision(f, v); }},
     {"--epochs", "N", "90", "train for N epochs",
      [](Options& o, const char* f, const char* v) { o.epochs = parse_long(f, v, 1, 1000000); }},
     {"--steps", "N", "0", "stop when the step counter reaches N (0: no limit)",

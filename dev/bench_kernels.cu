@@ -6,6 +6,7 @@ of ONE tower of the paper's network, timed with CUDA events after warm-up.
     build/gpu/bench_kernels               # batch 128 on a GPU
     build/cpu/bench_kernels --batch 8     # the CPU build (default batch 8: the CPU runtime is slow)
     build/cpu/bench_kernels --only conv2  # only the lines whose name contains "conv2"
+    build/gpu/bench_kernels --precision bf16  # conv and fc on tensor cores (also tf32)
 
 Prints ms per call and GFLOP/s for convolution and fully connected layers (forward,
 backward-data, backward-weights; 2 FLOP per multiply-add, bias and ReLU not counted)
@@ -32,6 +33,7 @@ struct Options {
     int iters = 0;            // timed calls per op; 0: 10 on a GPU, 1 on the CPU build
     int warmup = -1;          // untimed calls first; -1: 1 on a GPU, 0 on the CPU build
     const char* only = "";    // substring filter on the op names
+    Precision precision = FP32;  // of the conv and fc products
 };
 
 // A device buffer filled from a fixed-seed generator (uniform in [lo, hi)).
@@ -126,17 +128,17 @@ static void bench_conv(Bench& b, const ConvLayer& c) {
     snprintf(name, sizeof(name), "%s conv_forward", c.name);
     b.run(name, shape, flop, true, 1, [&] {
         conv_forward(y.ptr, x.ptr, w.ptr, bias.ptr, N, c.C, c.H, c.W, c.K, c.R, c.S, c.stride, c.pad,
-                     1, c.OH, c.OW, true, ws, b.stream);
+                     1, c.OH, c.OW, true, ws, b.opt.precision, b.stream);
     });
     snprintf(name, sizeof(name), "%s conv_backward_data", c.name);
     b.run(name, shape, flop, true, c.backward_data ? 1 : 0, [&] {
         conv_backward_data(dx.ptr, dy.ptr, w.ptr, N, c.C, c.H, c.W, c.K, c.R, c.S, c.stride, c.pad, 1,
-                           c.OH, c.OW, ws, b.stream);
+                           c.OH, c.OW, ws, b.opt.precision, b.stream);
     });
     snprintf(name, sizeof(name), "%s conv_backward_weights", c.name);
     b.run(name, shape, flop, true, 1, [&] {
         conv_backward_weights(dw.ptr, db.ptr, dy.ptr, x.ptr, N, c.C, c.H, c.W, c.K, c.R, c.S, c.stride,
-                              c.pad, 1, c.OH, c.OW, ws, b.stream);
+                              c.pad, 1, c.OH, c.OW, ws, b.opt.precision, b.stream);
     });
 }
 
@@ -153,15 +155,15 @@ static void bench_fc(Bench& b, const FcLayer& f) {
     snprintf(shape, sizeof(shape), "%d -> %d", f.in, f.out);
     snprintf(name, sizeof(name), "%s fc_forward", f.name);
     b.run(name, shape, flop, true, 1, [&] {
-        fc_forward(y.ptr, x.ptr, w.ptr, bias.ptr, N, f.in, f.out, true, ws, b.stream);
+        fc_forward(y.ptr, x.ptr, w.ptr, bias.ptr, N, f.in, f.out, true, ws, b.opt.precision, b.stream);
     });
     snprintf(name, sizeof(name), "%s fc_backward_data", f.name);
     b.run(name, shape, flop, true, 1, [&] {
-        fc_backward_data(dx.ptr, dy.ptr, w.ptr, N, f.in, f.out, ws, b.stream);
+        fc_backward_data(dx.ptr, dy.ptr, w.ptr, N, f.in, f.out, ws, b.opt.precision, b.stream);
     });
     snprintf(name, sizeof(name), "%s fc_backward_weights", f.name);
     b.run(name, shape, flop, true, 1, [&] {
-        fc_backward_weights(dw.ptr, db.ptr, dy.ptr, x.ptr, N, f.in, f.out, ws, b.stream);
+        fc_backward_weights(dw.ptr, db.ptr, dy.ptr, x.ptr, N, f.in, f.out, ws, b.opt.precision, b.stream);
     });
 }
 
@@ -297,11 +299,12 @@ static void bench_sgd(Bench& b) {
 }
 
 static void usage() {
-    printf("usage: bench_kernels [--batch N] [--iters N] [--warmup N] [--only SUBSTRING]\n"
+    printf("usage: bench_kernels [--batch N] [--iters N] [--warmup N] [--only SUBSTRING] [--precision P]\n"
            "  --batch N   images per batch (default: 128 on a GPU, 8 on the CPU build)\n"
            "  --iters N   timed calls per op (default: 10 on a GPU, 1 on the CPU build)\n"
            "  --warmup N  untimed calls first (default: 1 on a GPU, 0 on the CPU build)\n"
-           "  --only S    only the ops whose name contains S (e.g. conv2, backward, fc)\n");
+           "  --only S    only the ops whose name contains S (e.g. conv2, backward, fc)\n"
+           "  --precision P  fp32 (default), tf32 or bf16: the conv and fc products' arithmetic\n");
 }
 
 static int parse_positive(const char* flag, const char* value, int minimum) {
@@ -328,6 +331,11 @@ static int run(int argc, char** argv) {
             else if (!strcmp(flag, "--iters")) { b.opt.iters = parse_positive(flag, value, 1); i++; }
             else if (!strcmp(flag, "--warmup")) { b.opt.warmup = parse_positive(flag, value, 0); i++; }
             else if (!strcmp(flag, "--only")) { require(value, "--only needs a value"); b.opt.only = value; i++; }
+            else if (!strcmp(flag, "--precision")) {
+                require(value, "--precision needs a value");
+                b.opt.precision = parse_precision(flag, value);
+                i++;
+            }
             else fail("unknown flag '%s' (see --help)", flag);
         }
         if (b.opt.batch == 0) b.opt.batch = gpu ? 128 : 8;
@@ -337,11 +345,11 @@ static int run(int argc, char** argv) {
 #ifdef __CUDACC__
         cudaDeviceProp prop;
         cudaCheck(cudaGetDeviceProperties(&prop, 0));
-        printf("bench_kernels: %s, %d SMs, batch %d, %d timed calls per op\n", prop.name,
-               prop.multiProcessorCount, b.opt.batch, b.opt.iters);
+        printf("bench_kernels: %s, %d SMs, batch %d, %d timed calls per op, %s products\n", prop.name,
+               prop.multiProcessorCount, b.opt.batch, b.opt.iters, PRECISION_NAMES[b.opt.precision]);
 #else
-        printf("bench_kernels: CPU build (CUDA-on-CPU runtime), batch %d, %d timed calls per op\n",
-               b.opt.batch, b.opt.iters);
+        printf("bench_kernels: CPU build (CUDA-on-CPU runtime), batch %d, %d timed calls per op, %s products\n",
+               b.opt.batch, b.opt.iters, PRECISION_NAMES[b.opt.precision]);
 #endif
         printf("%-28s %-32s %13s %18s\n", "op (one tower)", "shape", "time", "speed");
         bench_augment(b);

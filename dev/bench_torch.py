@@ -24,14 +24,22 @@ Modes (--modes; the first four by default, in this order, all in this process):
                  of compilation), always last, in its own process, skipped when the
                  compilation (the warm-up) takes over --compile-limit seconds
 
+Each mode is compared with the precision of our matrix products (train_alexnet
+--precision) that matches it: fp32, channels_last and compile with ours fp32 (FP32 FFMA),
+tf32 with ours tf32, bf16 with ours bf16 (both on tensor cores, FP32 accumulation).
+
     python dev/bench_torch.py                             # fp32, tf32, channels_last, bf16
     python dev/bench_torch.py --modes fp32 --steps 20     # one mode
-    python dev/bench_torch.py --ours 2500 --peak 66.9     # and ours / torch for each mode
+    python dev/bench_torch.py --ours 2500 --peak 66.9     # and ours fp32 / torch for fp32, channels_last
+    python dev/bench_torch.py --ours fp32=2500,tf32=3000,bf16=4000 --peak 66.9   # every mode
 Each mode prints one line: "torch <mode>: <images/s> images/s (<ms> ms/step, batch,
-precision and layout, TFLOP/s, loss)" or "torch <mode>: failed (...)"; with --ours,
-"ours / torch <mode> = R (...)" per mode, our TFLOP/s, and "headline: ours / torch fp32
-(strict FP32) = R". It needs PyTorch and a CUDA device: without either it prints one
-line saying so and exits with status 2.
+precision and layout, TFLOP/s, loss)" or "torch <mode>: failed (...)". With --ours (one
+number: our fp32 images/s; or a list of precision=images/s), "ours <precision> / torch
+<mode> = R (X vs Y images/s)" for each mode whose precision is in it, one line of our
+TFLOP/s per precision given (fp32 also as a share of the FP32 --peak), and "headline:
+ours fp32 / torch fp32 (strict FP32) = R". It needs PyTorch and a CUDA device: without
+either it prints one line saying so and exits with status 2 (a bad option: also 2; a
+mode that failed: 1).
 """
 import argparse
 import gc
@@ -51,6 +59,9 @@ MODES = {
 }
 DEFAULT_MODES = ["fp32", "tf32", "channels_last", "bf16"]
 HEADLINE = "fp32"  # the fair baseline: FP32 arithmetic like ours
+PRECISIONS = ("fp32", "tf32", "bf16")  # of our matrix products (train_alexnet --precision)
+# mode: our precision it is compared with
+OUR_PRECISION = {"fp32": "fp32", "tf32": "tf32", "channels_last": "fp32", "bf16": "bf16", "compile": "fp32"}
 GFLOP_PER_IMAGE = 4.136  # one training step of the paper's network, per image
 
 
@@ -187,22 +198,58 @@ def run_child(mode, args, compile_limit):
     return f"torch {mode}: failed (exit {proc.returncode}): {tail}"
 
 
+def parse_ours(text):
+    """--ours: one number (our fp32 images/s) or a list "fp32=X,tf32=Y,bf16=Z"; returns
+    {precision: images/s} without the values that are not positive (0: not measured)."""
+    text = text.strip()
+    try:
+        if "=" not in text:
+            ours = {"fp32": float(text)}
+        else:
+            ours = {}
+            for item in text.split(","):
+                precision, sep, value = item.partition("=")
+                precision = precision.strip()
+                if precision not in PRECISIONS:
+                    raise argparse.ArgumentTypeError(
+                        f"unknown precision {precision!r} in {text!r} (choose from {', '.join(PRECISIONS)})")
+                if precision in ours:
+                    raise argparse.ArgumentTypeError(f"{precision} given twice in {text!r}")
+                ours[precision] = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a number nor a list like fp32=2500,tf32=3000,bf16=4000") from None
+    return {p: v for p, v in ours.items() if v > 0}
+
+
 def summarize(lines, ours, peak):
-    """Lines comparing our images/s with each PyTorch result line, our TFLOP/s against the
-    FP32 peak (when given), and the headline ratio (ours / strict FP32) when measured."""
+    """Lines comparing our images/s with each PyTorch result line, each mode with our
+    precision that matches it (OUR_PRECISION; modes whose precision is not in ours are left
+    out), our TFLOP/s per precision (fp32 also against the FP32 peak, when given), and the
+    headline ratio (ours fp32 / strict FP32) when both were measured. ours: {precision:
+    images/s}, or one number: our fp32 images/s."""
+    if not isinstance(ours, dict):
+        ours = {"fp32": ours}
+    ours = {p: float(v) for p, v in ours.items() if v and v > 0}
     out, ratios = [], {}
     for line in lines:
         name, sep, rest = line.partition(": ")
         words = rest.split()
         if name.startswith("torch ") and len(words) > 1 and words[1] == "images/s":
-            theirs = float(words[0])
-            ratios[name[len("torch "):]] = ours / theirs
-            out.append(f"ours / {name} = {ours / theirs:.2f} ({ours:.1f} vs {theirs:.1f} images/s)")
-    tflops = ours * GFLOP_PER_IMAGE / 1e3
-    out.append(f"ours: {ours:.1f} images/s = {tflops:.2f} TFLOP/s" +
-               (f" = {100 * tflops / peak:.1f}% of the FP32 peak {peak:.1f} TFLOP/s" if peak else ""))
+            mode, theirs = name[len("torch "):], float(words[0])
+            precision = OUR_PRECISION.get(mode)
+            if precision not in ours or theirs <= 0:
+                continue
+            mine = ours[precision]
+            ratios[mode] = mine / theirs
+            out.append(f"ours {precision} / {name} = {mine / theirs:.2f} ({mine:.1f} vs {theirs:.1f} images/s)")
+    for precision in [p for p in PRECISIONS if p in ours] + [p for p in ours if p not in PRECISIONS]:
+        tflops = ours[precision] * GFLOP_PER_IMAGE / 1e3
+        share = (f" = {100 * tflops / peak:.1f}% of the FP32 peak {peak:.1f} TFLOP/s"
+                 if peak and precision == "fp32" else "")
+        out.append(f"ours {precision}: {ours[precision]:.1f} images/s = {tflops:.2f} TFLOP/s{share}")
     if HEADLINE in ratios:
-        out.append(f"headline: ours / torch {HEADLINE} (strict FP32) = {ratios[HEADLINE]:.2f}")
+        out.append(f"headline: ours fp32 / torch {HEADLINE} (strict FP32) = {ratios[HEADLINE]:.2f}")
     return out
 
 
@@ -219,8 +266,10 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds the compile mode's timed steps may take (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ours", type=float, default=0.0,
-                        help="our training step's images/s: also print the ratios ours / PyTorch")
+    parser.add_argument("--ours", type=parse_ours, default={},
+                        help="our training step's images/s: one number (fp32) or a list "
+                             "fp32=X,tf32=Y,bf16=Z; also print the ratios ours / PyTorch, each "
+                             "mode against our matching precision")
     parser.add_argument("--peak", type=float, default=0.0, help="the GPU's FP32 peak in TFLOP/s (with --ours)")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -245,7 +294,7 @@ def main(argv=None):
     for mode in modes:
         lines.append(run_child(mode, args, args.compile_limit) if mode == "compile" else run_here(torch, mode, args))
         print(lines[-1], flush=True)
-    if args.ours > 0:
+    if args.ours:
         print("\n".join(summarize(lines, args.ours, args.peak)))
     return int(any(": failed" in line for line in lines))
 

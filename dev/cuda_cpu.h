@@ -153,6 +153,8 @@ enum cudaDeviceAttr {
     cudaDevAttrWarpSize = 10,
     cudaDevAttrMultiProcessorCount = 16,
     cudaDevAttrMaxThreadsPerMultiProcessor = 39,
+    cudaDevAttrComputeCapabilityMajor = 75,
+    cudaDevAttrComputeCapabilityMinor = 76,
     cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
     cudaDevAttrMaxRegistersPerMultiprocessor = 82,
 };
@@ -1876,6 +1878,8 @@ static inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr
         case cudaDevAttrWarpSize: *value = 32; break;
         case cudaDevAttrMultiProcessorCount: *value = kSmCount; break;
         case cudaDevAttrMaxThreadsPerMultiProcessor: *value = kMaxThreadsPerSm; break;
+        case cudaDevAttrComputeCapabilityMajor: *value = 9; break;  // an H100: sm_90
+        case cudaDevAttrComputeCapabilityMinor: *value = 0; break;
         case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = (int)kSharedPerSm; break;
         case cudaDevAttrMaxRegistersPerMultiprocessor: *value = kRegistersPerSm; break;
         default: return set_error(cudaErrorInvalidValue, "cudaDeviceGetAttribute: attribute %d", (int)attr);

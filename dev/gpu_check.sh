@@ -20,13 +20,17 @@
 #   2 smoke        [ 90 s] ./train_alexnet --bench 3 on a synthetic batch of 128 with
 #                  ALEXNET_SYNC_LAUNCHES=1: every launch synchronised and checked, so a fault
 #                  names its kernel
-#   3 throughput   [180 s] our --bench 20 images/s (batch 128, both towers on GPU 0) and PyTorch's
-#                  in the same run, ours/torch for each PyTorch mode: fp32 (strict FP32, TF32 off:
-#                  the headline ratio), tf32 (PyTorch's default: TF32 convolutions, FP32 matmuls),
-#                  channels_last (strict FP32), bf16 (AMP autocast, channels_last); then
-#                  build/gpu/bench_kernels --batch 128 (GFLOP/s per kernel); then the kernel
-#                  ladder of dev/cuda at conv2 and fc6 (every version, the tf32/bf16 tensor-core
-#                  ones included, each checked against its reference: a FAIL fails the step)
+#   3 throughput   [180 s] ours against PyTorch in the same run, each of our precisions beside its
+#                  counterpart: ./train_alexnet --bench 20 --precision fp32, tf32, bf16 (batch
+#                  128, both towers on GPU 0), then PyTorch's modes, each ratio ours/torch with
+#                  our matching precision: fp32 (strict FP32, TF32 off; ours fp32: the headline
+#                  ratio), tf32 (PyTorch's default: TF32 convolutions, FP32 matmuls; ours tf32),
+#                  channels_last (strict FP32; ours fp32), bf16 (AMP autocast, channels_last;
+#                  ours bf16), compile with --torch-compile (ours fp32); then
+#                  build/gpu/bench_kernels --batch 128 --precision P for each (GFLOP/s per
+#                  kernel); then the kernel ladder of dev/cuda at conv2 and fc6 (every version,
+#                  the tf32/bf16 tensor-core ones included, each checked against its reference:
+#                  a FAIL fails the step)
 #   4 correctness  [150 s] every op through the CPU and the GPU library on the same inputs
 #                  (largest difference); a 50-step training run whose loss must fall
 #   5 sanitizer    [150 s] compute-sanitizer memcheck over every kernel (batch 2) and two training
@@ -85,6 +89,7 @@ for dir in /usr/local/cuda/bin /usr/local/cuda/compute-sanitizer; do
     [ -d "$dir" ] && PATH=$PATH:$dir
 done
 GFLOP_PER_IMAGE=4.136           # one training step of the paper's network, per image (forward + backward)
+PRECISIONS="fp32 tf32 bf16"     # of the matrix products (--precision), each timed in step 3
 BUDGET=${GPU_CHECK_BUDGET:-480}  # seconds for the whole run (the device call's limit is 600)
 JOBS=${GPU_CHECK_JOBS:-$(nproc 2>/dev/null || echo 8)}
 NAMES=("" "build" "smoke" "throughput" "correctness" "sanitizer" "pytest")
@@ -95,7 +100,7 @@ SANITIZER_EXTRA=120             # synccheck + initcheck: run only when this much
 DATA=$WORK/data_smoke           # synthetic dataset of steps 2-4
 RESULTS=()                      # the summary's step lines, printed again at the end
 DETAILS=()                      # their indented detail lines (the PyTorch results)
-GPU_NAME="" ; GPU_ERROR="" ; ARCH="" ; CLOCK="" ; SMS="" ; PEAK_TFLOPS="" ; OURS_IPS=""
+GPU_NAME="" ; GPU_ERROR="" ; ARCH="" ; CLOCK="" ; SMS="" ; PEAK_TFLOPS=""
 T0=$SECONDS ; STEP_END=$SECONDS ; STEP_VERDICT="" ; STEP_DETAILS=()
 
 say() { printf '%s\n' "$*"; }
@@ -275,32 +280,45 @@ step2() {
     fi
 }
 
-# --- 3. throughput: ours vs PyTorch, then per kernel ---------------------------------
+# --- 3. throughput: ours vs PyTorch, each precision beside its counterpart; per kernel ---
 step3() {
     if [ $CPU = 1 ]; then verdict "SKIP (--cpu: throughput is timed on a GPU only)"; return; fi
-    local log=$WORK/throughput.log bad=() status
+    local log=$WORK/throughput.log one=$WORK/throughput_one.log bad=() status p ips
+    local -A ours=() kernels=()   # images/s per precision: our training step, our kernels alone
+    local ours_arg=""             # --ours of bench_torch.py: fp32=X,tf32=Y,bf16=Z (the measured ones)
     : > "$log"
     ensure_data 2>&1 | tee -a "$log"
     if [ "${PIPESTATUS[0]}" != 0 ]; then keep_log throughput.log; verdict "FAIL (prepare synthetic; see throughput.log)"; return; fi
     [ -n "$PEAK_TFLOPS" ] || gpu_peak
-    say "--- ours: train_alexnet --bench 20, batch 128, both towers on GPU 0 (one device-resident batch, CUDA events after 3 warm-up steps)" | tee -a "$log"
-    run 60 ./train_alexnet --data "$DATA" --arch alexnet --batch 128 --devices 0 --bench 20 2>&1 | tee -a "$log"
-    status=${PIPESTATUS[0]}
-    OURS_IPS=$(grep '^bench |' "$log" | grep -oE '[0-9.]+ images/s' | tail -1 | cut -d' ' -f1)
-    [ "$status" = 0 ] && [ -n "$OURS_IPS" ] || bad+=("ours: exit $status, no images/s")
-    say "--- PyTorch, the same network and step, batch 128: fp32 (strict FP32), tf32 (its default), channels_last (strict FP32), bf16 (AMP, channels_last)" | tee -a "$log"
+    for p in $PRECISIONS; do
+        say "--- ours $p: train_alexnet --precision $p --bench 20, batch 128, both towers on GPU 0 (one device-resident batch, CUDA events after 3 warm-up steps)" | tee -a "$log"
+        run 60 ./train_alexnet --data "$DATA" --arch alexnet --batch 128 --devices 0 --precision "$p" --bench 20 2>&1 \
+            | tee "$one" | tee -a "$log"
+        status=${PIPESTATUS[0]}
+        # Its "bench | N steps of batch B | <precision> | ... | X images/s | ..." line.
+        ips=$(grep -E "^bench \| [^|]* \| $p \| " "$one" | grep -oE '[0-9.]+ images/s' | tail -1 | cut -d' ' -f1)
+        if [ "$status" = 0 ] && is_number "$ips"; then
+            ours[$p]=$ips
+            ours_arg+="${ours_arg:+,}$p=$ips"
+        elif [ "$status" = 0 ]; then bad+=("ours $p: no 'bench | ... | $p |' line")
+        else bad+=("ours $p: exit $status, no images/s"); fi
+    done
+    say "--- PyTorch, the same network and step, batch 128: fp32 (strict FP32; vs ours fp32), tf32 (its default; vs ours tf32), channels_last (strict FP32; vs ours fp32), bf16 (AMP, channels_last; vs ours bf16)" | tee -a "$log"
     run 150 "$TORCH_PYTHON" dev/bench_torch.py --batch 128 --steps 20 --warmup 3 \
-        --modes fp32,tf32,channels_last,bf16 --ours "${OURS_IPS:-0}" --peak "${PEAK_TFLOPS:-0}" 2>&1 | tee -a "$log"
+        --modes fp32,tf32,channels_last,bf16 --ours "${ours_arg:-0}" --peak "${PEAK_TFLOPS:-0}" 2>&1 | tee -a "$log"
     status=${PIPESTATUS[0]}
     case $status in
         0) ;;
         2) bad+=("$(grep -m1 '^bench_torch: ' "$log" | sed 's/^bench_torch: /PyTorch: /')") ;;
         *) timed_out "$status" && bad+=("PyTorch timed out") || bad+=("PyTorch: a mode failed (exit $status)") ;;
     esac
-    say "--- per kernel: build/gpu/bench_kernels --batch 128 (GFLOP/s)" | tee -a "$log"
-    run 60 build/gpu/bench_kernels --batch 128 --iters 10 2>&1 | tee -a "$log"
-    status=${PIPESTATUS[0]}
-    [ "$status" = 0 ] || bad+=("bench_kernels: exit $status")
+    for p in $PRECISIONS; do
+        say "--- per kernel: build/gpu/bench_kernels --batch 128 --precision $p (GFLOP/s)" | tee -a "$log"
+        run 60 build/gpu/bench_kernels --batch 128 --iters 10 --precision "$p" 2>&1 | tee "$one" | tee -a "$log"
+        status=${PIPESTATUS[0]}
+        [ "$status" = 0 ] || bad+=("bench_kernels $p: exit $status")
+        kernels[$p]=$(grep -oE '= [0-9.]+ images/s' "$one" | tail -1 | cut -d' ' -f2)
+    done
     # The ladder: the tensor-core versions checked on the hardware against their rounded-operand
     # reference (the CPU build checks them under the emulation), and timed beside the core.
     local rung line ladder=()
@@ -313,25 +331,28 @@ step3() {
             < <(grep -E '^[0-9]+ (conv_forward|fc_forward) \(auto|^[0-9]+ mma ' "$WORK/ladder.log" | sed 's/  */ /g')
     done
     if [ $TORCH_COMPILE = 1 ]; then
-        say "--- PyTorch torch.compile (--torch-compile), strict FP32" | tee -a "$log"
+        say "--- PyTorch torch.compile (--torch-compile), strict FP32 (vs ours fp32)" | tee -a "$log"
         run 150 "$TORCH_PYTHON" dev/bench_torch.py --batch 128 --steps 20 --warmup 3 --modes compile \
-            --compile-limit 100 --ours "${OURS_IPS:-0}" --peak "${PEAK_TFLOPS:-0}" 2>&1 | tee -a "$log"
+            --compile-limit 100 --ours "${ours[fp32]:-0}" --peak "${PEAK_TFLOPS:-0}" 2>&1 | tee -a "$log"
         status=${PIPESTATUS[0]}
         [ "$status" = 0 ] || bad+=("torch.compile: exit $status")
     fi
     keep_log throughput.log
-    local ratios="" ours_line kernels mode value
-    while read -r mode value; do
-        [ "$mode" = fp32 ] && mode="fp32 (headline)"
-        ratios+="${ratios:+, }$mode $value"
-    done < <(grep -oE '^ours / torch [a-z_0-9]+ = [0-9.]+' "$log" | sed 's/^ours \/ torch //; s/ = / /')
-    ours_line=$(grep -m1 -E '^ours: ' "$log" | sed 's/^ours: //')
-    [ -z "$ours_line" ] && [ -n "$OURS_IPS" ] && ours_line=$(awk -v i="$OURS_IPS" -v g=$GFLOP_PER_IMAGE -v p="${PEAK_TFLOPS:-0}" \
-        'BEGIN { t = i * g / 1e3; printf "%s images/s = %.2f TFLOP/s", i, t; if (p > 0) printf " = %.1f%% of the FP32 peak %s TFLOP/s", 100 * t / p, p }')
-    kernels=$(grep -oE '= [0-9.]+ images/s' "$log" | tail -1 | cut -d' ' -f2)
-    local text="ours ${ours_line:-${OURS_IPS:-?} images/s}; ours/torch: ${ratios:-none}; kernels alone: ${kernels:-?} images/s; $GFLOP_PER_IMAGE GFLOP/image"
+    # bench_torch's "ours <precision> / torch <mode> = R" lines, in its order: "<precision>/<mode> R".
+    local ratios="" ours_text="" kernels_text="" fp32_text="" pair value
+    while read -r pair value; do
+        [ "$pair" = fp32/fp32 ] && pair="fp32/fp32 (headline)"
+        ratios+="${ratios:+, }$pair $value"
+    done < <(grep -oE '^ours [a-z0-9]+ / torch [a-z_0-9]+ = [0-9.]+' "$log" | sed -E 's/^ours ([^ ]+) \/ torch ([^ ]+) = /\1\/\2 /')
+    for p in $PRECISIONS; do
+        ours_text+="${ours_text:+, }$p ${ours[$p]:-?}"
+        kernels_text+="${kernels_text:+, }$p ${kernels[$p]:-?}"
+    done
+    [ -n "${ours[fp32]:-}" ] && fp32_text=$(awk -v i="${ours[fp32]}" -v g=$GFLOP_PER_IMAGE -v p="${PEAK_TFLOPS:-0}" \
+        'BEGIN { t = i * g / 1e3; printf " (fp32 = %.2f TFLOP/s", t; if (p > 0) printf " = %.1f%% of the FP32 peak %s TFLOP/s", 100 * t / p, p; printf ")" }')
+    local text="ours $ours_text images/s$fp32_text; ours/torch: ${ratios:-none}; kernels alone: $kernels_text images/s; $GFLOP_PER_IMAGE GFLOP/image"
     STEP_DETAILS=()
-    while IFS= read -r mode; do STEP_DETAILS+=("    $mode"); done < <(grep -E '^torch [a-z_0-9]+: ' "$log")
+    while IFS= read -r line; do STEP_DETAILS+=("    $line"); done < <(grep -E '^torch [a-z_0-9]+: ' "$log")
     STEP_DETAILS+=("${ladder[@]}")
     if [ ${#bad[@]} = 0 ]; then verdict "PASS ($text)"
     else verdict "FAIL ($(IFS=';'; echo "${bad[*]}" | sed 's/;/; /g'); $text; see throughput.log)"; fi
@@ -461,7 +482,7 @@ step6() {
     if [ $CPU = 1 ]; then
         lib=$ROOT/libalexnet_cpu.so
         # A quick subset (GPU_CHECK_CPU_TESTS overrides): the whole suite is `make test`.
-        args+=(-k "${GPU_CHECK_CPU_TESTS:-awkward or bad_arg}")
+        args+=(-k "${GPU_CHECK_CPU_TESTS:-(awkward or bad_arg) and not tensor_cores}")
     else
         args+=(-k "not under_asan")  # the CPU runtime's ASan check: no ASan build here
         "$PYTHON" -c 'import xdist' 2>/dev/null && args+=(-n 8)

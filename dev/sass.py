@@ -37,7 +37,9 @@ warps per SM.
 
 Tile geometry: the kernels gemm_kernel<TM, TN, Problem> ask libalexnet_cpu.so (ctypes)
 alexnet_gemm_threads(TM, TN), alexnet_gemm_tile_k() and alexnet_gemm_shared_bytes(TM, TN)
-(dynamic shared memory); the older gemm_tile_kernel<TILE_M, Problem> used 256 threads
+(dynamic shared memory); the tensor-core kernels mma_gemm_kernel<MmaTf32|MmaBf16, TM, TN,
+Problem> have 256 threads, static shared memory and slices of alexnet_gemm_tile_k() words,
+each one TF32 or two BF16 values; the older gemm_tile_kernel<TILE_M, Problem> used 256 threads
 and 64x64x32 or 16x256x16 tiles, 16 * TILE_K FFMA per thread and slice.
 """
 import argparse
@@ -433,6 +435,14 @@ class Geometry:
             threads = self.lib.alexnet_gemm_threads(tm, tn)
             return Tile(threads, tm * tn * self.lib.alexnet_gemm_tile_k() / threads,
                         self.lib.alexnet_gemm_shared_bytes(tm, tn))
+        if m := re.match(r"mma_gemm_kernel<Mma(Tf32|Bf16), (\d+), (\d+),", name):
+            if self.lib is None:
+                self.used_missing = True
+                return Tile(None, None, 0)
+            # 8 warps; a slice is GEMM_TILE_K words of one TF32 or two BF16 values; static shared memory
+            per_word = 1 if m.group(1) == "Tf32" else 2
+            tm, tn = int(m.group(2)), int(m.group(3))
+            return Tile(256, tm * tn * self.lib.alexnet_gemm_tile_k() * per_word / 256, 0)
         if m := re.match(r"gemm_tile_kernel<(\d+),", name):  # the code before gemm_kernel
             return Tile(256, 16 * (32 if m.group(1) == "64" else 16), 0)
         return Tile(None, None, 0)

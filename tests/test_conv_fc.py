@@ -10,6 +10,17 @@ independent with zero mean, the error is about u * sqrt(L) * S; we allow
 8 * u * sqrt(L + 1) * S per element (a >8 sigma margin for the random data used here;
 the worst case L * u * S would be too loose to notice a dropped term at L = 9216).
 S is obtained exactly by running the NumPy reference on |inputs|.
+
+With --precision tf32 or bf16 the kernels round both matrix operands (to 10 or 7
+mantissa bits) and then multiply exactly and add in float32, so against a NumPy product
+of the *rounded* operands the same tolerance holds, with S the sum of the rounded
+products (NumPy on the rounded |inputs|: rounding commutes with |.|). Against the
+unrounded product, each term a*b is off by at most (2 u_f + u_f^2)|a b| (u_f = 2^-11,
+2^-8: half a unit in the format's last place), so the gap is bounded by that times S
+plus the float32 tolerance. And the output must lie much nearer the rounded product than
+the unrounded one (a mean distance 8 times smaller: a float32 sum misses the first by
+about u sqrt(L) typical products, the second by about u_f sqrt(L), 2^13 or 2^16 times
+more), or the operands were not rounded at all.
 """
 import numpy as np
 import pytest
@@ -19,6 +30,8 @@ from alexnet import (AlexNetError, conv_backward_data, conv_backward_weights, co
                      conv_output_size, fc_backward_data, fc_backward_weights, fc_forward)
 
 U = 2.0 ** -24
+UNIT_ROUNDOFF = {"tf32": 2.0 ** -11, "bf16": 2.0 ** -8}
+LOW_PRECISIONS = ["tf32", "bf16"]
 
 
 def f32(rng, *shape):
@@ -145,50 +158,66 @@ def test_numpy_fc_matches_definition_and_finite_differences():
 # ---------------------------------------------------------------------------------------
 # The CUDA kernels (CPU build) against the NumPy reference
 
-def check_conv(shape, seed=0):
-    """Forward (with ReLU), backward data, backward weights and bias: CUDA vs NumPy."""
+def check_product(got, twin, operands, length, precision, what):
+    """A kernel's output against its NumPy twin, twin(*operands, precision) -> array (the
+    other arguments bound), as the module doc says: the float32 tolerance against the
+    product of the operands rounded in `precision`; for tf32/bf16 also the bounded gap to
+    the unrounded product, and the output much nearer the rounded product."""
+    magnitudes = [abs(x) for x in operands]
+    rounded = twin(*operands, precision)
+    assert_within(got, rounded, twin(*magnitudes, precision), length, f"{what} ({precision})")
+    if precision == "fp32":
+        return
+    u, exact, magnitude = UNIT_ROUNDOFF[precision], twin(*operands, "fp32"), twin(*magnitudes, "fp32")
+    fp32_tol = 8 * U * np.sqrt(length + 1) * magnitude
+    gap = np.abs(got - exact)
+    excess = gap - ((2 * u + u * u) * magnitude + (1 + u) ** 2 * fp32_tol)
+    worst = np.unravel_index(np.argmax(excess), gap.shape)
+    assert excess[worst] <= 0, f"{what} ({precision}): at {worst} {gap[worst]:.3g} from the unrounded product"
+    if gap.any():  # else every output is exact either way (a lone product under a ReLU, say)
+        nearer = np.mean(np.abs(got - rounded)) * 8 < np.mean(gap)
+        assert nearer, f"{what} ({precision}): not much nearer the rounded product than the unrounded one"
+
+
+def check_conv(shape, seed=0, precision="fp32", backward_data=True):
+    """Forward (with ReLU), backward data (unless told not to), backward weights and bias:
+    CUDA vs NumPy."""
     N, C, H, W, K, R, S, stride, pad, groups, out_hw = shape
     rng = np.random.default_rng(seed)
     inp, weight, bias = f32(rng, N, C, H, W), f32(rng, K, C // groups, R, S), f32(rng, K)
     args = (stride, pad, groups)
-    out = alexnet.cuda_conv_forward(inp, weight, bias, *args, out_hw, relu=True)
-    inp64, weight64, bias64 = f64(inp, weight, bias)
-    assert_within(out, conv_forward(inp64, weight64, bias64, *args, out_hw, relu=True),
-                  conv_forward(abs(inp64), abs(weight64), abs(bias64), *args, out_hw),
-                  C // groups * R * S, "conv_forward")
+    out = alexnet.cuda_conv_forward(inp, weight, bias, *args, out_hw, relu=True, precision=precision)
+    check_product(out, lambda x, w, b, p: conv_forward(x, w, b, *args, out_hw, relu=True, precision=p),
+                  f64(inp, weight, bias), C // groups * R * S, precision, "conv_forward")
 
     dout = f32(rng, *out.shape)
-    (dout64,) = f64(dout)
-    taps = (K // groups) * -(-R // stride) * -(-S // stride)  # products reaching one pixel
-    assert_within(alexnet.cuda_conv_backward_data(dout, weight, (H, W), *args),
-                  conv_backward_data(dout64, weight64, (H, W), *args),
-                  conv_backward_data(abs(dout64), abs(weight64), (H, W), *args), taps,
-                  "conv_backward_data")
+    if backward_data:
+        taps = (K // groups) * -(-R // stride) * -(-S // stride)  # products reaching one pixel
+        check_product(alexnet.cuda_conv_backward_data(dout, weight, (H, W), *args, precision=precision),
+                      lambda d, w, p: conv_backward_data(d, w, (H, W), *args, precision=p),
+                      f64(dout, weight), taps, precision, "conv_backward_data")
 
-    dweight, dbias = alexnet.cuda_conv_backward_weights(dout, inp, (R, S), *args)
-    ref_dweight, ref_dbias = conv_backward_weights(dout64, inp64, (R, S), *args)
-    mag_dweight, mag_dbias = conv_backward_weights(abs(dout64), abs(inp64), (R, S), *args)
+    dweight, dbias = alexnet.cuda_conv_backward_weights(dout, inp, (R, S), *args, precision=precision)
     positions = N * out.shape[2] * out.shape[3]
-    assert_within(dweight, ref_dweight, mag_dweight, positions, "conv_backward_weights")
-    assert_within(dbias, ref_dbias, mag_dbias, positions, "conv bias gradient")
+    check_product(dweight, lambda d, x, p: conv_backward_weights(d, x, (R, S), *args, precision=p)[0],
+                  f64(dout, inp), positions, precision, "conv_backward_weights")
+    check_product(dbias, lambda d, p: d.sum(axis=(0, 2, 3)), f64(dout), positions, "fp32",
+                  "conv bias gradient (never rounded)")
 
 
-def check_fc(N, n_in, n_out, seed=0):
+def check_fc(N, n_in, n_out, seed=0, precision="fp32"):
     rng = np.random.default_rng(seed)
     inp, weight, bias = f32(rng, N, n_in), f32(rng, n_out, n_in), f32(rng, n_out)
-    inp64, weight64, bias64 = f64(inp, weight, bias)
-    out = alexnet.cuda_fc_forward(inp, weight, bias, relu=True)
-    assert_within(out, fc_forward(inp64, weight64, bias64, relu=True),
-                  fc_forward(abs(inp64), abs(weight64), abs(bias64)), n_in, "fc_forward")
+    out = alexnet.cuda_fc_forward(inp, weight, bias, relu=True, precision=precision)
+    check_product(out, lambda x, w, b, p: fc_forward(x, w, b, relu=True, precision=p), f64(inp, weight, bias),
+                  n_in, precision, "fc_forward")
     dout = f32(rng, N, n_out)
-    (dout64,) = f64(dout)
-    assert_within(alexnet.cuda_fc_backward_data(dout, weight), fc_backward_data(dout64, weight64),
-                  fc_backward_data(abs(dout64), abs(weight64)), n_out, "fc_backward_data")
-    dweight, dbias = alexnet.cuda_fc_backward_weights(dout, inp)
-    ref_dweight, ref_dbias = fc_backward_weights(dout64, inp64)
-    mag_dweight, mag_dbias = fc_backward_weights(abs(dout64), abs(inp64))
-    assert_within(dweight, ref_dweight, mag_dweight, N, "fc_backward_weights")
-    assert_within(dbias, ref_dbias, mag_dbias, N, "fc bias gradient")
+    check_product(alexnet.cuda_fc_backward_data(dout, weight, precision=precision), fc_backward_data,
+                  f64(dout, weight), n_out, precision, "fc_backward_data")
+    dweight, dbias = alexnet.cuda_fc_backward_weights(dout, inp, precision=precision)
+    check_product(dweight, lambda d, x, p: fc_backward_weights(d, x, p)[0], f64(dout, inp), N, precision,
+                  "fc_backward_weights")
+    check_product(dbias, lambda d, p: d.sum(axis=0), f64(dout), N, "fp32", "fc bias gradient (never rounded)")
 
 
 # The layers of one tower of the paper's network at batch 2, as the model calls them, plus the
@@ -240,17 +269,48 @@ def test_cuda_fc_awkward_shapes(shape, schedule):
     check_fc(*shape, seed=6)
 
 
-def test_cuda_conv_bitwise_deterministic_across_schedules(monkeypatch):
+# The tensor-core path: every product of a training step at batch 2 (conv1's input gradient
+# is never computed in training, and its 3-row product is the emulation's slowest) and the
+# awkward shapes, each under the default schedule (the test below covers the orders).
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+@pytest.mark.parametrize("layer", ALEXNET_CONVS)
+def test_cuda_conv_alexnet_layers_on_tensor_cores(layer, precision):
+    check_conv(ALEXNET_CONVS[layer], precision=precision, backward_data=layer != "conv1")
+
+
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+@pytest.mark.parametrize("layer", [pytest.param("fc6", marks=pytest.mark.slow), "fc7", "fc8"])
+def test_cuda_fc_alexnet_layers_on_tensor_cores(layer, precision):
+    """fc6 is fc7 with twice the inputs, and the emulation's slowest: a slow test."""
+    check_fc(*ALEXNET_FCS[layer], precision=precision)
+
+
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+@pytest.mark.parametrize("shape", AWKWARD_CONVS)
+def test_cuda_conv_awkward_shapes_on_tensor_cores(shape, precision):
+    check_conv(shape, seed=5, precision=precision)
+
+
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+@pytest.mark.parametrize("shape", AWKWARD_FCS)
+def test_cuda_fc_awkward_shapes_on_tensor_cores(shape, precision):
+    check_fc(*shape, seed=6, precision=precision)
+
+
+@pytest.mark.parametrize("precision", alexnet.PRECISIONS)
+def test_cuda_conv_bitwise_deterministic_across_schedules(monkeypatch, precision):
     """The split weight-gradient reduction (conv1's shape: 5 splits) gives the same bits
-    whatever order the runtime runs blocks and threads in."""
+    whatever order the runtime runs blocks and threads in, in every precision."""
     shape = ALEXNET_CONVS["conv1"]
     N, C, H, W, K, R, S, stride, pad, groups, (OH, OW) = shape
     rng = np.random.default_rng(7)
     dout, inp = f32(rng, N, K, OH, OW), f32(rng, N, C, H, W)
+    assert alexnet.cuda_gemm_plan("conv_backward_weights", N, C, K, H, R, stride, pad, precision)["splits"] > 1
     results = []
     for order in ["forward", "reverse", "random"]:
         monkeypatch.setenv("CUDA_CPU_SCHEDULE", order)
-        results.append(alexnet.cuda_conv_backward_weights(dout, inp, (R, S), stride, pad, groups))
+        results.append(alexnet.cuda_conv_backward_weights(dout, inp, (R, S), stride, pad, groups,
+                                                          precision=precision))
     for dweight, dbias in results[1:]:
         np.testing.assert_array_equal(dweight, results[0][0])
         np.testing.assert_array_equal(dbias, results[0][1])
@@ -282,9 +342,9 @@ def test_conv_c_api_rejects_bad_shapes(change, message):
     dims = {**GOOD_CONV, **change}
     buffer = ffi.new("float[]", 4096)
     for call in [
-        lambda: lib.alexnet_conv_forward(buffer, buffer, buffer, buffer, *dims.values(), 1),
-        lambda: lib.alexnet_conv_backward_data(buffer, buffer, buffer, *dims.values()),
-        lambda: lib.alexnet_conv_backward_weights(buffer, buffer, buffer, buffer, *dims.values()),
+        lambda: lib.alexnet_conv_forward(buffer, buffer, buffer, buffer, *dims.values(), 1, 0),
+        lambda: lib.alexnet_conv_backward_data(buffer, buffer, buffer, *dims.values(), 0),
+        lambda: lib.alexnet_conv_backward_weights(buffer, buffer, buffer, buffer, *dims.values(), 0),
     ]:
         assert call() == 1
         error = ffi.string(lib.alexnet_last_error()).decode()
@@ -296,13 +356,13 @@ def test_c_api_rejects_null_pointers():
     buffer, null = ffi.new("float[]", 4096), ffi.NULL
     dims = GOOD_CONV.values()
     calls = [
-        lambda: lib.alexnet_conv_forward(buffer, null, buffer, buffer, *dims, 0),
-        lambda: lib.alexnet_conv_forward(buffer, buffer, buffer, null, *dims, 0),
-        lambda: lib.alexnet_conv_backward_data(null, buffer, buffer, *dims),
-        lambda: lib.alexnet_conv_backward_weights(buffer, null, buffer, buffer, *dims),
-        lambda: lib.alexnet_fc_forward(null, buffer, buffer, buffer, 2, 3, 4, 0),
-        lambda: lib.alexnet_fc_backward_data(buffer, buffer, null, 2, 3, 4),
-        lambda: lib.alexnet_fc_backward_weights(buffer, buffer, buffer, null, 2, 3, 4),
+        lambda: lib.alexnet_conv_forward(buffer, null, buffer, buffer, *dims, 0, 0),
+        lambda: lib.alexnet_conv_forward(buffer, buffer, buffer, null, *dims, 0, 1),
+        lambda: lib.alexnet_conv_backward_data(null, buffer, buffer, *dims, 2),
+        lambda: lib.alexnet_conv_backward_weights(buffer, null, buffer, buffer, *dims, 0),
+        lambda: lib.alexnet_fc_forward(null, buffer, buffer, buffer, 2, 3, 4, 0, 0),
+        lambda: lib.alexnet_fc_backward_data(buffer, buffer, null, 2, 3, 4, 1),
+        lambda: lib.alexnet_fc_backward_weights(buffer, buffer, buffer, null, 2, 3, 4, 2),
     ]
     for call in calls:
         assert call() == 1
@@ -316,11 +376,25 @@ def test_c_api_rejects_null_pointers():
 def test_fc_c_api_rejects_bad_shapes(dims, message):
     ffi, lib = alexnet.library()
     buffer = ffi.new("float[]", 4096)
-    for call in [lambda: lib.alexnet_fc_forward(buffer, buffer, buffer, buffer, *dims, 0),
-                 lambda: lib.alexnet_fc_backward_data(buffer, buffer, buffer, *dims),
-                 lambda: lib.alexnet_fc_backward_weights(buffer, buffer, buffer, buffer, *dims)]:
+    for call in [lambda: lib.alexnet_fc_forward(buffer, buffer, buffer, buffer, *dims, 0, 0),
+                 lambda: lib.alexnet_fc_backward_data(buffer, buffer, buffer, *dims, 0),
+                 lambda: lib.alexnet_fc_backward_weights(buffer, buffer, buffer, buffer, *dims, 0)]:
         assert call() == 1
         assert message in ffi.string(lib.alexnet_last_error()).decode()
+
+
+def test_c_api_rejects_unknown_precisions():
+    ffi, lib = alexnet.library()
+    buffer, dims = ffi.new("float[]", 4096), GOOD_CONV.values()
+    for precision in (-1, 3):
+        for call in [lambda: lib.alexnet_conv_forward(buffer, buffer, buffer, buffer, *dims, 0, precision),
+                     lambda: lib.alexnet_conv_backward_weights(buffer, buffer, buffer, buffer, *dims, precision),
+                     lambda: lib.alexnet_fc_backward_data(buffer, buffer, buffer, 2, 3, 4, precision)]:
+            assert call() == 1
+            assert f"precision must be 0 (fp32), 1 (tf32) or 2 (bf16), got {precision}" == \
+                ffi.string(lib.alexnet_last_error()).decode()
+    with pytest.raises(AlexNetError, match="precision must be one of fp32, tf32, bf16, got 'fp16'"):
+        alexnet.cuda_fc_forward(np.ones((1, 1)), np.ones((1, 1)), np.ones(1), precision="fp16")
 
 
 def test_python_wrappers_reject_mismatched_arrays():
@@ -354,19 +428,23 @@ SMS = 132
 TILE_SHARED = {(128, 128): 34816, (64, 128): 26624, (128, 64): 26624}  # 2 x 16 x (TM+TN+8) floats + tables
 
 
-def blocks_per_sm(tile_m, tile_n):
-    threads = tile_m * tile_n // 64
-    return min(32, 2048 // threads, 65536 // (threads * 128), 228 * 1024 // (TILE_SHARED[tile_m, tile_n] + 1024))
+def blocks_per_sm(tile_m, tile_n, precision="fp32"):
+    """What the CPU runtime's occupancy calculator answers (128 registers a thread): the
+    tensor-core kernel has 256 threads and static shared memory, which it does not see."""
+    threads, shared = (tile_m * tile_n // 64, TILE_SHARED[tile_m, tile_n]) if precision == "fp32" else (256, 0)
+    return min(32, 2048 // threads, 65536 // (threads * 128), 228 * 1024 // (shared + 1024))
 
 
-def plan_reference(rows, cols, depth, batches):
+def plan_reference(rows, cols, depth, batches, precision="fp32"):
     def tiles(tm, tn):
         return -(-rows // tm) * -(-cols // tn) * batches
     tile = (128, 128)
     wide, tall = tiles(64, 128) * 2, tiles(128, 64) * 2
     if 4 * min(wide, tall) < 3 * tiles(128, 128) * 4:
         tile = (64, 128) if wide <= tall else (128, 64)
-    slots, n = SMS * blocks_per_sm(*tile), tiles(*tile)
+    if precision != "fp32" and tile == (64, 128) and 4 * tiles(32, 128) < 3 * tiles(64, 128) * 2:
+        tile = (32, 128)
+    slots, n = SMS * blocks_per_sm(*tile, precision), tiles(*tile)
     best, best_fill = 1, 0.0
     for s in range(1, min(64, max(1, depth // 128)) + 1):
         fill = n * s / (-(-n * s // slots) * slots)
@@ -374,7 +452,8 @@ def plan_reference(rows, cols, depth, batches):
             best, best_fill = s, fill
         if fill >= 0.9:
             break
-    slices = -(-depth // 16)
+    slice_k = 32 if precision == "bf16" else 16  # 16 words of one TF32 or two BF16 values
+    slices = -(-depth // slice_k)
     per_split = -(-slices // best)
     return dict(tile_m=tile[0], tile_n=tile[1], splits=-(-slices // per_split), tiles=n, slots=slots)
 
@@ -405,10 +484,22 @@ def tower_products(N):
             yield op, dict(N=N, C=fin, K=fout)
 
 
+@pytest.mark.parametrize("precision", alexnet.PRECISIONS)
 @pytest.mark.parametrize("N", [128, 2])
-def test_gemm_plans_follow_the_rule(N):
+def test_gemm_plans_follow_the_rule(N, precision):
     for op, shape in tower_products(N):
-        assert alexnet.cuda_gemm_plan(op, **shape) == plan_reference(*gemm_sizes(op, **shape)), (op, shape)
+        assert alexnet.cuda_gemm_plan(op, **shape, precision=precision) == \
+            plan_reference(*gemm_sizes(op, **shape), precision), (op, shape)
+
+
+def test_small_products_get_small_tensor_core_tiles():
+    """conv1's forward product at batch 2 has 48 rows: 64x128 tiles, in every precision; the
+    small preset's 8 filters per tower get 32x128 tiles on the tensor cores."""
+    for precision in alexnet.PRECISIONS:
+        assert alexnet.cuda_gemm_plan("conv_forward", 2, 3, 48, 224, 11, 4, 0, precision)["tile_m"] == 64
+    small = dict(N=32, C=3, K=8, H=28, R=5, stride=1, pad=2)
+    assert alexnet.cuda_gemm_plan("conv_forward", **small)["tile_m"] == 64
+    assert alexnet.cuda_gemm_plan("conv_forward", **small, precision="bf16")["tile_m"] == 32
 
 
 def test_no_training_product_ends_in_a_mostly_empty_wave():

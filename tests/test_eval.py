@@ -97,6 +97,27 @@ def test_library_probabilities_match_the_numpy_reference(checkpoint, checkpoint_
     assert ref_average.max() > 0.5  # a confident model: the comparison is not between near-uniform outputs
 
 
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_library_probabilities_on_tensor_cores_match_the_rounded_numpy_reference(checkpoint, val, precision):
+    """A float32 checkpoint evaluated with --precision tf32 / bf16: every matrix operand
+    rounded as the tensor cores read it, in the library and in NumPy alike. The two paths
+    see each value a few float32 units apart, so a value close to a rounding boundary of
+    the format can round one unit differently (about one in 500 for tf32's 2^-11 steps,
+    rarely for bf16's 2^-8), and each such operand moves its products by 2^-11 of
+    themselves: the tolerance grows to 5 PROB_ATOL (tf32 measured 4.7e-4 on this
+    checkpoint, bf16 1.2e-7). Rounding at every operand moves the outputs 2^-11 or 2^-8 of
+    each product, so the outputs must lie, on average, 4 times nearer the rounded
+    reference than the unrounded one (measured: 7 times for tf32, 10^5 for bf16)."""
+    images, _, mean, _ = val
+    chunk, centre = images[:6], [A.ten_views(32, 32, 28)[A.CENTRE_VIEW]]
+    with A.LibraryModel(checkpoint, mean, 8, precision) as model:
+        (got,), _ = A.view_probabilities(model, chunk, centre)
+    (rounded,), _ = A.view_probabilities(A.NumpyModel(checkpoint, mean, precision), chunk, centre)
+    (exact,), _ = A.view_probabilities(A.NumpyModel(checkpoint, mean), chunk, centre)
+    np.testing.assert_allclose(got, rounded, rtol=0, atol=5 * PROB_ATOL)
+    assert 4 * np.abs(got - rounded).mean() < np.abs(got - exact).mean()
+
+
 def test_evaluation_scores_match_the_numpy_reference(checkpoint, val):
     images, labels, mean, _ = val
     with A.LibraryModel(checkpoint, mean, 8) as model:

@@ -145,8 +145,8 @@ def test_help_lists_the_steps_in_order():
     assert positions == sorted(positions), text
     for word in ("--cpu", "--only 3", "--only 2,3", "--skip-5", "--summary FILE", "--torch-compile",
                  "GPU_CHECK_BUDGET=480", "ALEXNET_SYNC_LAUNCHES=1", "GPU_ARCH=", "summary.txt",
-                 "fp32 (strict FP32", "tf32 (PyTorch's default", "channels_last (strict FP32)",
-                 "bf16 (AMP", "memcheck", "racecheck", "ALEXNET_LIB=./libalexnet.so"):
+                 "fp32 (strict FP32", "tf32 (PyTorch's default", "channels_last (strict FP32",
+                 "bf16 (AMP", "--precision fp32, tf32, bf16", "--precision P", "memcheck", "racecheck", "ALEXNET_LIB=./libalexnet.so"):
         assert word in text, word
     assert not text.startswith("#") and "#!/" not in text
 
@@ -169,6 +169,10 @@ def test_bad_option(tmp_path, args, message):
 # Fakes on PATH (nvidia-smi, nvcc, make, compute-sanitizer) and in place of the GPU
 # executables let the order, the time limits and the summary of a GPU run be checked here.
 # They run in a copy of the script (make writes ./train_alexnet and build/gpu/ next to it).
+# The fake training step and kernel sums run at a different speed in each precision (images/s:
+# ours fp32 2560, tf32 3600, bf16 5120; kernels alone 3200, 4000, 6400), as does the fake
+# PyTorch in each mode (fp32 3000, tf32 4000, channels_last 3200, bf16 9000, compile 3500),
+# so that a ratio of the wrong pair shows.
 FAKES = {
     "nvidia-smi": 'echo "NVIDIA H100 80GB HBM3, 550.54.15, 81559 MiB, 9.0, 1980 MHz"',
     "nvcc": 'echo "Build cuda_12.4.r12.4/compiler.34097967_0"',
@@ -188,10 +192,21 @@ echo "========= ERROR SUMMARY: 0 errors"; exit $status""",
 if [ -n "${FAKE_CRASH:-}" ] && [ "${ALEXNET_SYNC_LAUNCHES:-}" = 1 ]; then
     echo "error: lrn_forward_kernel: an illegal memory access was encountered" >&2; exit 1
 fi
-case " $* " in *" --bench "*) echo "bench | 3 steps of batch 128 | 50.000 ms per step | 2560.0 images/s | last loss 6.9078";; esac""",
+precision=fp32 steps=""
+while [ $# -gt 0 ]; do case $1 in --precision) precision=$2; shift;; --bench) steps=$2; shift;; esac; shift; done
+if [ -n "$steps" ] && [ "$precision" = "${FAKE_BENCH_FAIL:-}" ]; then
+    echo "error: $precision matrix products need sm_80 or later" >&2; exit 1
+fi
+case $precision in fp32) speed="50.000 ms per step | 2560.0";; tf32) speed="35.556 ms per step | 3600.0";;
+                   bf16) speed="25.000 ms per step | 5120.0";; esac
+[ -n "$steps" ] && echo "bench | $steps steps of batch 128 | $precision | $speed images/s | last loss 6.9078"
+exit 0""",
     "bench": """echo "bench_kernels $*" >> "$CALLS"
-echo "bench_kernels: NVIDIA H100 80GB HBM3, 132 SMs, batch 128, 10 timed calls per op"
-echo "sum over one training step (both towers, kernels back to back, no exchange): 40.00 ms = 3200.0 images/s"
+precision=fp32
+while [ $# -gt 0 ]; do [ "$1" = --precision ] && precision=$2; shift; done
+echo "bench_kernels: NVIDIA H100 80GB HBM3, 132 SMs, batch 128, 10 timed calls per op, $precision products"
+case $precision in fp32) sum="40.00 ms = 3200.0";; tf32) sum="32.00 ms = 4000.0";; bf16) sum="20.00 ms = 6400.0";; esac
+echo "sum over one training step (both towers, kernels back to back, no exchange): $sum images/s"
 """,
     "ladder": """echo "ladder $(basename "$0") $*" >> "$CALLS"
 echo "4 conv_forward (auto: 128x128, 1 split)    PASS  max|diff| 3.96e-07 = 2.4e-02 tol      0.840 ms  20000.0 GFLOP/s"
@@ -203,11 +218,12 @@ import argparse, os, sys
 sys.path.insert(0, os.path.join(os.environ["ROOT"], "dev"))
 import bench_torch
 p = argparse.ArgumentParser()
-p.add_argument("script"); p.add_argument("--modes"); p.add_argument("--ours", type=float); p.add_argument("--peak", type=float)
+p.add_argument("script"); p.add_argument("--modes"); p.add_argument("--ours", type=bench_torch.parse_ours)
+p.add_argument("--peak", type=float)
 a, _ = p.parse_known_args()
 speed = {"fp32": 3000.0, "tf32": 4000.0, "channels_last": 3200.0, "bf16": 9000.0, "compile": 3500.0}
 lines = [f"torch {m}: {speed[m]:.1f} images/s (1.00 ms/step, batch 128)" for m in a.modes.split(",")]
-print("\\n".join(lines + bench_torch.summarize(lines, a.ours, a.peak)))
+print("\\n".join(lines + (bench_torch.summarize(lines, a.ours, a.peak) if a.ours else [])))
 EOF""",
     # The project's Python, except that datasets are only folders (the fakes read none).
     "python": """if [ "$1 $2" = "alexnet.py prepare" ]; then
@@ -242,8 +258,9 @@ def fake_gpu_run(tmp_path, *args, env=None):
 @pytest.mark.no_asan
 def test_gpu_run_order_and_summary(tmp_path):
     """Steps 1, 2, 3 and 5 of a GPU run on the fakes: the build for the local architecture
-    only, the synchronised smoke run, ours and PyTorch's four modes with the headline ratio
-    (ours / strict FP32), then the per-kernel benchmark; memcheck before racecheck, which
+    only, the synchronised smoke run, ours in each precision and PyTorch's four modes, each
+    ratio pairing a mode with our matching precision, the headline ratio ours fp32 / strict
+    FP32, then the per-kernel benchmark in each precision; memcheck before racecheck, which
     sees only a few kernels at batch 1-2."""
     proc, text, files, calls = fake_gpu_run(tmp_path, "--skip-4", "--skip-6")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -253,9 +270,19 @@ def test_gpu_run_order_and_summary(tmp_path):
                                "FP32 peak 66.9 TFLOP/s, cuda_12.4"), steps[1]
     assert "spills: 1" in steps[1]
     assert "with ALEXNET_SYNC_LAUNCHES=1: last loss 6.9078" in steps[2]
-    assert ("ours 2560.0 images/s = 10.59 TFLOP/s = 15.8% of the FP32 peak 66.9 TFLOP/s; ours/torch: "
-            "fp32 (headline) 0.85, tf32 0.64, channels_last 0.80, bf16 0.28; kernels alone: 3200.0 images/s; "
-            "4.136 GFLOP/image") in steps[3], steps[3]
+    # By hand from the fakes' speeds: 2560 * 4.136 / 1e3 = 10.59 TFLOP/s = 15.8% of 66.9;
+    # ours fp32 2560 / torch fp32 3000 = 0.85, ours tf32 3600 / torch tf32 4000 = 0.90,
+    # ours fp32 2560 / torch channels_last 3200 = 0.80, ours bf16 5120 / torch bf16 9000 = 0.57.
+    assert steps[3].startswith(
+        "step 3 throughput  PASS (ours fp32 2560.0, tf32 3600.0, bf16 5120.0 images/s (fp32 = 10.59 TFLOP/s = "
+        "15.8% of the FP32 peak 66.9 TFLOP/s); ours/torch: fp32/fp32 (headline) 0.85, tf32/tf32 0.90, "
+        "fp32/channels_last 0.80, bf16/bf16 0.57; kernels alone: fp32 3200.0, tf32 4000.0, bf16 6400.0 images/s; "
+        "4.136 GFLOP/image) ["), steps[3]
+    throughput = (tmp_path / "out" / "throughput.log").read_text()
+    assert ("ours tf32 / torch tf32 = 0.90 (3600.0 vs 4000.0 images/s)\n"
+            "ours fp32 / torch channels_last = 0.80 (2560.0 vs 3200.0 images/s)\n") in throughput
+    assert "ours tf32: 3600.0 images/s = 14.89 TFLOP/s\n" in throughput  # no FP32-peak share
+    assert "headline: ours fp32 / torch fp32 (strict FP32) = 0.85" in throughput
     assert [line.strip().split(":")[0] for line in text.splitlines() if line.startswith("    torch ")] == \
         ["torch fp32", "torch tf32", "torch channels_last", "torch bf16"]
     assert "memcheck(kernels) ok, memcheck(training) ok, racecheck(" in steps[5]
@@ -266,14 +293,19 @@ def test_gpu_run_order_and_summary(tmp_path):
     smoke = [c for c in calls if c.startswith("train ") and "--bench 3 " in c + " "]
     bench = [c for c in calls if c.startswith("train ") and "--bench 20" in c]
     assert len(smoke) == 1 and smoke[0].endswith("sync=1") and "--batch 128" in smoke[0]
-    assert len(bench) == 1 and bench[0].endswith("sync=") and "--batch 128 --devices 0" in bench[0]
+    assert len(bench) == 3, bench
+    for call, precision in zip(bench, ["fp32", "tf32", "bf16"]):
+        assert call.endswith(f"--batch 128 --devices 0 --precision {precision} --bench 20 sync="), call
     assert calls.index(smoke[0]) < calls.index(bench[0])
     torch = [c for c in calls if c.startswith("torch ")]
-    assert len(torch) == 1 and "--modes fp32,tf32,channels_last,bf16 --ours 2560.0 --peak 66.9" in torch[0]
-    per_kernel = calls.index("bench_kernels --batch 128 --iters 10")
-    assert calls.index(bench[0]) < calls.index(torch[0]) < per_kernel
+    assert len(torch) == 1 and torch[0].endswith(
+        "--modes fp32,tf32,channels_last,bf16 --ours fp32=2560.0,tf32=3600.0,bf16=5120.0 --peak 66.9"), torch
+    kernel_runs = [c for c in calls if c.startswith("bench_kernels --batch 128 ")]
+    assert kernel_runs == [f"bench_kernels --batch 128 --iters 10 --precision {p}" for p in ("fp32", "tf32", "bf16")]
+    per_kernel = calls.index(kernel_runs[0])
+    assert calls.index(bench[-1]) < calls.index(torch[0]) < per_kernel
     ladder = [calls.index("ladder conv_forward --layer conv2 --iters 5"), calls.index("ladder fc_forward --layer fc6 --iters 5")]
-    assert per_kernel < ladder[0] < ladder[1]
+    assert calls.index(kernel_runs[-1]) < ladder[0] < ladder[1]
     details = [line for line in text.splitlines() if line.startswith(("    conv2 ", "    fc6 "))]
     assert len(details) == 4 and details[1].startswith("    conv2 5 mma tf32 128x128, warp 64x32 PASS"), details
     sanitizers = [c for c in calls if c.startswith("sanitizer ")]
@@ -294,7 +326,7 @@ def test_gpu_run_failures_are_reported_and_the_run_goes_on(tmp_path):
     steps = check_summary(text, proc.stdout)
     assert steps[1].startswith("step 1 build       FAIL (build failed, exit 2; NVIDIA H100"), steps[1]
     assert "FAIL (exit 1: error: lrn_forward_kernel: an illegal memory access was encountered; see smoke.log)" in steps[2]
-    assert "PASS (ours 2560.0 images/s" in steps[3]
+    assert "PASS (ours fp32 2560.0, tf32 3600.0, bf16 5120.0 images/s" in steps[3]
     assert "some step FAILED" in text.splitlines()[-1]
 
 
@@ -305,8 +337,30 @@ def test_a_failing_ladder_version_fails_the_throughput_step(tmp_path):
     proc, text, _, _ = fake_gpu_run(tmp_path, "--only", "1,3", env={"FAKE_LADDER": "FAIL"})
     assert proc.returncode == 1
     steps = check_summary(text, proc.stdout)
-    assert "FAIL (ladder conv_forward: exit 1; ladder fc_forward: exit 1; ours 2560.0 images/s" in steps[3], steps[3]
+    assert "FAIL (ladder conv_forward: exit 1; ladder fc_forward: exit 1; ours fp32 2560.0, tf32 3600.0" in steps[3], steps[3]
     assert "    conv2 5 mma tf32 128x128, warp 64x32 FAIL max|diff|" in text
+
+
+@pytest.mark.no_asan
+def test_a_failing_precision_is_left_out_and_compile_is_fp32(tmp_path):
+    """Our tf32 run fails: step 3 fails naming it, bench_torch gets only the fp32 and bf16
+    speeds, so PyTorch's tf32 is timed but paired with nothing; the other ratios stand, and
+    torch.compile (--torch-compile) is compared with ours fp32."""
+    proc, text, _, calls = fake_gpu_run(tmp_path, "--only", "1,3", "--torch-compile", env={"FAKE_BENCH_FAIL": "tf32"})
+    assert proc.returncode == 1
+    steps = check_summary(text, proc.stdout)
+    # ours fp32 2560 / torch compile 3500 = 0.73 (by hand); no tf32/tf32 ratio.
+    assert steps[3].startswith(
+        "step 3 throughput  FAIL (ours tf32: exit 1, no images/s; ours fp32 2560.0, tf32 ?, bf16 5120.0 images/s "
+        "(fp32 = 10.59 TFLOP/s = 15.8% of the FP32 peak 66.9 TFLOP/s); ours/torch: fp32/fp32 (headline) 0.85, "
+        "fp32/channels_last 0.80, bf16/bf16 0.57, fp32/compile 0.73; kernels alone: fp32 3200.0, tf32 4000.0, "
+        "bf16 6400.0 images/s; 4.136 GFLOP/image; see throughput.log) ["), steps[3]
+    torch = [c for c in calls if c.startswith("torch ")]
+    assert len(torch) == 2
+    assert torch[0].endswith("--modes fp32,tf32,channels_last,bf16 --ours fp32=2560.0,bf16=5120.0 --peak 66.9"), torch
+    assert torch[1].endswith("--modes compile --compile-limit 100 --ours 2560.0 --peak 66.9"), torch
+    assert [line.split(":")[0] for line in text.splitlines() if line.startswith("    torch ")] == \
+        ["    torch fp32", "    torch tf32", "    torch channels_last", "    torch bf16", "    torch compile"]
 
 
 def test_compare_verdicts():
@@ -338,19 +392,61 @@ def test_compare_verdicts():
 
 
 def test_torch_report():
-    """The ratio, TFLOP/s and headline lines that step 3 prints, from bench_torch's result lines."""
+    """The ratio, TFLOP/s and headline lines that step 3 prints, from bench_torch's result
+    lines: each mode against our matching precision (channels_last and compile against ours
+    fp32), modes whose precision we did not measure left out, the FP32-peak share for fp32
+    only. The expected values are worked out by hand."""
     summarize = load("bench_torch").summarize
     lines = ["torch fp32: 2000.0 images/s (64.00 ms/step, batch 128, strict FP32, NCHW, 8.27 TFLOP/s, loss 6.9)",
              "torch tf32: 4000.0 images/s (32.00 ms/step, batch 128, PyTorch default: TF32 convolutions, "
              "FP32 matmuls, NCHW, 16.54 TFLOP/s, loss 6.9)",
-             "torch bf16: failed (RuntimeError: out of memory)",
+             "torch channels_last: 2500.0 images/s (51.20 ms/step, batch 128, strict FP32, channels_last, "
+             "10.34 TFLOP/s, loss 6.9)",
+             "torch bf16: 8000.0 images/s (16.00 ms/step, batch 128, AMP bf16 autocast, channels_last, "
+             "33.09 TFLOP/s, loss 6.9)",
              "torch compile: skipped (warm-up did not finish within 60 s)"]
-    assert summarize(lines, 1000.0, 66.9) == [
-        "ours / torch fp32 = 0.50 (1000.0 vs 2000.0 images/s)",
-        "ours / torch tf32 = 0.25 (1000.0 vs 4000.0 images/s)",
-        "ours: 1000.0 images/s = 4.14 TFLOP/s = 6.2% of the FP32 peak 66.9 TFLOP/s",
-        "headline: ours / torch fp32 (strict FP32) = 0.50"]
-    assert summarize(lines[1:], 1000.0, 0.0)[-1] == "ours: 1000.0 images/s = 4.14 TFLOP/s"  # no fp32: no headline
+    ours = {"fp32": 1000.0, "tf32": 3000.0, "bf16": 2000.0}
+    assert summarize(lines, ours, 66.9) == [
+        "ours fp32 / torch fp32 = 0.50 (1000.0 vs 2000.0 images/s)",
+        "ours tf32 / torch tf32 = 0.75 (3000.0 vs 4000.0 images/s)",
+        "ours fp32 / torch channels_last = 0.40 (1000.0 vs 2500.0 images/s)",
+        "ours bf16 / torch bf16 = 0.25 (2000.0 vs 8000.0 images/s)",
+        "ours fp32: 1000.0 images/s = 4.14 TFLOP/s = 6.2% of the FP32 peak 66.9 TFLOP/s",
+        "ours tf32: 3000.0 images/s = 12.41 TFLOP/s",
+        "ours bf16: 2000.0 images/s = 8.27 TFLOP/s",
+        "headline: ours fp32 / torch fp32 (strict FP32) = 0.50"]
+    # One number is our fp32: tf32 and bf16 are left out; a failed mode gives no ratio.
+    failed = lines[:3] + ["torch bf16: failed (RuntimeError: out of memory)"]
+    only_fp32 = ["ours fp32 / torch fp32 = 0.50 (1000.0 vs 2000.0 images/s)",
+                 "ours fp32 / torch channels_last = 0.40 (1000.0 vs 2500.0 images/s)",
+                 "ours fp32: 1000.0 images/s = 4.14 TFLOP/s",
+                 "headline: ours fp32 / torch fp32 (strict FP32) = 0.50"]
+    assert summarize(failed, 1000.0, 0.0) == only_fp32
+    assert summarize(failed, {"fp32": 1000.0}, 0.0) == only_fp32
+    # No fp32 of ours: no fp32 or channels_last ratio, no headline; a compile line pairs with fp32.
+    assert summarize(lines, {"tf32": 3000.0, "bf16": 0.0}, 66.9) == [
+        "ours tf32 / torch tf32 = 0.75 (3000.0 vs 4000.0 images/s)",
+        "ours tf32: 3000.0 images/s = 12.41 TFLOP/s"]
+    assert summarize(["torch compile: 3500.0 images/s (36.57 ms/step)"], {"fp32": 2800.0}, 0.0) == [
+        "ours fp32 / torch compile = 0.80 (2800.0 vs 3500.0 images/s)",
+        "ours fp32: 2800.0 images/s = 11.58 TFLOP/s"]
+    assert summarize(lines[1:], 1000.0, 0.0)[-1] == "ours fp32: 1000.0 images/s = 4.14 TFLOP/s"  # no fp32: no headline
+
+
+def test_torch_ours_option():
+    """--ours: one number (our fp32) or a list precision=images/s; 0 means not measured."""
+    bench = load("bench_torch")
+    assert bench.parse_ours("2560") == {"fp32": 2560.0}
+    assert bench.parse_ours("fp32=2560.0,tf32=3600.5,bf16=5120") == {"fp32": 2560.0, "tf32": 3600.5, "bf16": 5120.0}
+    assert bench.parse_ours("bf16=5120,fp32=2560") == {"bf16": 5120.0, "fp32": 2560.0}
+    assert bench.parse_ours("0") == {} and bench.parse_ours("fp32=0,bf16=10") == {"bf16": 10.0}
+    for bad in ("fp16=3", "fp32=x", "fast", "fp32=1,fp32=2", "fp32=1,"):
+        with pytest.raises(Exception) as e:
+            bench.parse_ours(bad)
+        assert type(e.value).__name__ == "ArgumentTypeError", bad
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--ours", bad])
+        assert e.value.code == 2
 
 
 def test_torch_modes():

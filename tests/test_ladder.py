@@ -23,9 +23,10 @@ pytestmark = [
 ]
 
 # version 4: conv_forward, then three tile shapes; 5, 6 (conv) and 4, 5 (fc): tensor
-# cores, TF32 and BF16
-CONV_VERSIONS = [1, 2, 3, 4, 4, 4, 4, 5, 6]
-FC_VERSIONS = [1, 2, 3, 4, 5]
+# cores, TF32 and BF16, each as conv_forward / fc_forward runs them, then with one tile
+# shape and one split
+CONV_VERSIONS = [1, 2, 3, 4, 4, 4, 4, 5, 5, 6, 6]
+FC_VERSIONS = [1, 2, 3, 4, 4, 5, 5]
 FC_FP32_VERSIONS = [1, 2, 3]
 
 
@@ -84,10 +85,11 @@ def test_fc_every_version(layer):
         rows, out = ladder(FC, *args)
         assert_all(rows, FC_VERSIONS, "PASS")
         assert_rounded(out)
+        assert re.search(r"fc_forward bf16 \(auto: \d+x\d+, \d+ splits\)", rows[5][1]), rows  # on tensor cores too
     else:
         rows, _ = fp32_versions(*args)
         assert_all(rows, FC_FP32_VERSIONS, "PASS")
-    assert re.search(r"fc_forward \(auto: \d+x\d+, \d+ splits\)", rows[2][1]), rows  # split-K ran
+    assert re.search(r"fc_forward fp32 \(auto: \d+x\d+, \d+ splits\)", rows[2][1]), rows  # split-K ran
 
 
 def test_one_version():
@@ -96,7 +98,7 @@ def test_one_version():
     rows, _ = ladder(FC, "1", "--layer", "small")
     assert_all(rows, [1], "PASS")
     rows, out = ladder(CONV, "6", "--layer", "small")
-    assert_all(rows, [6], "PASS")
+    assert_all(rows, [6, 6], "PASS")
     assert "vs fp32" in out and " ms " in out  # timed, with the gap to FP32
 
 

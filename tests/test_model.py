@@ -25,12 +25,13 @@ def _f64(tensors):
 
 
 def one_step(tmp_path, preset, size, batch, classes, dropout, momentum_std=1e-3, arch=None, step=0, augment=False,
-             seed=SEED):
+             seed=SEED, precision="fp32"):
     """Run one SGD step of `preset` (or of `arch`) through the executable and the NumPy reference
     from the same random parameters and momentum, resuming at `step`: ((loss, params, momentum)
     of the executable, (loss, params, momentum) of NumPy in float64, (arch, initial params and
     momentum, crops, labels)). The dataset holds one batch, so step s is in epoch s; with
-    `augment` the crops, mirrors and lighting are the ones the executable's loader draws."""
+    `augment` the crops, mirrors and lighting are the ones the executable's loader draws. The
+    checkpoint's precision is `precision`, so the step runs in it, and NumPy rounds as it does."""
     images, labels, _ = random_dataset(tmp_path / "data", batch, size=size, classes=classes)
     stats = alexnet.read_stats(str(tmp_path / "data" / "stats.bin"))
     arch = arch or alexnet.architecture(preset, classes)
@@ -38,7 +39,7 @@ def one_step(tmp_path, preset, size, batch, classes, dropout, momentum_std=1e-3,
     params = alexnet.init_params(arch, rng)
     momentum = {k: (momentum_std * rng.standard_normal(v.shape)).astype(np.float32) for k, v in params.items()}
     settings = dict(batch=batch, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, dropout=dropout,
-                    augment=int(augment), seed=seed, step=step)
+                    augment=int(augment), seed=seed, step=step, precision=alexnet.PRECISIONS.index(precision))
     alexnet.save_checkpoint(str(tmp_path / "init.bin"), dict(arch, **settings), params, momentum)
 
     result = run("--data", tmp_path / "data", "--resume", tmp_path / "init.bin", "--steps", step + 1,
@@ -61,7 +62,8 @@ def one_step(tmp_path, preset, size, batch, classes, dropout, momentum_std=1e-3,
                                recipe["centre_mean"], divisor)
     rates = alexnet.learning_rates(name, LR, epoch=step, drops=0)
     reference = alexnet.model_step(arch, _f64(params), _f64(momentum), x.astype(np.float64), labels[order],
-                                   rates, MOMENTUM, WEIGHT_DECAY, dropout, seed, step)
+                                   rates, MOMENTUM, WEIGHT_DECAY, dropout, seed, step, precision)
+    assert header["precision"] == alexnet.PRECISIONS.index(precision)
     return (header["loss"], cuda_params, cuda_momentum), reference, (arch, params, momentum, x, labels[order])
 
 
@@ -91,6 +93,36 @@ def test_alexnet_step_matches_numpy(tmp_path):
 def test_alexnet_step_with_dropout_matches_numpy(tmp_path):
     cuda, reference, (_, _, momentum, _, _) = one_step(tmp_path, "alexnet", 256, 2, 1000, dropout=0.5)
     assert_step_matches(cuda, reference, momentum)
+
+
+# The tensor-core precisions: every conv and fc product (forward, backward data, backward
+# weights) on operands rounded to tf32 or bf16, against NumPy rounding the same operands.
+# The executable's float32 values and NumPy's float64 ones differ by a few float32 units;
+# where one sits on a rounding boundary of the format, the two round it one format unit
+# apart (about one value in 10^4 for tf32, 10^5 for bf16), each such operand moving one
+# term of later sums by 2^-11 (2^-8) of itself: far inside GRADIENT_RTOL, which still
+# catches an operand that is not rounded (the model then differs by ~u_f everywhere: see
+# the small-preset test) or any real mistake.
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_alexnet_step_on_tensor_cores_matches_rounded_numpy(tmp_path, precision):
+    """The paper's network, batch 2, dropout 0, in tf32 and bf16."""
+    cuda, reference, (_, _, momentum, _, _) = one_step(tmp_path, "alexnet", 256, 2, 1000, dropout=0.0,
+                                                       precision=precision)
+    assert_step_matches(cuda, reference, momentum)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_small_step_on_tensor_cores_matches_rounded_numpy(tmp_path, precision):
+    """The small preset with dropout, batch 8: the executable follows NumPy with rounded
+    operands, and not NumPy without them (the loss or the momentum then misses)."""
+    cuda, reference, (arch, params, momentum, x, labels) = one_step(tmp_path, "small", 32, 8, 10, dropout=0.5,
+                                                                    precision=precision)
+    assert_step_matches(cuda, reference, momentum)
+    unrounded = alexnet.model_step(arch, _f64(params), _f64(momentum), x.astype(np.float64), labels,
+                                   LR, MOMENTUM, WEIGHT_DECAY, 0.5, SEED, 0)
+    with pytest.raises(AssertionError):
+        assert_step_matches(cuda, unrounded, momentum)
 
 
 def test_alexnet_2012_code_step_matches_numpy(tmp_path):

@@ -320,6 +320,16 @@ def test_old_tile_geometry():
     assert geometry.used_missing
 
 
+def test_tensor_core_tile_geometry():
+    """mma_gemm_kernel: 256 threads, static shared memory, and per slice GEMM_TILE_K = 16
+    words of k, a word one TF32 or two BF16 values: TILE_M x TILE_N x 16 (x 2) / 256
+    multiply-adds per thread, from the library's tile_k."""
+    geometry = sass.Geometry(os.path.join(ROOT, "libalexnet_cpu.so"))
+    assert geometry.tile("mma_gemm_kernel<MmaTf32, 128, 128, ConvForward>") == sass.Tile(256, 1024, 0)
+    assert geometry.tile("mma_gemm_kernel<MmaBf16, 32, 128, FcForward>") == sass.Tile(256, 512, 0)
+    assert not geometry.used_missing
+
+
 TINY_GEMM = r"""
 struct Problem { const float *a, *b; float* c; int depth; };
 

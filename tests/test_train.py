@@ -98,6 +98,30 @@ def test_resume_is_bitwise_exact(tmp_path, small_data):
     assert len(after_step_3(whole.stdout)) == 3 and after_step_3(whole.stdout) == after_step_3(resumed.stdout)
 
 
+def test_precision_is_stored_logged_and_can_change_on_resume(tmp_path, small_data):
+    """--precision bf16 runs the matrix products on (emulated) tensor cores: the header
+    stores it, the log says it, a resume keeps it and continues bit for bit; --precision
+    given on resume wins (the checkpoint is float32 either way), and changes the result."""
+    whole = short_run(small_data, tmp_path / "whole", "--precision", "bf16")
+    first = short_run(small_data, tmp_path / "part", "--precision", "bf16", steps=3)
+    for result in (whole, first):
+        assert result.returncode == 0, result.stderr
+        assert "| bf16 matrix products |" in result.stdout
+    assert alexnet.read_checkpoint_header(str(tmp_path / "part" / "ckpt_00000003.bin"))["precision"] == 2
+    kept = short_run(small_data, tmp_path / "kept", "--resume", tmp_path / "part" / "ckpt_00000003.bin")
+    changed = short_run(small_data, tmp_path / "changed", "--resume", tmp_path / "part" / "ckpt_00000003.bin",
+                        "--precision", "fp32")
+    assert kept.returncode == 0 and changed.returncode == 0, kept.stderr + changed.stderr
+    assert "| bf16 matrix products | resuming at step 3" in kept.stdout
+    assert "| fp32 matrix products | resuming at step 3" in changed.stdout
+    assert checkpoint_bytes(tmp_path / "kept" / "ckpt_00000006.bin") == \
+        checkpoint_bytes(tmp_path / "whole" / "ckpt_00000006.bin")
+    header, params, _ = alexnet.load_checkpoint(str(tmp_path / "changed" / "ckpt_00000006.bin"))
+    bf16_params = alexnet.load_checkpoint(str(tmp_path / "whole" / "ckpt_00000006.bin"))[1]
+    assert header["precision"] == 0 and header["step"] == 6
+    assert any(not np.array_equal(params[name], bf16_params[name]) for name in params)
+
+
 def test_one_device_and_two_devices_give_the_same_bits(tmp_path, small_data):
     """Both towers on device 0 (where tower 1 reads the batch that tower 0 uploaded and
     augmented) vs one tower per emulated device, under different thread and block orders
@@ -521,6 +545,9 @@ BAD_RUNS = {
                                      "bad header: image size 20x20 (crop 28)"),
     "best error 100 in the header": (lambda t, c: ["--resume", _with_header(t, c, best_error=100.0)],
                                      "best validation error 100"),
+    "unknown precision": (lambda t, c: ["--precision", "fp16"], "--precision: expected fp32, tf32 or bf16, got 'fp16'"),
+    "precision 3 in the header": (lambda t, c: ["--resume", _with_header(t, c, precision=3)],
+                                  "bad header: precision 3"),
 }
 
 

@@ -244,10 +244,17 @@ void conv_forward4_tiles(float* out, const float* inp, const float* w, const flo
     gemm_launch_tiles<TILE_M, TILE_N>(p, nullptr, stream);
 }
 
-template <typename Precision>
+// train_alexnet.cu's conv_forward as it stands: tile and split chosen by gemm_launch.
+void conv_forward_auto(float* out, const float* inp, const float* w, const float* bias, const ConvShape& s,
+                       Workspace ws, Precision precision, cudaStream_t stream) {
+    conv_forward(out, inp, w, bias, s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.stride, s.pad, 1, s.OH, s.OW, true, ws,
+                 precision, stream);
+}
+
+template <typename Operands>
 void conv_forward_mma(float* out, const float* inp, const float* w, const float* bias,
                       const ConvShape& s, cudaStream_t stream) {
-    mma_gemm_launch<Precision>(ConvForward(s, out, inp, w, bias, true), stream);
+    mma_gemm_launch<Operands>(ConvForward(s, out, inp, w, bias, true), stream);
 }
 
 // ----------------------------------------------------------------------------
@@ -317,28 +324,26 @@ static int run(int argc, char** argv) {
     const Workspace ws{workspace.ptr, workspace.count};
     cudaStream_t stream;
     cudaCheck(cudaStreamCreate(&stream));
-    const GemmPlan plan = gemm_plan(ConvForward(s, out.ptr, d_inp.ptr, d_w.ptr, d_bias.ptr, true),
-                                    (long)ws.floats);
-    char automatic[64];
-    snprintf(automatic, sizeof(automatic), "conv_forward (auto: %dx%d, %d split%s)", plan.tile_m,
-             plan.tile_n, plan.dims.splits, plan.dims.splits > 1 ? "s" : "");
+    char automatic[NUM_PRECISIONS][64];  // what gemm_launch chooses in each precision
+    for (int p = 0; p < NUM_PRECISIONS; p++)
+        describe_plan(automatic[p], "conv_forward", (Precision)p, gemm_plan(ConvForward(s, out.ptr, d_inp.ptr, d_w.ptr, d_bias.ptr, true),
+                                                             (long)ws.floats, (Precision)p));
 
     float *o = out.ptr, *x = d_inp.ptr, *wp = d_w.ptr, *b = d_bias.ptr;
     std::vector<Version> versions = {
         {1, "naive direct", [&] { conv_forward1(o, x, wp, b, s, stream); }},
         {2, "im2col + SGEMM 64x64", [&] { conv_forward2(o, x, wp, b, s, cols.ptr, stream); }},
         {3, "implicit GEMM 64x64, div/mod gathers", [&] { conv_forward3(o, x, wp, b, s, stream); }},
-        {4, automatic, [&] {
-             conv_forward(o, x, wp, b, s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.stride, s.pad, 1,
-                          s.OH, s.OW, true, ws, stream);
-         }},
+        {4, automatic[FP32], [&] { conv_forward_auto(o, x, wp, b, s, ws, FP32, stream); }},
         {4, "core 128x128, 1 split", [&] { conv_forward4_tiles<128, 128>(o, x, wp, b, s, stream); }},
         {4, "core 64x128, 1 split", [&] { conv_forward4_tiles<64, 128>(o, x, wp, b, s, stream); }},
         {4, "core 128x64, 1 split", [&] { conv_forward4_tiles<128, 64>(o, x, wp, b, s, stream); }},
     };
     if (has_tensor_cores()) {
-        versions.push_back({5, "mma tf32 128x128, warp 64x32", [&] { conv_forward_mma<Tf32>(o, x, wp, b, s, stream); }, TF32});
-        versions.push_back({6, "mma bf16 128x128, warp 64x32", [&] { conv_forward_mma<Bf16>(o, x, wp, b, s, stream); }, BF16});
+        versions.push_back({5, automatic[TF32], [&] { conv_forward_auto(o, x, wp, b, s, ws, TF32, stream); }, TF32});
+        versions.push_back({5, "mma tf32 128x128, warp 64x32, 1 split", [&] { conv_forward_mma<MmaTf32>(o, x, wp, b, s, stream); }, TF32});
+        versions.push_back({6, automatic[BF16], [&] { conv_forward_auto(o, x, wp, b, s, ws, BF16, stream); }, BF16});
+        versions.push_back({6, "mma bf16 128x128, warp 64x32, 1 split", [&] { conv_forward_mma<MmaBf16>(o, x, wp, b, s, stream); }, BF16});
     }
     char what[160];
     snprintf(what, sizeof(what), "conv_forward %s: %dx%dx%d -> %dx%dx%d, %dx%d filter, stride %d, pad %d, "

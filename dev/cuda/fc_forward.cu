@@ -85,10 +85,10 @@ void fc_forward2(float* out, const float* inp, const float* w, const float* bias
     gemm_launch_tiles<128, 128>(p, nullptr, stream);
 }
 
-template <typename Precision>
+template <typename Operands>
 void fc_forward_mma(float* out, const float* inp, const float* w, const float* bias, int N, int in,
                     int out_features, cudaStream_t stream) {
-    mma_gemm_launch<Precision>(FcForward(N, in, out_features, out, inp, w, bias, true), stream);
+    mma_gemm_launch<Operands>(FcForward(N, in, out_features, out, inp, w, bias, true), stream);
 }
 
 // ----------------------------------------------------------------------------
@@ -143,21 +143,22 @@ static int run(int argc, char** argv) {
     const Workspace ws{workspace.ptr, workspace.count};
     cudaStream_t stream;
     cudaCheck(cudaStreamCreate(&stream));
-    const GemmPlan plan = gemm_plan(FcForward(N, in, outf, out.ptr, d_inp.ptr, d_w.ptr, d_bias.ptr,
-                                              true), (long)ws.floats);
-    char automatic[64];
-    snprintf(automatic, sizeof(automatic), "fc_forward (auto: %dx%d, %d split%s)", plan.tile_m,
-             plan.tile_n, plan.dims.splits, plan.dims.splits > 1 ? "s" : "");
+    char automatic[NUM_PRECISIONS][64];  // what gemm_launch chooses in each precision
+    for (int p = 0; p < NUM_PRECISIONS; p++)
+        describe_plan(automatic[p], "fc_forward", (Precision)p, gemm_plan(FcForward(N, in, outf, out.ptr, d_inp.ptr, d_w.ptr, d_bias.ptr,
+                                                                     true), (long)ws.floats, (Precision)p));
 
     float *o = out.ptr, *x = d_inp.ptr, *wp = d_w.ptr, *b = d_bias.ptr;
     std::vector<Version> versions = {
         {1, "naive", [&] { fc_forward1(o, x, wp, b, N, in, outf, stream); }},
         {2, "core 128x128, 1 split", [&] { fc_forward2(o, x, wp, b, N, in, outf, stream); }},
-        {3, automatic, [&] { fc_forward(o, x, wp, b, N, in, outf, true, ws, stream); }},
+        {3, automatic[FP32], [&] { fc_forward(o, x, wp, b, N, in, outf, true, ws, FP32, stream); }},
     };
     if (has_tensor_cores()) {
-        versions.push_back({4, "mma tf32 128x128, warp 64x32", [&] { fc_forward_mma<Tf32>(o, x, wp, b, N, in, outf, stream); }, TF32});
-        versions.push_back({5, "mma bf16 128x128, warp 64x32", [&] { fc_forward_mma<Bf16>(o, x, wp, b, N, in, outf, stream); }, BF16});
+        versions.push_back({4, automatic[TF32], [&] { fc_forward(o, x, wp, b, N, in, outf, true, ws, TF32, stream); }, TF32});
+        versions.push_back({4, "mma tf32 128x128, warp 64x32, 1 split", [&] { fc_forward_mma<MmaTf32>(o, x, wp, b, N, in, outf, stream); }, TF32});
+        versions.push_back({5, automatic[BF16], [&] { fc_forward(o, x, wp, b, N, in, outf, true, ws, BF16, stream); }, BF16});
+        versions.push_back({5, "mma bf16 128x128, warp 64x32, 1 split", [&] { fc_forward_mma<MmaBf16>(o, x, wp, b, N, in, outf, stream); }, BF16});
     }
     char what[96];
     snprintf(what, sizeof(what), "fc_forward %s: %d -> %d, batch %d", l->name, in, outf, N);
