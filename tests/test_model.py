@@ -99,19 +99,10 @@ def test_alexnet_step_with_dropout_matches_numpy(tmp_path):
 # weights) on operands rounded to tf32 or bf16, against NumPy rounding the same operands.
 # The executable's float32 values and NumPy's float64 ones differ by a few float32 units;
 # where one sits on a rounding boundary of the format, the two round it one format unit
-# apart (about one value in 10^4 for tf32, 10^5 for bf16), each such operand moving one
-# term of later sums by 2^-11 (2^-8) of itself: far inside GRADIENT_RTOL, which still
-# catches an operand that is not rounded (the model then differs by ~u_f everywhere: see
-# the small-preset test) or any real mistake.
-@pytest.mark.slow
-@pytest.mark.parametrize("precision", ["tf32", "bf16"])
-def test_alexnet_step_on_tensor_cores_matches_rounded_numpy(tmp_path, precision):
-    """The paper's network, batch 2, dropout 0, in tf32 and bf16."""
-    cuda, reference, (_, _, momentum, _, _) = one_step(tmp_path, "alexnet", 256, 2, 1000, dropout=0.0,
-                                                       precision=precision)
-    assert_step_matches(cuda, reference, momentum)
-
-
+# apart, moving one term of later sums by 2^-11 (2^-8) of itself. On the small preset that
+# stays inside GRADIENT_RTOL, which still catches operands that are not rounded (below).
+# (On the paper's network at batch 2 it does not: there NumPy's own float32 and float64
+# steps, both rounded, already differ by 4% (tf32) to 27% (bf16) of the largest step.)
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_small_step_on_tensor_cores_matches_rounded_numpy(tmp_path, precision):
     """The small preset with dropout, batch 8: the executable follows NumPy with rounded
