@@ -389,18 +389,20 @@ struct GemmWalk {
     }
 };
 
-// The element at origin o + step, or 0 outside the box. Inside it the offset is
-// non-negative, so it indexes as an unsigned 32-bit number: one add and one widening
-// multiply-add make the address.
-__device__ __forceinline__ float gemm_load(const GemmGather& g, GemmOrigin o, int4 step) {
+// The element at origin o + step of `data` (g.data, or the same tensor stored in another
+// type), or 0 outside the box. Inside it the offset is non-negative, so it indexes as an
+// unsigned 32-bit number: one add and one widening multiply-add make the address.
+template <typename T>
+__device__ __forceinline__ T gemm_load(const T* data, const GemmGather& g, GemmOrigin o, int4 step) {
     bool inside = ((unsigned)(o.y + step.y) < (unsigned)g.height) & ((unsigned)(o.x + step.z) < (unsigned)g.width);
-    return inside ? g.data[(unsigned)(o.offset + step.x)] : 0.0f;
+    return inside ? data[(unsigned)(o.offset + step.x)] : T(0);
 }
 
 // A plain strided operand (one digit, no box) needs no table: element k of the row at
 // origin o is data[o.offset + k * stride0], or 0 past the split's end.
-__device__ __forceinline__ float gemm_load_strided(const GemmGather& g, GemmOrigin o, int k, int k_end) {
-    return k < k_end ? g.data[(unsigned)(o.offset + k * g.stride0)] : 0.0f;
+template <typename T>
+__device__ __forceinline__ T gemm_load_strided(const T* data, const GemmGather& g, GemmOrigin o, int k, int k_end) {
+    return k < k_end ? data[(unsigned)(o.offset + k * g.stride0)] : T(0);
 }
 
 // The k of one step-table entry as digits, advanced slice by slice without division.
@@ -548,16 +550,16 @@ gemm_kernel(Problem p, float* partial) {
         UNROLL for (int i = 0; i < PART_A; i++) {
             int k = WalkA::k(tid, part * PART_A + i);
             if constexpr (Problem::a_strided)
-                a_next[i] = gemm_load_strided(p.a, a_origin, k_begin + s * K + k, k_end);
+                a_next[i] = gemm_load_strided(p.a.data, p.a, a_origin, k_begin + s * K + k, k_end);
             else
-                a_next[i] = gemm_load(p.a, a_origin, a_steps[buf][k]);
+                a_next[i] = gemm_load(p.a.data, p.a, a_origin, a_steps[buf][k]);
         }
         UNROLL for (int i = 0; i < PART_B; i++) {
             int k = WalkB::k(tid, part * PART_B + i);
             if constexpr (Problem::b_strided)
-                b_next[i] = gemm_load_strided(p.b, b_origin, k_begin + s * K + k, k_end);
+                b_next[i] = gemm_load_strided(p.b.data, p.b, b_origin, k_begin + s * K + k, k_end);
             else
-                b_next[i] = gemm_load(p.b, b_origin, b_steps[buf][k]);
+                b_next[i] = gemm_load(p.b.data, p.b, b_origin, b_steps[buf][k]);
         }
     };
     auto stash = [&](int buf, int part) {  // the registers into tile buffer buf
@@ -647,21 +649,28 @@ constexpr int MMA_THREADS = 256;
 // banks once (no conflicts), and rows stay 16-byte aligned as ldmatrix requires.
 constexpr int MMA_PITCH = GEMM_TILE_K + 4;
 
-// This thread's words of one part of an operand's next slice, gathered and packed: word i
-// holds the PER_WORD values k = PER_WORD * Walk::k(part * PART + i) + e of the slice that
-// starts at k0.
-template <typename Format, typename Walk, bool STRIDED, int PART>
-__device__ __forceinline__ void mma_fetch(unsigned (&next)[PART], int part, const GemmGather& g,
-                                          GemmOrigin origin, const int4* steps, int k0, int k_end) {
-    UNROLL for (int i = 0; i < PART; i++) {
-        float x[Format::PER_WORD];
-        UNROLL for (int e = 0; e < Format::PER_WORD; e++) {
-            const int k = Walk::k(threadIdx.x, part * PART + i) * Format::PER_WORD + e;
-            if constexpr (STRIDED) x[e] = gemm_load_strided(g, origin, k0 + k, k_end);
-            else x[e] = gemm_load(g, origin, steps[k]);
-        }
-        next[i] = Format::pack(x);
+// One word of an operand's slice: the PER_WORD values k, k+1 (k counted from the slice's
+// start k0), gathered and packed. (The dev/cuda ladder overloads it for operands stored in
+// BF16, to measure that alternative.)
+template <typename Format, bool STRIDED>
+__device__ __forceinline__ unsigned mma_word(const GemmGather& g, GemmOrigin origin, const int4* steps, int k, int k0,
+                                             int k_end) {
+    float x[Format::PER_WORD];
+    UNROLL for (int e = 0; e < Format::PER_WORD; e++) {
+        if constexpr (STRIDED) x[e] = gemm_load_strided(g.data, g, origin, k0 + k + e, k_end);
+        else x[e] = gemm_load(g.data, g, origin, steps[k + e]);
     }
+    return Format::pack(x);
+}
+
+// This thread's words of one part of an operand's next slice: word i holds the values from
+// k = PER_WORD * Walk::k(part * PART + i) of the slice that starts at k0.
+template <typename Format, typename Walk, bool STRIDED, int PART, typename Gather>
+__device__ __forceinline__ void mma_fetch(unsigned (&next)[PART], int part, const Gather& g, GemmOrigin origin,
+                                          const int4* steps, int k0, int k_end) {
+    UNROLL for (int i = 0; i < PART; i++)
+        next[i] = mma_word<Format, STRIDED>(g, origin, steps, Walk::k(threadIdx.x, part * PART + i) * Format::PER_WORD,
+                                            k0, k_end);
 }
 
 // gemm_kernel's product on tensor cores: same problems, gathers, step tables, splits

@@ -256,4 +256,59 @@ void mma_gemm_launch(Problem p, cudaStream_t stream) {
     mma_gemm_launch_tiles<Operands>(p, 128, 128, nullptr, stream);
 }
 
+// ----------------------------------------------------------------------------
+// The BF16 alternative for activations: operands stored in BF16 (2 bytes a value) instead
+// of FP32 rounded as they are loaded. mma_gemm_kernel<MmaBf16> runs on the same problem
+// with each operand's gather reading 16-bit patterns (`bits`, the same layout as the FP32
+// tensor), either one 2-byte load per value, or with PAIRS, one 4-byte load per word
+// where both values of the word are neighbours in memory: plain strided operands with
+// stride 1 (fc activations and weights, conv weights), rows of even length. The packing
+// into a word is then free (the low value in the low half), rounding having been done
+// when the tensor was stored (here: on the host, as a producing layer would do it).
+
+template <bool PAIRS>
+struct Bf16Gather : GemmGather {
+    const uint16_t* bits = nullptr;
+};
+
+template <typename Problem, bool PAIRS>
+struct StoredBf16 : Problem {
+    Bf16Gather<PAIRS> a, b;  // hide the problem's FP32 gathers
+    StoredBf16(const Problem& p, const uint16_t* a_bits, const uint16_t* b_bits) : Problem(p) {
+        static_cast<GemmGather&>(a) = p.a, static_cast<GemmGather&>(b) = p.b;
+        a.bits = a_bits, b.bits = b_bits;
+        // the forward problems' strided rows start at multiples of the depth, which with one
+        // split (mma_gemm_launch) is also where the reduction ends: even, so pairs are aligned
+        require(!PAIRS || ((!Problem::a_strided || a.stride0 == 1) && (!Problem::b_strided || b.stride0 == 1)
+                           && p.dims.depth % 2 == 0), "4-byte pair loads need stride-1 rows of even length");
+    }
+};
+
+// mma_gemm_kernel's word of a BF16-stored operand (overloads train_alexnet.cu's mma_word).
+template <typename Format, bool STRIDED, bool PAIRS>
+__device__ __forceinline__ unsigned mma_word(const Bf16Gather<PAIRS>& g, GemmOrigin o, const int4* steps, int k,
+                                             int k0, int k_end) {
+    static_assert(Format::PER_WORD == 2, "two BF16 values a word");
+    if constexpr (STRIDED && PAIRS)  // k0 + k and k_end are even: the pair is whole or past the end
+        return k0 + k < k_end ? *reinterpret_cast<const unsigned*>(g.bits + (unsigned)(o.offset + k0 + k)) : 0u;
+    unsigned lo, hi;
+    if constexpr (STRIDED)
+        lo = gemm_load_strided(g.bits, g, o, k0 + k, k_end), hi = gemm_load_strided(g.bits, g, o, k0 + k + 1, k_end);
+    else
+        lo = gemm_load(g.bits, g, o, steps[k]), hi = gemm_load(g.bits, g, o, steps[k + 1]);
+    return lo | hi << 16;
+}
+
+// The BF16 patterns of v rounded to nearest even (round_to), for a BF16-stored operand.
+static std::vector<uint16_t> bf16_bits(const std::vector<float>& v) {
+    std::vector<uint16_t> bits(v.size());
+    for (size_t i = 0; i < v.size(); i++) {
+        const float x = round_to(BF16, v[i]);
+        uint32_t word;
+        memcpy(&word, &x, sizeof(word));
+        bits[i] = (uint16_t)(word >> 16);
+    }
+    return bits;
+}
+
 }  // namespace ladder

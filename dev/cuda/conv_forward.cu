@@ -35,7 +35,11 @@ version 6: tensor cores, BF16: the same on mma.m16n8k16 .bf16, operands rounded 
 nearest even
 ./conv_forward 6
 
-Every version is checked against a host reference (common.h says how; versions 5 and 6
+version 7: version 6 on input and weights stored in BF16 (the alternative to FP32
+activations): one 2-byte load per value, then the weights as 4-byte pairs of values
+./conv_forward 7
+
+Every version is checked against a host reference (common.h says how; versions 5 to 7
 against the reference of their rounded operands), then timed.
 Exit status: 0 if every version passes, 1 on any FAIL, 2 on an error.
 */
@@ -208,6 +212,9 @@ __global__ void __launch_bounds__(THREADS) implicit_gemm_kernel3(float* out, con
 // gathers of version 4 (origins, step tables), each value rounded to TF32 or BF16 as it
 // is stored to shared memory, 64x32 outputs per warp computed by mma.sync from
 // fragments that ldmatrix reads. The 8x8 FFMA of a thread become 16 mma per warp per step.
+// Version 7 reads input and weights stored in BF16 (common.h's StoredBf16): half the
+// bytes; the weight rows are contiguous along k and may be read a pair at a time, while
+// the input's neighbours along k cross window rows and the image border.
 
 // ----------------------------------------------------------------------------
 // Kernel launchers
@@ -257,6 +264,13 @@ void conv_forward_mma(float* out, const float* inp, const float* w, const float*
     mma_gemm_launch<Operands>(ConvForward(s, out, inp, w, bias, true), stream);
 }
 
+template <bool PAIRS>
+void conv_forward_stored(float* out, const uint16_t* inp, const uint16_t* w, const float* bias,
+                         const ConvShape& s, cudaStream_t stream) {
+    const ConvForward p(s, out, nullptr, nullptr, bias, true);
+    mma_gemm_launch<MmaBf16>(StoredBf16<ConvForward, PAIRS>(p, w, inp), stream);
+}
+
 // ----------------------------------------------------------------------------
 // Layers, the host reference, main
 
@@ -279,7 +293,8 @@ static const Layer LAYERS[] = {
 static const char* USAGE =
     "usage: conv_forward [VERSION] [--layer NAME] [--batch N] [--iters N]\n"
     "  VERSION    1 naive, 2 im2col + SGEMM, 3 first implicit GEMM, 4 train_alexnet.cu's core,\n"
-    "             5 tensor cores TF32, 6 tensor cores BF16 (sm_80 and later); default: all\n"
+    "             5 tensor cores TF32, 6 tensor cores BF16, 7 BF16 on BF16-stored operands\n"
+    "             (5-7: sm_80 and later); default: all\n"
     "  --layer    conv1..conv5 (one AlexNet tower) or small (a test shape); default conv2\n"
     "  --batch N  images (default: 128 on a GPU, 2 on the CPU build)\n"
     "  --iters N  timed launches per version (default: 20 on a GPU, 1 on the CPU build; 0: check only)\n";
@@ -287,7 +302,7 @@ static const char* USAGE =
 static int run(int argc, char** argv) {
     Args a;
     a.layer = "conv2";
-    if (!parse_args(argc, argv, 6, USAGE, a)) return 0;
+    if (!parse_args(argc, argv, 7, USAGE, a)) return 0;
     const Layer* l = &find_layer(LAYERS, a.layer);
     const ConvShape s{a.batch, l->C, l->H, l->W, l->K, l->R, l->S, l->stride, l->pad, 1, l->OH, l->OW};
     conv_check_shape(s);
@@ -322,6 +337,8 @@ static int run(int argc, char** argv) {
     DeviceArray<float> workspace(std::max<size_t>(1, conv_workspace(
         s.N, s.C, s.H, s.W, s.K, s.R, s.S, s.stride, s.pad, 1, s.OH, s.OW)));
     const Workspace ws{workspace.ptr, workspace.count};
+    const std::vector<uint16_t> inp16 = bf16_bits(inp), w16 = bf16_bits(w);
+    DeviceArray<uint16_t> d_inp16(inp16.data(), inp16.size()), d_w16(w16.data(), w16.size());
     cudaStream_t stream;
     cudaCheck(cudaStreamCreate(&stream));
     char automatic[NUM_PRECISIONS][64];  // what gemm_launch chooses in each precision
@@ -330,6 +347,7 @@ static int run(int argc, char** argv) {
                                                              (long)ws.floats, (Precision)p));
 
     float *o = out.ptr, *x = d_inp.ptr, *wp = d_w.ptr, *b = d_bias.ptr;
+    const uint16_t *x16 = d_inp16.ptr, *w16p = d_w16.ptr;
     std::vector<Version> versions = {
         {1, "naive direct", [&] { conv_forward1(o, x, wp, b, s, stream); }},
         {2, "im2col + SGEMM 64x64", [&] { conv_forward2(o, x, wp, b, s, cols.ptr, stream); }},
@@ -344,6 +362,9 @@ static int run(int argc, char** argv) {
         versions.push_back({5, "mma tf32 128x128, warp 64x32, 1 split", [&] { conv_forward_mma<MmaTf32>(o, x, wp, b, s, stream); }, TF32});
         versions.push_back({6, automatic[BF16], [&] { conv_forward_auto(o, x, wp, b, s, ws, BF16, stream); }, BF16});
         versions.push_back({6, "mma bf16 128x128, warp 64x32, 1 split", [&] { conv_forward_mma<MmaBf16>(o, x, wp, b, s, stream); }, BF16});
+        versions.push_back({7, "mma bf16 128x128, bf16-stored, 2-byte loads", [&] { conv_forward_stored<false>(o, x16, w16p, b, s, stream); }, BF16});
+        if (depth % 2 == 0)
+            versions.push_back({7, "mma bf16 128x128, bf16-stored, weight pairs", [&] { conv_forward_stored<true>(o, x16, w16p, b, s, stream); }, BF16});
     }
     char what[160];
     snprintf(what, sizeof(what), "conv_forward %s: %dx%dx%d -> %dx%dx%d, %dx%d filter, stride %d, pad %d, "

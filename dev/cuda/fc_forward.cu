@@ -28,7 +28,11 @@ versions 4 and 5: tensor cores, TF32 and BF16: the FcForward problem on common.h
 mma_gemm_kernel (as conv_forward.cu's versions 5 and 6), 128x128 tiles, no split
 ./fc_forward 4
 
-Every version is checked against a host reference (common.h says how; versions 4 and 5
+version 6: version 5 on inputs and weights stored in BF16 (the alternative to FP32
+activations): one 2-byte load per value, then one 4-byte load per pair of values
+./fc_forward 6
+
+Every version is checked against a host reference (common.h says how; versions 4 to 6
 against the reference of their rounded operands), then timed.
 Exit status: 0 if every version passes, 1 on any FAIL, 2 on an error.
 */
@@ -64,6 +68,8 @@ __global__ void fc_forward_kernel1(float* out, const float* inp, const float* w,
 // Versions 4 and 5 run FcForward on common.h's mma_gemm_kernel: inputs and weights, both
 // read along the reduction, rounded to TF32 or BF16 into k-contiguous shared tiles, and
 // multiplied by mma.sync in FP32. Without split-K: at batch 128, fc6 is 16 tiles again.
+// Version 6 stores both in BF16 (common.h's StoredBf16): half the bytes, and with pair
+// loads half the load instructions, as the input and weight rows are contiguous along k.
 
 // ----------------------------------------------------------------------------
 // Kernel launchers
@@ -91,6 +97,13 @@ void fc_forward_mma(float* out, const float* inp, const float* w, const float* b
     mma_gemm_launch<Operands>(FcForward(N, in, out_features, out, inp, w, bias, true), stream);
 }
 
+template <bool PAIRS>
+void fc_forward_stored(float* out, const uint16_t* inp, const uint16_t* w, const float* bias, int N, int in,
+                       int out_features, cudaStream_t stream) {
+    const FcForward p(N, in, out_features, out, nullptr, nullptr, bias, true);
+    mma_gemm_launch<MmaBf16>(StoredBf16<FcForward, PAIRS>(p, inp, w), stream);
+}
+
 // ----------------------------------------------------------------------------
 // Layers, the host reference, main
 
@@ -107,7 +120,8 @@ static const Layer LAYERS[] = {
 static const char* USAGE =
     "usage: fc_forward [VERSION] [--layer NAME] [--batch N] [--iters N]\n"
     "  VERSION    1 naive, 2 train_alexnet.cu's core without split-K, 3 fc_forward (split-K),\n"
-    "             4 tensor cores TF32, 5 tensor cores BF16 (sm_80 and later); default: all\n"
+    "             4 tensor cores TF32, 5 tensor cores BF16, 6 BF16 on BF16-stored operands\n"
+    "             (4-6: sm_80 and later); default: all\n"
     "  --layer    fc6, fc7, fc8 (one AlexNet tower) or small (a test shape); default fc6\n"
     "  --batch N  images (default: 128 on a GPU, 2 on the CPU build)\n"
     "  --iters N  timed launches per version (default: 20 on a GPU, 1 on the CPU build; 0: check only)\n";
@@ -115,7 +129,7 @@ static const char* USAGE =
 static int run(int argc, char** argv) {
     Args a;
     a.layer = "fc6";
-    if (!parse_args(argc, argv, 5, USAGE, a)) return 0;
+    if (!parse_args(argc, argv, 6, USAGE, a)) return 0;
     const Layer* l = &find_layer(LAYERS, a.layer);
     const int N = a.batch, in = l->in, outf = l->out;
     fc_check_shape(N, in, outf);
@@ -139,6 +153,8 @@ static int run(int argc, char** argv) {
 
     DeviceArray<float> d_inp(inp.data(), inp.size()), d_w(w.data(), w.size()),
         d_bias(bias.data(), bias.size()), out(outputs);
+    const std::vector<uint16_t> inp16 = bf16_bits(inp), w16 = bf16_bits(w);
+    DeviceArray<uint16_t> d_inp16(inp16.data(), inp16.size()), d_w16(w16.data(), w16.size());
     DeviceArray<float> workspace(std::max<size_t>(1, fc_workspace(N, in, outf)));
     const Workspace ws{workspace.ptr, workspace.count};
     cudaStream_t stream;
@@ -149,6 +165,7 @@ static int run(int argc, char** argv) {
                                                                      true), (long)ws.floats, (Precision)p));
 
     float *o = out.ptr, *x = d_inp.ptr, *wp = d_w.ptr, *b = d_bias.ptr;
+    const uint16_t *x16 = d_inp16.ptr, *w16p = d_w16.ptr;
     std::vector<Version> versions = {
         {1, "naive", [&] { fc_forward1(o, x, wp, b, N, in, outf, stream); }},
         {2, "core 128x128, 1 split", [&] { fc_forward2(o, x, wp, b, N, in, outf, stream); }},
@@ -159,6 +176,9 @@ static int run(int argc, char** argv) {
         versions.push_back({4, "mma tf32 128x128, warp 64x32, 1 split", [&] { fc_forward_mma<MmaTf32>(o, x, wp, b, N, in, outf, stream); }, TF32});
         versions.push_back({5, automatic[BF16], [&] { fc_forward(o, x, wp, b, N, in, outf, true, ws, BF16, stream); }, BF16});
         versions.push_back({5, "mma bf16 128x128, warp 64x32, 1 split", [&] { fc_forward_mma<MmaBf16>(o, x, wp, b, N, in, outf, stream); }, BF16});
+        versions.push_back({6, "mma bf16 128x128, bf16-stored, 2-byte loads", [&] { fc_forward_stored<false>(o, x16, w16p, b, N, in, outf, stream); }, BF16});
+        if (in % 2 == 0)
+            versions.push_back({6, "mma bf16 128x128, bf16-stored, 4-byte pairs", [&] { fc_forward_stored<true>(o, x16, w16p, b, N, in, outf, stream); }, BF16});
     }
     char what[96];
     snprintf(what, sizeof(what), "fc_forward %s: %d -> %d, batch %d", l->name, in, outf, N);
