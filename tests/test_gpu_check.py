@@ -66,7 +66,8 @@ def test_cpu_dry_run(tmp_path):
     """The whole --cpu dry run: the six steps in order, 2, 4, 6 pass on the CPU build, 1, 3, 5
     report SKIP with a reason, and every step's log lands in OUT (7 files at most: the
     device machine returns 8)."""
-    proc, text, files = gpu_check(tmp_path, "--cpu")
+    # its pytest step alone takes about 2 min on 2 loaded cores: the limit only catches hangs
+    proc, text, files = gpu_check(tmp_path, "--cpu", timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     steps = check_summary(text, proc.stdout)
     assert "SKIP (--cpu: no GPU; CPU build ok)" in steps[1]
