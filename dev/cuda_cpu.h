@@ -519,6 +519,7 @@ struct Worker {
     int bar_count[2] = {0, 0};  // __syncthreads_count of the current and the previous barrier
     int bar_phase = 0;
     uint32_t warp_waiting[kMaxThreads / 32] = {};
+    bool warp_mixed[kMaxThreads / 32] = {};  // the lanes waiting may be at different operations or masks
     uint32_t warp_exited[kMaxThreads / 32] = {};
     std::vector<AsyncCopy> async_copies;
     // failure of the block
@@ -855,15 +856,15 @@ static void warp_mma(const Worker& w, int warp, int per) {
         }
         for (int i = 0; i < 4; i++) c[g + 8 * (i >> 1)][2 * t + (i & 1)] = x.c[i];
     }
-    // every lane's operands are read before any d is written: d may be the lane's own c
+    // Each output adds its products to c in k order. k is the outer loop, so that the 128
+    // sums advance together (the compiler vectorises them) instead of one long chain each.
+    // Every lane's operands are read before any d is written: d may be the lane's own c.
+    for (int k = 0; k < K; k++)
+        for (int row = 0; row < 16; row++)
+            for (int col = 0; col < 8; col++) c[row][col] += a[row][k] * b[k][col];
     for (int lane = 0; lane < 32; lane++) {
         int g = lane >> 2, t = lane & 3;
-        for (int i = 0; i < 4; i++) {
-            int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
-            float sum = c[row][col];
-            for (int k = 0; k < K; k++) sum += a[row][k] * b[k][col];
-            lane_operands<MmaLane>(w, warp, lane).d[i] = sum;
-        }
+        for (int i = 0; i < 4; i++) lane_operands<MmaLane>(w, warp, lane).d[i] = c[g + 8 * (i >> 1)][2 * t + (i & 1)];
     }
 }
 
@@ -910,8 +911,14 @@ static uint64_t warp_op(WarpOp op, uint32_t mask, uint64_t value, int32_t param,
         int other = warp * 32 + __builtin_ctz(members & w.warp_exited[warp]);
         kernel_fail(w, cudaErrorLaunchFailure, where() + " waits for " + thread_name(w, other) + ", which has exited");
     }
-    // every waiting lane that this one names, or that names this one, must do the same
-    for (uint32_t m = w.warp_waiting[warp]; m; m &= m - 1) {
+    // every waiting lane that this one names, or that names this one, must do the same;
+    // when all of them wait at this operation with this mask (the usual case: checked on one
+    // of them, see warp_mixed) there is nothing to compare
+    const uint32_t waiting = w.warp_waiting[warp];
+    const ThreadSlot& some = w.t[warp * 32 + (waiting ? __builtin_ctz(waiting) : 0)];
+    const bool same = !waiting || (!w.warp_mixed[warp] && some.op == op && some.mask == mask);
+    w.warp_mixed[warp] |= !same;
+    for (uint32_t m = same ? 0 : waiting; m; m &= m - 1) {
         const ThreadSlot& o = w.t[warp * 32 + __builtin_ctz(m)];
         bool related = (members >> __builtin_ctz(m) & 1u) || (o.mask >> lane & 1u);
         if (related && (o.mask != mask || o.op != op)) {
@@ -943,6 +950,7 @@ static uint64_t warp_op(WarpOp op, uint32_t mask, uint64_t value, int32_t param,
             }
         }
         w.warp_waiting[warp] &= ~members;
+        if (!w.warp_waiting[warp]) w.warp_mixed[warp] = false;
         int first = w.schedule == kReverse ? 31 : 0, step = w.schedule == kReverse ? -1 : 1;
         int rot = w.schedule == kRandom ? (int)(mix64(w.seed ^ ++w.epoch) & 31) : 0;
         for (int i = 0; i < 32; i++) {
@@ -996,15 +1004,21 @@ static void* shared_dynamic() {
 // Instructions that take shared-memory addresses: `bytes` at p must lie in the block's
 // shared arrays (static or dynamic) and p must be aligned to `align` bytes, else the
 // kernel fails as it would on the GPU.
-static void check_shared_address(Worker& w, const void* p, size_t bytes, size_t align, const std::string& where) {
+// where(): the operation and the caller's position, for the message (built only on failure:
+// the warp matrix operations check every lane's address).
+template <typename Where>
+static void check_shared_address(Worker& w, const void* p, size_t bytes, size_t align, Where&& where) {
     const char* q = (const char*)p;
     auto inside = [q, bytes](const char* base, size_t size) { return base && q >= base && q + bytes <= base + size; };
-    char address[32];
-    snprintf(address, sizeof(address), "%p", p);
+    auto address = [p] {
+        char text[32];
+        snprintf(text, sizeof(text), "%p", p);
+        return std::string(text);
+    };
     if (!inside(w.smem, w.smem_used) && !inside(w.dyn_smem, w.dyn_capacity))
-        kernel_fail(w, cudaErrorIllegalAddress, where + ": address " + address + " is not in shared memory");
+        kernel_fail(w, cudaErrorIllegalAddress, where() + ": address " + address() + " is not in shared memory");
     if ((uintptr_t)p % align)
-        kernel_fail(w, cudaErrorMisalignedAddress, where + ": address " + address + " is not " + std::to_string(align) + "-byte aligned");
+        kernel_fail(w, cudaErrorMisalignedAddress, where() + ": address " + address() + " is not " + std::to_string(align) + "-byte aligned");
 }
 
 // --- a launch: blocks over the worker pool --------------------------------------------
@@ -1081,7 +1095,7 @@ static void run_block(Worker& w, Grid& g, uint64_t b) {
     w.failed = false;
     w.dead_stack = -1;
     int nwarps = (w.n + 31) / 32;
-    for (int i = 0; i < nwarps; i++) w.warp_waiting[i] = w.warp_exited[i] = 0;
+    for (int i = 0; i < nwarps; i++) w.warp_waiting[i] = w.warp_exited[i] = 0, w.warp_mixed[i] = false;
     for (int i = 0; i < w.n; i++) {
         w.order[i] = g.schedule == kReverse ? w.n - 1 - i : i;
         w.t[i].state = kUnstarted;
@@ -1695,7 +1709,7 @@ static void mma(WarpOp op, float* d, const unsigned* a, const unsigned* b, const
 static void ldmatrix(WarpOp op, int count, unsigned* r, const void* row, const char* file, int line) {
     Worker* w = tls_worker;
     if (w && w->cur >= 0 && (w->cur & 31) < 8 * count)  // the lanes whose address is used
-        check_shared_address(*w, row, 16, 16, std::string(" at ") + kWarpOpNames[op] + " " + file + ":" + std::to_string(line));
+        check_shared_address(*w, row, 16, 16, [&] { return std::string(" at ") + kWarpOpNames[op] + " " + file + ":" + std::to_string(line); });
     LdmatrixLane operands{(const char*)row, r};
     warp_op(op, 0xFFFFFFFFu, (uintptr_t)&operands, count, 32, file, line);
 }
@@ -1715,9 +1729,9 @@ static uint32_t bf16_rn(float x) {
 // a kernel that reads it too early sees the poison. The source is read at the wait too.
 static void async_copy(void* dst, const void* src, const char* file, int line) {
     Worker& w = kernel_worker("cp_async_16");
-    std::string where = std::string(" at cp_async_16 ") + file + ":" + std::to_string(line);
+    auto where = [&] { return std::string(" at cp_async_16 ") + file + ":" + std::to_string(line); };
     check_shared_address(w, dst, 16, 16, where);
-    if ((uintptr_t)src % 16) kernel_fail(w, cudaErrorMisalignedAddress, where + ": the source is not 16-byte aligned");
+    if ((uintptr_t)src % 16) kernel_fail(w, cudaErrorMisalignedAddress, where() + ": the source is not 16-byte aligned");
     memset(dst, 0xFF, 16);
     w.async_copies.push_back(AsyncCopy{w.cur, w.t[w.cur].async_groups, (char*)dst, (const char*)src});
 }

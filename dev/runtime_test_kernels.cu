@@ -722,8 +722,12 @@ __global__ void tensor_misuse(int scenario, float* g) {
         ldmatrix_x4(r, g + lane * 4);
     } else if (scenario == 4) {
         cp_async_16(shared_row + 8, g);
-    } else {
+    } else if (scenario == 5) {
         cp_async_16(g + 4 * lane, g);
+    } else if (lane < 16) {  // half the warp at one matrix operation, half at another
+        ldmatrix_x4(r, shared_row);
+    } else {
+        mma_m16n8k8_tf32(d, a, b, c);
     }
     g[lane] = d[0] + (float)r[0];
 }

@@ -555,8 +555,9 @@ def test_tensor_core_misuse_is_reported_not_hung():
         3: (ILLEGAL_ADDRESS, ["at ldmatrix ", "runtime_test_kernels.cu:", "is not in shared memory"]),
         4: (MISALIGNED_ADDRESS, ["at cp_async_16 ", "runtime_test_kernels.cu:", "is not 16-byte aligned"]),
         5: (ILLEGAL_ADDRESS, ["at cp_async_16 ", "runtime_test_kernels.cu:", "is not in shared memory"]),
+        6: (LAUNCH_FAILURE, ["mismatched warp operation", "at mma_m16n8k8_tf32 ", "at ldmatrix "]),
     }
-    for key, (code, message) in misuse_reports("tensor_misuse", 6).items():
+    for key, (code, message) in misuse_reports("tensor_misuse", 7).items():
         want_code, fragments = expected[int(key.split()[1])]
         assert code == want_code and "kernel tensor_misuse" in message, (key, message)
         for fragment in fragments:
