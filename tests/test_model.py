@@ -139,7 +139,6 @@ def step_distances(result, reference, initial_momentum):
 # runs (seeds 7 and 8, both formats) was 1.31), plus the FP32 tolerance.
 # Seed 8: at seed 7 the float64 reference flips a ReLU of fc7 (tf32) and the float32 one
 # one of fc6 (bf16), which widens the yardstick of those tensors to 20-50% of the step.
-@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_alexnet_step_on_tensor_cores_matches_rounded_numpy(tmp_path, precision):
     """The paper's network, batch 2, dropout 0, against NumPy with rounded operands; the
