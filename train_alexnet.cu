@@ -649,8 +649,8 @@ constexpr int MMA_THREADS = 256;
 // banks once (no conflicts), and rows stay 16-byte aligned as ldmatrix requires.
 constexpr int MMA_PITCH = GEMM_TILE_K + 4;
 
-// One word of an operand's slice: the PER_WORD values k, k+1 (k counted from the slice's
-// start k0), gathered and packed. (The dev/cuda ladder overloads it for operands stored in
+// One word of an operand's slice: the PER_WORD values from k on (k counted from the
+// slice's start k0), gathered and packed. (The dev/cuda ladder overloads it for operands stored in
 // BF16, to measure that alternative.)
 template <typename Format, bool STRIDED>
 __device__ __forceinline__ unsigned mma_word(const GemmGather& g, GemmOrigin origin, const int4* steps, int k, int k0,
