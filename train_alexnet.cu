@@ -2208,7 +2208,7 @@ struct Tower {
     bool shares_input = false;
     DeviceBatch input, staged;  // labels: tower 0 only
     cudaStream_t upload_stream;
-    cudaEvent_t augmented, uploaded, input_free;  // x written; staged filled; done with x (tower 1)
+    cudaEvent_t augmented, uploaded, input_free;  // x written; host batch read; done with x (tower 1)
     float *mean, *eigval, *eigvec;
     std::vector<void*> allocations;
 
@@ -2517,12 +2517,14 @@ struct Model {
     // --- one step
 
     // Upload a batch to every tower and augment it into x (the crops) on each.
-    // Batch b -> each device's input (on the compute streams) -> augmented into x.
+    // Batch b -> each device's input (on the compute streams) -> augmented into x. The
+    // copies are asynchronous: the host batch must stay untouched until wait_staged().
     void load_batch(const Batch& b) {
         for (Tower& T : towers)
             if (!T.shares_input) {
                 cudaCheck(cudaSetDevice(T.device));
                 upload(T.input, b, T.stream);
+                cudaCheck(cudaEventRecord(T.uploaded, T.stream));
             }
         augment(b.n);
     }
@@ -2554,7 +2556,7 @@ struct Model {
         return n;
     }
     bool has_staged() const { return staged_n > 0; }
-    // Waits until the last staged upload has read its host batch.
+    // Waits until the last upload (staged or loaded) has read its host batch.
     void wait_staged() {
         for (Tower& T : towers)
             if (!T.shares_input) cudaCheck(cudaEventSynchronize(T.uploaded));
