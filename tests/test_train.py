@@ -279,8 +279,10 @@ def test_a_failed_checkpoint_write_is_logged_and_leaves_nothing(tmp_path, small_
 
 
 def _start_run(data, out):
-    """A long run that logs every step; returns the process once step 2 is logged."""
-    process = subprocess.Popen([EXE, "--data", str(data), "--arch", "small", "--batch", "8", "--steps", "100000",
+    """A long run that logs every step; returns the process once step 2 is logged. Batch 64
+    (about 0.4 s a step on 2 cores): a test's second signal must arrive before the step in
+    progress ends and checkpoints, which at batch 8 (tens of ms) a loaded machine missed."""
+    process = subprocess.Popen([EXE, "--data", str(data), "--arch", "small", "--batch", "64", "--steps", "100000",
                                 "--log-every", "1", "--save-every", "0", "--out", str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:
