@@ -10,6 +10,9 @@ import alexnet
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ALEXNET_EXE names another build of the executable (make test-asan: the ASan one).
 EXE = os.path.abspath(os.environ.get("ALEXNET_EXE") or os.path.join(ROOT, "train_alexnet_cpu"))
+# Unit roundoff of the tensor cores' operand formats: half a unit in the last of their 10
+# (TF32) or 7 (BF16) mantissa bits, relative.
+UNIT_ROUNDOFF = {"tf32": 2.0 ** -11, "bf16": 2.0 ** -8}
 
 
 def pca_stats(images):

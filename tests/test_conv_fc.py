@@ -28,9 +28,9 @@ import pytest
 import alexnet
 from alexnet import (AlexNetError, conv_backward_data, conv_backward_weights, conv_forward,
                      conv_output_size, fc_backward_data, fc_backward_weights, fc_forward)
+from model_fixtures import UNIT_ROUNDOFF
 
 U = 2.0 ** -24
-UNIT_ROUNDOFF = {"tf32": 2.0 ** -11, "bf16": 2.0 ** -8}
 LOW_PRECISIONS = ["tf32", "bf16"]
 
 
